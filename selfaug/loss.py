@@ -1,0 +1,161 @@
+"""The SelfAug loss: NLL on response tokens plus alpha * KL on prompt positions (DESIGN.md).
+
+Pure functions of tensors returning (sum, count); the caller divides once by the token counts of the
+whole optimizer step. The lm_head is applied here, `chunk_rows` positions at a time, from the final
+hidden states, so no (tokens x vocabulary) fp32 tensor is ever whole: each chunk's gradient with
+respect to the hidden states (and the head weight, when it trains) is computed in the forward pass
+and the chunk's logits are freed at once (the Liger-Kernel scheme).
+
+The teacher signal is one of two small typed objects:
+- `StoredTeacher`: top-k log-probs and the tail log-mass from the teacher store (offline mode);
+- `LiveTeacher`: the teacher's own hidden states and head (online mode: full-vocabulary KL).
+
+KL variants (all through `kl_categorical`, the only place that handles zero masses):
+- `bucket` (default): exact KL between p and q after merging the tokens outside the stored top-k
+  into one bucket. Never exceeds the full KL; equals it when k = |V|.
+- `renormalize`: drop the bucket and renormalize p and q over the top-k. Biased: it ignores how much
+  mass q puts outside the top-k, and is kept only for comparison with peers that use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def kl_categorical(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities over the same categories. (n, C), (n, C) -> (n,).
+    A category where p is 0 adds 0 (and no gradient), whatever q is."""
+    zero = torch.isneginf(logp)
+    diff = torch.where(zero, torch.zeros_like(logq), logp - torch.where(zero, torch.zeros_like(logq), logq))
+    return (logp.exp() * diff).sum(-1)
+
+
+def bucket_logprobs(logq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """q over the top-k ids plus one bucket for the rest: (n, V), (n, K) -> (n, K + 1).
+    The bucket's log-mass is a logsumexp over the tokens outside the top-k: exact, no 1 - sum."""
+    logq_k = logq.gather(1, ids)  # (n, K)
+    if ids.shape[1] >= logq.shape[1]:  # k = |V|: the bucket is empty
+        tail = torch.full_like(logq_k[:, 0], NEG_INF)
+    else:
+        tail = logq.scatter(1, ids, NEG_INF).logsumexp(-1)  # (n,)
+    return torch.cat([logq_k, tail[:, None]], dim=1)
+
+
+def kl_from_topk(logq, ids, topk_logprobs, tail_logprob, reverse: bool = False, tail: str = "bucket"):
+    """KL between the stored teacher p (top-k + tail) and q (full log-probs). (n, V) -> (n,)."""
+    if tail == "bucket":
+        logp = torch.cat([topk_logprobs, tail_logprob[:, None]], dim=1)  # (n, K + 1)
+        logq = bucket_logprobs(logq, ids)
+    elif tail == "renormalize":  # biased; see the module docstring
+        logp = torch.log_softmax(topk_logprobs, dim=-1)
+        logq = torch.log_softmax(logq.gather(1, ids), dim=-1)
+    else:
+        raise ValueError(f"unknown tail treatment {tail!r}")
+    return kl_categorical(logq, logp) if reverse else kl_categorical(logp, logq)
+
+
+@dataclass
+class StoredTeacher:
+    """Per KL row: the teacher's top-k ids and log-probs and the log of the remaining mass."""
+    topk_ids: torch.Tensor  # (N, K) int64
+    topk_logprobs: torch.Tensor  # (N, K) fp32, normalized over the full vocabulary
+    tail_logprob: torch.Tensor  # (N,) fp32
+
+    def kl(self, logq, rows: slice, reverse: bool, tail: str):
+        return kl_from_topk(logq, self.topk_ids[rows], self.topk_logprobs[rows].float(),
+                            self.tail_logprob[rows].float(), reverse, tail)
+
+
+@dataclass
+class LiveTeacher:
+    """Per KL row: the frozen teacher's final hidden state and its head (online mode)."""
+    hidden: torch.Tensor  # (N, H), no grad
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None = None
+
+    def kl(self, logq, rows: slice, reverse: bool, tail: str):
+        with torch.no_grad():
+            logp = torch.log_softmax(F.linear(self.hidden[rows], self.weight, self.bias).float(), dim=-1)
+        return kl_categorical(logq, logp) if reverse else kl_categorical(logp, logq)
+
+
+class _ChunkedHeadSum(torch.autograd.Function):
+    """sum_rows row_fn(log_softmax(hidden @ W^T + b), rows), chunk by chunk, gradients in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, row_fn, chunk_rows):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h = hidden[rows].detach().requires_grad_(need_h)
+            w = weight.detach().requires_grad_(need_w)
+            b = bias.detach().requires_grad_(need_b) if bias is not None else None
+            with torch.enable_grad():
+                logq = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)  # (n, V) fp32, this chunk only
+                chunk = row_fn(logq, rows).sum()
+            wrt = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
+            if wrt:
+                grads = list(torch.autograd.grad(chunk, wrt))
+                if need_h:
+                    grad_h[rows] = grads.pop(0)
+                if need_w:
+                    grad_w += grads.pop(0)
+                if need_b:
+                    grad_b += grads.pop(0)
+            total += chunk.detach()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        out = []
+        for need, dtype in zip(ctx.needs, ctx.dtypes):
+            out.append((saved.pop(0) * grad_out).to(dtype) if need else None)
+        return (*out, None, None)
+
+
+def chunked_head_sum(hidden, weight, bias, row_fn: Callable, chunk_rows: int) -> torch.Tensor:
+    return _ChunkedHeadSum.apply(hidden, weight, bias, row_fn, chunk_rows)
+
+
+def nll_sum(hidden, weight, bias, labels, ignore_index: int = -100, chunk_rows: int = 1024):
+    """Summed next-token NLL and its token count. hidden (B, T, H); labels (B, T) already shifted:
+    labels[b, t] is the token predicted after position t, or ignore_index."""
+    keep = labels != ignore_index  # (B, T)
+    h = hidden[keep]  # (N, H): the head runs only where a label is
+    targets = labels[keep]  # (N,)
+    row_fn = lambda logq, rows: -logq.gather(1, targets[rows, None]).squeeze(1)
+    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows), targets.numel()
+
+
+def kl_sum(hidden, weight, bias, rows_b, rows_t, teacher, reverse: bool = False, tail: str = "bucket",
+           chunk_rows: int = 1024):
+    """Summed per-position KL between the teacher and the model, and the position count.
+    hidden (B, T, H); rows_b, rows_t (N,): the KL positions; teacher: StoredTeacher | LiveTeacher
+    with N rows in the same order."""
+    h = hidden[rows_b, rows_t]  # (N, H)
+    row_fn = lambda logq, rows: teacher.kl(logq, rows, reverse, tail)
+    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows), rows_b.numel()
+
+
+def shifted_labels(input_ids: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """labels[b, t] = input_ids[b, t + 1] for t in [P - 1, L - 2] (the response tokens), else ignore."""
+    B, T = input_ids.shape
+    t = torch.arange(T, device=input_ids.device)[None, :]
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    inside = (t >= (prompt_lens[:, None] - 1)) & (t <= (lengths[:, None] - 2))
+    return torch.where(inside, labels, torch.full_like(labels, ignore_index))

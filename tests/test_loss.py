@@ -1,0 +1,164 @@
+"""The chunked loss against plain, obviously-correct references, on values and gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfaug.loss import LiveTeacher, StoredTeacher, kl_from_topk, kl_sum, nll_sum, shifted_labels
+
+B, T, H, V = 3, 47, 31, 123  # odd shapes
+
+
+def _setup(dtype=torch.float32, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(dtype).requires_grad_() if bias else None
+    return hidden, weight, b
+
+
+def _ref_logq(hidden, weight, bias):
+    return torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)  # (B, T, V): the whole tensor
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+@pytest.mark.parametrize("ignore_index", [-100, 5])
+def test_nll_matches_reference(dtype, tol, chunk, ignore_index):
+    hidden, weight, bias = _setup(dtype, bias=True)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[labels == ignore_index] = 0
+    labels[:, : T // 3] = ignore_index
+    labels[1] = ignore_index  # an all-masked row
+    s, n = nll_sum(hidden, weight, bias, labels, ignore_index=ignore_index, chunk_rows=chunk)
+    logq = _ref_logq(hidden, weight, bias)
+    keep = labels != ignore_index
+    ref = -logq[keep].gather(1, labels[keep][:, None]).sum()
+    assert n == keep.sum().item()
+    assert torch.allclose(s, ref, rtol=tol, atol=tol)
+    for a, r in zip(_grads(s, (hidden, weight, bias)), _grads(ref, (hidden, weight, bias))):
+        assert torch.allclose(a.float(), r.float(), rtol=tol, atol=tol * 10)
+
+
+def _topk_store(logp_full, k):
+    v, i = logp_full.topk(k, dim=-1)
+    tail = torch.log1p(-v.exp().sum(-1).clamp(max=1.0 - 1e-7))  # the plain formula, in fp64 below
+    return i, v, tail
+
+
+def _ref_bucket_kl(logp, logq, ids, reverse=False):
+    """Plain probabilities: p and q on the top-k, and one bucket with 1 - sum of the rest, in fp64."""
+    p, q = logp.double().exp(), logq.double().exp()
+    pk, qk = p.gather(-1, ids), q.gather(-1, ids)
+    pr, qr = 1 - pk.sum(-1), 1 - qk.sum(-1)
+    if reverse:
+        pk, qk, pr, qr = qk, pk, qr, pr
+    terms = (pk * (pk.log() - qk.log())).sum(-1)
+    tail = torch.where(pr > 1e-12, pr * (pr.clamp_min(1e-300).log() - qr.clamp_min(1e-300).log()), torch.zeros_like(pr))
+    return terms + tail
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, V])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_stored_kl_matches_reference(k, reverse, chunk):
+    hidden, weight, _ = _setup()
+    teacher_w = weight.detach() + 0.3 * torch.randn_like(weight)
+    rows_b = torch.tensor([0, 0, 0, 2, 2, 1])
+    rows_t = torch.tensor([0, 1, 46, 3, 4, 10])
+    logp_full = torch.log_softmax(F.linear(hidden.detach()[rows_b, rows_t], teacher_w).double(), -1)
+    ids, vals, _ = _topk_store(logp_full, k)
+    tail = logp_full.scatter(1, ids, float("-inf")).logsumexp(-1)  # exact tail, as stage 1 stores it
+    teacher = StoredTeacher(ids, vals.float(), tail.float())
+    s, n = kl_sum(hidden, weight, None, rows_b, rows_t, teacher, reverse=reverse, chunk_rows=chunk)
+    logq = _ref_logq(hidden, weight, None)[rows_b, rows_t]
+    ref = _ref_bucket_kl(logp_full, logq, ids, reverse).sum()
+    assert n == 6
+    assert torch.allclose(s.double(), ref, rtol=1e-4, atol=1e-5)
+    ga = _grads(s, (hidden, weight))
+    gr = _grads(ref, (hidden, weight))
+    for a, r in zip(ga, gr):
+        assert torch.allclose(a.double(), r.double(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_k_equals_vocab_gives_full_kl_values_and_gradients(reverse):
+    """With k = |V| the stored-teacher loss equals the online full-vocabulary one."""
+    hidden, weight, _ = _setup(seed=3)
+    teacher_hidden = hidden.detach() + 0.5 * torch.randn_like(hidden)
+    rows_b, rows_t = torch.tensor([0, 1, 1, 2]), torch.tensor([5, 0, 46, 20])
+    th = teacher_hidden[rows_b, rows_t]
+    logp_full = torch.log_softmax(F.linear(th, weight.detach()), -1)
+    vals, ids = logp_full.topk(V, dim=-1)
+    stored = StoredTeacher(ids, vals, torch.full((4,), float("-inf")))
+    live = LiveTeacher(th, weight.detach())
+    s1, _ = kl_sum(hidden, weight, None, rows_b, rows_t, stored, reverse=reverse, chunk_rows=3)
+    s2, _ = kl_sum(hidden, weight, None, rows_b, rows_t, live, reverse=reverse, chunk_rows=1024)
+    # the plain reference: whole (N, V) tensors, torch's own kl_div
+    logq = _ref_logq(hidden, weight, None)[rows_b, rows_t]
+    ref = F.kl_div(logq, logp_full, log_target=True, reduction="sum") if not reverse else \
+        F.kl_div(logp_full, logq, log_target=True, reduction="sum")
+    assert torch.allclose(s1, ref, rtol=1e-5, atol=1e-6) and torch.allclose(s2, ref, rtol=1e-5, atol=1e-6)
+    for a, b, r in zip(_grads(s1, (hidden, weight)), _grads(s2, (hidden, weight)), _grads(ref, (hidden, weight))):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-6) and torch.allclose(b, r, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_is_zero_for_the_same_model_and_bucket_never_exceeds_full():
+    hidden, weight, _ = _setup(seed=4)
+    rows_b, rows_t = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])
+    h = hidden.detach()[rows_b, rows_t]
+    logp = torch.log_softmax(F.linear(h, weight.detach()), -1)
+    vals, ids = logp.topk(8, dim=-1)
+    tail = logp.scatter(1, ids, float("-inf")).logsumexp(-1)
+    s, _ = kl_sum(hidden, weight, None, rows_b, rows_t, StoredTeacher(ids, vals, tail))
+    assert abs(s.item()) < 1e-6
+    other = weight.detach() + torch.randn_like(weight)
+    logq = torch.log_softmax(F.linear(h, other), -1)
+    bucket = kl_from_topk(logq, ids, vals, tail)
+    full = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)
+    assert (bucket <= full + 1e-6).all() and (bucket > 0).all()
+
+
+def test_renormalized_variant_is_the_topk_renormalized_kl():
+    g = torch.Generator().manual_seed(5)
+    logp = torch.log_softmax(torch.randn(4, V, generator=g), -1)
+    logq = torch.log_softmax(torch.randn(4, V, generator=g), -1)
+    vals, ids = logp.topk(10, -1)
+    got = kl_from_topk(logq, ids, vals, torch.zeros(4), tail="renormalize")
+    p = vals.exp() / vals.exp().sum(-1, keepdim=True)
+    q = logq.gather(1, ids).exp()
+    q = q / q.sum(-1, keepdim=True)
+    assert torch.allclose(got, (p * (p.log() - q.log())).sum(-1), atol=1e-6)
+
+
+def test_all_masked_batch_gives_zero_sums_and_zero_gradients():
+    hidden, weight, _ = _setup()
+    labels = torch.full((B, T), -100)
+    s, n = nll_sum(hidden, weight, None, labels)
+    empty = torch.empty(0, dtype=torch.long)
+    k, m = kl_sum(hidden, weight, None, empty, empty, StoredTeacher(torch.empty(0, 4).long(), torch.empty(0, 4), torch.empty(0)))
+    assert n == 0 and m == 0 and s.item() == 0 and k.item() == 0
+    (s + k).backward()
+    assert hidden.grad.abs().sum() == 0
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_does():
+    hidden, weight, _ = _setup()
+    weight = weight.detach()
+    labels = torch.randint(0, V, (B, T))
+    s, _ = nll_sum(hidden, weight, None, labels, chunk_rows=5)
+    s.backward()
+    assert weight.grad is None and hidden.grad.abs().sum() > 0
+
+
+def test_shifted_labels_cover_exactly_the_response_tokens():
+    ids = torch.arange(10).repeat(2, 1)
+    labels = shifted_labels(ids, torch.tensor([4, 2]), torch.tensor([10, 6]))
+    assert labels[0].tolist() == [-100, -100, -100, 4, 5, 6, 7, 8, 9, -100]
+    assert labels[1].tolist() == [-100, 2, 3, 4, 5, -100, -100, -100, -100, -100]
