@@ -84,6 +84,7 @@ class TrainConfig:
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     resume: str = "auto"  # auto (latest checkpoint if any) | never | a checkpoint directory
+    freeze_lm_head: bool = False  # method=full: keep the lm_head (and tied embeddings) frozen; needed under ZeRO-3
     merge_adapter: bool = False  # also save the merged model under final/merged
     verify_store: str = "sha256"  # sha256 | size
     log_every: int = 1

@@ -96,44 +96,53 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model = model
         self.tc = tc
-        self.zero3 = False
         # not a submodule: DeepSpeed must neither train nor partition the full-fine-tuning teacher copy
         self.__dict__["frozen_teacher"] = frozen_teacher
 
-    def _head_params(self, head):
+    def gather_frozen_head(self) -> None:
+        """Under ZeRO-3 keep a whole copy of the frozen lm_head for the chunked loss, gathered once.
+        It never changes (LoRA freezes it), and the loss applies it outside any module hook."""
+        import deepspeed
+        _, head = decoder_and_head(self.model)
         params = [p for p in (head.weight, head.bias) if p is not None]
-        if self.zero3:
-            import deepspeed
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)  # the head, gathered for the loss
-        return contextlib.nullcontext()
+        if any(p.requires_grad for p in params):
+            raise ValueError("under ZeRO-3 the lm_head must be frozen (method=lora, or method=full with "
+                             "train.freeze_lm_head=true): the chunked loss applies it outside module hooks")
+        with deepspeed.zero.GatheredParameters(params):
+            self.__dict__["head_copy"] = tuple(p.detach().clone() for p in params) + ((None,) if head.bias is None else ())
 
-    def _live_teacher(self, batch, head):
+    def _head(self, head):
+        copy_ = self.__dict__.get("head_copy")
+        return copy_ if copy_ is not None else (head.weight, head.bias)
+
+    def _live_teacher(self, batch, weight, bias):
         with torch.no_grad():
             if self.frozen_teacher is not None:  # full fine-tuning: a frozen copy of the original model
                 body, t_head = decoder_and_head(self.frozen_teacher)
+                weight, bias = t_head.weight, t_head.bias
                 ctx = contextlib.nullcontext()
             else:  # LoRA: the same model with its adapters disabled (the reference method)
-                body, t_head = decoder_and_head(self.model)
+                body, _ = decoder_and_head(self.model)
                 ctx = self.model.disable_adapter()
             with ctx:
                 h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            return LiveTeacher(h[batch["rows_b"], batch["rows_t"]], t_head.weight.detach(),
-                               None if t_head.bias is None else t_head.bias.detach())
+            return LiveTeacher(h[batch["rows_b"], batch["rows_t"]], weight.detach(),
+                               None if bias is None else bias.detach())
 
     def forward(self, batch: dict, c_nll: float, c_kl: float):
         body, head = decoder_and_head(self.model)
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
         labels = shifted_labels(batch["input_ids"], batch["prompt_lens"], batch["lengths"])
-        with self._head_params(head):
-            if c_kl == 0.0 and self.tc.alpha == 0.0:
-                kl = torch.zeros((), device=hidden.device)  # plain fine-tuning: no teacher at all
-            else:
-                teacher = self._live_teacher(batch, head) if self.tc.teacher_mode == "online" else \
-                    StoredTeacher(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
-                kl, _ = kl_sum(hidden, head.weight, head.bias, batch["rows_b"], batch["rows_t"], teacher,
-                               reverse=self.tc.kl_direction == "reverse", tail=self.tc.kl_tail,
-                               chunk_rows=self.tc.loss_chunk_rows)
-            nll, _ = nll_sum(hidden, head.weight, head.bias, labels, chunk_rows=self.tc.loss_chunk_rows)
+        weight, bias = self._head(head)
+        if c_kl == 0.0 and self.tc.alpha == 0.0:
+            kl = torch.zeros((), device=hidden.device)  # plain fine-tuning: no teacher at all
+        else:
+            teacher = self._live_teacher(batch, weight, bias) if self.tc.teacher_mode == "online" else \
+                StoredTeacher(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
+            kl, _ = kl_sum(hidden, weight, bias, batch["rows_b"], batch["rows_t"], teacher,
+                           reverse=self.tc.kl_direction == "reverse", tail=self.tc.kl_tail,
+                           chunk_rows=self.tc.loss_chunk_rows)
+        nll, _ = nll_sum(hidden, weight, bias, labels, chunk_rows=self.tc.loss_chunk_rows)
         return c_nll * nll + c_kl * kl, nll.detach(), kl.detach()
 
 
@@ -183,8 +192,11 @@ def setup(cfg: Config):
         model.requires_grad_(False)
         torch.manual_seed(tc.seed)  # the adapters' init depends on the seed alone
         model = get_peft_model(model, lora_config(tc))
-    elif tc.teacher_mode == "online" and tc.alpha > 0:
-        frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    else:
+        if tc.teacher_mode == "online" and tc.alpha > 0:
+            frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        if tc.freeze_lm_head:
+            model.get_output_embeddings().requires_grad_(False)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     objective = Objective(model, tc, frozen)
@@ -194,12 +206,8 @@ def setup(cfg: Config):
     from torch.optim.lr_scheduler import LambdaLR
     engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, optimizer=optimizer, config=conf,
                                            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, tc)))
-    objective.zero3 = zero_stage(engine) == 3
-    if objective.zero3 and tc.method == "full":
-        _, head = decoder_and_head(model)
-        if head.weight.requires_grad:
-            raise ValueError("method=full under ZeRO-3 needs train.lora_target_modules ignored and the lm_head "
-                             "frozen: its weight is gathered outside module hooks for the chunked loss")
+    if zero_stage(engine) == 3:
+        objective.gather_frozen_head()
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed)
     return engine, tok, examples, with_teacher, sampler, rank, world, device
 
@@ -240,7 +248,7 @@ def train(cfg: Config) -> str:
         dt = time.time() - t0
         nll_mean, kl_mean = sums[0].item() / max(n_nll, 1), sums[1].item() / max(n_kl, 1)
         row = {"step": step + 1, "loss": nll_mean + alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
-               "alpha": alpha, "lr": engine.get_lr()[0] if step + 1 < tc.max_steps else engine.get_lr()[0],
+               "alpha": alpha, "lr": tc.lr * lr_factor(step, tc),
                "tokens_per_s": tokens / dt, "step_time_s": dt, "nll_tokens": n_nll, "kl_positions": n_kl}
         if rank == 0:
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:

