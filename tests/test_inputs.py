@@ -1,0 +1,132 @@
+"""Bad input gets a clear error or an explicit, counted policy; strict config."""
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, tiny_config
+from selfaug import precompute
+from selfaug import teacher_store as ts
+from selfaug.config import ConfigError, build_config, load_config
+from selfaug.data import DataError, build_examples, read_records
+from selfaug.models import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("builtin:tiny-llama")
+
+
+def _jsonl(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _build(tmp_path, tok, lines, **data):
+    cfg = tiny_config(str(tmp_path), data={"train": _jsonl(tmp_path, lines), **data})
+    records, _ = read_records(cfg.data.train, cfg.data)
+    return build_examples(records, tok, cfg.data, source=cfg.data.train)
+
+
+GOOD_RAG = json.dumps({"question": "Who?", "documents": ["Ann did it."], "answer": "Ann"})
+GOOD_CHAT = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+
+
+def test_both_record_forms_tokenize_with_the_prompt_as_prefix(tmp_path, tok):
+    examples, stats = _build(tmp_path, tok, [GOOD_RAG, GOOD_CHAT])
+    assert [e.example_id for e in examples] == [0, 1]
+    for e in examples:
+        assert 0 < e.prompt_len < len(e.input_ids)
+    assert "Answer: Ann" in tok.decode(examples[0].input_ids[examples[0].prompt_len:])
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path, tok):
+    with pytest.raises(DataError, match=r"data\.jsonl:2: malformed JSON"):
+        _build(tmp_path, tok, [GOOD_RAG, '{"question": "Who?", ', GOOD_RAG])
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"question": "Who?", "documents": ["x"]}, "needs 'answer'"),
+    ({"question": "Who?", "answer": "x"}, "needs 'documents'"),
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "last message must be the assistant"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}, "empty assistant response"),
+    ({"question": "Who?", "documents": ["x"], "answer": ""}, "empty answer"),
+    ({"text": "hello"}, "neither 'messages'"),
+])
+def test_records_missing_what_they_need_are_refused_with_their_index(tmp_path, tok, record, match):
+    with pytest.raises(DataError, match=match) as e:
+        _build(tmp_path, tok, [GOOD_RAG, json.dumps(record)])
+    assert "record 1" in str(e.value)
+
+
+def test_long_examples_follow_the_policy_and_are_counted(tmp_path, tok):
+    long_rag = json.dumps({"question": "Who?", "documents": ["word " * 400], "answer": "Ann " * 30})
+    lines = [GOOD_RAG, long_rag, GOOD_RAG]
+    examples, stats = _build(tmp_path, tok, lines, max_seq_len=300, long_policy="skip")
+    assert [e.example_id for e in examples] == [0, 2] and stats.skipped == [1]
+    examples, stats = _build(tmp_path, tok, lines, max_seq_len=480, long_policy="truncate")
+    assert stats.truncated == [1] and len(examples[1].input_ids) == 480 and examples[1].prompt_len < 480
+    with pytest.raises(DataError, match="max_seq_len=300"):
+        _build(tmp_path, tok, lines, max_seq_len=300, long_policy="error")
+    # the store's manifest counts them
+    cfg = tiny_config(str(tmp_path), data={"train": _jsonl(tmp_path, lines), "max_seq_len": 300})
+    precompute.run(cfg)
+    manifest = ts.read_manifest(cfg.teacher.output_dir)
+    assert manifest["long_examples"]["skipped"] == 1 and manifest["long_examples"]["skipped_ids"] == [1]
+    assert manifest["totals"]["examples"] == 2 and manifest["totals"]["records"] == 3
+
+
+def test_unknown_builtins_are_refused():
+    with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'"):
+        load_model("builtin:nope")
+    cfg = tiny_config("/tmp", data={"train": "builtin:nope"})
+    with pytest.raises(DataError, match="unknown built-in data set"):
+        read_records(cfg.data.train, cfg.data)
+
+
+def test_store_from_other_settings_is_refused_unless_overwrite(tmp_path):
+    cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 3})
+    precompute.run(cfg)
+    other = tiny_config(str(tmp_path), data={"builtin_train_size": 3}, teacher={"k": 4})
+    with pytest.raises(ts.StoreError, match=r"k \(store: 8, expected: 4\)"):
+        precompute.run(other)
+    again = tiny_config(str(tmp_path), data={"builtin_train_size": 3}, teacher={"k": 4, "overwrite": True})
+    precompute.run(again)
+    assert ts.read_manifest(cfg.teacher.output_dir)["settings"]["k"] == 4
+
+
+def test_config_is_strict_and_overrides_apply(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key train\.alhpa; valid keys of \[train\]: .*alpha"):
+        build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}, "train": {"alhpa": 1}})
+    with pytest.raises(ConfigError, match="unknown config section 'trian'"):
+        build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}, "trian": {}})
+    with pytest.raises(ConfigError, match="data.train is required"):
+        build_config({"model": {"name_or_path": "x"}})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}}, ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="not one of"):
+        build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}}, ["teacher.positions=middle"])
+    cfg = build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}},
+                       ["train.alpha=0.25", "data.eval=null", "teacher.overwrite=true"])
+    assert cfg.train.alpha == 0.25 and cfg.data.eval is None and cfg.teacher.overwrite is True
+    cfg.save(str(tmp_path / "c.yaml"))
+    assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_every_recipe_and_ds_config_loads():
+    import glob
+    from selfaug.train import ds_config
+    recipes = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+    assert len(recipes) >= 4
+    for path in recipes:
+        first = open(path).readline()
+        assert first.startswith("#") and ("launch.sh" in first or "selfaug" in first), f"{path}: no command on line 1"
+        cfg = load_config(path)
+        assert os.path.exists(os.path.join(ROOT, cfg.train.deepspeed)), path
+    for path in sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))):
+        cfg = load_config(recipes[0], [f"train.deepspeed={path}"])
+        conf = ds_config(cfg, world=2, on_gpu=False)
+        assert "auto" not in json.dumps(conf), path
+        assert conf["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2

@@ -1,0 +1,105 @@
+"""Stage 1: the stored top-k equals an independent full-vocabulary log_softmax + topk, at exactly
+the positions of each mode; the store is the same from 1 or 2 ranks and after a kill and restart."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, launch, tiny_config, write_recipe
+from selfaug import precompute
+from selfaug import teacher_store as ts
+from selfaug.models import load_model
+
+
+def _reference(model, input_ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([input_ids])).logits[0].float()  # (T, V): whole, plainly
+    return torch.log_softmax(logits, -1)
+
+
+def _check_against_reference(store_dir, model, mode, value_tol):
+    files = sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow")))
+    assert files
+    for path in files:
+        ds = datasets.Dataset.from_file(path)  # readable as it is by datasets
+        for row in ds:
+            ids, P = row["input_ids"], row["prompt_len"]
+            expected = {"prompt": list(range(P)), "response": list(range(P, len(ids))),
+                        "all": list(range(len(ids)))}[mode]
+            assert row["positions"] == expected
+            logp = _reference(model, ids)[expected]  # (N, V)
+            ref_v, _ = logp.topk(len(row["topk_ids"][0]), dim=-1)
+            got_ids = torch.tensor(row["topk_ids"], dtype=torch.long)
+            got_v = torch.tensor(row["topk_logprobs"], dtype=torch.float32)
+            assert torch.allclose(got_v, ref_v, atol=value_tol, rtol=value_tol)  # the k largest values
+            assert torch.allclose(logp.gather(1, got_ids), got_v, atol=value_tol, rtol=value_tol)  # at their ids
+            assert (got_v[:, :-1] >= got_v[:, 1:]).all()  # descending
+            ref_tail = torch.log1p(-logp.double().exp().gather(1, got_ids).sum(-1))
+            assert torch.allclose(torch.tensor(row["tail_logprob"], dtype=torch.float64), ref_tail, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,value_dtype,tol", [("prompt", "float16", 2e-2), ("response", "float32", 1e-4),
+                                                  ("all", "float32", 1e-4)])
+def test_store_equals_full_vocabulary_reference(tmp_path, mode, value_dtype, tol):
+    cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 4},
+                      teacher={"positions": mode, "value_dtype": value_dtype, "shard_size": 3})
+    summary = precompute.run(cfg)
+    manifest = json.load(open(os.path.join(cfg.teacher.output_dir, "manifest.json")))
+    assert manifest["status"] == "complete" and manifest["settings"]["id_dtype"] == "uint16"
+    assert summary["examples"] == 4 and len(manifest["shards"]) == 2
+    _check_against_reference(cfg.teacher.output_dir, load_model("builtin:tiny-llama"), mode, tol)
+    assert ts.verify_store(cfg.teacher.output_dir)[1] == []
+
+
+def _shard_hashes(store_dir):
+    return {os.path.basename(p): ts.sha256_file(p) for p in sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow")))}
+
+
+def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_store):
+    one = _shard_hashes(tiny_store.teacher.output_dir)
+    assert len(one) == 3  # 12 records / 5 per shard
+    # two processes, real torch.distributed over gloo
+    two_dir = str(tmp_path / "two")
+    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), teacher={
+        "value_dtype": "float32", "output_dir": two_dir}))
+    launch("precompute", recipe, nprocs=2)
+    assert _shard_hashes(two_dir) == one
+    # killed after its first shard, then restarted (with one rank)
+    killed_dir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "selfaug", "precompute", "--config", recipe, f"teacher.output_dir={killed_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(killed_dir, "shards", "shard-00000.json")
+    deadline = time.time() + 300
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(first)
+    assert json.load(open(os.path.join(killed_dir, "manifest.json")))["status"] == "incomplete"
+    assert len(_shard_hashes(killed_dir)) < 3
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reused" in out.stdout and _shard_hashes(killed_dir) == one
+
+
+def test_restart_rewrites_a_corrupted_shard(tmp_path, tiny_store):
+    store = str(tmp_path / "copy")
+    shutil.copytree(tiny_store.teacher.output_dir, store)
+    victim = os.path.join(store, "shards", "shard-00001.arrow")
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    assert any("sha256" in p for p in ts.verify_store(store)[1])
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store})
+    summary = precompute.run(cfg)
+    assert summary["shards_reused"] == 2
+    assert _shard_hashes(store) == _shard_hashes(tiny_store.teacher.output_dir)
