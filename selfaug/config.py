@@ -72,6 +72,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: scale-sensitive, used by the normalization tests)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -128,6 +129,7 @@ CHOICES = {
     ("teacher", "value_dtype"): {"float16", "float32"},
     ("teacher", "compression"): {"none", "lz4", "zstd"},
     ("train", "method"): {"lora", "full"},
+    ("train", "optimizer"): {"adamw", "sgd"},
     ("train", "teacher_mode"): {"offline", "online"},
     ("train", "alpha_schedule"): {"constant", "linear", "cosine"},
     ("train", "kl_direction"): {"forward", "reverse"},

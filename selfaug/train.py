@@ -202,7 +202,13 @@ def setup(cfg: Config):
     objective = Objective(model, tc, frozen)
     conf = ds_config(cfg, world, device.type == "cuda")
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in conf else torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    if "optimizer" in conf:  # the ds_config's own (e.g. DeepSpeed's CPU Adam for offload)
+        optimizer = None
+    elif tc.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        conf["zero_allow_untested_optimizer"] = True
+    else:
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     from torch.optim.lr_scheduler import LambdaLR
     engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, optimizer=optimizer, config=conf,
                                            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, tc)))

@@ -1,0 +1,157 @@
+"""Stage 2 on the DeepSpeed engine (CPU, gloo): the loss normalization, alpha = 0 as plain LoRA,
+offline k = |V| as online, ZeRO-2/3 with 2 processes, resume, and refusal of mismatched stores."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import launch, read_metrics, tiny_config, write_recipe
+from selfaug import precompute
+from selfaug import teacher_store as ts
+from selfaug import train
+from selfaug.loss import shifted_labels
+from selfaug.models import load_model, load_tokenizer
+from selfaug.reader import StepSampler, collate
+
+
+def _adapter(run_dir):
+    return load_file(os.path.join(run_dir, "final", "adapter_model.safetensors"))
+
+
+def _train(cfg):
+    out = train.run(cfg)
+    return _adapter(out), read_metrics(out)
+
+
+def _close(a, b, atol=1e-5, rtol=1e-4):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        diff = (a[key].float() - b[key].float()).abs().max().item()
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=rtol), (key, diff, b[key].abs().max().item())
+
+
+def _cfg(tmp, store_cfg, **sections):
+    sections.setdefault("teacher", {})
+    sections["teacher"] = {"value_dtype": "float32", "output_dir": store_cfg.teacher.output_dir, **sections["teacher"]}
+    return tiny_config(str(tmp), **sections)
+
+
+def test_kl_is_zero_at_step_0(tmp_path, tiny_store):
+    _, metrics = _train(_cfg(tmp_path, tiny_store, train={"max_steps": 1, "alpha": 0.5}))
+    assert metrics[0]["kl"] < 1e-6 and metrics[0]["kl_positions"] > 0 and metrics[0]["nll"] > 5
+
+
+def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
+    from peft import get_peft_model, get_peft_model_state_dict
+    cfg = _cfg(tmp_path, tiny_store, train={"alpha": 0.0, "max_steps": 3, "micro_batch_size": 3, "warmup_steps": 1,
+                                            "max_grad_norm": 0.5})
+    got, _ = _train(cfg)
+    # the plain reference: peft + torch AdamW + HF logits and mean cross-entropy, no DeepSpeed
+    tc = cfg.train
+    model = load_model("builtin:tiny-llama").requires_grad_(False)
+    torch.manual_seed(tc.seed)
+    model = get_peft_model(model, train.lora_config(tc))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_factor(s, tc))
+    store = ts.TeacherStore(tiny_store.teacher.output_dir)
+    tok = load_tokenizer("builtin:tiny-llama")
+    sampler = StepSampler(len(store), tc.micro_batch_size, 1, 1, tc.seed)
+    for step in range(tc.max_steps):
+        b = collate([store.example(int(i)) for i in sampler.global_batch(step)], tok.pad_token_id, "cpu", False)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = shifted_labels(b["input_ids"], b["prompt_lens"], b["lengths"])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step(), sched.step(), opt.zero_grad()
+    ref = {k: v for k, v in get_peft_model_state_dict(model).items()}
+    # Adam's update of lora_A from near-zero gradients amplifies float noise: 1e-4 of values ~0.1
+    _close(got, ref, atol=1e-4, rtol=1e-3)
+    assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # it did train
+
+
+SGD = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9}  # SGD: the update is as large as the gradient
+
+
+def test_grad_accum_1xB_equals_2xB_over_2(tmp_path, tiny_store):
+    a, ma = _train(_cfg(tmp_path / "a", tiny_store, train={**SGD, "micro_batch_size": 4, "grad_accum": 1, "max_steps": 2}))
+    b, mb = _train(_cfg(tmp_path / "b", tiny_store, train={**SGD, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 2}))
+    _close(a, b, atol=1e-6)
+    assert ma[-1]["kl"] > 0 and abs(ma[-1]["loss"] - mb[-1]["loss"]) < 1e-5
+
+
+def test_offline_with_k_equal_vocab_trains_like_online(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!"}]}
+            for w in ("one", "two", "three", "four")]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"data": {"train": str(path)}, "teacher": {"k": 49152, "value_dtype": "float32", "shard_size": 4}}
+    cfg = tiny_config(str(tmp_path), **common, train={"alpha": 1.0, "max_steps": 3, "lr": 5e-2})
+    precompute.run(cfg)
+    off, m_off = _train(cfg)
+    cfg_on = tiny_config(str(tmp_path), **common, train={"alpha": 1.0, "max_steps": 3, "lr": 5e-2,
+                                                          "teacher_mode": "online", "output_dir": str(tmp_path / "on")})
+    on, m_on = _train(cfg_on)
+    assert m_off[-1]["kl"] > 1e-4
+    for x, y in zip(m_off, m_on):
+        assert abs(x["kl"] - y["kl"]) < 1e-6 * max(1, y["kl"]) + 1e-7 and abs(x["nll"] - y["nll"]) < 1e-5
+    _close(off, on, atol=1e-5)
+
+
+def test_mismatched_or_damaged_store_is_refused_before_training(tmp_path, tiny_store):
+    def refused(cfg, match):
+        with pytest.raises(ts.StoreError, match=match):
+            train.setup(cfg)
+    refused(_cfg(tmp_path, tiny_store, teacher={"k": 4}), r"k \(store: 8, recipe: 4\)")
+    refused(_cfg(tmp_path, tiny_store, data={"builtin_seed": 7}), r"data\.sha256")
+    store = str(tmp_path / "store")
+    shutil.copytree(tiny_store.teacher.output_dir, store)
+    manifest = json.load(open(os.path.join(store, "manifest.json")))
+    manifest["settings"]["tokenizer"]["vocab_sha256"] = "another-tokenizer"
+    json.dump(manifest, open(os.path.join(store, "manifest.json"), "w"))
+    refused(_cfg(tmp_path, tiny_store, teacher={"output_dir": store}), r"tokenizer\.vocab_sha256")
+    shutil.rmtree(store)
+    shutil.copytree(tiny_store.teacher.output_dir, store)
+    victim = os.path.join(store, "shards", "shard-00001.arrow")
+    data = bytearray(open(victim, "rb").read())
+    data[100] ^= 1
+    open(victim, "wb").write(bytes(data))
+    refused(_cfg(tmp_path, tiny_store, teacher={"output_dir": store}), r"shard-00001\.arrow does not match its sha256")
+    os.remove(victim)
+    refused(_cfg(tmp_path, tiny_store, teacher={"output_dir": store}), r"shard-00001\.arrow is missing")
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")} for r in rows]
+
+
+def test_two_process_zero2_zero3_train_save_and_resume(tmp_path, tiny_store):
+    from peft import PeftModel
+    base = {**SGD, "max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "alpha": 0.5}
+    runs = {}
+    for name, extra in (("full", {}), ("resumed", {"stop_after": 2}), ("z3", {"deepspeed": "ds_configs/zero3.json"})):
+        cfg = _cfg(tmp_path, tiny_store, train={**base, **extra, "output_dir": str(tmp_path / name)})
+        recipe = write_recipe(str(tmp_path / f"{name}.yaml"), cfg)
+        launch("train", recipe, nprocs=2)
+        if name == "resumed":
+            assert not os.path.exists(tmp_path / name / "final") and len(read_metrics(tmp_path / name)) == 2
+            out = launch("train", recipe, ["train.stop_after=null"], nprocs=2)
+            assert "resumed from" in out.stdout + out.stderr
+        runs[name] = (_adapter(tmp_path / name), read_metrics(tmp_path / name))
+    _close(runs["full"][0], runs["resumed"][0], atol=1e-7, rtol=1e-6)
+    assert _strip_times(runs["full"][1]) == _strip_times(runs["resumed"][1])
+    _close(runs["full"][0], runs["z3"][0], atol=1e-4, rtol=1e-3)  # ZeRO-3 takes the same steps (other sum order)
+    # one process accumulating the same 8 examples over 4 micro-batches: the same update, so the
+    # loss is normalized by the whole step's tokens across ranks
+    one, _ = _train(_cfg(tmp_path, tiny_store, train={**base, "grad_accum": 4, "output_dir": str(tmp_path / "one")}))
+    _close(runs["full"][0], one, atol=1e-5)
+    # the saved adapter loads with peft on the base model and generates
+    tok = load_tokenizer("builtin:tiny-llama")
+    model = PeftModel.from_pretrained(load_model("builtin:tiny-llama"), str(tmp_path / "z3" / "final"))
+    ids = tok("Hello", return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
