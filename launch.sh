@@ -6,7 +6,7 @@
 #   ./launch.sh setup                         only create .venv and install
 # Distributed stages go through the `deepspeed` launcher: NUM_GPUS (default: all visible GPUs) and
 # HOSTFILE (multi-node) choose the workers; without GPUs it runs NUM_PROCS (default 1) CPU processes
-# (DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1). MASTER_PORT defaults to a free port.
+# (DS_ACCELERATOR=cpu, OMP_NUM_THREADS = cores / processes). MASTER_PORT defaults to a free port.
 # Setup: SELFAUG_TORCH is the pip requirement for torch (default torch==2.13.0, a CPU build here);
 # GPU users install their CUDA torch into .venv first, or set SELFAUG_TORCH (see README).
 set -euo pipefail
@@ -28,8 +28,9 @@ setup() {
   touch "$stamp"
 }
 
-cpu_env() {
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+cpu_env() {  # cpu_env [processes]: the cores shared between the processes (1 thread each for several)
+  local threads=$(( $(nproc) / ${1:-1} )); [ "$threads" -ge 1 ] || threads=1
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
 }
 
 export TOKENIZERS_PARALLELISM=false
@@ -42,8 +43,8 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     n=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
   else
-    cpu_env
     n=${NUM_PROCS:-1}
+    cpu_env "$n"
   fi
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
   args+=(--num_gpus "$n" --module selfaug "$stage" --config "$@")
@@ -64,7 +65,7 @@ shift
 case "$cmd" in
   setup) setup ;;
   test)
-    setup; cpu_env
+    setup; export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     echo "+ $PY -m pytest -q tests $*" >&2
     "$PY" -m pytest -q tests "$@" ;;
   precompute|train) setup; distributed "$cmd" "$@" ;;

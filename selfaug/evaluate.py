@@ -1,0 +1,163 @@
+"""Stage 3: the base model against fine-tuned runs: RAG task accuracy, IFEval instruction following,
+and distribution drift (mean per-token KL(base || fine-tuned) on held-out general prompts).
+Writes report.json and PNG plots, and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import time
+
+import torch
+from tqdm import tqdm
+
+from . import dist, ifeval
+from .config import Config, load_config
+from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, build_examples, encode_prompt, read_records, to_messages
+from .loss import LiveTeacher, kl_sum
+from .models import decoder_and_head, load_model, load_tokenizer, resolve_dtype
+
+
+def normalize(text: str) -> str:
+    text = text.lower().replace("-", " ")
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    return " ".join(text.split())
+
+
+def answer_found(generated: str, gold: str) -> bool:
+    """The gold answer, normalized, appears as whole words in the normalized generated text."""
+    g, t = normalize(gold), normalize(generated)
+    return bool(g) and re.search(rf"(^| ){re.escape(g)}( |$)", t) is not None
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+    """Greedy, batched (left padding), longest prompts first; texts back in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start:start + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, T - len(prompts[i]):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        for b, i in enumerate(idx):
+            out[i] = tok.decode(gen[b, T:], skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> float:
+    """Mean per-token KL(base || model) over every position of the sequences (full vocabulary)."""
+    total, count = 0.0, 0
+    b_body, b_head = decoder_and_head(base)
+    m_body, m_head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    for seq in sequences:
+        ids = torch.tensor([seq], device=device)
+        hb = b_body(input_ids=ids).last_hidden_state  # (1, T, H)
+        hm = m_body(input_ids=ids).last_hidden_state
+        rows_b, rows_t = torch.zeros(len(seq), dtype=torch.long), torch.arange(len(seq))
+        teacher = LiveTeacher(hb[rows_b, rows_t], b_head.weight, b_head.bias)
+        s, n = kl_sum(hm, m_head.weight, m_head.bias, rows_b, rows_t, teacher, chunk_rows=chunk_rows)
+        total, count = total + s.item(), count + n
+    return total / max(count, 1)
+
+
+def load_run_model(cfg: Config, run_dir: str, dtype, device):
+    """The model a run saved under final/: a peft adapter on its base model, or a full model."""
+    final = os.path.join(run_dir, "final")
+    if not os.path.isdir(final):
+        raise FileNotFoundError(f"{run_dir} has no final/ model: train it to the end first")
+    run_cfg = load_config(os.path.join(final, "selfaug_config.yaml"))
+    if os.path.exists(os.path.join(final, "adapter_config.json")):
+        from peft import PeftModel
+        base = load_model(run_cfg.model.name_or_path, dtype, run_cfg.model.revision)
+        return PeftModel.from_pretrained(base, final).merge_and_unload().to(device).eval(), run_cfg
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(device).eval(), run_cfg
+
+
+def _rag_prompts(cfg: Config, tok):
+    source = cfg.data.eval or (BUILTIN_RAG_EVAL if cfg.data.train == BUILTIN_RAG else None)
+    if source is None:
+        return [], []
+    records, _ = read_records(source, cfg.data)
+    records = records[: cfg.eval.max_rag_examples]
+    prompts, golds = [], []
+    for i, r in enumerate(records):
+        msgs = to_messages(r, f"{source}: record {i}", cfg.data.system_prompt)
+        prompts.append(encode_prompt(tok, msgs[:-1]))
+        golds.append(r["answer"] if "answer" in r else msgs[-1]["content"])
+    return prompts, golds
+
+
+def evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts) -> dict:
+    t0 = time.time()
+    res = {}
+    if rag[0]:
+        texts = generate(model, tok, rag[0], ec.rag_max_new_tokens, ec.batch_size, f"{name}: RAG")
+        hits = [answer_found(t, g) for t, g in zip(texts, rag[1])]
+        res["rag_accuracy"] = sum(hits) / len(hits)
+        res["rag_samples"] = [{"generated": t, "gold": g, "correct": h} for t, g, h in list(zip(texts, rag[1], hits))[:5]]
+    responses = generate(model, tok, if_prompts, ec.max_new_tokens, ec.batch_size, f"{name}: IFEval")
+    scores = ifeval.score(if_rows, responses)
+    res["ifeval"] = {k: v for k, v in scores.items() if k != "per_prompt"}
+    res["ifeval_samples"] = [{"prompt": r["prompt"], "response": t} for r, t in list(zip(if_rows, responses))[:3]]
+    res["eval_time_s"] = time.time() - t0
+    return res, responses
+
+
+def run(cfg: Config) -> dict:
+    dist.ensure_env()
+    device = dist.device()
+    ec = cfg.eval
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+    tok.padding_side = "left"
+    rag = _rag_prompts(cfg, tok)
+    if_rows = ifeval.load_prompts(ec.ifeval_path, ec.max_ifeval_prompts)
+    if_prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in if_rows]
+    base = load_model(cfg.model.name_or_path, dtype, cfg.model.revision).to(device).eval()
+    report = {"models": {}, "config": cfg.to_dict(), "runs": {}}
+    report["models"]["base"], base_responses = evaluate_model("base", base, tok, ec, rag, if_rows, if_prompts)
+    # drift prompts: IFEval prompts followed by the base model's own responses
+    n = min(ec.max_drift_prompts, len(if_rows))
+    drift_seqs = [p + tok(r, add_special_tokens=False)["input_ids"] for p, r in zip(if_prompts[:n], base_responses[:n])]
+    report["models"]["base"]["drift_kl"] = drift(base, base, drift_seqs)
+    for run_dir in [r.strip() for r in ec.runs.split(",") if r.strip()]:
+        name = os.path.basename(os.path.normpath(run_dir))
+        model, run_cfg = load_run_model(cfg, run_dir, dtype, device)
+        res, _ = evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts)
+        res["drift_kl"] = drift(base, model, drift_seqs)
+        res["run_dir"] = run_dir
+        res["alpha"] = run_cfg.train.alpha
+        report["models"][name] = res
+        report["runs"][name] = run_dir
+        del model
+    os.makedirs(ec.output_dir, exist_ok=True)
+    with open(os.path.join(ec.output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    cfg.save(os.path.join(ec.output_dir, "eval_config.yaml"))
+    from .plots import plot_report
+    plot_report(report, ec.output_dir)
+    print(format_table(report), flush=True)
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'model':<14}{'RAG acc':>9}{'IFEval strict (prompt)':>24}{'IFEval loose (prompt)':>23}"
+             f"{'IFEval strict (instr)':>23}{'drift KL':>10}"]
+    for name, r in report["models"].items():
+        rag = f"{r['rag_accuracy']:.3f}" if "rag_accuracy" in r else "-"
+        i = r["ifeval"]
+        lines.append(f"{name:<14}{rag:>9}{i['strict_prompt_acc']:>24.3f}{i['loose_prompt_acc']:>23.3f}"
+                     f"{i['strict_instruction_acc']:>23.3f}{r['drift_kl']:>10.4f}")
+    return "\n".join(lines)
