@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long")
             p.add_argument("--out", default="runs/bench.json")
+            p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")
     p.add_argument("path")
     # the deepspeed launcher appends --local_rank=N
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     elif args.command == "bench":
         from .bench import run
-        run(cfg, [s for s in args.only.split(",") if s], args.out)
+        run(cfg, [s for s in args.only.split(",") if s], args.out, args.config, args.overrides, args.smoke)
     return 0
 
 

@@ -4,7 +4,9 @@ Pure functions of tensors returning (sum, count); the caller divides once by the
 whole optimizer step. The lm_head is applied here, `chunk_rows` positions at a time, from the final
 hidden states, so no (tokens x vocabulary) fp32 tensor is ever whole: each chunk's gradient with
 respect to the hidden states (and the head weight, when it trains) is computed in the forward pass
-and the chunk's logits are freed at once (the Liger-Kernel scheme).
+and the chunk's logits are freed at once (the Liger-Kernel scheme). The common cases (NLL, forward
+bucket KL, forward full KL) use closed-form gradients over one (n, V) buffer; the others, and the
+tests' twin of every fast path (`fused=False`), use autograd per chunk.
 
 The teacher signal is one of two small typed objects:
 - `StoredTeacher`: top-k log-probs and the tail log-mass from the teacher store (offline mode);
@@ -59,6 +61,49 @@ def kl_from_topk(logq, ids, topk_logprobs, tail_logprob, reverse: bool = False, 
     return kl_categorical(logq, logp) if reverse else kl_categorical(logp, logq)
 
 
+# Closed forms for the common cases: value and d(value)/d(logits) from one (n, V) buffer, the logits
+# themselves (overwritten), with no autograd graph over (n, V) tensors. tests/test_loss.py checks
+# each against the autograd path above and against plain references.
+
+def nll_value_and_grad(logits: torch.Tensor, targets: torch.Tensor):
+    """-log softmax(logits)[target] per row and its gradient (softmax - onehot). (n, V) fp32 -> (n,), (n, V)."""
+    lse = logits.logsumexp(-1)  # (n,)
+    values = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+    grad.scatter_add_(1, targets[:, None], torch.full_like(values[:, None], -1.0))
+    return values, grad
+
+
+def bucket_kl_value_and_grad(logits, ids, topk_logprobs, tail_logprob):
+    """Forward KL_bucket(p || q) per row and its gradient with respect to q's logits.
+
+    With q = softmax(z), S the stored ids, P = sum_S p + p_R:
+      dKL/dz_j = q_j P - p_j          for j in S
+               = q_j (P - p_R / q_R)  for j outside S
+    q_R is summed directly over the tokens outside S (no 1 - sum cancellation)."""
+    lse = logits.logsumexp(-1)  # (n,)
+    logq_k = logits.gather(1, ids) - lse[:, None]  # (n, K)
+    q = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place
+    q.scatter_(1, ids, 0.0)
+    q_tail = q.sum(-1)  # (n,) mass outside the top-k
+    logq = torch.cat([logq_k, q_tail.clamp_min(1e-30).log()[:, None]], dim=1)
+    logp = torch.cat([topk_logprobs, tail_logprob[:, None]], dim=1)  # (n, K + 1)
+    values = kl_categorical(logp, logq)
+    p_k, p_tail = topk_logprobs.exp(), tail_logprob.exp()
+    mass = p_k.sum(-1) + p_tail  # 1 up to the stored values' rounding
+    ratio = torch.where(p_tail > 0, p_tail / q_tail.clamp_min(1e-30), torch.zeros_like(p_tail))
+    grad = q.mul_((mass - ratio)[:, None])  # the columns of S are 0 here
+    grad.scatter_(1, ids, logq_k.exp() * mass[:, None] - p_k)
+    return values, grad
+
+
+def full_kl_value_and_grad(logits, logp):
+    """Forward KL(p || q) over the full vocabulary per row and its gradient q - p (p sums to 1)."""
+    logq = torch.log_softmax(logits, dim=-1)
+    values = kl_categorical(logp, logq)
+    return values, logq.exp_().sub_(logp.exp())
+
+
 @dataclass
 class StoredTeacher:
     """Per KL row: the teacher's top-k ids and log-probs and the log of the remaining mass."""
@@ -70,6 +115,12 @@ class StoredTeacher:
         return kl_from_topk(logq, self.topk_ids[rows], self.topk_logprobs[rows].float(),
                             self.tail_logprob[rows].float(), reverse, tail)
 
+    def fused(self, reverse: bool, tail: str):
+        if reverse or tail != "bucket":
+            return None
+        return lambda logits, rows: bucket_kl_value_and_grad(
+            logits, self.topk_ids[rows], self.topk_logprobs[rows].float(), self.tail_logprob[rows].float())
+
 
 @dataclass
 class LiveTeacher:
@@ -79,16 +130,25 @@ class LiveTeacher:
     bias: torch.Tensor | None = None
 
     def kl(self, logq, rows: slice, reverse: bool, tail: str):
-        with torch.no_grad():
-            logp = torch.log_softmax(F.linear(self.hidden[rows], self.weight, self.bias).float(), dim=-1)
+        logp = self.logprobs(rows)
         return kl_categorical(logq, logp) if reverse else kl_categorical(logp, logq)
+
+    @torch.no_grad()
+    def logprobs(self, rows: slice):
+        return torch.log_softmax(F.linear(self.hidden[rows], self.weight, self.bias).float(), dim=-1)
+
+    def fused(self, reverse: bool, tail: str):
+        if reverse:
+            return None
+        return lambda logits, rows: full_kl_value_and_grad(logits, self.logprobs(rows))
 
 
 class _ChunkedHeadSum(torch.autograd.Function):
-    """sum_rows row_fn(log_softmax(hidden @ W^T + b), rows), chunk by chunk, gradients in forward."""
+    """sum_rows row_fn(log_softmax(hidden @ W^T + b), rows), chunk by chunk, gradients in forward.
+    With `fused(logits, rows) -> (values, dvalues/dlogits)` the chunk needs no autograd graph."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, row_fn, chunk_rows):
+    def forward(ctx, hidden, weight, bias, row_fn, chunk_rows, fused=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -96,6 +156,18 @@ class _ChunkedHeadSum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
+            if fused is not None:
+                with torch.no_grad():
+                    h = hidden[rows]
+                    values, g = fused(F.linear(h, weight, bias).float(), rows)  # (n,), (n, V) fp32
+                    total += values.sum()
+                    if need_h:
+                        grad_h[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)  # (n, H)
+                    if need_w:
+                        grad_w += g.t() @ h.float()
+                    if need_b:
+                        grad_b += g.sum(0)
+                continue
             h = hidden[rows].detach().requires_grad_(need_h)
             w = weight.detach().requires_grad_(need_w)
             b = bias.detach().requires_grad_(need_b) if bias is not None else None
@@ -123,31 +195,33 @@ class _ChunkedHeadSum(torch.autograd.Function):
         out = []
         for need, dtype in zip(ctx.needs, ctx.dtypes):
             out.append((saved.pop(0) * grad_out).to(dtype) if need else None)
-        return (*out, None, None)
+        return (*out, None, None, None)
 
 
-def chunked_head_sum(hidden, weight, bias, row_fn: Callable, chunk_rows: int) -> torch.Tensor:
-    return _ChunkedHeadSum.apply(hidden, weight, bias, row_fn, chunk_rows)
+def chunked_head_sum(hidden, weight, bias, row_fn: Callable, chunk_rows: int, fused: Callable | None = None):
+    return _ChunkedHeadSum.apply(hidden, weight, bias, row_fn, chunk_rows, fused)
 
 
-def nll_sum(hidden, weight, bias, labels, ignore_index: int = -100, chunk_rows: int = 1024):
+def nll_sum(hidden, weight, bias, labels, ignore_index: int = -100, chunk_rows: int = 1024, fused: bool = True):
     """Summed next-token NLL and its token count. hidden (B, T, H); labels (B, T) already shifted:
     labels[b, t] is the token predicted after position t, or ignore_index."""
     keep = labels != ignore_index  # (B, T)
     h = hidden[keep]  # (N, H): the head runs only where a label is
     targets = labels[keep]  # (N,)
     row_fn = lambda logq, rows: -logq.gather(1, targets[rows, None]).squeeze(1)
-    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows), targets.numel()
+    fast = (lambda logits, rows: nll_value_and_grad(logits, targets[rows])) if fused else None
+    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows, fast), targets.numel()
 
 
 def kl_sum(hidden, weight, bias, rows_b, rows_t, teacher, reverse: bool = False, tail: str = "bucket",
-           chunk_rows: int = 1024):
+           chunk_rows: int = 1024, fused: bool = True):
     """Summed per-position KL between the teacher and the model, and the position count.
     hidden (B, T, H); rows_b, rows_t (N,): the KL positions; teacher: StoredTeacher | LiveTeacher
     with N rows in the same order."""
     h = hidden[rows_b, rows_t]  # (N, H)
     row_fn = lambda logq, rows: teacher.kl(logq, rows, reverse, tail)
-    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows), rows_b.numel()
+    fast = teacher.fused(reverse, tail) if fused else None
+    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows, fast), rows_b.numel()
 
 
 def shifted_labels(input_ids: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor,

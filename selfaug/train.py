@@ -164,7 +164,7 @@ def _latest_checkpoint(out_dir: str) -> str | None:
     return os.path.join(out_dir, "checkpoints") if os.path.exists(latest) else None
 
 
-def setup(cfg: Config):
+def setup(cfg: Config, objective_cls=None):
     import deepspeed
     rank, world = dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -199,7 +199,7 @@ def setup(cfg: Config):
             model.get_output_embeddings().requires_grad_(False)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    objective = Objective(model, tc, frozen)
+    objective = (objective_cls or Objective)(model, tc, frozen)
     conf = ds_config(cfg, world, device.type == "cuda")
     params = [p for p in objective.parameters() if p.requires_grad]
     if "optimizer" in conf:  # the ds_config's own (e.g. DeepSpeed's CPU Adam for offload)
@@ -218,6 +218,33 @@ def setup(cfg: Config):
     return engine, tok, examples, with_teacher, sampler, rank, world, device
 
 
+def train_step(engine, examples, sampler, step, c_nll, c_kl, pad_id, device, with_teacher, rank, world):
+    """One optimizer step over grad_accum micro-batches. Returns (global [nll_sum, kl_sum], global tokens)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    tokens = 0
+    for m in range(engine.gradient_accumulation_steps()):
+        rows = [examples.example(int(i)) for i in sampler.micro_batch(step, m, rank)]
+        batch = collate(rows, pad_id, device, with_teacher)
+        loss, nll, kl = engine(batch, c_nll, c_kl)
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+        sums += torch.tensor([nll.item(), kl.item()], dtype=torch.float64)
+        tokens += int(batch["attention_mask"].sum())
+    if world > 1:  # one small all-reduce per optimizer step, for logging only
+        both = torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]).to(device)
+        torch.distributed.all_reduce(both)
+        sums, tokens = both[:2].cpu(), int(both[2].item())
+    return sums, tokens
+
+
+def step_coefficients(lengths, sampler, step, tc, world):
+    """(c_nll, c_kl, n_nll, n_kl, alpha): each term's sum is divided once by its count over the whole
+    step (all micro-batches, all ranks); x world because DeepSpeed averages gradients over ranks."""
+    alpha = alpha_at(step, tc)
+    n_nll, n_kl = step_counts(lengths, sampler.global_batch(step))
+    return world / max(n_nll, 1), world * alpha / max(n_kl, 1), n_nll, n_kl, alpha
+
+
 def train(cfg: Config) -> str:
     engine, tok, examples, with_teacher, sampler, rank, world, device = setup(cfg)
     tc = cfg.train
@@ -233,24 +260,9 @@ def train(cfg: Config) -> str:
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start, tc.max_steps):
         t0 = time.time()
-        alpha = alpha_at(step, tc)
-        n_nll, n_kl = step_counts(lengths, sampler.global_batch(step))  # whole step, all ranks
-        c_nll = world / max(n_nll, 1)  # x world: DeepSpeed averages gradients over ranks
-        c_kl = world * alpha / max(n_kl, 1)
-        sums = torch.zeros(2, dtype=torch.float64)
-        tokens = 0
-        for m in range(tc.grad_accum):
-            rows = [examples.example(int(i)) for i in sampler.micro_batch(step, m, rank)]
-            batch = collate(rows, tok.pad_token_id, device, with_teacher and tc.teacher_mode == "offline")
-            loss, nll, kl = engine(batch, c_nll, c_kl)
-            engine.backward(loss, scale_wrt_gas=False)
-            engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-            sums += torch.tensor([nll.item(), kl.item()], dtype=torch.float64)
-            tokens += int(batch["attention_mask"].sum())
-        if world > 1:  # one small all-reduce per optimizer step, for logging only
-            both = torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]).to(device)
-            torch.distributed.all_reduce(both)
-            sums, tokens = both[:2].cpu(), int(both[2].item())
+        c_nll, c_kl, n_nll, n_kl, alpha = step_coefficients(lengths, sampler, step, tc, world)
+        sums, tokens = train_step(engine, examples, sampler, step, c_nll, c_kl, tok.pad_token_id, device,
+                                  with_teacher and tc.teacher_mode == "offline", rank, world)
         dt = time.time() - t0
         nll_mean, kl_mean = sums[0].item() / max(n_nll, 1), sums[1].item() / max(n_kl, 1)
         row = {"step": step + 1, "loss": nll_mean + alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,

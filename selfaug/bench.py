@@ -1,0 +1,154 @@
+"""Benchmarks (issue "Performance"): each prints a table of ratios measured in one invocation and
+writes JSON. Not timed tests: CI runs a tiny smoke of each.
+
+  step       step time and peak memory: vanilla LoRA (Hugging Face loss), offline SelfAug, online
+             SelfAug, and the selfaug loop at alpha=0; each variant in its own process
+  precompute stage 1 (teacher top-k, tail, Arrow write) against a plain forward over the same batches
+  storage    bytes per stored position and per (id, value) entry, per Arrow compression
+  fidelity   KL_bucket / KL_exact and the cosine of their gradients at several k, and the
+             renormalized variant, between the base model and a fine-tuned run (bench.run_dir)
+  long       peak memory of the loss against prompt length, chunked against unchunked
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import dist
+from .config import Config
+
+SECTIONS = ("step", "precompute", "storage", "fidelity", "long")
+
+
+def peak_rss_reset() -> None:
+    """Make the kernel's peak-RSS counter (VmHWM) start again from the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        peak_rss_reset()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _worker(cmd: list[str]) -> dict:
+    """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
+    out = subprocess.run([sys.executable, "-m", "selfaug.bench_worker", *cmd], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker {cmd} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_step(cfg_path: str, overrides: list[str], steps: int) -> dict:
+    rows = {}
+    for variant in ("vanilla_lora", "offline", "online", "alpha0"):
+        rows[variant] = _worker(["step", variant, cfg_path, str(steps), *overrides])
+        print(f"  step[{variant}]: {rows[variant]['step_time_s']:.3f} s/step, "
+              f"peak {rows[variant]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    base = rows["vanilla_lora"]
+    for r in rows.values():
+        r["time_ratio"] = r["step_time_s"] / base["step_time_s"]
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+    return rows
+
+
+def bench_long(lengths: list[int], vocab: int, hidden: int, k: int, chunk: int) -> dict:
+    rows = []
+    for T in lengths:
+        row = {"tokens": T}
+        for mode, rows_per_chunk in (("chunked", chunk), ("unchunked", T)):
+            r = _worker(["long", str(T), str(vocab), str(hidden), str(k), str(rows_per_chunk)])
+            row[f"{mode}_peak_bytes"] = r["loss_peak_bytes"]
+            row[f"{mode}_time_s"] = r["time_s"]
+        row["ratio"] = row["chunked_peak_bytes"] / max(row["unchunked_peak_bytes"], 1)
+        print(f"  long[{T}]: chunked {row['chunked_peak_bytes'] / 2**20:.0f} MiB, unchunked "
+              f"{row['unchunked_peak_bytes'] / 2**20:.0f} MiB", flush=True)
+        rows.append(row)
+    return {"vocab": vocab, "hidden": hidden, "k": k, "chunk_rows": chunk, "rows": rows}
+
+
+def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
+        smoke: bool = False) -> dict:
+    from . import bench_worker as bw
+    only = only or list(SECTIONS)
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown benchmark sections {sorted(unknown)}; choose from {SECTIONS}")
+    dist.ensure_env()
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "threads": torch.get_num_threads(), "model": cfg.model.name_or_path, "smoke": smoke}
+    if "storage" in only or "precompute" in only:
+        results.update(bw.bench_precompute_and_storage(cfg, "precompute" in only, "storage" in only))
+    if "step" in only:
+        results["step"] = bench_step(cfg_path, list(overrides), 2 if smoke else 5)
+    if "fidelity" in only:
+        results["fidelity"] = bw.bench_fidelity(cfg, [2, 4] if smoke else [8, 16, 32, 64, 128])
+    if "long" in only:
+        lengths = [128, 256] if smoke else [512, 1024, 2048, 4096, 8192]
+        results["long"] = bench_long(lengths, 4096 if smoke else 49152, 64 if smoke else 576, 64 if not smoke else 8,
+                                     64 if smoke else 1024)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(format_results(results), flush=True)
+    return results
+
+
+def format_results(r: dict) -> str:
+    lines = [f"benchmarks on {r['device']} ({r['threads']} threads), model {r['model']}"]
+    if "precompute" in r:
+        p = r["precompute"]
+        lines += [f"precompute: {p['examples_per_s']:.2f} examples/s, {p['tokens_per_s']:.0f} tokens/s; plain forward "
+                  f"{p['forward_tokens_per_s']:.0f} tokens/s; ratio {p['ratio']:.3f} (target >= 0.9)"]
+    if "storage" in r:
+        for c, s in r["storage"]["by_compression"].items():
+            lines.append(f"storage[{c}]: {s['bytes_per_position']:.1f} bytes/position, {s['bytes_per_entry']:.3f} "
+                         f"bytes per (id, value) entry incl. tail and positions (target <= 4), read {s['read_s']:.3f} s")
+    if "step" in r:
+        lines.append(f"{'variant':<14}{'s/step':>9}{'tokens/s':>10}{'peak MiB':>10}{'time x':>8}{'mem x':>8}")
+        for name, s in r["step"].items():
+            lines.append(f"{name:<14}{s['step_time_s']:>9.3f}{s['tokens_per_s']:>10.0f}{s['peak_bytes'] / 2**20:>10.0f}"
+                         f"{s['time_ratio']:>8.3f}{s['memory_ratio']:>8.3f}")
+    if "fidelity" in r:
+        f = r["fidelity"]
+        lines.append(f"fidelity vs exact KL (exact mean KL {f['exact_kl_per_token']:.4f}/token):")
+        lines.append(f"{'k':>5}{'bucket/exact':>14}{'cos(grad)':>11}{'renorm/exact':>14}{'cos(grad)':>11}")
+        for row in f["rows"]:
+            lines.append(f"{row['k']:>5}{row['bucket_ratio']:>14.4f}{row['bucket_cos']:>11.4f}"
+                         f"{row['renorm_ratio']:>14.4f}{row['renorm_cos']:>11.4f}")
+    if "long" in r:
+        lines.append(f"{'tokens':>7}{'chunked MiB':>13}{'unchunked MiB':>15}{'ratio':>8}")
+        for row in r["long"]["rows"]:
+            lines.append(f"{row['tokens']:>7}{row['chunked_peak_bytes'] / 2**20:>13.1f}"
+                         f"{row['unchunked_peak_bytes'] / 2**20:>15.1f}{row['ratio']:>8.3f}")
+    return "\n".join(lines)

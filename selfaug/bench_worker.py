@@ -1,0 +1,205 @@
+"""The measurements behind `selfaug bench`, each run in a fresh process by bench.py where memory is
+measured: python -m selfaug.bench_worker {step|long} ARGS; prints one JSON line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dist
+from .bench import _sync, peak_bytes, reset_peak
+from .config import Config, load_config
+from .loss import StoredTeacher, kl_sum
+
+
+def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
+    from . import train as tr
+    extra = {"vanilla_lora": ["train.alpha=0"], "offline": ["train.teacher_mode=offline"],
+             "online": ["train.teacher_mode=online"], "alpha0": ["train.alpha=0"]}[variant]
+    cfg = load_config(cfg_path, list(overrides) + extra + ["train.resume=never"])
+    if variant in ("offline", "online") and cfg.train.alpha == 0:
+        cfg.train.alpha = 0.5
+
+    class HFLoss(tr.Objective):
+        """Vanilla LoRA as commonly run: full logits at every position, mean cross-entropy."""
+
+        def forward(self, batch, c_nll, c_kl):
+            from .loss import shifted_labels
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = shifted_labels(batch["input_ids"], batch["prompt_lens"], batch["lengths"])
+            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+            return c_nll * nll, nll.detach(), torch.zeros(())
+
+    engine, tok, examples, with_teacher, sampler, rank, world, device = tr.setup(
+        cfg, HFLoss if variant == "vanilla_lora" else None)
+    lengths = examples.lengths()
+    times, tokens = [], 0
+    for s in range(steps + 1):
+        if s == 1:
+            reset_peak(device)  # the first step (allocator warm-up, lazy inits) is not measured
+        _sync(device)
+        t0 = time.perf_counter()
+        c_nll, c_kl, *_ = tr.step_coefficients(lengths, sampler, s, cfg.train, world)
+        _, n = tr.train_step(engine, examples, sampler, s, c_nll, c_kl, tok.pad_token_id, device,
+                             with_teacher and cfg.train.teacher_mode == "offline", rank, world)
+        _sync(device)
+        if s >= 1:
+            times.append(time.perf_counter() - t0)
+            tokens += n
+    return {"variant": variant, "step_time_s": float(np.median(times)), "tokens_per_s": tokens / sum(times),
+            "peak_bytes": peak_bytes(device), "steps": steps, "alpha": cfg.train.alpha}
+
+
+def long(T: int, V: int, H: int, K: int, rows_per_chunk: int) -> dict:
+    """Peak memory of the KL and its backward over T prompt positions, above what the inputs hold."""
+    device = dist.device()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, T, H, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device)
+    logp = torch.log_softmax(torch.randn(T, K, generator=g), -1) - 1.0
+    teacher = StoredTeacher(torch.randint(0, V, (T, K), generator=g).to(device), logp.to(device),
+                            torch.full((T,), -0.5).to(device))
+    rows_b, rows_t = torch.zeros(T, dtype=torch.long, device=device), torch.arange(T, device=device)
+    reset_peak(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_bytes(device)
+    t0 = time.perf_counter()
+    s, _ = kl_sum(hidden, weight, None, rows_b, rows_t, teacher, chunk_rows=rows_per_chunk)
+    s.backward()
+    _sync(device)
+    return {"tokens": T, "loss_peak_bytes": peak_bytes(device) - before, "time_s": time.perf_counter() - t0}
+
+
+def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: bool) -> dict:
+    """Stage 1's work (top-k, tail, Arrow write) against a plain forward (full logits) over the same batches."""
+    from . import teacher_store as ts
+    from .data import build_examples, read_records
+    from .models import decoder_and_head, load_model, load_tokenizer, resolve_dtype
+    from .precompute import compute_shard, length_batches
+    device = dist.device()
+    tok = load_tokenizer(cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path, resolve_dtype(cfg.model.dtype, device)).to(device).eval()
+    body, head = decoder_and_head(model)
+    records, _ = read_records(cfg.data.train, cfg.data)
+    examples, _ = build_examples(records, tok, cfg.data)
+    n_tokens = sum(len(e.input_ids) for e in examples)
+    sch = ts.schema(cfg.teacher.k, ts.id_dtype_for(head.weight.shape[0]), cfg.teacher.value_dtype)
+    tmp = tempfile.mkdtemp()
+    out = {}
+
+    def plain_forward():
+        with torch.inference_mode():
+            for batch in length_batches(examples, cfg.teacher.batch_tokens):
+                T = max(len(e.input_ids) for e in batch)
+                ids = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for b, e in enumerate(batch):
+                    ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+                    mask[b, : len(e.input_ids)] = 1
+                model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        _sync(device)
+
+    def stage1():
+        rows = compute_shard(body, head, examples, cfg, tok.pad_token_id, device, cfg.teacher.k)
+        ts.write_shard(os.path.join(tmp, "bench.arrow"), rows.table(sch), cfg.teacher.compression)
+        return rows
+
+    rows = stage1()  # warm-up, and the rows for the storage figures
+    if do_precompute:
+        fwd, pre = [], []
+        for _ in range(2):  # interleaved, best of two: the machine's load moves both alike
+            t0 = time.perf_counter(); plain_forward(); fwd.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); stage1(); pre.append(time.perf_counter() - t0)
+        out["precompute"] = {"examples": len(examples), "tokens": n_tokens, "examples_per_s": len(examples) / min(pre),
+                             "tokens_per_s": n_tokens / min(pre), "forward_tokens_per_s": n_tokens / min(fwd),
+                             "ratio": min(fwd) / min(pre), "k": cfg.teacher.k}
+    if do_storage:
+        by = {}
+        positions = len(rows.tail_logprob)
+        for comp in ("none", "lz4", "zstd"):
+            path = os.path.join(tmp, f"s-{comp}.arrow")
+            entry = ts.write_shard(path, rows.table(sch), comp)
+            t0 = time.perf_counter()
+            import pyarrow as pa
+            with pa.memory_map(path) as src:
+                ts._flatten(pa.ipc.open_stream(src).read_all())
+            by[comp] = {"bytes": entry["bytes"], "bytes_per_position": entry["bytes"] / positions,
+                        "bytes_per_entry": entry["bytes"] / (positions * cfg.teacher.k),
+                        "read_s": time.perf_counter() - t0}
+        out["storage"] = {"positions": positions, "k": cfg.teacher.k, "value_dtype": cfg.teacher.value_dtype,
+                          "id_dtype": sch.field("topk_ids").type.value_type.value_type.__str__(), "by_compression": by}
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
+    """How close the stored-top-k KL is to the exact one, between the base and a fine-tuned model."""
+    from .data import build_examples, read_records
+    from .evaluate import load_run_model
+    from .loss import LiveTeacher
+    from .models import decoder_and_head, load_model, load_tokenizer
+    device = dist.device()
+    run_dir = [r for r in cfg.eval.runs.split(",") if r.strip()][0]
+    student, _ = load_run_model(cfg, run_dir, torch.float32, device)
+    base = load_model(cfg.model.name_or_path).to(device).eval()
+    tok = load_tokenizer(cfg.model.name_or_path)
+    records, _ = read_records(cfg.data.train, cfg.data)
+    examples, _ = build_examples(records[:n_examples], tok, cfg.data)
+    (bb, bh), (sb, sh) = decoder_and_head(base), decoder_and_head(student)
+    rows = {k: {"bucket": [0.0, []], "renormalize": [0.0, []]} for k in ks}
+    exact_total, exact_grads, positions = 0.0, [], 0
+    for e in examples:
+        ids = torch.tensor([e.input_ids], device=device)
+        rb = torch.zeros(e.prompt_len, dtype=torch.long, device=device)
+        rt = torch.arange(e.prompt_len, device=device)
+        with torch.no_grad():
+            th = bb(input_ids=ids).last_hidden_state[0, : e.prompt_len]
+            hs = sb(input_ids=ids).last_hidden_state
+            logp = torch.log_softmax(F.linear(th, bh.weight).float(), -1)
+
+        def kl_and_grad(teacher, tail="bucket"):
+            h = hs.detach().clone().requires_grad_()
+            s, _ = kl_sum(h, sh.weight, None, rb, rt, teacher, tail=tail, chunk_rows=256)
+            s.backward()
+            return s.item(), h.grad[0, : e.prompt_len].flatten()
+
+        s, gr = kl_and_grad(LiveTeacher(th, bh.weight))
+        exact_total += s
+        exact_grads.append(gr)
+        positions += e.prompt_len
+        for k in ks:
+            vals, top = logp.topk(k, -1)
+            tail = logp.scatter(1, top, float("-inf")).logsumexp(-1)
+            for mode in ("bucket", "renormalize"):
+                s, g = kl_and_grad(StoredTeacher(top, vals, tail), mode)
+                rows[k][mode][0] += s
+                rows[k][mode][1].append(g)
+    ge = torch.cat(exact_grads)
+    out = []
+    for k in ks:
+        r = {"k": k}
+        for mode, key in (("bucket", "bucket"), ("renormalize", "renorm")):
+            total, grads = rows[k][mode]
+            r[f"{key}_ratio"] = total / exact_total
+            r[f"{key}_cos"] = F.cosine_similarity(torch.cat(grads), ge, dim=0).item()
+        out.append(r)
+    return {"run": run_dir, "examples": len(examples), "positions": positions,
+            "exact_kl_per_token": exact_total / positions, "rows": out}
+
+
+if __name__ == "__main__":
+    dist.ensure_env()
+    what, args = sys.argv[1], sys.argv[2:]
+    if what == "step":
+        res = step(args[0], args[1], int(args[2]), args[3:])
+    elif what == "long":
+        res = long(*(int(a) for a in args))
+    else:
+        raise SystemExit(f"unknown benchmark worker {what!r}")
+    print(json.dumps(res))

@@ -1,0 +1,91 @@
+"""Stage 3: IFEval scoring on hand-written responses, the answer matcher, drift, report and plots."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from selfaug import evaluate, ifeval, train
+from selfaug.models import load_model
+
+
+def _row(ids, kwargs):
+    return {"key": 1, "prompt": "p", "instruction_id_list": ids, "kwargs": kwargs}
+
+
+@pytest.mark.parametrize("instruction,kwargs,passing,failing", [
+    ("punctuation:no_comma", {}, "No commas here.", "Yes, a comma."),
+    ("change_case:english_lowercase", {}, "all lower case.", "Not all lower case."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* one\n* two", "* only one"),
+    ("startend:end_checker", {"end_phrase": "Is there anything else?"}, "Done. Is there anything else?", "Done."),
+    ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": 3}, "One. Two.",
+     "One. Two. Three. Four."),
+    ("change_case:capital_word_frequency", {"capital_relation": "at least", "capital_frequency": 2},
+     "THIS is VERY loud", "this is quiet"),
+    ("keywords:existence", {"keywords": ["salmon"]}, "I like salmon.", "I like tuna."),
+    ("language:response_language", {"language": "fr"}, "Je suis très content de vous voir aujourd'hui.",
+     "I am very happy to see you today."),
+])
+def test_ifeval_checkers_pass_and_fail_known_instructions(instruction, kwargs, passing, failing):
+    rows = [_row([instruction], [kwargs])] * 2
+    s = ifeval.score(rows, [passing, failing])
+    assert s["strict_prompt_acc"] == 0.5 and s["strict_instruction_acc"] == 0.5
+    assert s["per_prompt"][0]["strict"] == [True] and s["per_prompt"][1]["strict"] == [False]
+
+
+def test_ifeval_prompt_level_needs_every_instruction_and_loose_forgives_a_first_line():
+    row = _row(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
+    s = ifeval.score([row], ["all lowercase, with a comma"])
+    assert s["strict_prompt_acc"] == 0 and s["strict_instruction_acc"] == 0.5
+    s = ifeval.score([_row(["punctuation:no_comma"], [{}])], ["Sure, here it is:\nno commas at all"])
+    assert s["strict_prompt_acc"] == 0 and s["loose_prompt_acc"] == 1
+
+
+def test_shipped_ifeval_subset_loads_with_attribution():
+    rows = ifeval.load_prompts()
+    assert len(rows) == 271 and all(r["instruction_id_list"] for r in rows)
+    readme = open(os.path.join(os.path.dirname(ifeval.DEFAULT_PROMPTS), "IFEVAL_README.md")).read()
+    assert "Apache-2.0" in readme and "Zhou et al." in readme
+
+
+@pytest.mark.parametrize("generated,gold,ok", [
+    ("Answer: Fatund Cidran", "Fatund Cidran", True),
+    ("answer: fatund cidran.", "Fatund Cidran", True),
+    ("The river is 1847 km long.", "1847", True),
+    ("It was 18470.", "1847", False),
+    ("Answer: Fatund", "Fatund Cidran", False),
+    ("Answer: red-finned", "red-finned", True),
+    ("", "x", False),
+])
+def test_answer_matcher(generated, gold, ok):
+    assert evaluate.answer_found(generated, gold) is ok
+
+
+def test_drift_of_a_model_against_itself_is_zero_and_positive_otherwise():
+    model = load_model("builtin:tiny-llama")
+    seqs = [[1, 5, 9, 200, 7], [3, 4, 5]]
+    assert abs(evaluate.drift(model, model, seqs)) < 1e-7
+    other = load_model("builtin:tiny-llama")
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.add_(0.5)
+    assert evaluate.drift(model, other, seqs) > 1e-4
+
+
+def test_eval_writes_report_and_plots(tmp_path, tiny_store):
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                      train={"max_steps": 2, "merge_adapter": True},
+                      eval={"runs": str(tmp_path / "run"), "max_ifeval_prompts": 3, "max_rag_examples": 3,
+                            "max_drift_prompts": 2, "max_new_tokens": 8, "rag_max_new_tokens": 4})
+    train.run(cfg)
+    assert os.path.exists(tmp_path / "run" / "final" / "merged" / "config.json")
+    report = evaluate.run(cfg)
+    saved = json.load(open(tmp_path / "eval" / "report.json"))
+    assert set(saved["models"]) == {"base", "run"} == set(report["models"])
+    for r in saved["models"].values():
+        assert 0 <= r["rag_accuracy"] <= 1 and 0 <= r["ifeval"]["strict_prompt_acc"] <= 1
+    assert saved["models"]["base"]["drift_kl"] == pytest.approx(0, abs=1e-7)
+    assert saved["models"]["run"]["drift_kl"] > 0
+    for png in ("tradeoff.png", "curves.png"):
+        with open(tmp_path / "eval" / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
