@@ -3,6 +3,8 @@
 #   ./launch.sh demo                          set up, then the end-to-end demo on SmolLM2-135M (CPU ok)
 #   ./launch.sh test                          set up, then the test suite
 #   ./launch.sh {precompute|train|eval|all} RECIPE [section.key=value ...]
+#   ./launch.sh sweep [RECIPE]                alpha in SWEEP_ALPHAS and KL positions in SWEEP_POSITIONS, one eval
+#   ./launch.sh bench [RECIPE] [--only ...]   performance benchmarks (runs/bench.json)
 #   ./launch.sh setup                         only create .venv and install
 # Distributed stages go through the `deepspeed` launcher: NUM_GPUS (default: all visible GPUs) and
 # HOSTFILE (multi-node) choose the workers; without GPUs it runs NUM_PROCS (default 1) CPU processes
@@ -60,7 +62,7 @@ single() {  # single STAGE RECIPE [overrides]: eval generates on one device
 }
 
 cmd=${1:-}
-[ -n "$cmd" ] || { sed -n '2,12p' "$0"; exit 2; }
+[ -n "$cmd" ] || { sed -n '2,14p' "$0"; exit 2; }
 shift
 case "$cmd" in
   setup) setup ;;
@@ -75,14 +77,35 @@ case "$cmd" in
     distributed precompute "$@"
     distributed train "$@"
     single eval "$@" ;;
-  demo)
+  demo)  # DEMO_DIR (default runs/demo) holds the store, both runs and the report
     setup
     recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
+    d=${DEMO_DIR:-runs/demo}
     start=$(date +%s)
-    distributed precompute "$recipe" "$@"
-    distributed train "$recipe" train.alpha=0 train.output_dir=runs/demo/lora "$@"
-    distributed train "$recipe" train.alpha=0.5 train.output_dir=runs/demo/selfaug "$@"
-    single eval "$recipe" eval.runs=runs/demo/lora,runs/demo/selfaug eval.output_dir=runs/demo "$@"
+    distributed precompute "$recipe" teacher.output_dir="$d/teacher" "$@"
+    distributed train "$recipe" teacher.output_dir="$d/teacher" train.alpha=0 train.output_dir="$d/lora" "$@"
+    distributed train "$recipe" teacher.output_dir="$d/teacher" train.alpha=0.5 train.output_dir="$d/selfaug" "$@"
+    single eval "$recipe" eval.runs="$d/lora,$d/selfaug" eval.output_dir="$d" "$@"
     echo "demo wall time: $(( $(date +%s) - start )) s (after setup)" ;;
-  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo" >&2; exit 2 ;;
+  sweep)  # SWEEP_DIR (default runs/sweep); alpha sweep at positions=prompt, then the position ablation
+    setup
+    recipe=${1:-recipes/smollm2_sweep.yaml}; [ $# -gt 0 ] && shift
+    d=${SWEEP_DIR:-runs/sweep}; runs=()
+    for pos in ${SWEEP_POSITIONS:-prompt response all}; do
+      distributed precompute "$recipe" teacher.positions="$pos" teacher.output_dir="$d/teacher-$pos" "$@"
+      if [ "$pos" = prompt ]; then alphas=${SWEEP_ALPHAS:-0 0.1 0.3 0.5 1.0}; else alphas=${SWEEP_ABLATION_ALPHA:-0.5}; fi
+      for a in $alphas; do
+        out="$d/alpha$a-$pos"; [ "$pos" != prompt ] && [ "$a" = 0 ] && continue
+        [ -d "$out/final" ] || distributed train "$recipe" teacher.positions="$pos" teacher.output_dir="$d/teacher-$pos" \
+          train.alpha="$a" train.output_dir="$out" "$@"
+        runs+=("$out")
+      done
+    done
+    single eval "$recipe" eval.runs="$(IFS=,; echo "${runs[*]}")" eval.output_dir="$d" "$@" ;;
+  bench)
+    setup
+    recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || cpu_env
+    "$PY" -m selfaug bench --config "$recipe" "$@" ;;
+  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo|sweep|bench" >&2; exit 2 ;;
 esac

@@ -146,8 +146,12 @@ def run(cfg: Config) -> dict:
     with open(os.path.join(ec.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     cfg.save(os.path.join(ec.output_dir, "eval_config.yaml"))
-    from .plots import plot_report
+    from .plots import plot_report, plot_sweep
     plot_report(report, ec.output_dir)
+    if len(report["runs"]) >= 3:  # a sweep: accuracy against drift and IFEval, one point per run
+        plot_sweep([{"label": name, "rag_accuracy": r.get("rag_accuracy", 0.0), "drift_kl": r["drift_kl"],
+                     "ifeval": r["ifeval"]["strict_prompt_acc"]} for name, r in report["models"].items()],
+                   ec.output_dir)
     print(format_table(report), flush=True)
     return report
 

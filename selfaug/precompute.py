@@ -62,11 +62,11 @@ def teacher_topk(body, head, input_ids, attention_mask, rows_b, rows_t, k: int, 
     h = hidden[rows_b, rows_t]  # (N, H)
     ids, vals, tails = [], [], []
     for start in range(0, h.shape[0], chunk_rows):
-        logits = F.linear(h[start:start + chunk_rows], head.weight, head.bias).float()  # (n, V)
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = F.linear(h[start:start + chunk_rows], head.weight, head.bias).float()  # (n, V), one buffer
+        logp.sub_(logp.logsumexp(dim=-1, keepdim=True))  # log_softmax over the full vocabulary, in place
         v, i = torch.topk(logp, k, dim=-1)  # (n, K), descending
-        # exact log of the remaining mass: logsumexp over the tokens outside the top-k
-        tail = logp.scatter(1, i, float("-inf")).logsumexp(dim=-1)  # (n,)
+        # the remaining mass, summed over the tokens outside the top-k in fp32 (no 1 - sum cancellation)
+        tail = logp.exp_().scatter_(1, i, 0.0).sum(dim=-1).log()  # (n,)
         ids.append(i), vals.append(v), tails.append(tail)
     if not ids:
         empty = torch.empty(0, k)

@@ -1,0 +1,25 @@
+"""A tiny smoke of every benchmark (not a timed test: the figures come from `selfaug bench`)."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, tiny_config, write_recipe
+from selfaug import train
+
+
+def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                      train={"max_steps": 3}, eval={"runs": str(tmp_path / "run")})
+    train.run(cfg)  # the fine-tuned run the fidelity benchmark compares against
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    out = subprocess.run([sys.executable, "-m", "selfaug", "bench", "--config", recipe, "--smoke",
+                          "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.load(open(tmp_path / "bench.json"))
+    assert set(r["step"]) == {"vanilla_lora", "offline", "online", "alpha0"}
+    assert r["step"]["vanilla_lora"]["time_ratio"] == 1.0 and all(s["peak_bytes"] > 0 for s in r["step"].values())
+    assert r["precompute"]["ratio"] > 0 and r["storage"]["by_compression"]["none"]["bytes_per_entry"] > 2
+    for row in r["fidelity"]["rows"]:
+        assert 0 < row["bucket_ratio"] <= 1 + 1e-6 and -1 <= row["bucket_cos"] <= 1
+    assert [row["tokens"] for row in r["long"]["rows"]] == [128, 256]
+    assert "bucket/exact" in out.stdout
