@@ -16,9 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import numpy as np
 import torch
 
 from . import dist

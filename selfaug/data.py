@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import ragdata
+from .hashing import sha256_file
 
 BUILTIN_RAG = "builtin:rag"
 BUILTIN_RAG_EVAL = "builtin:rag-eval"
@@ -68,11 +69,11 @@ def read_records(source: str, cfg) -> tuple[list[dict], dict]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{source}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        fp = {"source": os.path.abspath(source), "sha256": _file_sha256(source)}
+        fp = {"source": os.path.abspath(source), "sha256": sha256_file(source)}
     elif source.endswith(".parquet") and os.path.exists(source):
         import pyarrow.parquet as pq
         records = pq.read_table(source).to_pylist()
-        fp = {"source": os.path.abspath(source), "sha256": _file_sha256(source)}
+        fp = {"source": os.path.abspath(source), "sha256": sha256_file(source)}
     elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
         raise DataError(f"data source {source!r}: not found or not a .jsonl/.parquet file")
     else:
@@ -90,14 +91,6 @@ def read_records(source: str, cfg) -> tuple[list[dict], dict]:
         raise DataError(f"data source {source!r} holds no records")
     fp["records"] = len(records)
     return records, fp
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rag_user_message(record: dict) -> str:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import dist, ifeval
 from .config import Config, load_config
-from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, build_examples, encode_prompt, read_records, to_messages
+from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, read_records, to_messages
 from .loss import LiveTeacher, kl_sum
 from .models import decoder_and_head, load_model, load_tokenizer, resolve_dtype
 

@@ -17,6 +17,8 @@ import tempfile
 
 import torch
 
+from .hashing import sha256_file
+
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY_LLAMA = "builtin:tiny-llama"
 BUILTINS = (SMOLLM2, TINY_LLAMA)
@@ -27,22 +29,6 @@ TINY_SEED = 1234
 
 def cache_dir() -> str:
     return os.environ.get("SELFAUG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfaug"))
-
-
-def _sha256_file(path: str, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        remaining = limit
-        while True:
-            block = f.read(1 << 20 if remaining is None else min(1 << 20, remaining))
-            if not block:
-                break
-            h.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-                if remaining <= 0:
-                    break
-    return h.hexdigest()
 
 
 def _gguf_path() -> str:
@@ -79,7 +65,7 @@ def _smollm2_dir() -> str:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "selfaug_source.json"), "w") as f:
-        json.dump({"gguf": GGUF_NAME, "gguf_sha256": _sha256_file(gguf), "size": stat.st_size}, f)
+        json.dump({"gguf": GGUF_NAME, "gguf_sha256": sha256_file(gguf), "size": stat.st_size}, f)
     try:
         os.rename(tmp, target)
     except OSError:  # another rank converted it first
@@ -155,7 +141,7 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict:
                 h.update(open(path, "rb").read())
             elif name.endswith((".safetensors", ".bin", ".pt")):
                 # name, size and the first MiB: cheap, and changes whenever the weights are rewritten
-                h.update(f"{name}:{os.path.getsize(path)}:{_sha256_file(path, 1 << 20)}".encode())
+                h.update(f"{name}:{os.path.getsize(path)}:{sha256_file(path, 1 << 20)}".encode())
         content = h.hexdigest()
     else:
         content = f"hub:{name_or_path}@{revision or 'main'}"

