@@ -76,7 +76,7 @@ def long(T: int, V: int, H: int, K: int, rows_per_chunk: int) -> dict:
     return {"tokens": T, "loss_peak_bytes": peak_bytes(device) - before, "time_s": time.perf_counter() - t0}
 
 
-def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: bool) -> dict:
+def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: bool, n_examples: int = 64) -> dict:
     """Stage 1's work (top-k, tail, Arrow write) against a plain forward (full logits) over the same batches."""
     from . import teacher_store as ts
     from .data import build_examples, read_records
@@ -87,7 +87,7 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
     model = load_model(cfg.model.name_or_path, resolve_dtype(cfg.model.dtype, device)).to(device).eval()
     body, head = decoder_and_head(model)
     records, _ = read_records(cfg.data.train, cfg.data)
-    examples, _ = build_examples(records, tok, cfg.data)
+    examples, _ = build_examples(records[:n_examples], tok, cfg.data)
     n_tokens = sum(len(e.input_ids) for e in examples)
     sch = ts.schema(cfg.teacher.k, ts.id_dtype_for(head.weight.shape[0]), cfg.teacher.value_dtype)
     tmp = tempfile.mkdtemp()

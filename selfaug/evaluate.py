@@ -110,6 +110,8 @@ def evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts) -> dict:
     responses = generate(model, tok, if_prompts, ec.max_new_tokens, ec.batch_size, f"{name}: IFEval")
     scores = ifeval.score(if_rows, responses)
     res["ifeval"] = {k: v for k, v in scores.items() if k != "per_prompt"}
+    # a plain sign of format collapse: fine-tuning on short answers shortens every answer
+    res["ifeval"]["mean_response_words"] = sum(len(t.split()) for t in responses) / max(len(responses), 1)
     res["ifeval_samples"] = [{"prompt": r["prompt"], "response": t} for r, t in list(zip(if_rows, responses))[:3]]
     res["eval_time_s"] = time.time() - t0
     return res, responses
@@ -157,11 +159,11 @@ def run(cfg: Config) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'model':<14}{'RAG acc':>9}{'IFEval strict (prompt)':>24}{'IFEval loose (prompt)':>23}"
-             f"{'IFEval strict (instr)':>23}{'drift KL':>10}"]
+    lines = [f"{'model':<18}{'RAG acc':>9}{'IFEval strict (prompt)':>24}{'IFEval loose (prompt)':>23}"
+             f"{'IFEval strict (instr)':>23}{'words':>7}{'drift KL':>10}"]
     for name, r in report["models"].items():
         rag = f"{r['rag_accuracy']:.3f}" if "rag_accuracy" in r else "-"
         i = r["ifeval"]
-        lines.append(f"{name:<14}{rag:>9}{i['strict_prompt_acc']:>24.3f}{i['loose_prompt_acc']:>23.3f}"
-                     f"{i['strict_instruction_acc']:>23.3f}{r['drift_kl']:>10.4f}")
+        lines.append(f"{name:<18}{rag:>9}{i['strict_prompt_acc']:>24.3f}{i['loose_prompt_acc']:>23.3f}"
+                     f"{i['strict_instruction_acc']:>23.3f}{i['mean_response_words']:>7.0f}{r['drift_kl']:>10.4f}")
     return "\n".join(lines)
