@@ -60,8 +60,10 @@ def _sync(device):
 
 def _worker(cmd: list[str]) -> dict:
     """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
+    # a fresh single-process rendezvous: never the parent's port or rank
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-m", "selfaug.bench_worker", *cmd], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env={**env, "PYTHONUNBUFFERED": "1"})
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {cmd} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -37,12 +37,19 @@ def write_recipe(path, cfg):
     return path
 
 
+def clean_env(**extra):
+    """The environment for a child launch: without the rank and rendezvous variables that in-process
+    runs put into this process's environment (a child reusing MASTER_PORT would collide)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
 def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600):
     """Run `selfaug STAGE` under the deepspeed launcher with nprocs CPU processes."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs),
            "--master_port", str(free_port()), "--module", "selfaug", stage, "--config", recipe, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=clean_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

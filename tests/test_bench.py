@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, tiny_config, write_recipe
+from conftest import ROOT, clean_env, tiny_config, write_recipe
 from selfaug import train
 
 
@@ -13,7 +13,8 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
     train.run(cfg)  # the fine-tuned run the fidelity benchmark compares against
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
     out = subprocess.run([sys.executable, "-m", "selfaug", "bench", "--config", recipe, "--smoke",
-                          "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True)
+                          "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True,
+                         env=clean_env())
     assert out.returncode == 0, out.stderr[-4000:]
     r = json.load(open(tmp_path / "bench.json"))
     assert set(r["step"]) == {"vanilla_lora", "offline", "online", "alpha0"}

@@ -13,7 +13,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import ROOT, launch, tiny_config, write_recipe
+from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
 from selfaug import precompute
 from selfaug import teacher_store as ts
 from selfaug.models import load_model
@@ -75,7 +75,7 @@ def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_sto
     # killed after its first shard, then restarted (with one rank)
     killed_dir = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "selfaug", "precompute", "--config", recipe, f"teacher.output_dir={killed_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
     first = os.path.join(killed_dir, "shards", "shard-00000.json")
     deadline = time.time() + 300
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
@@ -85,7 +85,7 @@ def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_sto
     assert os.path.exists(first)
     assert json.load(open(os.path.join(killed_dir, "manifest.json")))["status"] == "incomplete"
     assert len(_shard_hashes(killed_dir)) < 3
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=clean_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "reused" in out.stdout and _shard_hashes(killed_dir) == one
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, clean_env
 from test_precompute import _check_against_reference
 from selfaug import teacher_store as ts
 from selfaug.models import load_model
@@ -19,7 +19,7 @@ SMALL = ["data.builtin_train_size=6", "data.builtin_eval_size=3", "teacher.shard
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("demo"))
-    env = {**os.environ, "DEMO_DIR": d, "NUM_PROCS": "1"}
+    env = clean_env(DEMO_DIR=d, NUM_PROCS="1")
     out = subprocess.run(["./launch.sh", "demo", "recipes/smollm2_demo.yaml", *SMALL], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]

@@ -90,10 +90,10 @@ def test_offline_with_k_equal_vocab_trains_like_online(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = {"data": {"train": str(path)}, "teacher": {"k": 49152, "value_dtype": "float32", "shard_size": 4}}
-    cfg = tiny_config(str(tmp_path), **common, train={"alpha": 1.0, "max_steps": 3, "lr": 5e-2})
+    cfg = tiny_config(str(tmp_path), **common, train={**SGD, "alpha": 1.0, "max_steps": 3})
     precompute.run(cfg)
     off, m_off = _train(cfg)
-    cfg_on = tiny_config(str(tmp_path), **common, train={"alpha": 1.0, "max_steps": 3, "lr": 5e-2,
+    cfg_on = tiny_config(str(tmp_path), **common, train={**SGD, "alpha": 1.0, "max_steps": 3,
                                                           "teacher_mode": "online", "output_dir": str(tmp_path / "on")})
     on, m_on = _train(cfg_on)
     assert m_off[-1]["kl"] > 1e-4
