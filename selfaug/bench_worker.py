@@ -48,7 +48,7 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
         t0 = time.perf_counter()
         c_nll, c_kl, *_ = tr.step_coefficients(lengths, sampler, s, cfg.train, world)
         _, n = tr.train_step(engine, examples, sampler, s, c_nll, c_kl, tok.pad_token_id, device,
-                             with_teacher and cfg.train.teacher_mode == "offline", rank, world)
+                             with_teacher, rank, world)
         _sync(device)
         if s >= 1:
             times.append(time.perf_counter() - t0)

@@ -261,7 +261,7 @@ def train(cfg: Config) -> str:
         t0 = time.time()
         c_nll, c_kl, n_nll, n_kl, alpha = step_coefficients(lengths, sampler, step, tc, world)
         sums, tokens = train_step(engine, examples, sampler, step, c_nll, c_kl, tok.pad_token_id, device,
-                                  with_teacher and tc.teacher_mode == "offline", rank, world)
+                                  with_teacher, rank, world)
         dt = time.time() - t0
         nll_mean, kl_mean = sums[0].item() / max(n_nll, 1), sums[1].item() / max(n_kl, 1)
         row = {"step": step + 1, "loss": nll_mean + alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
