@@ -219,21 +219,18 @@ def setup(cfg: Config, objective_cls=None):
 
 def train_step(engine, examples, sampler, step, c_nll, c_kl, pad_id, device, with_teacher, rank, world):
     """One optimizer step over grad_accum micro-batches. Returns (global [nll_sum, kl_sum], global tokens)."""
-    sums = torch.zeros(2, dtype=torch.float64)
-    tokens = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll sum, kl sum, tokens: no sync per micro-step
     for m in range(engine.gradient_accumulation_steps()):
         rows = [examples.example(int(i)) for i in sampler.micro_batch(step, m, rank)]
         batch = collate(rows, pad_id, device, with_teacher)
         loss, nll, kl = engine(batch, c_nll, c_kl)
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-        sums += torch.tensor([nll.item(), kl.item()], dtype=torch.float64)
-        tokens += int(batch["attention_mask"].sum())
+        totals += torch.stack([nll.double(), kl.double(), batch["attention_mask"].sum().double()])
     if world > 1:  # one small all-reduce per optimizer step, for logging only
-        both = torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]).to(device)
-        torch.distributed.all_reduce(both)
-        sums, tokens = both[:2].cpu(), int(both[2].item())
-    return sums, tokens
+        torch.distributed.all_reduce(totals)
+    totals = totals.cpu()  # the one host sync of the step
+    return totals[:2], int(totals[2].item())
 
 
 def step_coefficients(lengths, sampler, step, tc, world):
