@@ -42,11 +42,3 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def all_ok(ok: bool) -> bool:
-    """True on every rank only if `ok` is true on every rank (so that all ranks fail together)."""
-    if not dist.is_initialized():
-        return ok
-    t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device() if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return int(t.item()) == 0

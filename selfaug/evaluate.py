@@ -64,7 +64,8 @@ def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> flo
         ids = torch.tensor([seq], device=device)
         hb = b_body(input_ids=ids).last_hidden_state  # (1, T, H)
         hm = m_body(input_ids=ids).last_hidden_state
-        rows_b, rows_t = torch.zeros(len(seq), dtype=torch.long), torch.arange(len(seq))
+        rows_t = torch.arange(len(seq), device=device)  # every position, on the model's device
+        rows_b = torch.zeros_like(rows_t)
         teacher = LiveTeacher(hb[rows_b, rows_t], b_head.weight, b_head.bias)
         s, n = kl_sum(hm, m_head.weight, m_head.bias, rows_b, rows_t, teacher, chunk_rows=chunk_rows)
         total, count = total + s.item(), count + n

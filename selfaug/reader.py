@@ -64,13 +64,17 @@ class StepSampler:
                              "(micro_batch_size x grad_accum x world size)")
         self.n, self.micro, self.accum, self.world, self.seed = n, micro, accum, world, seed
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_epoch", None) != epoch:  # drawn once per epoch, not once per micro-batch
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
     def global_batch(self, step: int) -> np.ndarray:
         g = self.micro * self.accum * self.world
         start, out = step * g, []
         while len(out) < g:
             epoch, offset = divmod(start + len(out), self.n)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            out.extend(perm[offset: offset + g - len(out)].tolist())
+            out.extend(self._permutation(epoch)[offset: offset + g - len(out)].tolist())
         return np.asarray(out)
 
     def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:

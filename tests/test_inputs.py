@@ -176,3 +176,14 @@ def test_alpha_and_lr_schedules():
     assert alpha_at(0, tc) == 0.0 and abs(alpha_at(5, tc) - 0.5) < 1e-9 and abs(alpha_at(10, tc) - 1.0) < 1e-9
     assert [lr_factor(s, tc) for s in (0, 1)] == [0.5, 1.0] and lr_factor(2, tc) == 1.0
     assert abs(lr_factor(11, tc) - tc.min_lr_ratio) < 1e-9
+
+
+def test_step_sampler_covers_each_example_once_per_epoch_and_splits_ranks():
+    import numpy as np
+    from selfaug.reader import StepSampler
+    s = StepSampler(12, micro=2, accum=1, world=2, seed=0)  # 4 examples a step, 3 steps an epoch
+    epoch0 = np.concatenate([s.global_batch(t) for t in range(3)])
+    assert sorted(epoch0.tolist()) == list(range(12))
+    again = StepSampler(12, micro=2, accum=1, world=2, seed=0)
+    assert again.global_batch(4).tolist() == s.global_batch(4).tolist()  # the same stream, in any order of calls
+    assert np.concatenate([s.micro_batch(1, 0, 0), s.micro_batch(1, 0, 1)]).tolist() == s.global_batch(1).tolist()
