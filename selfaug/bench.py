@@ -11,7 +11,6 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -23,39 +22,6 @@ from . import dist
 from .config import Config
 
 SECTIONS = ("step", "precompute", "storage", "fidelity", "long")
-
-
-def peak_rss_reset() -> None:
-    """Make the kernel's peak-RSS counter (VmHWM) start again from the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        peak_rss_reset()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _worker(cmd: list[str]) -> dict:

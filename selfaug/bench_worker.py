@@ -1,5 +1,6 @@
-"""The measurements behind `selfaug bench`, each run in a fresh process by bench.py where memory is
-measured: python -m selfaug.bench_worker {step|long} ARGS; prints one JSON line."""
+"""The measurements behind `selfaug bench` (docs/design.md, "Benchmarks"). bench.py drives; this
+module never imports it. Where peak memory is measured, bench.py runs these in a fresh process:
+python -m selfaug.bench_worker {step|long} ARGS, which prints one JSON line."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,43 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
-from .bench import _sync, peak_bytes, reset_peak
 from .config import Config, load_config
 from .loss import StoredTeacher, kl_sum
+
+
+def peak_rss_reset() -> None:
+    """Make the kernel's peak-RSS counter (VmHWM) start again from the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes(device) -> int:
+    """Peak device memory (CUDA) or the process's peak resident memory (CPU) since the last reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        peak_rss_reset()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
@@ -37,19 +72,16 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
             return c_nll * nll, nll.detach(), torch.zeros(())
 
-    engine, tok, examples, with_teacher, sampler, rank, world, device = tr.setup(
-        cfg, HFLoss if variant == "vanilla_lora" else None)
-    lengths = examples.lengths()
+    run = tr.setup(cfg, HFLoss if variant == "vanilla_lora" else None)
+    device = run.device
     times, tokens = [], 0
     for s in range(steps + 1):
         if s == 1:
             reset_peak(device)  # the first step (allocator warm-up, lazy inits) is not measured
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
-        c_nll, c_kl, *_ = tr.step_coefficients(lengths, sampler, s, cfg.train, world)
-        _, n = tr.train_step(engine, examples, sampler, s, c_nll, c_kl, tok.pad_token_id, device,
-                             with_teacher, rank, world)
-        _sync(device)
+        _, n = tr.train_step(run, s, tr.step_coefficients(run, s))
+        sync(device)
         if s >= 1:
             times.append(time.perf_counter() - t0)
             tokens += n
@@ -72,41 +104,36 @@ def long(T: int, V: int, H: int, K: int, rows_per_chunk: int) -> dict:
     t0 = time.perf_counter()
     s, _ = kl_sum(hidden, weight, None, rows_b, rows_t, teacher, chunk_rows=rows_per_chunk)
     s.backward()
-    _sync(device)
+    sync(device)
     return {"tokens": T, "loss_peak_bytes": peak_bytes(device) - before, "time_s": time.perf_counter() - t0}
 
 
 def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: bool, n_examples: int = 64) -> dict:
     """Stage 1's work (top-k, tail, Arrow write) against a plain forward (full logits) over the same batches."""
+    import pyarrow as pa
     from . import teacher_store as ts
-    from .data import build_examples, read_records
-    from .models import decoder_and_head, load_model, load_tokenizer, resolve_dtype
-    from .precompute import compute_shard, length_batches
+    from .data import pad
+    from .models import load_all
+    from .precompute import Teacher, compute_shard, length_batches
     device = dist.device()
-    tok = load_tokenizer(cfg.model.name_or_path)
-    model = load_model(cfg.model.name_or_path, resolve_dtype(cfg.model.dtype, device)).to(device).eval()
-    body, head = decoder_and_head(model)
-    records, _ = read_records(cfg.data.train, cfg.data)
-    examples, _ = build_examples(records[:n_examples], tok, cfg.data)
+    loaded = load_all(cfg, device)
+    model = loaded.model.to(device).eval()
+    teacher = Teacher(model, cfg, loaded.tok.pad_token_id, device, partitioned=False)
+    examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     n_tokens = sum(len(e.input_ids) for e in examples)
-    sch = ts.schema(cfg.teacher.k, ts.id_dtype_for(head.weight.shape[0]), cfg.teacher.value_dtype)
+    sch = ts.schema(cfg.teacher.k, ts.id_dtype_for(teacher.vocab), cfg.teacher.value_dtype)
     tmp = tempfile.mkdtemp()
     out = {}
 
     def plain_forward():
         with torch.inference_mode():
             for batch in length_batches(examples, cfg.teacher.batch_tokens):
-                T = max(len(e.input_ids) for e in batch)
-                ids = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for b, e in enumerate(batch):
-                    ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-                    mask[b, : len(e.input_ids)] = 1
+                ids, mask = pad([e.input_ids for e in batch], loaded.tok.pad_token_id)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        _sync(device)
+        sync(device)
 
     def stage1():
-        rows = compute_shard(body, head, examples, cfg, tok.pad_token_id, device, cfg.teacher.k)
+        rows = compute_shard(teacher, examples)
         ts.write_shard(os.path.join(tmp, "bench.arrow"), rows.table(sch), cfg.teacher.compression)
         return rows
 
@@ -126,31 +153,28 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
             path = os.path.join(tmp, f"s-{comp}.arrow")
             entry = ts.write_shard(path, rows.table(sch), comp)
             t0 = time.perf_counter()
-            import pyarrow as pa
             with pa.memory_map(path) as src:
                 ts._flatten(pa.ipc.open_stream(src).read_all())
             by[comp] = {"bytes": entry["bytes"], "bytes_per_position": entry["bytes"] / positions,
                         "bytes_per_entry": entry["bytes"] / (positions * cfg.teacher.k),
                         "read_s": time.perf_counter() - t0}
         out["storage"] = {"positions": positions, "k": cfg.teacher.k, "value_dtype": cfg.teacher.value_dtype,
-                          "id_dtype": sch.field("topk_ids").type.value_type.value_type.__str__(), "by_compression": by}
+                          "id_dtype": str(sch.field("topk_ids").type.value_type.value_type), "by_compression": by}
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
     """How close the stored-top-k KL is to the exact one, between the base and a fine-tuned model."""
-    from .data import build_examples, read_records
     from .evaluate import load_run_model
     from .loss import LiveTeacher
-    from .models import decoder_and_head, load_model, load_tokenizer
+    from .models import decoder_and_head, load_all
     device = dist.device()
     run_dir = [r for r in cfg.eval.runs.split(",") if r.strip()][0]
     student, _ = load_run_model(cfg, run_dir, torch.float32, device)
-    base = load_model(cfg.model.name_or_path).to(device).eval()
-    tok = load_tokenizer(cfg.model.name_or_path)
-    records, _ = read_records(cfg.data.train, cfg.data)
-    examples, _ = build_examples(records[:n_examples], tok, cfg.data)
+    loaded = load_all(cfg, device)
+    base = loaded.model.to(device).eval()
+    examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     (bb, bh), (sb, sh) = decoder_and_head(base), decoder_and_head(student)
     rows = {k: {"bucket": [0.0, []], "renormalize": [0.0, []]} for k in ks}
     exact_total, exact_grads, positions = 0.0, [], 0

@@ -1,7 +1,12 @@
-"""selfaug {precompute|train|eval|inspect|bench}: the command line (DESIGN.md, "Command-line surface")."""
+"""selfaug {precompute|train|eval|bench|inspect|config}: the command line (docs/design.md, "Command line").
+
+A user's mistake (a config, data, store, model or DeepSpeed-config error, a full disk) ends the
+command with one line `selfaug: error: ...` and exit status 2; SELFAUG_DEBUG=1 shows the traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -12,10 +17,9 @@ def _inspect(path: str) -> int:
     import json
     from . import teacher_store as ts
     if os.path.exists(os.path.join(path, ts.MANIFEST)):
-        from .precompute import format_summary
         manifest, problems = ts.verify_store(path)
         if manifest.get("status") == "complete":
-            print(format_summary(path, manifest))
+            print(ts.format_summary(path, manifest))
         for p in problems:
             print(f"  FAIL {p}")
         if not problems:
@@ -31,39 +35,30 @@ def _inspect(path: str) -> int:
         final = os.path.join(path, "final")
         print(f"  final model: {final if os.path.isdir(final) else 'not saved yet'}")
         return 0
-    print(f"{path} is neither a teacher store (manifest.json) nor a run directory (metrics.jsonl)", file=sys.stderr)
+    print(f"selfaug: error: {path} is neither a teacher store (manifest.json) nor a run directory (metrics.jsonl)",
+          file=sys.stderr)
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selfaug", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("precompute", "stage 1: the teacher store"), ("train", "stage 2: DeepSpeed training"),
-                       ("eval", "stage 3: base vs fine-tuned"), ("bench", "performance benchmarks")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True, help="recipe YAML")
-        p.add_argument("overrides", nargs="*", help="section.key=value")
-        if name == "bench":
-            p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long")
-            p.add_argument("--out", default="runs/bench.json")
-            p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")
-    p.add_argument("path")
-    # the deepspeed launcher appends --local_rank=N
-    args, unknown = parser.parse_known_args(argv)
-    unknown = [u for u in unknown if not u.startswith("--local_rank")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+def user_errors() -> tuple:
+    """The exception types that mean the user has something to fix (not a bug of selfaug)."""
+    from .config import ConfigError
+    from .data import DataError
+    from .dist import DistError
+    from .models import ModelError
+    from .teacher_store import StoreError
+    from .train import TrainError
+    return ConfigError, DataError, DistError, ModelError, StoreError, TrainError
+
+
+def _run(args) -> int:
     if args.command == "inspect":
         return _inspect(args.path)
-
-    from .config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"selfaug: config error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "precompute":
+    from .config import describe, load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(describe(cfg))
+    elif args.command == "precompute":
         from .precompute import run
         run(cfg)
     elif args.command == "train":
@@ -76,6 +71,46 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run
         run(cfg, [s for s in args.only.split(",") if s], args.out, args.config, args.overrides, args.smoke)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="selfaug", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("precompute", "stage 1: the teacher store"), ("train", "stage 2: DeepSpeed training"),
+                       ("eval", "stage 3: base vs fine-tuned"), ("bench", "performance benchmarks"),
+                       ("config", "print the resolved recipe with each key's help")):
+        p = sub.add_parser(name, help=text)
+        if name == "config":
+            p.add_argument("config", help="recipe YAML")
+        else:
+            p.add_argument("--config", required=True, help="recipe YAML")
+        p.add_argument("overrides", nargs="*", help="section.key=value")
+        if name == "bench":
+            p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
+                                                      "data,scale")
+            p.add_argument("--out", default="runs/bench.json")
+            p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")
+    p.add_argument("path")
+    # the deepspeed launcher appends --local_rank=N
+    args, unknown = parser.parse_known_args(argv)
+    unknown = [u for u in unknown if not u.startswith("--local_rank")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if os.environ.get("SELFAUG_DEBUG") == "1":
+        return _run(args)
+    try:
+        return _run(args)
+    except user_errors() as e:
+        print(f"selfaug: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"selfaug: error: no space left on the device holding {e.filename or 'an output directory'}; "
+                  "free space (or choose another output directory) and run the command again: finished shards "
+                  "and checkpoints are kept", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

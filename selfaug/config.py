@@ -1,15 +1,21 @@
-"""Recipe configuration: typed, flat, strict sections loaded from YAML plus `section.key=value` overrides.
+"""Recipe configuration: typed, flat, strict sections loaded from YAML plus `section.key=value` overrides
+(docs/design.md, "Configuration").
 
-Every key but `model.name_or_path` and `data.train` has a default. An unknown section or key is an
-error that names it and lists the valid ones. The resolved config is saved beside every output.
+Each field carries its type (allowed values as `Literal[...]`), its default, its help text and, for
+numbers, its range, all on the field itself. Every key but `model.name_or_path` and `data.train` has a
+default. An unknown section or key, a value outside its allowed set or range (NaN included) is an
+error that names the key. The resolved config is saved beside every output; `selfaug config RECIPE`
+prints it with each key's help.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -20,89 +26,113 @@ class ConfigError(ValueError):
     pass
 
 
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, path: bool = False):
+    """A config field: its default, its help and, for numbers, its allowed range; `path`: a file that must exist."""
+    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path})
+
+
+DTYPES = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 @dataclass
 class ModelConfig:
-    name_or_path: str = REQUIRED  # HF id, local directory, or builtin:smollm2-135m-instruct / builtin:tiny-llama
-    revision: Optional[str] = None  # hub revision (ignored for local paths and built-ins)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"
+    name_or_path: str = opt(REQUIRED, "HF hub id, local directory, builtin:smollm2-135m-instruct or builtin:tiny-llama")
+    revision: Optional[str] = opt(None, "hub revision (ignored for local paths and built-ins)")
+    dtype: DTYPES = opt("auto", "weights' dtype: auto = bf16 on GPU, fp32 on CPU")
+    attn_implementation: str = opt("sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2)")
+    init: Literal["pretrained", "random"] = opt(
+        "pretrained", "random: seeded random weights from name_or_path/config.json (shape studies; no weights read)")
+    seed: int = opt(0, "seed of the random weights with model.init=random")
 
 
 @dataclass
 class DataConfig:
-    train: str = REQUIRED  # JSONL / Parquet path, HF dataset name, or builtin:rag
-    eval: Optional[str] = None  # held-out RAG split; defaults to builtin:rag-eval when train is builtin:rag
-    split: str = "train"  # split name when `train` is a Hugging Face dataset
-    max_seq_len: int = 1024  # longest training sequence (prompt + response tokens)
-    long_policy: str = "skip"  # skip | truncate | error: what happens to longer examples (counted)
-    max_examples: Optional[int] = None  # use the first N records only
-    system_prompt: Optional[str] = None  # system message added to RAG-form records
-    # built-in RAG generator
-    builtin_train_size: int = 2000
-    builtin_eval_size: int = 200
-    builtin_seed: int = 0
-    builtin_num_documents: int = 4
+    train: str = opt(REQUIRED, "JSONL / Parquet path, Hugging Face dataset name, or builtin:rag")
+    eval: Optional[str] = opt(None, "held-out RAG split; defaults to builtin:rag-eval when train is builtin:rag")
+    split: str = opt("train", "split name when `train` is a Hugging Face dataset")
+    max_seq_len: int = opt(1024, "longest training sequence (prompt + response tokens)", ge=2)
+    long_policy: Literal["skip", "truncate", "error"] = opt("skip", "what happens to longer examples (counted)")
+    max_examples: Optional[int] = opt(None, "use the first N records only", ge=1)
+    system_prompt: Optional[str] = opt(None, "system message added to RAG-form records")
+    num_proc: int = opt(1, "processes that tokenize the data (datasets.map); the result is cached and shared by ranks",
+                        ge=1)
+    builtin_train_size: int = opt(2000, "builtin:rag: training records", ge=1)
+    builtin_eval_size: int = opt(200, "builtin:rag: held-out records", ge=1)
+    builtin_seed: int = opt(0, "builtin:rag: generator seed")
+    builtin_num_documents: int = opt(4, "builtin:rag: documents per question", ge=1)
 
 
 @dataclass
 class TeacherConfig:
-    output_dir: str = "runs/teacher"  # the store
-    k: int = 64  # top-k log-probs stored per position
-    positions: str = "prompt"  # prompt | response | all
-    value_dtype: str = "float16"  # float16 | float32
-    compression: str = "none"  # none | lz4 | zstd (Arrow IPC buffer compression)
-    shard_size: int = 256  # examples per chunk = per shard
-    batch_tokens: int = 8192  # token budget of a length-bucketed batch
-    vocab_chunk_rows: int = 512  # positions per log_softmax/topk chunk
-    overwrite: bool = False  # replace a store made from other settings
+    output_dir: str = opt("runs/teacher", "the teacher store's directory")
+    k: int = opt(64, "top-k log-probs stored per position", ge=1)
+    positions: Literal["prompt", "response", "all"] = opt("prompt", "positions whose distribution enters the KL")
+    value_dtype: Literal["float16", "float32"] = opt("float16", "dtype of the stored log-probs")
+    compression: Literal["none", "lz4", "zstd"] = opt("none", "Arrow IPC buffer compression of the shards")
+    shard_size: int = opt(256, "source records per chunk = per shard", ge=1)
+    batch_tokens: int = opt(8192, "token budget of a length-bucketed stage-1 batch", ge=1)
+    vocab_chunk_rows: int = opt(512, "positions per log_softmax/top-k chunk", ge=1)
+    deepspeed: Optional[str] = opt(None, "ZeRO-3 inference config (ds_configs/zero3_inference.json): the teacher is "
+                                         "partitioned over all ranks; null: one whole teacher per rank", path=True)
+    overwrite: bool = opt(False, "replace a store made from other settings (or an unreadable one)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/train"
-    method: str = "lora"  # lora | full
-    teacher_mode: str = "offline"  # offline (read the store) | online (live teacher, full vocabulary)
-    alpha: float = 0.5  # weight of the KL term; 0 = plain fine-tuning
-    alpha_schedule: str = "constant"  # constant | linear | cosine (from alpha_start to alpha)
-    alpha_start: float = 0.0
-    kl_direction: str = "forward"  # forward KL(p||q) | reverse KL(q||p)
-    kl_tail: str = "bucket"  # bucket (exact merged-tail KL) | renormalize (biased)
-    deepspeed: str = "ds_configs/zero2.json"
-    max_steps: int = 100
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    optimizer: str = "adamw"  # adamw | sgd (plain SGD: scale-sensitive, used by the normalization tests)
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    loss_chunk_rows: int = 1024  # positions per lm_head/loss chunk
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    resume: str = "auto"  # auto (latest checkpoint if any) | never | a checkpoint directory
-    freeze_lm_head: bool = False  # method=full: keep the lm_head (and tied embeddings) frozen; needed under ZeRO-3
-    merge_adapter: bool = False  # also save the merged model under final/merged
-    verify_store: str = "sha256"  # sha256 | size
-    log_every: int = 1
-    stop_after: Optional[int] = None  # stop (with a checkpoint) after this step, for tests of resume
+    output_dir: str = opt("runs/train", "the run's directory (metrics, checkpoints, final/)")
+    method: Literal["lora", "full"] = opt("lora", "LoRA adapters or full fine-tuning")
+    teacher_mode: Literal["offline", "online"] = opt("offline", "offline: read the store; online: live teacher, "
+                                                               "full vocabulary")
+    alpha: float = opt(0.5, "weight of the KL term; 0 = plain fine-tuning", ge=0)
+    alpha_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "alpha over the run, from alpha_start")
+    alpha_start: float = opt(0.0, "alpha at step 0 for linear / cosine schedules", ge=0)
+    kl_direction: Literal["forward", "reverse"] = opt("forward", "forward KL(p||q) (reference) or reverse KL(q||p)")
+    kl_tail: Literal["bucket", "renormalize"] = opt("bucket", "bucket: exact merged-tail KL; renormalize: biased")
+    deepspeed: str = opt("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values come from this recipe)",
+                         path=True)
+    max_steps: int = opt(100, "optimizer steps", ge=1)
+    micro_batch_size: int = opt(4, "examples per micro-batch per rank", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    lr: float = opt(2e-4, "peak learning rate", gt=0)
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "adamw, or plain SGD (scale-sensitive: the normalization tests)")
+    min_lr_ratio: float = opt(0.1, "final lr of the cosine decay, as a fraction of lr", ge=0, le=1)
+    warmup_steps: int = opt(0, "linear warmup steps", ge=0)
+    weight_decay: float = opt(0.0, "AdamW / SGD weight decay", ge=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0)
+    seed: int = opt(42, "seed of the sampler, the adapters' init and the run")
+    loss_chunk_rows: int = opt(1024, "positions per lm_head/loss chunk: bounds the (rows x vocabulary) buffer", ge=1)
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, about 1.3x time)")
+    lora_r: int = opt(16, "LoRA rank", ge=1)
+    lora_alpha: int = opt(32, "LoRA scaling numerator", ge=1)
+    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                   "comma-separated module names that get adapters")
+    save_every: int = opt(0, "checkpoint every N optimizer steps (0: only at the end)", ge=0)
+    resume: str = opt("auto", "auto (latest checkpoint if any) | never | a checkpoint directory")
+    freeze_lm_head: bool = opt(False, "method=full: keep the lm_head (and tied embeddings) frozen")
+    merge_adapter: bool = opt(False, "also save the merged model under final/merged")
+    verify_store: Literal["sha256", "size"] = opt("sha256", "how the store's shards are verified before training")
+    report_to: str = opt("none", "comma-separated: none | tensorboard | wandb | csv (DeepSpeed's monitors, rank 0); "
+                                 "metrics.jsonl is always written")
+    log_every: int = opt(1, "write metrics every N optimizer steps", ge=1)
+    stop_after: Optional[int] = opt(None, "stop (with a checkpoint) after this step, for tests of resume", ge=1)
 
 
 @dataclass
 class EvalConfig:
-    output_dir: str = "runs/eval"
-    runs: str = ""  # comma-separated run directories (the base model is always evaluated)
-    ifeval_path: Optional[str] = None  # IFEval JSONL; defaults to the shipped development subset
-    max_ifeval_prompts: int = 64
-    max_rag_examples: int = 100
-    max_drift_prompts: int = 32
-    max_new_tokens: int = 256
-    rag_max_new_tokens: int = 48
-    batch_size: int = 8
+    output_dir: str = opt("runs/eval", "report.json, plots and the table go here")
+    runs: str = opt("", "comma-separated run directories (the base model is always evaluated)")
+    ifeval_path: Optional[str] = opt(None, "IFEval JSONL; defaults to the shipped development subset")
+    max_ifeval_prompts: int = opt(64, "IFEval prompts evaluated", ge=1)
+    max_rag_examples: int = opt(100, "held-out RAG examples evaluated", ge=1)
+    max_drift_prompts: int = opt(32, "general prompts for the drift KL", ge=1)
+    max_new_tokens: int = opt(256, "generation length for IFEval", ge=1)
+    rag_max_new_tokens: int = opt(48, "generation length for RAG answers", ge=1)
+    batch_size: int = opt(8, "generation batch size", ge=1)
+
+
+REPORT_TO = ("none", "tensorboard", "wandb", "csv")
 
 
 @dataclass
@@ -122,28 +152,22 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
-CHOICES = {
-    ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
-    ("data", "long_policy"): {"skip", "truncate", "error"},
-    ("teacher", "positions"): {"prompt", "response", "all"},
-    ("teacher", "value_dtype"): {"float16", "float32"},
-    ("teacher", "compression"): {"none", "lz4", "zstd"},
-    ("train", "method"): {"lora", "full"},
-    ("train", "optimizer"): {"adamw", "sgd"},
-    ("train", "teacher_mode"): {"offline", "online"},
-    ("train", "alpha_schedule"): {"constant", "linear", "cosine"},
-    ("train", "kl_direction"): {"forward", "reverse"},
-    ("train", "kl_tail"): {"bucket", "renormalize"},
-    ("train", "verify_store"): {"sha256", "size"},
-}
+def _strip_optional(hint: Any) -> tuple[Any, bool]:
+    if get_origin(hint) is not None and type(None) in get_args(hint):
+        return [a for a in get_args(hint) if a is not type(None)][0], True
+    return hint, False
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's type."""
-    if get_origin(hint) is not None and type(None) in get_args(hint):  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        hint = [a for a in get_args(hint) if a is not type(None)][0]
+    """Convert a YAML or command-line value to the field's type (and check a Literal's allowed values)."""
+    hint, optional = _strip_optional(hint)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))):
+        return None
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
+        return value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -159,9 +183,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if hint is float:
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return out
     if hint is str:
         if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -169,41 +196,64 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _section_classes() -> dict:
-    hints = get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
+def _check_range(value: Any, meta: dict, where: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for key, ok, words in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                           ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{where}={value!r} must be {words} {bound:g}")
+
+
+def section_fields() -> dict:
+    """{section: (dataclass, {key: (type hint, dataclasses.Field)})}: the schema, for building and for help."""
+    out = {}
+    for f in fields(Config):
+        cls = get_type_hints(Config)[f.name]
+        hints = get_type_hints(cls)
+        out[f.name] = (cls, {g.name: (hints[g.name], g) for g in fields(cls)})
+    return out
 
 
 def build_config(raw: dict, overrides: list[str] = ()) -> Config:
     """Build a Config from a nested dict and `section.key=value` overrides; strict on unknown keys."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
-    sections = _section_classes()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of sections, got {type(raw).__name__}")
+    schema = section_fields()
+    sections = {}
+    for name, value in raw.items():
+        if name not in schema:
+            raise ConfigError(f"unknown config section {name!r}; valid sections: {', '.join(schema)}")
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"section {name!r} must be a mapping of keys, got {type(value).__name__} {value!r}")
+        sections[name] = dict(value or {})
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = yaml.safe_load(value) if value != "" else ""
-    for section in raw:
-        if section not in sections:
-            raise ConfigError(f"unknown config section {section!r}; valid sections: {', '.join(sections)}")
+        if section not in schema:
+            raise ConfigError(f"unknown config section {section!r} in override {item!r}; "
+                              f"valid sections: {', '.join(schema)}")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        sections.setdefault(section, {})[key] = parsed
     built = {}
-    for section, cls in sections.items():
-        hints = get_type_hints(cls)
-        valid = [f.name for f in fields(cls)]
+    for section, (cls, keys) in schema.items():
         values = {}
-        for key, value in raw.get(section, {}).items():
-            if key not in valid:
-                raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(valid)}")
-            values[key] = _coerce(value, hints[key], f"{section}.{key}")
+        for key, value in sections.get(section, {}).items():
+            if key not in keys:
+                raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(keys)}")
+            values[key] = _coerce(value, keys[key][0], f"{section}.{key}")
         obj = cls(**values)
-        for key in valid:
+        for key, (_, f) in keys.items():
             value = getattr(obj, key)
             if value == REQUIRED:
                 raise ConfigError(f"{section}.{key} is required: set it in the recipe or pass {section}.{key}=...")
-            allowed = CHOICES.get((section, key))
-            if allowed and value not in allowed:
-                raise ConfigError(f"{section}.{key}={value!r} is not one of {sorted(allowed)}")
+            _check_range(value, f.metadata, f"{section}.{key}")
         built[section] = obj
     cfg = Config(**built)
     _check(cfg)
@@ -211,32 +261,61 @@ def build_config(raw: dict, overrides: list[str] = ()) -> Config:
 
 
 def _check(cfg: Config) -> None:
-    positive = [("data", "max_seq_len"), ("teacher", "k"), ("teacher", "shard_size"), ("teacher", "batch_tokens"),
-                ("teacher", "vocab_chunk_rows"), ("train", "max_steps"), ("train", "micro_batch_size"),
-                ("train", "grad_accum"), ("train", "loss_chunk_rows")]
-    for section, key in positive:
-        if getattr(getattr(cfg, section), key) <= 0:
-            raise ConfigError(f"{section}.{key} must be positive")
-    if cfg.train.alpha < 0:
-        raise ConfigError("train.alpha must be >= 0")
+    """Checks that span fields."""
+    tc = cfg.train
+    if tc.warmup_steps > tc.max_steps:
+        raise ConfigError(f"train.warmup_steps={tc.warmup_steps} is larger than train.max_steps={tc.max_steps}")
+    targets = [t for t in tc.report_to.split(",") if t.strip()]
+    for t in targets:
+        if t.strip() not in REPORT_TO:
+            raise ConfigError(f"train.report_to: {t.strip()!r} is not one of {list(REPORT_TO)}")
+
+
+def check_paths(cfg: Config) -> None:
+    """The files the recipe names (DeepSpeed configs) exist: checked before any model loads."""
+    for section, (_, keys) in section_fields().items():
+        for key, (_, f) in keys.items():
+            value = getattr(getattr(cfg, section), key)
+            if f.metadata.get("path") and value is not None and not os.path.isfile(value):
+                raise ConfigError(f"{section}.{key}: file {value!r} not found (paths are relative to "
+                                  f"{os.getcwd()}); point it at an existing file, e.g. one of ds_configs/")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
+    if os.path.isdir(path):
+        raise ConfigError(f"recipe {path!r} is a directory; pass a YAML file, e.g. recipes/tiny.yaml")
     if not os.path.exists(path):
         raise ConfigError(f"recipe {path!r} not found")
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping of sections")
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path}: invalid YAML: {e}") from None
     try:
         return build_config(raw, overrides)
     except ConfigError as e:
         raise ConfigError(f"recipe {path}: {e}") from None
 
 
+def describe(cfg: Config) -> str:
+    """The resolved recipe as YAML, each key followed by its help (and allowed values or range)."""
+    lines = []
+    for section, (_, keys) in section_fields().items():
+        lines.append(f"{section}:")
+        obj = getattr(cfg, section)
+        for key, (hint, f) in keys.items():
+            value = json.dumps(getattr(obj, key))  # a JSON scalar is a YAML scalar
+            note = f.metadata.get("help", "")
+            base, _ = _strip_optional(hint)
+            if get_origin(base) is Literal:
+                note += f" [{' | '.join(get_args(base))}]"
+            bounds = [f"{w} {f.metadata[k]:g}" for k, w in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                      if f.metadata.get(k) is not None]
+            if bounds:
+                note += f" ({', '.join(bounds)})"
+            lines.append(f"  {key}: {value:<24} # {note}")
+    return "\n".join(lines)
+
+
 def config_digest(d: dict) -> str:
-    import hashlib
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,9 +1,14 @@
-"""Input data: records from JSONL, Parquet, a Hugging Face dataset or the built-in RAG generator,
-rendered with the model's chat template into (input_ids, prompt_len) examples.
+"""Input data (docs/design.md, "Data"): records from JSONL, Parquet, a Hugging Face dataset or the
+built-in RAG generator, held as memory-mapped Arrow (`datasets`), rendered with the model's chat
+template into (input_ids, prompt_len) examples by `datasets.map(num_proc=data.num_proc)`.
 
-Two record forms (DESIGN.md): chat form {"messages": [...]} whose last message is the assistant
-response, and RAG form {"question", "documents", "answer"}. Examples longer than
-`data.max_seq_len` follow `data.long_policy` (skip | truncate | error) and are counted.
+Two record forms: chat form {"messages": [...]} whose last message is the assistant response, and
+RAG form {"question", "documents", "answer"}. Examples longer than `data.max_seq_len` follow
+`data.long_policy` (skip | truncate | error) and are counted. Every record is validated before any
+model runs; an error names the source, the record's index (and the line of a JSONL file).
+
+The tokenized set is written once, by rank 0, to a cache file keyed by the data, the tokenizer and
+the data settings ($SELFAUG_CACHE/tokenized); the other ranks wait and read the same file.
 """
 from __future__ import annotations
 
@@ -12,16 +17,24 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import ragdata
+import numpy as np
+
+from . import dist, ragdata
 from .hashing import sha256_file
 
 BUILTIN_RAG = "builtin:rag"
 BUILTIN_RAG_EVAL = "builtin:rag-eval"
 RAG_INSTRUCTION = "Answer the question using the documents. Reply in the form 'Answer: <answer>'."
+OK, TRUNCATED, SKIPPED = 0, 1, 2  # the `status` column of a tokenized set
+TOKENIZE_VERSION = 1  # bump when the rendering below changes: it keys the tokenization cache
 
 
 class DataError(ValueError):
     pass
+
+
+def cache_dir() -> str:
+    return os.environ.get("SELFAUG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfaug"))
 
 
 @dataclass
@@ -44,54 +57,90 @@ class LongStats:
                 "truncated_ids": self.truncated[:1000]}
 
 
-def builtin_records(name: str, cfg) -> list[dict]:
-    split = {BUILTIN_RAG: "train", BUILTIN_RAG_EVAL: "eval"}.get(name)
-    if split is None:
-        raise DataError(f"unknown built-in data set {name!r}; built-ins: {BUILTIN_RAG}, {BUILTIN_RAG_EVAL}")
-    size = cfg.builtin_train_size if split == "train" else cfg.builtin_eval_size
-    return ragdata.generate(split, size, seed=cfg.builtin_seed, num_documents=cfg.builtin_num_documents)
+# ---- records ----------------------------------------------------------------------------------
+
+def _jsonl_lines(path: str):
+    """One row per non-empty line: its text and line number. Parsing happens in the tokenizing map,
+    so a malformed line or a record of another shape is reported with its line, never by Arrow's
+    schema inference."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); "
+                                "re-encode the file as UTF-8") from None
+            if line.strip():
+                yield {"_json": line, "_line": lineno}
 
 
-def read_records(source: str, cfg) -> tuple[list[dict], dict]:
-    """(records, fingerprint) of a data source; `cfg` is the DataConfig."""
+def _builtin_rows(split: str, size: int, seed: int, num_documents: int):
+    yield from ragdata.iter_records(split, size, seed, num_documents)
+
+
+def load_records(source: str, cfg):
+    """(datasets.Dataset of raw records, fingerprint) of a data source; `cfg` is the DataConfig."""
+    import datasets
     if source.startswith("builtin:"):
-        records = builtin_records(source, cfg)
+        split = {BUILTIN_RAG: "train", BUILTIN_RAG_EVAL: "eval"}.get(source)
+        if split is None:
+            raise DataError(f"unknown built-in data set {source!r}; built-ins: {BUILTIN_RAG}, {BUILTIN_RAG_EVAL}")
         params = {"name": source, "train_size": cfg.builtin_train_size, "eval_size": cfg.builtin_eval_size,
                   "seed": cfg.builtin_seed, "num_documents": cfg.builtin_num_documents}
-        fp = {"source": source, "sha256": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()}
-    elif source.endswith((".jsonl", ".json")) and os.path.exists(source):
-        records = []
-        with open(source, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        fp = {"source": os.path.abspath(source), "sha256": sha256_file(source)}
-    elif source.endswith(".parquet") and os.path.exists(source):
-        import pyarrow.parquet as pq
-        records = pq.read_table(source).to_pylist()
+        size = cfg.builtin_train_size if split == "train" else cfg.builtin_eval_size
+        if cfg.max_examples is not None:
+            size = min(size, cfg.max_examples)  # generate no more than is used
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+        ds = datasets.Dataset.from_generator(
+            _builtin_rows, gen_kwargs={"split": split, "size": size, "seed": cfg.builtin_seed,
+                                       "num_documents": cfg.builtin_num_documents},
+            fingerprint=f"{split}-{size}-{digest[:32]}-v{TOKENIZE_VERSION}")
+        fp = {"source": source, "sha256": digest}
+    elif source.endswith((".jsonl", ".json")) and os.path.isfile(source):
+        digest = sha256_file(source)
+        ds = datasets.Dataset.from_generator(_jsonl_lines, gen_kwargs={"path": source},
+                                             features=datasets.Features({"_json": datasets.Value("string"),
+                                                                         "_line": datasets.Value("int64")}),
+                                             fingerprint=f"jsonl-{digest[:32]}")
+        fp = {"source": os.path.abspath(source), "sha256": digest}
+    elif source.endswith(".parquet") and os.path.isfile(source):
+        ds = datasets.Dataset.from_parquet(source)
         fp = {"source": os.path.abspath(source), "sha256": sha256_file(source)}
     elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
         raise DataError(f"data source {source!r}: not found or not a .jsonl/.parquet file")
     else:
-        import datasets
         try:
             ds = datasets.load_dataset(source, split=cfg.split)
         except Exception as e:  # offline, unknown name, ...
             raise DataError(f"could not load Hugging Face dataset {source!r} (split {cfg.split!r}): {e}") from e
-        records = ds.to_list()
         fp = {"source": f"hf:{source}:{cfg.split}", "sha256": ds._fingerprint}
     if cfg.max_examples is not None:
-        records = records[: cfg.max_examples]
+        ds = ds.select(range(min(cfg.max_examples, len(ds))))
         fp["max_examples"] = cfg.max_examples
-    if not records:
+    if len(ds) == 0:
         raise DataError(f"data source {source!r} holds no records")
-    fp["records"] = len(records)
-    return records, fp
+    fp["records"] = len(ds)
+    return ds, fp
 
+
+def read_records(source: str, cfg, limit: int | None = None) -> list[dict]:
+    """The first `limit` records as dicts, for small sets (evaluation prompts)."""
+    ds, _ = load_records(source, cfg)
+    rows = ds.select(range(min(limit or len(ds), len(ds)))).to_list()
+    return [_record(r, source, i) for i, r in enumerate(rows)]
+
+
+def _record(row: dict, source: str, index: int) -> dict:
+    """A row of load_records as the record it stands for (JSONL rows are parsed here)."""
+    if "_json" in row:
+        try:
+            return json.loads(row["_json"])
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{row['_line']}: malformed JSON ({e.msg} at column {e.colno})") from None
+    return {k: v for k, v in row.items() if v is not None}  # Arrow fills a column missing from a record with None
+
+
+# ---- rendering --------------------------------------------------------------------------------
 
 def rag_user_message(record: dict) -> str:
     docs = "\n".join(f"[{i + 1}] {d}" for i, d in enumerate(record["documents"]))
@@ -102,7 +151,7 @@ def to_messages(record: dict, where: str, system_prompt: str | None = None) -> l
     """Chat-form messages of a record; the last is the assistant response."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
+    if record.get("messages") is not None:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
@@ -117,7 +166,7 @@ def to_messages(record: dict, where: str, system_prompt: str | None = None) -> l
         if not msgs[-1]["content"].strip():
             raise DataError(f"{where}: empty assistant response")
         return msgs
-    if "question" in record or "documents" in record:
+    if record.get("question") is not None or record.get("documents") is not None:
         for key, typ in (("question", str), ("documents", list), ("answer", str)):
             if not isinstance(record.get(key), typ):
                 raise DataError(f"{where}: RAG record needs {key!r} ({typ.__name__})")
@@ -151,22 +200,113 @@ def encode_chat(tok, messages: list[dict], where: str) -> tuple[list[int], int]:
     return full, len(prompt)
 
 
-def build_examples(records: list[dict], tok, cfg, source: str = "data") -> tuple[list[Example], LongStats]:
-    """Tokenize every record and apply the long-example policy; nothing is dropped without a count."""
-    stats = LongStats(cfg.long_policy, cfg.max_seq_len)
-    out = []
-    for i, record in enumerate(records):
-        where = f"{source}: record {i}"
-        ids, plen = encode_chat(tok, to_messages(record, where, cfg.system_prompt), where)
-        if len(ids) > cfg.max_seq_len:
-            if cfg.long_policy == "error":
-                raise DataError(f"{where}: {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len} "
-                                "(raise max_seq_len, or set data.long_policy=skip or truncate)")
-            if cfg.long_policy == "truncate" and plen < cfg.max_seq_len:
-                ids = ids[: cfg.max_seq_len]  # cut the end of the response; the prompt stays whole
-                stats.truncated.append(i)
-            else:
+def encode_record(record: dict, tok, cfg, where: str) -> tuple[list[int], int, int]:
+    """(input_ids, prompt_len, status) of one record under the long-example policy."""
+    ids, plen = encode_chat(tok, to_messages(record, where, cfg.system_prompt), where)
+    if len(ids) <= cfg.max_seq_len:
+        return ids, plen, OK
+    if cfg.long_policy == "error":
+        raise DataError(f"{where}: {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len} "
+                        "(raise max_seq_len, or set data.long_policy=skip or truncate)")
+    if cfg.long_policy == "truncate" and plen < cfg.max_seq_len:
+        return ids[: cfg.max_seq_len], plen, TRUNCATED  # cut the end of the response; the prompt stays whole
+    return [], plen, SKIPPED
+
+
+def _tokenize_batch(batch: dict, indices: list[int], tok, cfg, source: str) -> dict:
+    """datasets.map function: never raises, so that every record's problem is found in one pass."""
+    out = {"example_id": [], "input_ids": [], "prompt_len": [], "status": [], "error": []}
+    names = list(batch)
+    for j, i in enumerate(indices):
+        ids, plen, status, error = [], 0, SKIPPED, None
+        try:
+            record = _record({k: batch[k][j] for k in names}, source, i)
+            ids, plen, status = encode_record(record, tok, cfg, f"{source}: record {i}")
+        except DataError as e:
+            error = str(e)
+        out["example_id"].append(i), out["input_ids"].append(ids), out["prompt_len"].append(plen)
+        out["status"].append(status), out["error"].append(error)
+    return out
+
+
+# ---- the tokenized set ------------------------------------------------------------------------
+
+class Examples:
+    """The tokenized, validated examples of a source (memory-mapped Arrow): rows in source order,
+    skipped records kept as rows with status SKIPPED so that chunk j of stage 1 is always records
+    [j * shard_size, (j + 1) * shard_size)."""
+
+    def __init__(self, ds, fingerprint: dict, policy: str, max_seq_len: int):
+        self.ds, self.fingerprint = ds.with_format("numpy"), fingerprint
+        self.policy, self.max_seq_len = policy, max_seq_len
+        table = ds.data.table
+        self._status = table.column("status").to_numpy()
+
+    def __len__(self) -> int:  # records, skipped ones included
+        return len(self._status)
+
+    def examples(self, lo: int = 0, hi: int | None = None) -> tuple[list[Example], LongStats]:
+        """The kept examples of records [lo, hi) and the long-example counts of that range."""
+        hi = len(self) if hi is None else hi
+        rows = self.ds[lo:hi]
+        stats = LongStats(self.policy, self.max_seq_len)
+        out = []
+        for j, status in enumerate(self._status[lo:hi]):
+            i = lo + j
+            if status == SKIPPED:
                 stats.skipped.append(i)
                 continue
-        out.append(Example(i, ids, plen))
-    return out, stats
+            if status == TRUNCATED:
+                stats.truncated.append(i)
+            out.append(Example(i, rows["input_ids"][j].astype(np.int64).tolist(), int(rows["prompt_len"][j])))
+        return out, stats
+
+
+def tokenized_cache_key(fp: dict, tok, cfg) -> str:
+    from .models import tokenizer_fingerprint
+    key = {"data": fp, "tokenizer": tokenizer_fingerprint(tok), "max_seq_len": cfg.max_seq_len,
+           "long_policy": cfg.long_policy, "system_prompt": cfg.system_prompt, "version": TOKENIZE_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_examples(source: str, tok, cfg) -> Examples:
+    """Read, validate and tokenize a source (`cfg` is the DataConfig). Rank 0 tokenizes into the cache
+    while the other ranks wait, then read the same file; a bad record raises DataError on every rank
+    before any model work, naming the record (and how many others are bad)."""
+    import pyarrow.compute as pc
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        dist.barrier()  # rank 0 writes the Arrow caches first; the others then read them
+    ds, fp = load_records(source, cfg)
+    key = tokenized_cache_key(fp, tok, cfg)
+    path = os.path.join(cache_dir(), "tokenized", f"{key}.arrow")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    kwargs = dict(batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                  fn_kwargs={"tok": tok, "cfg": cfg, "source": source}, cache_file_name=path,
+                  new_fingerprint=key, load_from_cache_file=True, desc="tokenize",
+                  num_proc=cfg.num_proc if cfg.num_proc > 1 and len(ds) >= 2 * cfg.num_proc else None)
+    out = ds.map(_tokenize_batch, **kwargs)
+    if rank == 0:
+        dist.barrier()
+    errors = out.data.table.column("error")
+    bad = pc.is_valid(errors)
+    n_bad = pc.sum(bad).as_py() or 0
+    if n_bad:
+        first = errors[pc.index(bad, True).as_py()].as_py()
+        more = f" ({n_bad - 1} more records have errors)" if n_bad > 1 else ""
+        raise DataError(first + more)
+    return Examples(out, fp, cfg.long_policy, cfg.max_seq_len)
+
+
+def pad(seqs: list, pad_id: int, left: bool = False):
+    """(input_ids, attention_mask) as (B, T) int64 tensors, padded to the longest sequence on the
+    right (training, stage 1) or on the left (generation)."""
+    import torch
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[b, span] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        mask[b, span] = 1
+    return ids, mask

@@ -1,6 +1,8 @@
-"""Process-group helpers shared by the stages: one process, torchrun, or the deepspeed launcher."""
+"""Process-group helpers shared by the stages: one process, torchrun, or the deepspeed launcher
+(docs/design.md, "Architecture")."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -42,3 +44,48 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
+
+
+def all_reduce_sum(values):
+    """Elementwise sum over ranks of a small numpy array (the array itself with one rank)."""
+    import numpy as np
+    if not dist.is_initialized():
+        return np.asarray(values)
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(device())  # NCCL reduces device tensors only
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def all_reduce_max(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class DistError(ValueError):
+    """A DeepSpeed config that cannot be used as given: the message names the file and the key."""
+
+
+def deepspeed_config(path: str, fill: dict) -> dict:
+    """A DeepSpeed JSON config with its "auto" values filled from `fill` (dotted keys from the recipe)."""
+    try:
+        with open(path) as f:
+            conf = json.load(f)
+    except OSError as e:
+        raise DistError(f"DeepSpeed config {path!r} cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise DistError(f"DeepSpeed config {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+            elif value == "auto":
+                if dotted not in fill:
+                    raise DistError(f"{path}: no recipe value for \"auto\" at {dotted}")
+                node[key] = fill[dotted]
+    walk(conf)
+    return conf

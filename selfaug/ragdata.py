@@ -85,6 +85,11 @@ def _document(entity: dict, rng: random.Random) -> str:
 
 def generate(split: str, size: int, seed: int = 0, num_documents: int = 4) -> list[dict]:
     """RAG-form records {"question", "documents", "answer", "entity"} for `split` in {train, eval}."""
+    return list(iter_records(split, size, seed, num_documents))
+
+
+def iter_records(split: str, size: int, seed: int = 0, num_documents: int = 4):
+    """The records of `generate`, one at a time (datasets.Dataset.from_generator writes them to Arrow)."""
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}")
     rng = random.Random(seed)
@@ -92,15 +97,16 @@ def generate(split: str, size: int, seed: int = 0, num_documents: int = 4) -> li
     half = len(pool) // 2
     entities = pool[:half] if split == "train" else pool[half:]  # disjoint entities
     rng = random.Random(f"{seed}-{split}")
-    records = []
+    by_kind = {kind: [e for e in entities if e["kind"] == kind] for kind in _KINDS}  # in pool order
+    where = {id(e): i for group in by_kind.values() for i, e in enumerate(group)}
     for _ in range(size):
         target = rng.choice(entities)
-        same_kind = [e for e in entities if e["kind"] == target["kind"] and e is not target]
+        group, i = by_kind[target["kind"]], where[id(target)]
+        same_kind = group[:i] + group[i + 1:]  # the others of its kind, in pool order
         distractors = rng.sample(same_kind, min(num_documents - 1, len(same_kind)))
         docs = [target] + distractors
         rng.shuffle(docs)
         attr, phrase, _ = rng.choice(_KINDS[target["kind"]])
         question = f"{_QUESTION_WORD[attr]} {phrase.format(name=target['name'])}?"
-        records.append({"question": question, "documents": [_document(d, rng) for d in docs],
-                        "answer": target["attrs"][attr], "entity": target["name"]})
-    return records
+        yield {"question": question, "documents": [_document(d, rng) for d in docs],
+               "answer": target["attrs"][attr], "entity": target["name"]}

@@ -1,57 +1,120 @@
-"""Stage 2 data: examples from the teacher store (offline) or from the data (online), a seeded,
-resumable assignment of examples to optimizer steps, micro-batches and ranks, and collation.
+"""Stage 2 data (docs/design.md, "Stage 2"): the teacher source, chosen once in setup, that yields the
+examples and each micro-batch's teacher signal; a seeded, resumable assignment of examples to
+optimizer steps, micro-batches and ranks; and collation.
+
+Teacher sources (DistillKit's `SignalSource`, decided once, nothing below branches on a flag):
+- `StoredTopK`: examples and top-k teacher from the store (teacher_mode: offline);
+- `LiveModel`: examples from the data, teacher = the frozen model run beside the student
+  (teacher_mode: online; LoRA: the same model with its adapters disabled, the reference method);
+- `NoTeacher`: plain fine-tuning (alpha = 0 throughout): examples only.
 
 Every rank can compute the whole global batch of a step, so the token counts that normalize the
 loss (all micro-batches, all ranks) are known before the first forward, with no communication.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from . import teacher_store as ts
-from .precompute import kl_positions
-
-# the store settings that must match the recipe for the stored teacher to be the right one
-MATCHED = ("model.name_or_path", "model.content_hash", "model.vocab_size", "tokenizer.vocab_sha256",
-           "tokenizer.chat_template_sha256", "data.source", "data.sha256", "data.records", "k", "positions",
-           "max_seq_len", "long_policy", "system_prompt")
+from .data import Examples, pad
+from .loss import LiveTeacher, StoredTeacher
 
 
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
+class DataExamples:
+    """Stage 2's view of tokenized data (no store): the kept examples with their KL positions."""
 
-
-def check_store(store_dir: str, manifest: dict, expected: dict) -> None:
-    """Refuse a store made for another model, tokenizer, data or k, naming each differing field."""
-    found = manifest["settings"]
-    diff = [f"{key} (store: {_get(found, key)!r}, recipe: {_get(expected, key)!r})"
-            for key in MATCHED if _get(found, key) != _get(expected, key)]
-    if diff:
-        raise ts.StoreError(f"teacher store {store_dir} does not match this recipe: " + "; ".join(diff)
-                            + ". Re-run `selfaug precompute` with this recipe, or point teacher.output_dir "
-                              "at the store made for it.")
-
-
-class OnlineExamples:
-    """Tokenized examples with their KL positions, for the online teacher (no store)."""
-
-    def __init__(self, examples, positions_mode: str):
-        self.examples, self.mode = examples, positions_mode
+    def __init__(self, examples: Examples, positions_mode: str):
+        kept, _ = examples.examples()
+        if not kept:
+            raise ts.StoreError(f"no example is left after data.long_policy={examples.policy} "
+                                f"(max_seq_len={examples.max_seq_len}); raise data.max_seq_len")
+        self.kept, self.mode = kept, positions_mode
 
     def __len__(self):
-        return len(self.examples)
+        return len(self.kept)
 
     def example(self, i: int) -> dict:
-        e = self.examples[i]
+        e = self.kept[i]
         return {"example_id": e.example_id, "input_ids": np.asarray(e.input_ids, dtype=np.int64),
-                "prompt_len": e.prompt_len, "positions": kl_positions(self.mode, len(e.input_ids), e.prompt_len)}
+                "prompt_len": e.prompt_len, "positions": ts.kl_positions(self.mode, len(e.input_ids), e.prompt_len)}
 
-    def lengths(self):
-        return [(len(e.input_ids), e.prompt_len, len(kl_positions(self.mode, len(e.input_ids), e.prompt_len)))
-                for e in self.examples]
+    def lengths(self) -> ts.Lengths:
+        tokens = np.array([len(e.input_ids) for e in self.kept], dtype=np.int64)
+        prompt = np.array([e.prompt_len for e in self.kept], dtype=np.int64)
+        kl = np.array([len(ts.kl_positions(self.mode, t, p)) for t, p in zip(tokens, prompt)], dtype=np.int64)
+        return ts.Lengths(tokens, prompt, kl)
+
+
+def collate(rows: list[dict], pad_id: int, device) -> dict:
+    """Right-padded tensors for a micro-batch; KL rows flattened in example order."""
+    input_ids, mask = pad([r["input_ids"] for r in rows], pad_id)
+    rows_b = np.concatenate([np.full(len(r["positions"]), b) for b, r in enumerate(rows)])
+    rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int64) for r in rows])
+    return {
+        "input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+        "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], device=device),
+        "lengths": torch.tensor([len(r["input_ids"]) for r in rows], device=device),
+        "rows_b": torch.as_tensor(rows_b, dtype=torch.long, device=device),
+        "rows_t": torch.as_tensor(rows_t, dtype=torch.long, device=device),
+    }
+
+
+class NoTeacher:
+    """Plain fine-tuning: examples only; the KL term is absent."""
+    name = "none"
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def batch(self, rows: list[dict], pad_id: int, device) -> dict:
+        return collate(rows, pad_id, device)
+
+    def signal(self, batch: dict, objective):
+        return None
+
+
+class StoredTopK(NoTeacher):
+    """The teacher store: each micro-batch carries its rows' stored top-k and tail."""
+    name = "stored top-k"
+
+    def batch(self, rows: list[dict], pad_id: int, device) -> dict:
+        batch = collate(rows, pad_id, device)
+        batch["teacher"] = StoredTeacher(
+            torch.as_tensor(np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64), device=device),
+            torch.as_tensor(np.concatenate([r["topk_logprobs"] for r in rows]), device=device).float(),
+            torch.as_tensor(np.concatenate([r["tail_logprob"] for r in rows]), device=device).float())
+        return batch
+
+    def signal(self, batch: dict, objective):
+        return batch["teacher"]
+
+
+class LiveModel(NoTeacher):
+    """The frozen teacher run live on each micro-batch (full vocabulary). `frozen`: a frozen copy of
+    the original model (full fine-tuning); None: the student with its LoRA adapters disabled."""
+    name = "live model"
+
+    def __init__(self, examples, frozen=None):
+        super().__init__(examples)
+        self.frozen = frozen
+
+    @torch.no_grad()
+    def signal(self, batch: dict, objective):
+        from .models import decoder_and_head
+        if self.frozen is not None:
+            body, head = decoder_and_head(self.frozen)
+            weight, bias, ctx = head.weight, head.bias, contextlib.nullcontext()
+        else:
+            body, _ = decoder_and_head(objective.model)
+            weight, bias = objective.head()
+            ctx = objective.model.disable_adapter()
+        with ctx:
+            h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return LiveTeacher(h[batch["rows_b"], batch["rows_t"]], weight.detach(),
+                           None if bias is None else bias.detach())
 
 
 class StepSampler:
@@ -82,34 +145,7 @@ class StepSampler:
         return self.global_batch(step)[i: i + self.micro]
 
 
-def step_counts(lengths, indices) -> tuple[int, int]:
+def step_counts(lengths: ts.Lengths, indices) -> tuple[int, int]:
     """(response tokens predicted, KL positions) over the examples of a global batch."""
-    nll = sum(lengths[i][0] - lengths[i][1] for i in indices)
-    kl = sum(lengths[i][2] for i in indices)
-    return nll, kl
-
-
-def collate(rows: list[dict], pad_id: int, device, with_teacher: bool) -> dict:
-    """Right-padded tensors for a micro-batch; KL rows flattened in example order."""
-    T = max(len(r["input_ids"]) for r in rows)
-    B = len(rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, : len(r["input_ids"])] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
-        mask[b, : len(r["input_ids"])] = 1
-    rows_b = np.concatenate([np.full(len(r["positions"]), b) for b, r in enumerate(rows)])
-    rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int64) for r in rows])
-    batch = {
-        "input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-        "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], device=device),
-        "lengths": torch.tensor([len(r["input_ids"]) for r in rows], device=device),
-        "rows_b": torch.as_tensor(rows_b, dtype=torch.long, device=device),
-        "rows_t": torch.as_tensor(rows_t, dtype=torch.long, device=device),
-    }
-    if with_teacher:
-        batch["topk_ids"] = torch.as_tensor(np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64), device=device)
-        batch["topk_logprobs"] = torch.as_tensor(np.concatenate([r["topk_logprobs"] for r in rows]),
-                                                 device=device).float()
-        batch["tail_logprob"] = torch.as_tensor(np.concatenate([r["tail_logprob"] for r in rows]), device=device).float()
-    return batch
+    idx = np.asarray(indices)
+    return int((lengths.tokens[idx] - lengths.prompt[idx]).sum()), int(lengths.kl[idx].sum())

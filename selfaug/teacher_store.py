@@ -1,18 +1,28 @@
-"""The teacher store: sharded Arrow IPC stream files plus a manifest (DESIGN.md, "Stage 1").
+"""The teacher store: the one owner of its format (docs/design.md, "The teacher store").
 
-One row per example: example_id, input_ids, prompt_len, positions, topk_ids, topk_logprobs,
-tail_logprob. This module owns the format: the schema, writing one shard atomically, the
-manifest, verification, and memory-mapped reading for stage 2.
+Sharded Arrow IPC stream files plus a manifest. One row per example: example_id, input_ids,
+prompt_len, positions, topk_ids, topk_logprobs, tail_logprob. This module owns everything about the
+format, for both stages: which positions are stored (`kl_positions`), what a store depends on
+(`store_settings`) and the one comparison of settings (`settings_diff`), the writer that stage 1
+hands rows to (`StoreWriter`: directory check, shard + sidecar, skip-if-verified, the manifest),
+verification, the summary, and memory-mapped reading for stage 2 (`TeacherStore`). Stage 1 computes
+rows; stage 2 reads them; neither imports the other.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
+from . import dist
+from .config import Config, config_digest
 from .hashing import sha256_file
 
 FORMAT = "selfaug-teacher-store"
@@ -24,9 +34,71 @@ class StoreError(RuntimeError):
     pass
 
 
+# ---- what is stored -----------------------------------------------------------------------------
+
+def kl_positions(mode: str, length: int, prompt_len: int) -> np.ndarray:
+    """Positions t whose distribution (over the token after input_ids[:t+1]) enters the KL.
+    prompt: [0, P) (the reference masks unshifted labels == -100); response: [P, L); all: [0, L)."""
+    lo, hi = {"prompt": (0, prompt_len), "response": (prompt_len, length), "all": (0, length)}[mode]
+    return np.arange(lo, hi, dtype=np.int32)
+
+
 def id_dtype_for(vocab_size: int) -> str:
     """The narrowest id type that holds the vocabulary."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def store_settings(cfg: Config, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
+    """Everything a store depends on; a store is reused or resumed only if this matches exactly."""
+    from .models import model_fingerprint, tokenizer_fingerprint
+    return {
+        "model": {**model_fingerprint(cfg.model), "dtype": str(dtype).replace("torch.", ""), "vocab_size": vocab_size},
+        "tokenizer": tokenizer_fingerprint(tok),
+        "data": data_fp,
+        "k": cfg.teacher.k,
+        "positions": cfg.teacher.positions,
+        "value_dtype": cfg.teacher.value_dtype,
+        "id_dtype": id_dtype_for(vocab_size),
+        "compression": cfg.teacher.compression,
+        "shard_size": cfg.teacher.shard_size,
+        "max_seq_len": cfg.data.max_seq_len,
+        "long_policy": cfg.data.long_policy,
+        "system_prompt": cfg.data.system_prompt,
+    }
+
+
+# the settings that must match the recipe for the stored teacher to be the right one for training
+# (a store's compression or shard size, say, does not change what it holds)
+MATCHED = ("model.name_or_path", "model.content_hash", "model.vocab_size", "tokenizer.vocab_sha256",
+           "tokenizer.chat_template_sha256", "data.source", "data.sha256", "data.records", "k", "positions",
+           "max_seq_len", "long_policy", "system_prompt")
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_diff(expected: dict, found: dict, keys=None) -> list[str]:
+    """The one comparison of store settings: 'key (store: x, recipe: y)' for each differing dotted key
+    (all of them, or those in `keys`)."""
+    a, b = _leaves(expected), _leaves(found)
+    names = keys if keys is not None else sorted(set(a) | set(b))
+    return [f"{k} (store: {b.get(k)!r}, recipe: {a.get(k)!r})" for k in names if a.get(k) != b.get(k)]
+
+
+def check_store(store_dir: str, manifest: dict, expected: dict) -> None:
+    """Refuse a store made for another model, tokenizer, data or k, naming each differing field."""
+    diff = settings_diff(expected, manifest["settings"], MATCHED)
+    if diff:
+        raise StoreError(f"teacher store {store_dir} does not match this recipe: " + "; ".join(diff)
+                         + ". Re-run `selfaug precompute` with this recipe, or point teacher.output_dir "
+                           "at the store made for it.")
 
 
 def schema(k: int, id_dtype: str, value_dtype: str) -> pa.Schema:
@@ -45,6 +117,10 @@ def schema(k: int, id_dtype: str, value_dtype: str) -> pa.Schema:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
 
 
 @dataclass
@@ -78,50 +154,56 @@ class ShardRows:
         return pa.Table.from_arrays(cols, schema=sch)
 
 
+# ---- files --------------------------------------------------------------------------------------
+
+def _tmp(path: str) -> str:
+    """A temporary name unique to this writer (host, pid): two writers never share one."""
+    return f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+
+
 def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
     """Write under a temporary name, fsync, rename: a shard file is either whole or absent."""
-    tmp = path + ".tmp"
+    tmp = _tmp(path)
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
-    with pa.OSFile(tmp, "wb") as sink:
-        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-            writer.write_table(table, max_chunksize=max(1, table.num_rows))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with pa.OSFile(tmp, "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+                writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return {"file": os.path.join("shards", os.path.basename(path)), "rows": table.num_rows,
             "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_manifest(store_dir: str) -> dict:
     path = os.path.join(store_dir, MANIFEST)
     if not os.path.exists(path):
         raise StoreError(f"{store_dir} is not a teacher store (no {MANIFEST}); run `selfaug precompute` first")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); rebuild the store with teacher.overwrite=true") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a {FORMAT} manifest; rebuild the store with teacher.overwrite=true")
     if manifest.get("version") != VERSION:
         raise StoreError(f"{path}: store format version {manifest.get('version')} is not {VERSION}; recompute it")
     return manifest
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def settings_diff(expected: dict, found: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the fields that differ between two nested settings dicts."""
-    out = []
-    for key in sorted(set(expected) | set(found)):
-        a, b = expected.get(key), found.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key} (store: {b!r}, expected: {a!r})")
-    return out
 
 
 def verify_shard(store_dir: str, entry: dict, mode: str = "sha256") -> str | None:
@@ -145,6 +227,172 @@ def verify_store(store_dir: str, mode: str = "sha256") -> tuple[dict, list[str]]
     return manifest, problems
 
 
+# ---- writing (stage 1 hands rows to this) -------------------------------------------------------
+
+class StoreWriter:
+    """The one way a store is written. open() checks the directory and says which chunks this rank
+    still has to compute (a chunk whose shard verifies against its sidecar is kept); write() stores a
+    chunk's rows as a shard and its sidecar; close() (all ranks) writes the manifest on rank 0 and
+    returns the summary. A rerun over a complete, verified store changes nothing on disk."""
+
+    def __init__(self, out_dir: str, cfg: Config, settings: dict, computed_with: dict, rank: int, world: int):
+        self.dir, self.cfg, self.settings, self.rank, self.world = out_dir, cfg, settings, rank, world
+        self.computed_with = computed_with
+        self.digest = config_digest(settings)
+        self.schema = schema(settings["k"], settings["id_dtype"], settings["value_dtype"])
+        self.computed = np.zeros(3, dtype=np.int64)  # shards, examples, tokens computed by this rank
+        self.complete = False
+
+    def open(self, n_chunks: int) -> list[int]:
+        """The chunks j (j mod world == rank) this rank has to compute."""
+        self.n_chunks = n_chunks
+        self.complete = self._already_complete()
+        if not self.complete:
+            self._prepare()
+        dist.barrier()
+        mine = [j for j in range(n_chunks) if j % self.world == self.rank]
+        return [] if self.complete else [j for j in mine if not self._sidecar_ok(j)]
+
+    def _already_complete(self) -> bool:
+        try:
+            manifest, problems = verify_store(self.dir)
+        except StoreError:
+            return False
+        return (not problems and not settings_diff(self.settings, manifest["settings"])
+                and len(manifest["shards"]) == self.n_chunks)
+
+    def _prepare(self) -> None:
+        """Refuse a directory holding a store made from other settings, unless asked to overwrite."""
+        path = os.path.join(self.dir, MANIFEST)
+        overwrite = self.cfg.teacher.overwrite
+        if os.path.exists(path):
+            try:
+                diff = settings_diff(self.settings, read_manifest(self.dir)["settings"])
+            except StoreError:
+                if not overwrite:
+                    raise
+                diff = ["an unreadable manifest"]
+            if diff and not overwrite:
+                raise StoreError(f"{self.dir} holds a teacher store made from other settings: " + "; ".join(diff)
+                                 + ". Choose another teacher.output_dir or pass teacher.overwrite=true.")
+            if diff:
+                dist.barrier()  # every rank has read the old manifest before rank 0 removes it
+                if self.rank == 0:
+                    shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
+                    os.remove(path)
+        elif os.path.isdir(self.dir) and os.listdir(self.dir) and not overwrite:
+            raise StoreError(f"{self.dir} exists and is not a teacher store; choose an empty teacher.output_dir "
+                             "or pass teacher.overwrite=true")
+        dist.barrier()
+        if self.rank == 0:
+            os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
+            self.cfg.save(os.path.join(self.dir, "config.yaml"))
+            write_json_atomic(os.path.join(self.dir, MANIFEST), {"format": FORMAT, "version": VERSION,
+                                                                 "status": "incomplete", "settings": self.settings})
+
+    def _sidecar_ok(self, j: int) -> bool:
+        side = os.path.join(self.dir, "shards", sidecar_name(j))
+        if not os.path.exists(side):
+            return False
+        try:
+            with open(side) as f:
+                entry = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return entry.get("settings_digest") == self.digest and verify_shard(self.dir, entry) is None
+
+    def write(self, j: int, rows: ShardRows, first_record: int, records: int, long_stats: dict) -> dict:
+        entry = write_shard(os.path.join(self.dir, "shards", shard_name(j)), rows.table(self.schema),
+                            self.settings["compression"])
+        tokens = int(sum(len(x) for x in rows.input_ids))
+        entry.update(chunk=j, first_example_id=first_record, records=records, settings_digest=self.digest,
+                     positions=int(len(rows.tail_logprob)), tokens=tokens,
+                     tail_mass_sum=float(np.exp(rows.tail_logprob.astype(np.float64)).sum()), long=long_stats)
+        write_json_atomic(os.path.join(self.dir, "shards", sidecar_name(j)), entry)
+        self.computed += (1, entry["rows"], tokens)
+        return entry
+
+    def close(self, elapsed: float) -> dict | None:
+        """All ranks: the counts of what this run computed are summed over ranks; rank 0 writes the
+        manifest (unless the store was already complete) and returns the summary."""
+        computed = dist.all_reduce_sum(self.computed)
+        elapsed = dist.all_reduce_max(elapsed)
+        summary = None
+        if self.rank == 0:
+            if self.complete:
+                manifest = read_manifest(self.dir)
+            else:
+                manifest = self._manifest()
+                write_json_atomic(os.path.join(self.dir, MANIFEST), manifest)
+            summary = {**manifest["totals"],
+                       "long_examples": {k: manifest["long_examples"][k] for k in ("policy", "skipped", "truncated")},
+                       "elapsed_s": elapsed, "shards": self.n_chunks, "shards_computed": int(computed[0]),
+                       "shards_reused": self.n_chunks - int(computed[0]), "examples_computed": int(computed[1]),
+                       "tokens_computed": int(computed[2]), "examples_per_s": computed[1] / max(elapsed, 1e-9),
+                       "tokens_per_s": computed[2] / max(elapsed, 1e-9)}
+            print(format_summary(self.dir, manifest, summary), flush=True)
+        dist.barrier()
+        return summary
+
+    def _manifest(self) -> dict:
+        shards = []
+        for j in range(self.n_chunks):
+            with open(os.path.join(self.dir, "shards", sidecar_name(j))) as f:
+                shards.append(json.load(f))
+        positions, nbytes = sum(s["positions"] for s in shards), sum(s["bytes"] for s in shards)
+        totals = {
+            "examples": sum(s["rows"] for s in shards), "records": sum(s["records"] for s in shards),
+            "positions": positions, "tokens": sum(s["tokens"] for s in shards), "bytes": nbytes,
+            "bytes_per_position": nbytes / max(positions, 1),
+            "bytes_per_entry": nbytes / max(positions * self.settings["k"], 1),
+            "mean_tail_mass": sum(s["tail_mass_sum"] for s in shards) / max(positions, 1),
+        }
+        skipped = [i for s in shards for i in s["long"]["skipped_ids"]]
+        truncated = [i for s in shards for i in s["long"]["truncated_ids"]]
+        long_examples = {"policy": self.cfg.data.long_policy, "max_seq_len": self.cfg.data.max_seq_len,
+                         "skipped": sum(s["long"]["skipped"] for s in shards),
+                         "truncated": sum(s["long"]["truncated"] for s in shards),
+                         "skipped_ids": skipped[:1000], "truncated_ids": truncated[:1000]}
+        keep = ("file", "rows", "first_example_id", "records", "positions", "tokens", "bytes", "sha256")
+        return {"format": FORMAT, "version": VERSION, "status": "complete", "settings": self.settings,
+                "computed_with": self.computed_with, "totals": totals, "long_examples": long_examples,
+                "shards": [{k: s[k] for k in keep} for s in shards], "config": self.cfg.to_dict(),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def format_summary(out_dir: str, manifest: dict, extra: dict | None = None) -> str:
+    t, s, lg = manifest["totals"], manifest["settings"], manifest["long_examples"]
+    how = manifest.get("computed_with", {})
+    lines = [f"teacher store {out_dir}",
+             f"  model {s['model']['name_or_path']} ({s['model']['dtype']}, vocab {s['model']['vocab_size']}), "
+             f"k={s['k']}, positions={s['positions']}, values {s['value_dtype']}, ids {s['id_dtype']}, "
+             f"compression {s['compression']}",
+             f"  examples {t['examples']} of {t['records']} records in {len(manifest['shards'])} shards, "
+             f"{t['tokens']} tokens, {t['positions']} stored positions",
+             f"  {t['bytes'] / 1e6:.2f} MB, {t['bytes_per_position']:.1f} bytes/position, "
+             f"{t['bytes_per_entry']:.2f} bytes per (id, value) entry incl. tail and positions",
+             f"  mean tail mass {t['mean_tail_mass']:.4f}",
+             f"  long examples (> {lg['max_seq_len']} tokens, policy {lg['policy']}): "
+             f"{lg['skipped']} skipped, {lg['truncated']} truncated"]
+    if how:
+        lines.append(f"  computed with: teacher {how.get('teacher', '?')} on {how.get('world_size', '?')} rank(s)")
+    if extra and "elapsed_s" in extra:
+        el = max(extra["elapsed_s"], 1e-9)
+        lines.append(f"  this run: {el:.1f} s, {extra['shards_computed']} shards computed "
+                     f"({extra['examples_computed']} examples), {extra['shards_reused']} reused, "
+                     f"{extra['examples_per_s']:.2f} examples/s, {extra['tokens_per_s']:.0f} tokens/s")
+    return "\n".join(lines)
+
+
+# ---- reading (stage 2) --------------------------------------------------------------------------
+
+class Lengths(NamedTuple):
+    """Per example: sequence tokens, prompt tokens and stored KL positions (numpy arrays)."""
+    tokens: np.ndarray
+    prompt: np.ndarray
+    kl: np.ndarray
+
+
 class TeacherStore:
     """Memory-mapped read access to a verified store: example i -> tokens and teacher signal."""
 
@@ -156,12 +404,19 @@ class TeacherStore:
         self.dir, self.manifest = store_dir, manifest
         self.k = manifest["settings"]["k"]
         self._shards = []  # per shard: dict of numpy arrays
-        self._index = []  # (shard, row) per example, in store order
+        index = []  # (shard, row) per example, in store order
         for s, entry in enumerate(manifest["shards"]):
             with pa.memory_map(os.path.join(store_dir, entry["file"])) as source:
                 table = pa.ipc.open_stream(source).read_all()
-            self._shards.append(_flatten(table))
-            self._index += [(s, r) for r in range(table.num_rows)]
+            self._shards.append(_flatten(table) if table.num_rows else None)  # an empty shard holds no examples
+            index += [(s, r) for r in range(table.num_rows)]
+        if not index:
+            lg = manifest.get("long_examples", {})
+            raise StoreError(f"teacher store {store_dir} holds no examples: {lg.get('skipped', '?')} of "
+                             f"{manifest['totals']['records']} records were skipped by data.long_policy="
+                             f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')}); raise data.max_seq_len "
+                             "or use long_policy=truncate, then precompute again")
+        self._index = np.asarray(index, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -176,14 +431,10 @@ class TeacherStore:
                 "topk_ids": sh["topk_ids"][c:d], "topk_logprobs": sh["topk_logprobs"][c:d],
                 "tail_logprob": sh["tail_logprob"][c:d]}
 
-    def lengths(self) -> list[tuple[int, int, int]]:
-        """(tokens, prompt_len, stored positions) per example, without touching the teacher columns."""
-        out = []
-        for s, r in self._index:
-            sh = self._shards[s]
-            out.append((int(sh["tok_off"][r + 1] - sh["tok_off"][r]), int(sh["prompt_len"][r]),
-                        int(sh["pos_off"][r + 1] - sh["pos_off"][r])))
-        return out
+    def lengths(self) -> Lengths:
+        """Lengths per example, without touching the teacher columns."""
+        parts = [(np.diff(sh["tok_off"]), sh["prompt_len"], np.diff(sh["pos_off"])) for sh in self._shards if sh]
+        return Lengths(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
 
 
 def _flatten(table: pa.Table) -> dict:

@@ -1,14 +1,19 @@
-"""Stage 2: fine-tune on a plain loop over a `deepspeed.initialize` engine with
-loss = NLL(response) + alpha(step) * KL(prompt), the teacher read from the store (offline) or run live.
+"""Stage 2 (docs/design.md, "Stage 2"): fine-tune on a plain loop over a `deepspeed.initialize` engine
+with loss = NLL(response) + alpha(step) * KL(prompt), the teacher from the source chosen in setup.
 
-setup -> train -> save_final, top to bottom. Normalization (DESIGN.md): both terms are sums divided
-once by the token counts of the whole optimizer step (all micro-batches, all ranks). DeepSpeed
-averages gradients over data-parallel ranks, so each micro-batch's loss is multiplied by the world
-size, and `backward(scale_wrt_gas=False)` stops it dividing by the accumulation steps.
+setup -> train -> save_final, top to bottom; the run's state is one `Run`. Normalization: both terms
+are sums divided once by the token counts of the whole optimizer step (all micro-batches, all
+ranks). DeepSpeed averages gradients over data-parallel ranks, so each micro-batch's loss is
+multiplied by the world size, and `backward(scale_wrt_gas=False)` stops it dividing by the
+accumulation steps.
+
+Under ZeRO-3 the model is created partitioned (no rank holds it whole); the chunked loss applies the
+lm_head itself: a frozen head is gathered once into a copy, a trainable one is registered as an
+external parameter of the objective, so it is gathered for the loss and its gradient is reduced
+like every other parameter's.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -16,6 +21,8 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,30 +30,32 @@ from tqdm import tqdm
 
 from . import dist
 from . import teacher_store as ts
-from .config import Config
-from .data import build_examples, read_records
-from .loss import LiveTeacher, StoredTeacher, kl_sum, nll_sum, shifted_labels
-from .models import decoder_and_head, load_model, load_tokenizer, resolve_dtype
-from .precompute import store_settings
-from .reader import OnlineExamples, StepSampler, check_store, collate, step_counts
+from .config import Config, check_paths
+from .loss import kl_sum, nll_sum, shifted_labels
+from .models import decoder_and_head, load_all, load_model, load_tokenizer_for, resolve_dtype, vocab_size
+from .reader import DataExamples, LiveModel, NoTeacher, StepSampler, StoredTopK, step_counts
 
 
-def alpha_at(step: int, cfg) -> float:
+class TrainError(RuntimeError):
+    """A run that cannot go on correctly (a non-finite loss, an unsupported combination)."""
+
+
+def alpha_at(step: int, tc) -> float:
     """alpha(step): constant, or linear / cosine from alpha_start to alpha over the run."""
-    if cfg.alpha_schedule == "constant":
-        return cfg.alpha
-    frac = min(step / max(cfg.max_steps - 1, 1), 1.0)
-    if cfg.alpha_schedule == "cosine":
+    if tc.alpha_schedule == "constant":
+        return tc.alpha
+    frac = min(step / max(tc.max_steps - 1, 1), 1.0)
+    if tc.alpha_schedule == "cosine":
         frac = 0.5 * (1 - math.cos(math.pi * frac))
-    return cfg.alpha_start + (cfg.alpha - cfg.alpha_start) * frac
+    return tc.alpha_start + (tc.alpha - tc.alpha_start) * frac
 
 
-def lr_factor(step: int, cfg) -> float:
+def lr_factor(step: int, tc) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    frac = (step - tc.warmup_steps) / max(tc.max_steps - tc.warmup_steps, 1)
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 def lora_config(tc):
@@ -57,30 +66,28 @@ def lora_config(tc):
 
 
 def ds_config(cfg: Config, world: int, on_gpu: bool) -> dict:
-    """The JSON of train.deepspeed with its "auto" values filled from the recipe."""
-    with open(cfg.train.deepspeed) as f:
-        conf = json.load(f)
+    """The JSON of train.deepspeed with its "auto" values filled from the recipe, and the monitors
+    of train.report_to."""
     tc = cfg.train
-    fill = {
+    conf = dist.deepspeed_config(tc.deepspeed, {
         "train_micro_batch_size_per_gpu": tc.micro_batch_size, "gradient_accumulation_steps": tc.grad_accum,
         "train_batch_size": tc.micro_batch_size * tc.grad_accum * world, "gradient_clipping": tc.max_grad_norm,
         "bf16.enabled": on_gpu and resolve_dtype(cfg.model.dtype, "cuda") == torch.bfloat16,
         "fp16.enabled": False, "optimizer.params.lr": tc.lr, "optimizer.params.weight_decay": tc.weight_decay,
-    }
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            dotted = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, dotted + ".")
-            elif value == "auto":
-                if dotted not in fill:
-                    raise ValueError(f"{cfg.train.deepspeed}: no recipe value for \"auto\" at {dotted}")
-                node[key] = fill[dotted]
-    walk(conf)
+    })
     if not on_gpu and "optimizer" in conf:
         conf["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's CPU Adam compiles for ~40 s
         conf["zero_force_ds_cpu_optimizer"] = False
+    logs = os.path.abspath(os.path.join(tc.output_dir, "logs"))
+    for target in {t.strip() for t in tc.report_to.split(",")} - {"none", ""}:
+        if target == "tensorboard":
+            conf["tensorboard"] = {"enabled": True, "output_path": logs, "job_name": "tensorboard"}
+        elif target == "csv":
+            conf["csv_monitor"] = {"enabled": True, "output_path": logs, "job_name": "csv"}
+        elif target == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless asked
+            os.environ.setdefault("WANDB_DIR", logs)
+            conf["wandb"] = {"enabled": True, "project": "selfaug"}
     return conf
 
 
@@ -91,58 +98,70 @@ def zero_stage(engine) -> int:
 class Objective(torch.nn.Module):
     """The module the engine wraps: forward(batch) -> (loss, nll_sum, kl_sum) for one micro-batch."""
 
-    def __init__(self, model, tc, frozen_teacher=None):
+    def __init__(self, model, tc, source):
         super().__init__()
         self.model = model
         self.tc = tc
-        # not a submodule: DeepSpeed must neither train nor partition the full-fine-tuning teacher copy
-        self.__dict__["frozen_teacher"] = frozen_teacher
+        self.__dict__["source"] = source  # not a submodule: a live teacher's frozen copy is never trained
 
-    def gather_frozen_head(self) -> None:
-        """Under ZeRO-3 keep a whole copy of the frozen lm_head for the chunked loss, gathered once.
-        It never changes (LoRA freezes it), and the loss applies it outside any module hook."""
+    def setup_zero3_head(self) -> None:
+        """Under ZeRO-3 the chunked loss applies the lm_head outside its module's hooks. A frozen head
+        is gathered once into a whole copy (it never changes); a trainable one is registered as an
+        external parameter of this module: gathered while forward runs, its gradient reduce-scattered."""
         import deepspeed
         _, head = decoder_and_head(self.model)
         params = [p for p in (head.weight, head.bias) if p is not None]
         if any(p.requires_grad for p in params):
-            raise ValueError("under ZeRO-3 the lm_head must be frozen (method=lora, or method=full with "
-                             "train.freeze_lm_head=true): the chunked loss applies it outside module hooks")
+            for p in params:
+                deepspeed.zero.register_external_parameter(self, p)
+            return
         with deepspeed.zero.GatheredParameters(params):
             self.__dict__["head_copy"] = tuple(p.detach().clone() for p in params) + ((None,) if head.bias is None else ())
 
-    def _head(self, head):
+    def head(self):
+        """(weight, bias) of the lm_head as the loss uses them."""
         copy_ = self.__dict__.get("head_copy")
-        return copy_ if copy_ is not None else (head.weight, head.bias)
-
-    def _live_teacher(self, batch, weight, bias):
-        with torch.no_grad():
-            if self.frozen_teacher is not None:  # full fine-tuning: a frozen copy of the original model
-                body, t_head = decoder_and_head(self.frozen_teacher)
-                weight, bias = t_head.weight, t_head.bias
-                ctx = contextlib.nullcontext()
-            else:  # LoRA: the same model with its adapters disabled (the reference method)
-                body, _ = decoder_and_head(self.model)
-                ctx = self.model.disable_adapter()
-            with ctx:
-                h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            return LiveTeacher(h[batch["rows_b"], batch["rows_t"]], weight.detach(),
-                               None if bias is None else bias.detach())
+        if copy_ is not None:
+            return copy_
+        _, head = decoder_and_head(self.model)
+        return head.weight, head.bias
 
     def forward(self, batch: dict, c_nll: float, c_kl: float):
-        body, head = decoder_and_head(self.model)
+        body, _ = decoder_and_head(self.model)
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
         labels = shifted_labels(batch["input_ids"], batch["prompt_lens"], batch["lengths"])
-        weight, bias = self._head(head)
-        if c_kl == 0.0 and self.tc.alpha == 0.0:
+        weight, bias = self.head()
+        teacher = self.source.signal(batch, self)
+        if teacher is None:
             kl = torch.zeros((), device=hidden.device)  # plain fine-tuning: no teacher at all
         else:
-            teacher = self._live_teacher(batch, weight, bias) if self.tc.teacher_mode == "online" else \
-                StoredTeacher(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
             kl, _ = kl_sum(hidden, weight, bias, batch["rows_b"], batch["rows_t"], teacher,
                            reverse=self.tc.kl_direction == "reverse", tail=self.tc.kl_tail,
                            chunk_rows=self.tc.loss_chunk_rows)
         nll, _ = nll_sum(hidden, weight, bias, labels, chunk_rows=self.tc.loss_chunk_rows)
         return c_nll * nll + c_kl * kl, nll.detach(), kl.detach()
+
+
+@dataclass
+class Run:
+    """Everything a training step needs, made once by setup()."""
+    cfg: Config
+    engine: Any
+    tok: Any
+    source: NoTeacher  # StoredTopK | LiveModel | NoTeacher
+    sampler: StepSampler
+    lengths: ts.Lengths
+    rank: int
+    world: int
+    device: torch.device
+
+
+class Coefficients(NamedTuple):
+    c_nll: float  # world / (response tokens of the step)
+    c_kl: float  # world * alpha / (KL positions of the step)
+    n_nll: int
+    n_kl: int
+    alpha: float
 
 
 def _rng_state() -> dict:
@@ -163,43 +182,56 @@ def _latest_checkpoint(out_dir: str) -> str | None:
     return os.path.join(out_dir, "checkpoints") if os.path.exists(latest) else None
 
 
-def setup(cfg: Config, objective_cls=None):
+def _teacher_source(cfg: Config, loaded, model, device) -> NoTeacher:
+    """The one place that decides where the teacher comes from."""
+    tc = cfg.train
+    store_path = os.path.join(cfg.teacher.output_dir, ts.MANIFEST)
+    never_kl = tc.alpha == 0 and (tc.alpha_schedule == "constant" or tc.alpha_start == 0)
+    if tc.teacher_mode == "offline" and not (never_kl and not os.path.exists(store_path)):
+        store = ts.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
+        expected = ts.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
+        ts.check_store(cfg.teacher.output_dir, store.manifest, expected)
+        return NoTeacher(store) if never_kl else StoredTopK(store)
+    examples = DataExamples(loaded.examples, cfg.teacher.positions)
+    if never_kl:
+        return NoTeacher(examples)
+    frozen = None
+    if tc.method == "full":  # a frozen copy of the original model, whole on this rank
+        frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    return LiveModel(examples, frozen)
+
+
+def setup(cfg: Config, objective_cls=None) -> Run:
     import deepspeed
+    check_paths(cfg)
     rank, world = dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     device = dist.device()
     tc = cfg.train
+    conf = ds_config(cfg, world, device.type == "cuda")
+    zero3 = conf.get("zero_optimization", {}).get("stage") == 3
+    if zero3 and tc.method == "full" and tc.teacher_mode == "online" and tc.alpha > 0:
+        raise TrainError("teacher_mode=online with method=full keeps a whole frozen copy of the model on every "
+                         "rank, which ZeRO-3 is there to avoid: precompute the store and use teacher_mode=offline")
     torch.manual_seed(tc.seed), random.seed(tc.seed), np.random.seed(tc.seed)
+    loaded = load_all(cfg, device, ds_config=conf)  # created partitioned under ZeRO-3
+    model = loaded.model
+    source = _teacher_source(cfg, loaded, model, device)
 
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    model = load_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.attn_implementation)
-    records, data_fp = read_records(cfg.data.train, cfg.data)
-    if tc.teacher_mode == "offline" and not (tc.alpha == 0 and tc.alpha_schedule == "constant" and
-                                             not os.path.exists(os.path.join(cfg.teacher.output_dir, ts.MANIFEST))):
-        store = ts.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        check_store(cfg.teacher.output_dir, store.manifest, store_settings(cfg, tok, vocab, dtype, data_fp))
-        examples, with_teacher = store, True
-    else:  # online teacher, or plain fine-tuning without a store: tokenize the data here
-        ex, _ = build_examples(records, tok, cfg.data, source=cfg.data.train)
-        examples, with_teacher = OnlineExamples(ex, cfg.teacher.positions), False
-
-    frozen = None
+    if tc.gradient_checkpointing:
+        # non-reentrant: no input that requires grad is needed, and it works under ZeRO-3's hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.method == "lora":
         from peft import get_peft_model
         model.requires_grad_(False)
         torch.manual_seed(tc.seed)  # the adapters' init depends on the seed alone
         model = get_peft_model(model, lora_config(tc))
-    else:
-        if tc.teacher_mode == "online" and tc.alpha > 0:
-            frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-        if tc.freeze_lm_head:
-            model.get_output_embeddings().requires_grad_(False)
+    elif tc.freeze_lm_head:
+        model.get_output_embeddings().requires_grad_(False)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    objective = (objective_cls or Objective)(model, tc, frozen)
-    conf = ds_config(cfg, world, device.type == "cuda")
+    objective = (objective_cls or Objective)(model, tc, source)
+    objective.train()  # from_pretrained returns eval mode; checkpointing runs only in training mode
     params = [p for p in objective.parameters() if p.requires_grad]
     if "optimizer" in conf:  # the ds_config's own (e.g. DeepSpeed's CPU Adam for offload)
         optimizer = None
@@ -212,97 +244,111 @@ def setup(cfg: Config, objective_cls=None):
     engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, optimizer=optimizer, config=conf,
                                            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, tc)))
     if zero_stage(engine) == 3:
-        objective.gather_frozen_head()
+        objective.setup_zero3_head()
+    examples = source.examples
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed)
-    return engine, tok, examples, with_teacher, sampler, rank, world, device
+    return Run(cfg, engine, loaded.tok, source, sampler, examples.lengths(), rank, world, device)
 
 
-def train_step(engine, examples, sampler, step, c_nll, c_kl, pad_id, device, with_teacher, rank, world):
+def step_coefficients(run: Run, step: int) -> Coefficients:
+    """Each term's sum is divided once by its count over the whole step (all micro-batches, all
+    ranks); x world because DeepSpeed averages gradients over ranks."""
+    alpha = alpha_at(step, run.cfg.train)
+    n_nll, n_kl = step_counts(run.lengths, run.sampler.global_batch(step))
+    return Coefficients(run.world / max(n_nll, 1), run.world * alpha / max(n_kl, 1), n_nll, n_kl, alpha)
+
+
+def train_step(run: Run, step: int, co: Coefficients):
     """One optimizer step over grad_accum micro-batches. Returns (global [nll_sum, kl_sum], global tokens)."""
+    engine, device = run.engine, run.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll sum, kl sum, tokens: no sync per micro-step
     for m in range(engine.gradient_accumulation_steps()):
-        rows = [examples.example(int(i)) for i in sampler.micro_batch(step, m, rank)]
-        batch = collate(rows, pad_id, device, with_teacher)
-        loss, nll, kl = engine(batch, c_nll, c_kl)
+        rows = [run.source.examples.example(int(i)) for i in run.sampler.micro_batch(step, m, run.rank)]
+        batch = run.source.batch(rows, run.tok.pad_token_id, device)
+        loss, nll, kl = engine(batch, co.c_nll, co.c_kl)
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         totals += torch.stack([nll.double(), kl.double(), batch["attention_mask"].sum().double()])
-    if world > 1:  # one small all-reduce per optimizer step, for logging only
+    if run.world > 1:  # one small all-reduce per optimizer step, for logging and the finiteness check
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()  # the one host sync of the step
+    if not torch.isfinite(totals[:2]).all():
+        # DeepSpeed would skip such a step ("OVERFLOW") and go on: a skipped step is an error here
+        bad = [name for name, v in zip(("nll", "kl"), totals[:2].tolist()) if not math.isfinite(v)]
+        raise TrainError(f"optimizer step {step + 1}: the {' and '.join(bad)} term is not finite "
+                         f"(nll sum {totals[0].item()}, kl sum {totals[1].item()}); check the teacher store "
+                         "(`selfaug inspect`), train.lr and the data")
     return totals[:2], int(totals[2].item())
 
 
-def step_coefficients(lengths, sampler, step, tc, world):
-    """(c_nll, c_kl, n_nll, n_kl, alpha): each term's sum is divided once by its count over the whole
-    step (all micro-batches, all ranks); x world because DeepSpeed averages gradients over ranks."""
-    alpha = alpha_at(step, tc)
-    n_nll, n_kl = step_counts(lengths, sampler.global_batch(step))
-    return world / max(n_nll, 1), world * alpha / max(n_kl, 1), n_nll, n_kl, alpha
-
-
 def train(cfg: Config) -> str:
-    engine, tok, examples, with_teacher, sampler, rank, world, device = setup(cfg)
-    tc = cfg.train
+    run = setup(cfg)
+    tc, rank = cfg.train, run.rank
     out = tc.output_dir
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
-    start = _resume(engine, cfg, rank)
+    start = _resume(run)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
         _truncate_metrics(metrics_path, start)
-    lengths = examples.lengths()
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start, tc.max_steps):
         t0 = time.time()
-        c_nll, c_kl, n_nll, n_kl, alpha = step_coefficients(lengths, sampler, step, tc, world)
-        sums, tokens = train_step(engine, examples, sampler, step, c_nll, c_kl, tok.pad_token_id, device,
-                                  with_teacher, rank, world)
+        co = step_coefficients(run, step)
+        sums, tokens = train_step(run, step, co)
         dt = time.time() - t0
-        nll_mean, kl_mean = sums[0].item() / max(n_nll, 1), sums[1].item() / max(n_kl, 1)
-        row = {"step": step + 1, "loss": nll_mean + alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
-               "alpha": alpha, "lr": tc.lr * lr_factor(step, tc),
-               "tokens_per_s": tokens / dt, "step_time_s": dt, "nll_tokens": n_nll, "kl_positions": n_kl}
+        nll_mean, kl_mean = sums[0].item() / max(co.n_nll, 1), sums[1].item() / max(co.n_kl, 1)
+        row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
+               "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc),
+               "tokens_per_s": tokens / dt, "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl}
         if rank == 0:
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _log(run, metrics_path, row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}", kl=f"{kl_mean:.4f}")
         done = step + 1
         if (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
-            _save_checkpoint(engine, out, done, rank)
+            _save_checkpoint(run, done)
         if done == tc.stop_after:
             bar.close()
             return out
     bar.close()
-    save_final(engine, cfg, tok, rank)
+    save_final(run)
     return out
 
 
-def _save_checkpoint(engine, out: str, step: int, rank: int) -> None:
-    ckpt = os.path.join(out, "checkpoints")
-    engine.save_checkpoint(ckpt, tag=f"step-{step}", client_state={"step": step})
-    torch.save(_rng_state(), os.path.join(ckpt, f"step-{step}", f"rng_rank{rank}.pt"))
+def _log(run: Run, path: str, row: dict) -> None:
+    """metrics.jsonl (strict JSON), and the same keys to DeepSpeed's monitors (train.report_to)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+    monitor = getattr(run.engine, "monitor", None)
+    if monitor is not None and monitor.enabled:
+        monitor.write_events([(key, float(value), row["step"]) for key, value in row.items() if key != "step"])
+
+
+def _save_checkpoint(run: Run, step: int) -> None:
+    ckpt = os.path.join(run.cfg.train.output_dir, "checkpoints")
+    run.engine.save_checkpoint(ckpt, tag=f"step-{step}", client_state={"step": step})
+    torch.save(_rng_state(), os.path.join(ckpt, f"step-{step}", f"rng_rank{run.rank}.pt"))
     dist.barrier()
 
 
-def _resume(engine, cfg: Config, rank: int) -> int:
+def _resume(run: Run) -> int:
     """The optimizer step to start from: 0, or that of the checkpoint resumed from."""
-    tc = cfg.train
+    tc = run.cfg.train
     if tc.resume == "never":
         return 0
     ckpt = _latest_checkpoint(tc.output_dir) if tc.resume == "auto" else tc.resume
     if ckpt is None:
         return 0
-    path, client = engine.load_checkpoint(ckpt)
+    path, client = run.engine.load_checkpoint(ckpt)
     if path is None:
-        raise RuntimeError(f"could not load a checkpoint from {ckpt}")
-    rng = os.path.join(path, f"rng_rank{rank}.pt")
+        raise TrainError(f"could not load a checkpoint from {ckpt}; pass train.resume=never to start afresh")
+    rng = os.path.join(path, f"rng_rank{run.rank}.pt")
     if os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
-    if rank == 0:
+    if run.rank == 0:
         print(f"resumed from {path} at step {client['step']}", flush=True)
     return int(client["step"])
 
@@ -316,34 +362,67 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(rows)
 
 
-def save_final(engine, cfg: Config, tok, rank: int) -> str:
+def _zero3_state_dict(engine, model, lora: bool):
+    """The trained weights on rank 0 (None elsewhere) under ZeRO-3: for LoRA only the adapters are
+    gathered, one tensor at a time; a full model is consolidated (16-bit where it trains in 16-bit)."""
+    import deepspeed
+    if not lora:
+        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the whole, others None
+        return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
+    from peft.utils import get_peft_model_state_dict
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with deepspeed.zero.GatheredParameters([p]):
+                state[name] = p.detach().cpu().clone()
+    return state
+
+
+def save_final(run: Run) -> str:
     """Hugging Face form under <output_dir>/final: the peft adapter (and merged model on request) or the
     full model. Under ZeRO-3 the parameters are gathered to rank 0 first."""
+    cfg, engine = run.cfg, run.engine
     final = os.path.join(cfg.train.output_dir, "final")
     model = engine.module.model
+    lora = cfg.train.method == "lora"
     if zero_stage(engine) == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the whole, others None
-        state = {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
+        state = _zero3_state_dict(engine, model, lora)
+        if lora and run.rank == 0:  # names as peft saves them
+            from peft.utils import get_peft_model_state_dict
+            state = get_peft_model_state_dict(model, state_dict=state)
     else:
-        state = {k: v for k, v in model.state_dict().items()}
-    if rank == 0:
+        state = model.state_dict()
+    if run.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
-        model.save_pretrained(final, state_dict=state)
-        tok.save_pretrained(final)
+        if lora and zero_stage(engine) == 3:
+            _save_adapter(model, state, final)
+        else:
+            model.save_pretrained(final, state_dict=state)
+        run.tok.save_pretrained(final)
         cfg.save(os.path.join(final, "selfaug_config.yaml"))
-        if cfg.train.method == "lora" and cfg.train.merge_adapter:
+        if lora and cfg.train.merge_adapter:
             merge_adapter(cfg, final)
     dist.barrier()
     return final
 
 
+def _save_adapter(model, adapter_state: dict, final: str) -> None:
+    """A peft adapter directory from an already-named adapter state dict (ZeRO-3: the model's own
+    tensors are empty partitions, so peft's save_pretrained cannot read them)."""
+    from safetensors.torch import save_file
+    os.makedirs(final, exist_ok=True)
+    model.peft_config["default"].save_pretrained(final)
+    save_file({k: v.contiguous() for k, v in adapter_state.items()}, os.path.join(final, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
 def merge_adapter(cfg: Config, final: str) -> str:
     from peft import PeftModel
-    base = load_model(cfg.model.name_or_path, torch.float32, cfg.model.revision)
+    base = load_model(cfg.model, torch.float32)
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
     target = os.path.join(final, "merged")
     merged.save_pretrained(target)
-    load_tokenizer(cfg.model.name_or_path, cfg.model.revision).save_pretrained(target)
+    load_tokenizer_for(cfg.model).save_pretrained(target)
     return target
 
 

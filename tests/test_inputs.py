@@ -3,12 +3,13 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import ROOT, tiny_config
 from selfaug import precompute
 from selfaug import teacher_store as ts
 from selfaug.config import ConfigError, build_config, load_config
-from selfaug.data import DataError, build_examples, read_records
+from selfaug.data import DataError, load_examples, load_records
 from selfaug.models import load_model, load_tokenizer
 
 
@@ -25,8 +26,7 @@ def _jsonl(tmp_path, lines):
 
 def _build(tmp_path, tok, lines, **data):
     cfg = tiny_config(str(tmp_path), data={"train": _jsonl(tmp_path, lines), **data})
-    records, _ = read_records(cfg.data.train, cfg.data)
-    return build_examples(records, tok, cfg.data, source=cfg.data.train)
+    return load_examples(cfg.data.train, tok, cfg.data).examples()
 
 
 GOOD_RAG = json.dumps({"question": "Who?", "documents": ["Ann did it."], "answer": "Ann"})
@@ -83,14 +83,14 @@ def test_unknown_builtins_are_refused():
         load_model("builtin:nope")
     cfg = tiny_config("/tmp", data={"train": "builtin:nope"})
     with pytest.raises(DataError, match="unknown built-in data set"):
-        read_records(cfg.data.train, cfg.data)
+        load_records(cfg.data.train, cfg.data)
 
 
 def test_store_from_other_settings_is_refused_unless_overwrite(tmp_path):
     cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 3})
     precompute.run(cfg)
     other = tiny_config(str(tmp_path), data={"builtin_train_size": 3}, teacher={"k": 4})
-    with pytest.raises(ts.StoreError, match=r"k \(store: 8, expected: 4\)"):
+    with pytest.raises(ts.StoreError, match=r"k \(store: 8, recipe: 4\)"):
         precompute.run(other)
     again = tiny_config(str(tmp_path), data={"builtin_train_size": 3}, teacher={"k": 4, "overwrite": True})
     precompute.run(again)
@@ -125,7 +125,11 @@ def test_every_recipe_and_ds_config_loads():
         assert first.startswith("#") and ("launch.sh" in first or "selfaug" in first), f"{path}: no command on line 1"
         cfg = load_config(path)
         assert os.path.exists(os.path.join(ROOT, cfg.train.deepspeed)), path
-    for path in sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))):
+    from selfaug.precompute import teacher_ds_config
+    inference = os.path.join(ROOT, "ds_configs", "zero3_inference.json")  # stage 1's partitioned teacher
+    conf = teacher_ds_config(load_config(recipes[0], [f"teacher.deepspeed={inference}"]), torch.device("cpu"))
+    assert conf["zero_optimization"]["stage"] == 3 and "auto" not in json.dumps(conf)
+    for path in sorted(set(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))) - {inference}):
         cfg = load_config(recipes[0], [f"train.deepspeed={path}"])
         conf = ds_config(cfg, world=2, on_gpu=False)
         assert "auto" not in json.dumps(conf), path

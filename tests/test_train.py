@@ -61,7 +61,7 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     tok = load_tokenizer("builtin:tiny-llama")
     sampler = StepSampler(len(store), tc.micro_batch_size, 1, 1, tc.seed)
     for step in range(tc.max_steps):
-        b = collate([store.example(int(i)) for i in sampler.global_batch(step)], tok.pad_token_id, "cpu", False)
+        b = collate([store.example(int(i)) for i in sampler.global_batch(step)], tok.pad_token_id, "cpu")
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         labels = shifted_labels(b["input_ids"], b["prompt_lens"], b["lengths"])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
