@@ -1,4 +1,4 @@
-"""Benchmarks (issue "Performance"): each prints a table of ratios measured in one invocation and
+"""Benchmarks (docs/design.md, "Benchmarks"): each prints a table of ratios measured in one invocation and
 writes JSON. Not timed tests: CI runs a tiny smoke of each.
 
   step       step time and peak memory: vanilla LoRA (Hugging Face loss), offline SelfAug, online
@@ -21,15 +21,15 @@ import torch
 from . import dist
 from .config import Config
 
-SECTIONS = ("step", "precompute", "storage", "fidelity", "long")
+SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale")
 
 
-def _worker(cmd: list[str]) -> dict:
+def _worker(cmd: list[str], **env_extra) -> dict:
     """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
     # a fresh single-process rendezvous: never the parent's port or rank
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-m", "selfaug.bench_worker", *cmd], capture_output=True, text=True,
-                         env={**env, "PYTHONUNBUFFERED": "1"})
+                         env={**env, "PYTHONUNBUFFERED": "1", **env_extra})
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {cmd} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -63,6 +63,26 @@ def bench_long(lengths: list[int], vocab: int, hidden: int, k: int, chunk: int) 
     return {"vocab": vocab, "hidden": hidden, "k": k, "chunk_rows": chunk, "rows": rows}
 
 
+def bench_data(cfg_path: str, overrides: list[str], n: int) -> dict:
+    """Loading and tokenizing n built-in RAG records: the first version's list path against
+    data.load_examples with 1 and 2 processes, each in a fresh process and a fresh cache."""
+    import tempfile
+    rows = {}
+    for mode, procs in (("list", 1), ("datasets", 1), ("datasets", 2)):
+        cache = tempfile.mkdtemp(prefix="selfaug-bench-data-")
+        r = _worker(["data", mode, cfg_path, str(n), str(procs), *overrides], SELFAUG_DATA_CACHE=cache,
+                    HF_DATASETS_CACHE=os.path.join(cache, "hf"))
+        rows[f"{mode}_{procs}"] = r
+        print(f"  data[{mode}, {procs} proc]: {r['time_s']:.1f} s, peak {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+        import shutil
+        shutil.rmtree(cache, ignore_errors=True)
+    base = rows["list_1"]
+    for r in rows.values():
+        r["time_ratio"] = r["time_s"] / base["time_s"]
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+    return {"records": n, "rows": rows}
+
+
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
     from . import bench_worker as bw
@@ -83,6 +103,11 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
         lengths = [128, 256] if smoke else [512, 1024, 2048, 4096, 8192]
         results["long"] = bench_long(lengths, 4096 if smoke else 49152, 64 if smoke else 576, 64 if not smoke else 8,
                                      64 if smoke else 1024)
+    if "data" in only:
+        results["data"] = bench_data(cfg_path, list(overrides), 400 if smoke else 200_000)
+    if "scale" in only:
+        from .bench_scale import bench_scale
+        results["scale"] = bench_scale(smoke)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=2)
@@ -117,4 +142,14 @@ def format_results(r: dict) -> str:
         for row in r["long"]["rows"]:
             lines.append(f"{row['tokens']:>7}{row['chunked_peak_bytes'] / 2**20:>13.1f}"
                          f"{row['unchunked_peak_bytes'] / 2**20:>15.1f}{row['ratio']:>8.3f}")
+    if "data" in r:
+        lines.append(f"data: {r['data']['records']} records, load + tokenize")
+        lines.append(f"{'path':<16}{'time s':>9}{'peak MiB':>10}{'time x':>8}{'mem x':>8}{'cached s':>10}")
+        for name, d in r["data"]["rows"].items():
+            cached = f"{d['cached_s']:.2f}" if "cached_s" in d else "-"
+            lines.append(f"{name:<16}{d['time_s']:>9.1f}{d['peak_bytes'] / 2**20:>10.0f}{d['time_ratio']:>8.3f}"
+                         f"{d['memory_ratio']:>8.3f}{cached:>10}")
+    if "scale" in r:
+        from .bench_scale import format_scale
+        lines.append(format_scale(r["scale"]))
     return "\n".join(lines)

@@ -217,13 +217,96 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
             "exact_kl_per_token": exact_total / positions, "rows": out}
 
 
+def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) -> dict:
+    """Peak resident memory and wall time of loading and tokenizing n built-in RAG records.
+    list: the first version's path (a Python list of records, tokenized in one process, a list of
+    examples); datasets: data.load_examples (Arrow, datasets.map with num_proc, cached), in a fresh
+    cache so that the work is done, then once more from the cache."""
+    from .data import encode_record, load_examples
+    from .models import load_tokenizer_for
+    from . import ragdata
+    cfg = load_config(cfg_path, list(overrides) + ["data.train=builtin:rag", f"data.builtin_train_size={n}",
+                                                   f"data.num_proc={num_proc}", "data.long_policy=skip"])
+    tok = load_tokenizer_for(cfg.model)
+    device = torch.device("cpu")
+    reset_peak(device)
+    base = peak_bytes(device)
+    t0 = time.perf_counter()
+    out = {"mode": mode, "records": n, "num_proc": num_proc}
+    if mode == "list":
+        dc = cfg.data
+        records = ragdata.generate("train", n, seed=dc.builtin_seed, num_documents=dc.builtin_num_documents)
+        examples = []
+        for i, r in enumerate(records):
+            ids, plen, status = encode_record(r, tok, dc, f"record {i}")
+            if status != 2:
+                examples.append((i, ids, plen))
+        out["examples"] = len(examples)
+    else:
+        examples = load_examples(cfg.data.train, tok, cfg.data)
+        out["examples"] = len(examples)
+        out["first_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        load_examples(cfg.data.train, tok, cfg.data)
+        out["cached_s"] = time.perf_counter() - t1
+    out["time_s"] = time.perf_counter() - t0 - out.get("cached_s", 0.0)
+    out["peak_bytes"] = peak_bytes(device)
+    out["peak_above_start_bytes"] = out["peak_bytes"] - base
+    return out
+
+
+def scale(kind: str, recipe: str) -> dict:
+    """One rank of a bench_scale measurement (launched by the deepspeed launcher): `train` = setup
+    (loading) + one optimizer step; `precompute` = stage 1. Writes rank{R}.json to $SELFAUG_BENCH_OUT."""
+    from . import train as tr
+    cfg = load_config(recipe)
+    rank, world = dist.init()
+    device = dist.device()
+    t0 = time.perf_counter()
+    out = {"kind": kind, "rank": rank, "world": world}
+    if kind == "train":
+        run = tr.setup(cfg)
+        out["load_s"] = time.perf_counter() - t0
+        out["load_peak_bytes"] = peak_bytes(device)
+        rss = _rss()
+        reset_peak(device)
+        t1 = time.perf_counter()
+        _, tokens = tr.train_step(run, 0, tr.step_coefficients(run, 0))
+        sync(device)
+        out.update(step_time_s=time.perf_counter() - t1, tokens=tokens, rss_before_step_bytes=rss,
+                   step_peak_bytes=peak_bytes(device))
+        out["peak_bytes"] = max(out["load_peak_bytes"], out["step_peak_bytes"])
+    else:
+        from . import precompute, teacher_store as ts
+        precompute.run(cfg)
+        out["time_s"] = time.perf_counter() - t0
+        out["tokens"] = ts.read_manifest(cfg.teacher.output_dir)["totals"]["tokens"] / world  # about this rank's
+        out["peak_bytes"] = peak_bytes(device)
+    with open(os.path.join(os.environ["SELFAUG_BENCH_OUT"], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 if __name__ == "__main__":
     dist.ensure_env()
-    what, args = sys.argv[1], sys.argv[2:]
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    what, args = argv[0], argv[1:]
     if what == "step":
         res = step(args[0], args[1], int(args[2]), args[3:])
     elif what == "long":
         res = long(*(int(a) for a in args))
+    elif what == "scale":
+        res = scale(args[0], args[1])
+    elif what == "data":
+        res = data(args[0], args[1], int(args[2]), int(args[3]), args[4:])
     else:
         raise SystemExit(f"unknown benchmark worker {what!r}")
     print(json.dumps(res))

@@ -8,7 +8,7 @@ RAG form {"question", "documents", "answer"}. Examples longer than `data.max_seq
 model runs; an error names the source, the record's index (and the line of a JSONL file).
 
 The tokenized set is written once, by rank 0, to a cache file keyed by the data, the tokenizer and
-the data settings ($SELFAUG_CACHE/tokenized); the other ranks wait and read the same file.
+the data settings ($SELFAUG_DATA_CACHE, default $SELFAUG_CACHE/tokenized); the other ranks wait and read the same file.
 """
 from __future__ import annotations
 
@@ -262,8 +262,14 @@ class Examples:
         return out, stats
 
 
+def tokenizer_fingerprint(tok) -> dict:
+    vocab = tok.get_vocab()
+    h = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()
+    t = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
+    return {"vocab_sha256": h, "chat_template_sha256": t, "vocab_size": len(vocab)}
+
+
 def tokenized_cache_key(fp: dict, tok, cfg) -> str:
-    from .models import tokenizer_fingerprint
     key = {"data": fp, "tokenizer": tokenizer_fingerprint(tok), "max_seq_len": cfg.max_seq_len,
            "long_policy": cfg.long_policy, "system_prompt": cfg.system_prompt, "version": TOKENIZE_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -279,7 +285,8 @@ def load_examples(source: str, tok, cfg) -> Examples:
         dist.barrier()  # rank 0 writes the Arrow caches first; the others then read them
     ds, fp = load_records(source, cfg)
     key = tokenized_cache_key(fp, tok, cfg)
-    path = os.path.join(cache_dir(), "tokenized", f"{key}.arrow")
+    root = os.environ.get("SELFAUG_DATA_CACHE", os.path.join(cache_dir(), "tokenized"))
+    path = os.path.join(root, f"{key}.arrow")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     kwargs = dict(batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                   fn_kwargs={"tok": tok, "cfg": cfg, "source": source}, cache_file_name=path,

@@ -1,4 +1,4 @@
-"""The one file hash used for fingerprints and shard checksums."""
+"""The one file hash used for fingerprints and shard checksums (docs/design.md, "The teacher store")."""
 from __future__ import annotations
 
 import hashlib

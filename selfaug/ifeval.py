@@ -1,4 +1,4 @@
-"""IFEval scoring with the instruction checkers of the `lm-eval` package, offline.
+"""IFEval scoring with the instruction checkers of the `lm-eval` package, offline (docs/design.md, "Stage 3").
 
 lm-eval's checkers ask NLTK for the `punkt_tab` data (downloaded at import, and used to count
 sentences and split words); nothing can be downloaded here, so before import the download is made a

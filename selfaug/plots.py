@@ -1,4 +1,4 @@
-"""PNG plots of an evaluation report and of runs' metrics.jsonl (matplotlib, no display)."""
+"""PNG plots of an evaluation report and of runs' metrics.jsonl (matplotlib, no display; docs/design.md, "Stage 3")."""
 from __future__ import annotations
 
 import json

@@ -24,7 +24,7 @@ from . import dist
 from . import teacher_store as ts
 from .config import Config, check_paths
 from .data import pad
-from .models import decoder_and_head, load_all, vocab_size
+from .models import decoder_and_head, load_all, partition_line, vocab_size
 
 
 @torch.no_grad()
@@ -159,6 +159,9 @@ def run(cfg: Config) -> dict | None:
         ds_conf["train_batch_size"] = world
     loaded = load_all(cfg, device, ds_config=ds_conf)  # created partitioned under ZeRO-3
     model = loaded.model
+    line = partition_line(model, rank)
+    if line:
+        print(line, flush=True)
     if ds_conf is not None:
         model = deepspeed.initialize(model=model, config=ds_conf)[0].module  # ZeRO-Inference: no optimizer
     else:

@@ -1,4 +1,5 @@
-"""The built-in RAG data set: fictional entities, so that the answer can only come from the documents.
+"""The built-in RAG data set (docs/design.md, "Data"): fictional entities, so that the answer can only
+come from the documents.
 
 Each example has `num_documents` short documents, one about the entity asked of and the others about
 other entities (distractors, with the same attributes and other values), a question about one

@@ -50,7 +50,8 @@ def id_dtype_for(vocab_size: int) -> str:
 
 def store_settings(cfg: Config, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
     """Everything a store depends on; a store is reused or resumed only if this matches exactly."""
-    from .models import model_fingerprint, tokenizer_fingerprint
+    from .data import tokenizer_fingerprint
+    from .models import model_fingerprint
     return {
         "model": {**model_fingerprint(cfg.model), "dtype": str(dtype).replace("torch.", ""), "vocab_size": vocab_size},
         "tokenizer": tokenizer_fingerprint(tok),

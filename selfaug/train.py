@@ -32,7 +32,8 @@ from . import dist
 from . import teacher_store as ts
 from .config import Config, check_paths
 from .loss import kl_sum, nll_sum, shifted_labels
-from .models import decoder_and_head, load_all, load_model, load_tokenizer_for, resolve_dtype, vocab_size
+from .models import (decoder_and_head, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype,
+                     vocab_size)
 from .reader import DataExamples, LiveModel, NoTeacher, StepSampler, StoredTopK, step_counts
 
 
@@ -216,6 +217,9 @@ def setup(cfg: Config, objective_cls=None) -> Run:
     torch.manual_seed(tc.seed), random.seed(tc.seed), np.random.seed(tc.seed)
     loaded = load_all(cfg, device, ds_config=conf)  # created partitioned under ZeRO-3
     model = loaded.model
+    line = partition_line(model, rank)
+    if line:
+        print(line, flush=True)
     source = _teacher_source(cfg, loaded, model, device)
 
     if tc.gradient_checkpointing:

@@ -118,7 +118,7 @@ def test_config_is_strict_and_overrides_apply(tmp_path):
 def test_every_recipe_and_ds_config_loads():
     import glob
     from selfaug.train import ds_config
-    recipes = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+    recipes = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
     assert len(recipes) >= 4
     for path in recipes:
         first = open(path).readline()

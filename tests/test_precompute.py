@@ -104,5 +104,32 @@ def test_restart_rewrites_a_corrupted_shard(tmp_path, tiny_store):
     assert any("sha256" in p for p in ts.verify_store(store)[1])
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store})
     summary = precompute.run(cfg)
-    assert summary["shards_reused"] == 2
+    assert summary["shards_reused"] == 2 and summary["shards_computed"] == 1
     assert _shard_hashes(store) == _shard_hashes(tiny_store.teacher.output_dir)
+
+
+def test_rerun_throughput_counts_the_shards_it_computed(tmp_path, tiny_store):
+    """Shard 0 (5 examples) is recomputed, shards 1 and 2 (5 and 2) are reused: the summary's counts
+    and throughput are those of shard 0, not of the last shards in the list."""
+    store = str(tmp_path / "copy")
+    shutil.copytree(tiny_store.teacher.output_dir, store)
+    os.remove(os.path.join(store, "shards", "shard-00000.arrow"))
+    manifest = ts.read_manifest(store)
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store})
+    summary = precompute.run(cfg)
+    assert summary["shards_computed"] == 1 and summary["shards_reused"] == 2
+    assert summary["examples_computed"] == manifest["shards"][0]["rows"] == 5
+    assert summary["tokens_computed"] == manifest["shards"][0]["tokens"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens_computed"] / summary["elapsed_s"])
+
+
+def test_rerun_on_a_complete_store_changes_nothing_on_disk(tmp_path, tiny_store):
+    store = str(tmp_path / "copy")
+    shutil.copytree(tiny_store.teacher.output_dir, store)
+    before = {p: (os.path.getmtime(p), open(p, "rb").read()) for p in glob.glob(os.path.join(store, "**"), recursive=True)
+              if os.path.isfile(p)}
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store})
+    summary = precompute.run(cfg)
+    assert summary["shards_computed"] == 0 and summary["examples"] == 12
+    after = {p: (os.path.getmtime(p), open(p, "rb").read()) for p in before}
+    assert after == before

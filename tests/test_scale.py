@@ -1,0 +1,166 @@
+"""The large-model paths at a small scale (2 ranks, gloo): models created partitioned under ZeRO-3,
+stage 1's partitioned teacher, a trainable lm_head under ZeRO-3, activation checkpointing, random-init
+shapes, and their bad inputs."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
+from selfaug import precompute, train
+from selfaug import teacher_store as ts
+from selfaug.config import ModelConfig
+from selfaug.dist import free_port
+from selfaug.models import load_model
+
+INFERENCE = os.path.join(ROOT, "ds_configs", "zero3_inference.json")
+SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+
+
+def _random_dir(tmp, **shape):
+    """A directory holding only a config.json: a tiny Llama with a tied head (like SmolLM2's)."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, **shape}
+    path = os.path.join(str(tmp), "shape")
+    os.makedirs(path, exist_ok=True)
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    return path
+
+
+def _held_partitioned(stdout):
+    """Each of the 2 ranks held about half of the model from its creation on, never all of it."""
+    for rank in (0, 1):
+        line = [x for x in stdout.splitlines() if f"rank {rank} holds" in x]
+        assert line, stdout[-3000:]
+        local, total = (int(w.replace(",", "")) for w in line[0].split("holds ")[1].split(" parameters")[0].split(" of "))
+        assert 0.4 < local / total < 0.6, line[0]
+
+
+def _rows(store_dir):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow"))):
+        with pa.memory_map(path) as src:
+            for row in pa.ipc.open_stream(src).read_all().to_pylist():
+                out[row["example_id"]] = row
+    return out
+
+
+def _same_store(a_dir, b_dir, tol):
+    a, b = _rows(a_dir), _rows(b_dir)
+    assert a.keys() == b.keys() and a
+    for i in a:
+        for col in ("input_ids", "prompt_len", "positions", "topk_ids"):
+            assert a[i][col] == b[i][col], (i, col)
+        assert torch.allclose(torch.tensor(a[i]["topk_logprobs"]), torch.tensor(b[i]["topk_logprobs"]), atol=tol, rtol=tol)
+        assert torch.allclose(torch.tensor(a[i]["tail_logprob"]), torch.tensor(b[i]["tail_logprob"]), atol=tol, rtol=tol)
+
+
+def test_zero3_partitioned_teacher_store_equals_one_process_and_resumes(tmp_path, tiny_store):
+    """Stage 1 with the teacher partitioned over 2 ranks (3 chunks: rank 1 runs a dummy round)."""
+    two = str(tmp_path / "z3")
+    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), teacher={
+        "value_dtype": "float32", "output_dir": two, "deepspeed": INFERENCE}))
+    out = launch("precompute", recipe, nprocs=2)
+    _held_partitioned(out.stdout)
+    _same_store(tiny_store.teacher.output_dir, two, 1e-5)  # fp32 values here; fp16 rounding is 1e-3
+    manifest = ts.read_manifest(two)
+    assert manifest["computed_with"] == {"teacher": "zero3-partitioned", "world_size": 2, "deepspeed": INFERENCE}
+    # killed after its first shard, then resumed: still the same store
+    killed = str(tmp_path / "killed")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(free_port()), "--module", "selfaug", "precompute",
+           "--config", recipe, f"teacher.output_dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                            start_new_session=True)
+    first = os.path.join(killed, "shards", "shard-00000.json")
+    deadline = time.time() + 300
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(first) and ts.read_manifest(killed)["status"] == "incomplete"
+    out = launch("precompute", recipe, [f"teacher.output_dir={killed}"], nprocs=2)
+    assert "reused" in out.stdout
+    _same_store(tiny_store.teacher.output_dir, killed, 1e-5)
+
+
+def test_zero3_full_fine_tuning_with_a_trainable_head_equals_zero2(tmp_path):
+    """4 SGD steps, 2 ranks, a tied head that trains: ZeRO-3 (created partitioned, the head an external
+    parameter of the loss, with activation checkpointing) ends where ZeRO-2 ends; final/ loads with
+    transformers alone."""
+    from transformers import AutoModelForCausalLM
+    model = {"name_or_path": _random_dir(tmp_path), "init": "random", "seed": 3}
+    base = tiny_config(str(tmp_path), model=model, teacher={"value_dtype": "float32"})
+    precompute.run(base)
+    finals = {}
+    for name, extra in (("z2", {}), ("z3", {"deepspeed": os.path.join(ROOT, "ds_configs/zero3.json"),
+                                          "gradient_checkpointing": True})):
+        cfg = tiny_config(str(tmp_path), model=model, teacher={"value_dtype": "float32"}, train={
+            **SGD, "method": "full", "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4, "micro_batch_size": 2,
+            "output_dir": str(tmp_path / name), **extra})
+        out = launch("train", write_recipe(str(tmp_path / f"{name}.yaml"), cfg), nprocs=2)
+        if name == "z3":
+            _held_partitioned(out.stdout)
+        finals[name] = AutoModelForCausalLM.from_pretrained(str(tmp_path / name / "final"))
+    a, b = finals["z2"].state_dict(), finals["z3"].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), (key, (a[key] - b[key]).abs().max())
+    start = load_model(ModelConfig(**model), torch.float32)
+    head0 = start.get_output_embeddings().weight
+    assert (finals["z3"].get_output_embeddings().weight - head0).abs().max() > 1e-4  # the head trained
+    ids = torch.tensor([[1, 5, 9]])
+    assert finals["z3"].generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_parameters(tmp_path, tiny_store, method):
+    got = {}
+    for gc in (False, True):
+        cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                          train={**SGD, "method": method, "alpha": 0.5, "max_steps": 3, "gradient_checkpointing": gc,
+                                 "output_dir": str(tmp_path / f"{method}-{gc}")})
+        out = train.run(cfg)
+        name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+        got[gc] = (load_file(os.path.join(out, "final", name)), read_metrics(out))
+    a, b = got[False][0], got[True][0]
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+    assert got[True][1][-1]["kl"] > 0
+
+
+def test_scale_recipes_are_real_shapes_and_bad_inputs_get_one_line(tmp_path, capsys):
+    from transformers import AutoConfig
+    from selfaug.cli import main
+    from selfaug.config import load_config
+    expected = {"qwen2.5-7b": 7.6e9, "llama3-8b": 8.0e9, "llama3-70b": 70.6e9}
+    for name, params in expected.items():
+        cfg = load_config(os.path.join(ROOT, "recipes", "scale", name, "recipe.yaml"))
+        assert cfg.model.init == "random" and os.path.samefile(cfg.model.name_or_path, os.path.join(ROOT, "recipes/scale", name))
+        c = AutoConfig.from_pretrained(cfg.model.name_or_path)
+        kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+        n = c.num_hidden_layers * (2 * c.hidden_size ** 2 + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size) \
+            + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        assert abs(n - params) / params < 0.01, (name, n)
+
+    def one_line(overrides, match):
+        recipe = write_recipe(str(tmp_path / "bad.yaml"), tiny_config(str(tmp_path)))
+        assert main(["precompute", "--config", recipe, *overrides]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("selfaug: error: ") and match in err[0], err
+    bad = _random_dir(tmp_path / "bad", model_type="no-such-model")
+    one_line([f"model.name_or_path={bad}", "model.init=random"], "transformers cannot build a model")
+    small = _random_dir(tmp_path / "small", vocab_size=1000)
+    one_line([f"model.name_or_path={small}", "model.init=random"], "vocab_size=1000, smaller than the tokenizer's")
+    one_line(["teacher.deepspeed=ds_configs/nope.json"], "teacher.deepspeed: file 'ds_configs/nope.json' not found")
