@@ -224,7 +224,10 @@ def setup(cfg: Config, objective_cls=None) -> Run:
 
     if tc.gradient_checkpointing:
         # non-reentrant: no input that requires grad is needed, and it works under ZeRO-3's hooks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.method == "lora":
         from peft import get_peft_model
         model.requires_grad_(False)

@@ -138,6 +138,24 @@ def test_gradient_checkpointing_gives_the_same_parameters(tmp_path, tiny_store, 
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
     assert got[True][1][-1]["kl"] > 0
+    # and checkpointing was really on: the activations autograd keeps for backward shrink
+    saved = {}
+    for gc in (False, True):
+        cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                          train={"method": method, "gradient_checkpointing": gc, "output_dir": str(tmp_path / "s")})
+        run = train.setup(cfg)
+        rows = [run.source.examples.example(i) for i in range(2)]
+        batch = run.source.batch(rows, run.tok.pad_token_id, run.device)
+        total = [0]
+        head = (49152, 64)  # the loss saves its closed-form lm_head gradient (full method): not an activation
+
+        def pack(t):
+            total[0] += 0 if tuple(t.shape) == head else t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run.engine(batch, 1.0, 1.0)
+        saved[gc] = total[0]
+    assert saved[True] < 0.5 * saved[False], saved
 
 
 def test_scale_recipes_are_real_shapes_and_bad_inputs_get_one_line(tmp_path, capsys):
