@@ -105,8 +105,13 @@ def bench_scale(smoke: bool = False) -> dict:
             runs[gc] = _launch("train", raw, tmp, nprocs=1)
         pair = _pair("one step at 2K tokens, checkpointing vs not", runs[True], runs[False], "step_peak_bytes")
         pair["tokens"] = runs[True][0]["tokens"]
+        growth = {gc: runs[gc][0]["step_peak_bytes"] - runs[gc][0]["rss_before_step_bytes"] for gc in runs}
+        pair["step_growth_bytes"] = {"checkpointing": growth[True], "none": growth[False]}
+        pair["step_growth_ratio"] = growth[True] / max(growth[False], 1)
         pair["time_ratio"] = runs[True][0]["step_time_s"] / runs[False][0]["step_time_s"]
-        print(f"  scale[checkpointing]: {pair['tokens']} tokens, time {pair['time_ratio']:.3f}x", flush=True)
+        print(f"  scale[checkpointing]: {pair['tokens']} tokens, step memory growth {growth[True] / 2**20:.0f} against "
+              f"{growth[False] / 2**20:.0f} MiB ({pair['step_growth_ratio']:.3f}x), time {pair['time_ratio']:.3f}x",
+              flush=True)
         results["checkpointing"] = pair
     return results
 
@@ -125,5 +130,8 @@ def format_scale(r: dict) -> str:
     if "stage1" in r:
         lines.append(f"  stage 1 throughput partitioned / whole: {r['stage1']['throughput_ratio']:.3f}")
     if "checkpointing" in r:
-        lines.append(f"  checkpointing step time ratio: {r['checkpointing']['time_ratio']:.3f}")
+        c = r["checkpointing"]
+        lines.append(f"  checkpointing, {c['tokens']} tokens: memory the step adds "
+                     f"{c['step_growth_bytes']['checkpointing'] / 2**20:.0f} / {c['step_growth_bytes']['none'] / 2**20:.0f}"
+                     f" MiB = {c['step_growth_ratio']:.3f}; step time ratio {c['time_ratio']:.3f}")
     return "\n".join(lines)

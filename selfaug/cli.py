@@ -17,13 +17,13 @@ def _inspect(path: str) -> int:
     import json
     from . import teacher_store as ts
     if os.path.exists(os.path.join(path, ts.MANIFEST)):
-        manifest, problems = ts.verify_store(path)
+        manifest, problems = ts.verify_store(path, values=True)
         if manifest.get("status") == "complete":
             print(ts.format_summary(path, manifest))
         for p in problems:
             print(f"  FAIL {p}")
         if not problems:
-            print(f"  all {len(manifest['shards'])} shards verified (size and sha256)")
+            print(f"  all {len(manifest['shards'])} shards verified (size, sha256, schema and values)")
         return 1 if problems else 0
     metrics = os.path.join(path, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"selfaug: error: no space left on the device holding {e.filename or 'an output directory'}; "
+            where = os.path.dirname(e.filename) if e.filename else "an output directory"
+            print(f"selfaug: error: no space left on the device holding {where}; "
                   "free space (or choose another output directory) and run the command again: finished shards "
                   "and checkpoints are kept", file=sys.stderr)
             return 2

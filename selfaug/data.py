@@ -98,10 +98,18 @@ def load_records(source: str, cfg):
         fp = {"source": source, "sha256": digest}
     elif source.endswith((".jsonl", ".json")) and os.path.isfile(source):
         digest = sha256_file(source)
-        ds = datasets.Dataset.from_generator(_jsonl_lines, gen_kwargs={"path": source},
-                                             features=datasets.Features({"_json": datasets.Value("string"),
-                                                                         "_line": datasets.Value("int64")}),
-                                             fingerprint=f"jsonl-{digest[:32]}")
+        try:
+            ds = datasets.Dataset.from_generator(_jsonl_lines, gen_kwargs={"path": source},
+                                                 features=datasets.Features({"_json": datasets.Value("string"),
+                                                                             "_line": datasets.Value("int64")}),
+                                                 fingerprint=f"jsonl-{digest[:32]}")
+        except Exception as e:  # datasets wraps what the generator raises
+            cause = e
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise
         fp = {"source": os.path.abspath(source), "sha256": digest}
     elif source.endswith(".parquet") and os.path.isfile(source):
         ds = datasets.Dataset.from_parquet(source)

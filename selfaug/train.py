@@ -8,9 +8,8 @@ multiplied by the world size, and `backward(scale_wrt_gas=False)` stops it divid
 accumulation steps.
 
 Under ZeRO-3 the model is created partitioned (no rank holds it whole); the chunked loss applies the
-lm_head itself: a frozen head is gathered once into a copy, a trainable one is registered as an
-external parameter of the objective, so it is gathered for the loss and its gradient is reduced
-like every other parameter's.
+lm_head itself, so the head is registered as an external parameter of the objective: gathered for
+the loss, released after, and (when it trains) its gradient reduced like every other parameter's.
 """
 from __future__ import annotations
 
@@ -106,24 +105,18 @@ class Objective(torch.nn.Module):
         self.__dict__["source"] = source  # not a submodule: a live teacher's frozen copy is never trained
 
     def setup_zero3_head(self) -> None:
-        """Under ZeRO-3 the chunked loss applies the lm_head outside its module's hooks. A frozen head
-        is gathered once into a whole copy (it never changes); a trainable one is registered as an
-        external parameter of this module: gathered while forward runs, its gradient reduce-scattered."""
+        """Under ZeRO-3 the chunked loss applies the lm_head outside its module's hooks: the head is
+        registered as an external parameter of this module, so it is gathered while forward (and
+        backward) runs and released after, and, when it trains, its gradient is reduce-scattered like
+        every other parameter's. No rank keeps a whole copy of it."""
         import deepspeed
         _, head = decoder_and_head(self.model)
-        params = [p for p in (head.weight, head.bias) if p is not None]
-        if any(p.requires_grad for p in params):
-            for p in params:
+        for p in (head.weight, head.bias):
+            if p is not None:
                 deepspeed.zero.register_external_parameter(self, p)
-            return
-        with deepspeed.zero.GatheredParameters(params):
-            self.__dict__["head_copy"] = tuple(p.detach().clone() for p in params) + ((None,) if head.bias is None else ())
 
     def head(self):
-        """(weight, bias) of the lm_head as the loss uses them."""
-        copy_ = self.__dict__.get("head_copy")
-        if copy_ is not None:
-            return copy_
+        """(weight, bias) of the lm_head as the loss uses them (gathered while forward runs, under ZeRO-3)."""
         _, head = decoder_and_head(self.model)
         return head.weight, head.bias
 
