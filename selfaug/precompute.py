@@ -185,26 +185,26 @@ def _compute(writer: ts.StoreWriter, teacher: Teacher, data, cfg: Config, rank: 
     # a partitioned teacher steps in lockstep: as many rounds as the busiest rank has chunks
     rounds = int(dist.all_reduce_max(len(todo))) if teacher.partitioned else len(todo)
     records = sum(min(tc.shard_size, n_records - j * tc.shard_size) for j in todo)
-    bar = tqdm(total=records, unit="ex", desc=f"precompute (rank 0 of {world})", disable=rank != 0)
     t0 = time.time()
-    for r in range(rounds):
-        j = todo[r] if r < len(todo) else None
-        lo, hi = (j * tc.shard_size, min(n_records, (j + 1) * tc.shard_size)) if j is not None else (0, 0)
-        examples, long_stats = data.examples(lo, hi) if j is not None else ([], None)
-        batches = length_batches(examples, tc.batch_tokens)
-        n = int(dist.all_reduce_max(len(batches))) if teacher.partitioned else len(batches)
-        out = {}
-        for b in range(n):
-            if b < len(batches):
-                out.update(teacher.batch(batches[b]))
-            else:
-                teacher.dummy()
-        if j is None:
-            continue
-        rows = shard_rows(examples, out, tc.k, teacher.vocab, tc.value_dtype)
-        entry = writer.write(j, rows, lo, hi - lo, long_stats.to_dict())
-        bar.update(hi - lo)
-        el = max(time.time() - t0, 1e-9)
-        bar.set_postfix(ex_s=f"{bar.n / el:.1f}", tok_s=f"{writer.computed[2] / el:.0f}", shard=entry["file"])
-    bar.close()
+    # closed on the way out, also by an error, so that the error starts on a line of its own
+    with tqdm(total=records, unit="ex", desc=f"precompute (rank 0 of {world})", disable=rank != 0) as bar:
+        for r in range(rounds):
+            j = todo[r] if r < len(todo) else None
+            lo, hi = (j * tc.shard_size, min(n_records, (j + 1) * tc.shard_size)) if j is not None else (0, 0)
+            examples, long_stats = data.examples(lo, hi) if j is not None else ([], None)
+            batches = length_batches(examples, tc.batch_tokens)
+            n = int(dist.all_reduce_max(len(batches))) if teacher.partitioned else len(batches)
+            out = {}
+            for b in range(n):
+                if b < len(batches):
+                    out.update(teacher.batch(batches[b]))
+                else:
+                    teacher.dummy()
+            if j is None:
+                continue
+            rows = shard_rows(examples, out, tc.k, teacher.vocab, tc.value_dtype)
+            entry = writer.write(j, rows, lo, hi - lo, long_stats.to_dict())
+            bar.update(hi - lo)
+            el = max(time.time() - t0, 1e-9)
+            bar.set_postfix(ex_s=f"{bar.n / el:.1f}", tok_s=f"{writer.computed[2] / el:.0f}", shard=entry["file"])
     return writer.close(time.time() - t0)

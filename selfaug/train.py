@@ -292,28 +292,27 @@ def train(cfg: Config) -> str:
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
         _truncate_metrics(metrics_path, start)
-    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
-    for step in range(start, tc.max_steps):
-        t0 = time.time()
-        co = step_coefficients(run, step)
-        sums, tokens = train_step(run, step, co)
-        dt = time.time() - t0
-        nll_mean, kl_mean = sums[0].item() / max(co.n_nll, 1), sums[1].item() / max(co.n_kl, 1)
-        row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
-               "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc),
-               "tokens_per_s": tokens / dt, "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl}
-        if rank == 0:
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
-                _log(run, metrics_path, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}", kl=f"{kl_mean:.4f}")
-        done = step + 1
-        if (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
-            _save_checkpoint(run, done)
-        if done == tc.stop_after:
-            bar.close()
-            return out
-    bar.close()
+    # the bar is closed on the way out, also by an error, so that the error starts on a line of its own
+    with tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
+        for step in range(start, tc.max_steps):
+            t0 = time.time()
+            co = step_coefficients(run, step)
+            sums, tokens = train_step(run, step, co)
+            dt = time.time() - t0
+            nll_mean, kl_mean = sums[0].item() / max(co.n_nll, 1), sums[1].item() / max(co.n_kl, 1)
+            row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
+                   "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": tokens / dt,
+                   "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl}
+            if rank == 0:
+                if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
+                    _log(run, metrics_path, row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}", kl=f"{kl_mean:.4f}")
+            done = step + 1
+            if (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
+                _save_checkpoint(run, done)
+            if done == tc.stop_after:
+                return out
     save_final(run)
     return out
 

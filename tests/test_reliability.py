@@ -43,7 +43,7 @@ def _one_line(capsys, argv, match):
 # 1. two precomputes into the same directory
 
 def test_a_second_concurrent_precompute_refuses_and_the_first_completes(tmp_path):
-    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), data={"builtin_train_size": 1500},
+    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), data={"builtin_train_size": 160},
                                                                   teacher={"shard_size": 2}))
     store = os.path.join(str(tmp_path), "teacher")
     cmd = [sys.executable, "-m", "selfaug", "precompute", "--config", recipe]
