@@ -59,27 +59,24 @@ def _pair(name: str, a: list[dict], b: list[dict], key: str) -> dict:
     return {"variant_peak_bytes": pa, "reference_peak_bytes": pb, "ratio": pa / pb, "variant": a, "reference": b}
 
 
+def _zero3_vs_zero2(tmp: str, model: str, method: str, label: str, smoke: bool) -> dict:
+    runs = {}
+    for stage in (2, 3):
+        raw = _base(tmp, model, smoke)
+        raw["train"].update(method=method, deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
+        runs[stage] = _launch("train", raw, tmp)
+    return _pair(f"{label}, load + 1 step, ZeRO-3 vs ZeRO-2", runs[3], runs[2], "peak_bytes")
+
+
 def bench_scale(smoke: bool = False) -> dict:
     results = {}
     big = os.path.join(SCALE, "llama-1b") if not smoke else "builtin:tiny-llama"
     mid = os.path.join(SCALE, "llama-400m") if not smoke else "builtin:tiny-llama"
     with tempfile.TemporaryDirectory(prefix="selfaug-bench-scale-") as tmp:
-        # LoRA: ZeRO-3 (created partitioned) against ZeRO-2 (a whole model per rank)
-        runs = {}
-        for stage in (2, 3):
-            raw = _base(tmp, big, smoke)
-            raw["train"].update(method="lora", deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
-            runs[stage] = _launch("train", raw, tmp)
-        results["lora_load_and_step"] = _pair("LoRA 1.2B, load + 1 step, ZeRO-3 vs ZeRO-2", runs[3], runs[2],
-                                              "peak_bytes")
-        # full fine-tuning with AdamW: parameters, gradients and Adam states
-        runs = {}
-        for stage in (2, 3):
-            raw = _base(tmp, mid, smoke)
-            raw["train"].update(method="full", deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
-            runs[stage] = _launch("train", raw, tmp)
-        results["full_load_and_step"] = _pair("full AdamW 0.38B, load + 1 step, ZeRO-3 vs ZeRO-2", runs[3], runs[2],
-                                              "peak_bytes")
+        # LoRA, then full fine-tuning with AdamW (parameters, gradients, Adam states): ZeRO-3 (created
+        # partitioned) against ZeRO-2 (a whole model per rank)
+        results["lora_load_and_step"] = _zero3_vs_zero2(tmp, big, "lora", "LoRA 1.2B", smoke)
+        results["full_load_and_step"] = _zero3_vs_zero2(tmp, mid, "full", "full AdamW 0.38B", smoke)
         # stage 1: a partitioned teacher against a whole teacher per rank
         runs = {}
         for mode in ("whole", "partitioned"):
