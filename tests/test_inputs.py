@@ -191,3 +191,21 @@ def test_step_sampler_covers_each_example_once_per_epoch_and_splits_ranks():
     again = StepSampler(12, micro=2, accum=1, world=2, seed=0)
     assert again.global_batch(4).tolist() == s.global_batch(4).tolist()  # the same stream, in any order of calls
     assert np.concatenate([s.micro_batch(1, 0, 0), s.micro_batch(1, 0, 1)]).tolist() == s.global_batch(1).tolist()
+
+
+def test_tokenizing_in_two_processes_equals_one_and_the_cache_is_read_back(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("SELFAUG_DATA_CACHE", str(tmp_path / "cache"))
+    lines = [GOOD_RAG, GOOD_CHAT] * 20
+    one, _ = _build(tmp_path, tok, lines)
+    cfg = tiny_config(str(tmp_path), data={"train": _jsonl(tmp_path, lines), "num_proc": 2})
+    two = load_examples(cfg.data.train, tok, cfg.data)
+    assert [(e.example_id, e.input_ids, e.prompt_len) for e in two.examples()[0]] == \
+        [(e.example_id, e.input_ids, e.prompt_len) for e in one]
+    files = {f["filename"]: os.path.getmtime(f["filename"]) for f in two.ds.cache_files}
+    assert files and all(str(tmp_path / "cache") in f for f in files)
+    again = load_examples(cfg.data.train, tok, cfg.data)  # the same key: read, not tokenized again
+    assert {f["filename"]: os.path.getmtime(f["filename"]) for f in again.ds.cache_files} == files
+    bad = lines[:30] + [json.dumps({"question": "Who?", "documents": ["x"]})] + lines[30:]
+    cfg = tiny_config(str(tmp_path), data={"train": _jsonl(tmp_path, bad), "num_proc": 2})
+    with pytest.raises(DataError, match=r"record 30: RAG record needs 'answer'"):
+        load_examples(cfg.data.train, tok, cfg.data)
