@@ -275,7 +275,8 @@ def train_step(run: Run, step: int, co: Coefficients):
     if not torch.isfinite(totals[:2]).all():
         # DeepSpeed would skip such a step ("OVERFLOW") and go on: a skipped step is an error here
         bad = [name for name, v in zip(("nll", "kl"), totals[:2].tolist()) if not math.isfinite(v)]
-        raise TrainError(f"optimizer step {step + 1}: the {' and '.join(bad)} term is not finite "
+        raise TrainError(f"optimizer step {step + 1}: the {' and '.join(bad)} term{'s are' if len(bad) > 1 else ' is'} "
+                         "not finite "
                          f"(nll sum {totals[0].item()}, kl sum {totals[1].item()}); check the teacher store "
                          "(`selfaug inspect`), train.lr and the data")
     return totals[:2], int(totals[2].item())
