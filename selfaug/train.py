@@ -369,7 +369,6 @@ def _zero3_state_dict(engine, model, lora: bool):
     if not lora:
         state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the whole, others None
         return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
-    from peft.utils import get_peft_model_state_dict
     state = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

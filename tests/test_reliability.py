@@ -19,7 +19,6 @@ from selfaug import precompute, train
 from selfaug import teacher_store as ts
 from selfaug.cli import main
 from selfaug.config import ConfigError, build_config
-from selfaug.hashing import sha256_file
 
 GOOD = json.dumps({"question": "Who?", "documents": ["Ann did it."], "answer": "Ann"})
 LONG = json.dumps({"question": "Who?", "documents": ["word " * 300], "answer": "Ann"})
