@@ -32,9 +32,14 @@ def peak_bytes(device) -> int:
     """Peak device memory (CUDA) or the process's peak resident memory (CPU) since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak RSS, VmRSS: current)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -268,7 +273,7 @@ def scale(kind: str, recipe: str) -> dict:
         run = tr.setup(cfg)
         out["load_s"] = time.perf_counter() - t0
         out["load_peak_bytes"] = peak_bytes(device)
-        rss = _rss()
+        rss = _proc_status_bytes("VmRSS")
         reset_peak(device)
         t1 = time.perf_counter()
         _, tokens = tr.train_step(run, 0, tr.step_coefficients(run, 0))
@@ -285,14 +290,6 @@ def scale(kind: str, recipe: str) -> dict:
     with open(os.path.join(os.environ["SELFAUG_BENCH_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     return out
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 if __name__ == "__main__":
