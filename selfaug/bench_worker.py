@@ -71,9 +71,9 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
         """Vanilla LoRA as commonly run: full logits at every position, mean cross-entropy."""
 
         def forward(self, batch, c_nll, c_kl):
-            from .loss import shifted_labels
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = shifted_labels(batch["input_ids"], batch["prompt_lens"], batch["lengths"])
+            from .reader import model_inputs
+            logits = self.model(**model_inputs(batch)).logits
+            labels = batch["labels"]
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
             return c_nll * nll, nll.detach(), torch.zeros(())
 

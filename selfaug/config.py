@@ -60,14 +60,27 @@ class DataConfig:
     builtin_train_size: int = opt(2000, "builtin:rag: training records", ge=1)
     builtin_eval_size: int = opt(200, "builtin:rag: held-out records", ge=1)
     builtin_seed: int = opt(0, "builtin:rag: generator seed")
-    builtin_num_documents: int = opt(4, "builtin:rag: documents per question", ge=1)
+    builtin_num_documents: int = opt(4, "builtin:rag: documents per question (the least, with builtin_max_documents)",
+                                     ge=1)
+    builtin_max_documents: Optional[int] = opt(
+        None, "builtin:rag: length-skewed sets: documents per question drawn from [num_documents, max_documents]", ge=1)
+    builtin_extra_sentences: int = opt(
+        0, "builtin:rag: length-skewed sets: each document gets 0..N extra sentences (drawn per document)", ge=0)
 
 
 @dataclass
 class TeacherConfig:
     output_dir: str = opt("runs/teacher", "the teacher store's directory")
-    k: int = opt(64, "top-k log-probs stored per position", ge=1)
+    signal: Literal["topk", "sampled"] = opt(
+        "topk", "topk: the k most likely tokens + the tail mass; sampled: `samples` draws from the full distribution "
+                "(unique ids, counts, exact log-probs; unbiased KL)")
+    k: int = opt(64, "signal=topk: log-probs stored per position", ge=1)
+    samples: int = opt(16, "signal=sampled: draws per position (N)", ge=1, le=65535)
     positions: Literal["prompt", "response", "all"] = opt("prompt", "positions whose distribution enters the KL")
+    position_fraction: float = opt(1.0, "store (and train the KL on) a seeded random round(fraction x P) of each "
+                                        "example's P positions, at least one", gt=0, le=1)
+    max_positions: Optional[int] = opt(None, "at most this many stored positions per example (null: no cap)", ge=1)
+    seed: int = opt(0, "seed of the position subsets and the samples (per example id: any world size, any rerun)")
     value_dtype: Literal["float16", "float32"] = opt("float16", "dtype of the stored log-probs")
     compression: Literal["none", "lz4", "zstd"] = opt("none", "Arrow IPC buffer compression of the shards")
     shard_size: int = opt(256, "source records per chunk = per shard", ge=1)
@@ -101,6 +114,9 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW / SGD weight decay", ge=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0)
     seed: int = opt(42, "seed of the sampler, the adapters' init and the run")
+    packing: bool = opt(False, "pack each micro-batch's examples into as few rows of <= pack_tokens as fit "
+                               "(block-diagonal attention; the same loss and gradients, less padding)")
+    pack_tokens: Optional[int] = opt(None, "longest packed row (null: data.max_seq_len)", ge=2)
     loss_chunk_rows: int = opt(1024, "positions per lm_head/loss chunk: bounds the (rows x vocabulary) buffer", ge=1)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, about 1.3x time)")
     lora_r: int = opt(16, "LoRA rank", ge=1)
@@ -263,6 +279,13 @@ def build_config(raw: dict, overrides: list[str] = ()) -> Config:
 def _check(cfg: Config) -> None:
     """Checks that span fields."""
     # (warmup_steps > max_steps is allowed: a short smoke run of a recipe never reaches the peak lr)
+    d = cfg.data
+    if d.builtin_max_documents is not None and d.builtin_max_documents < d.builtin_num_documents:
+        raise ConfigError(f"data.builtin_max_documents={d.builtin_max_documents} must be >= "
+                          f"data.builtin_num_documents={d.builtin_num_documents}")
+    if cfg.teacher.signal == "sampled" and cfg.train.kl_direction == "reverse" and cfg.train.teacher_mode == "offline":
+        raise ConfigError("train.kl_direction=reverse needs the student's own samples; a teacher.signal=sampled store "
+                          "holds the teacher's: use kl_direction=forward, or teacher.signal=topk")
     targets = [t for t in cfg.train.report_to.split(",") if t.strip()]
     for t in targets:
         if t.strip() not in REPORT_TO:

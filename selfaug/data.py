@@ -74,8 +74,8 @@ def _jsonl_lines(path: str):
                 yield {"_json": line, "_line": lineno}
 
 
-def _builtin_rows(split: str, size: int, seed: int, num_documents: int):
-    yield from ragdata.iter_records(split, size, seed, num_documents)
+def _builtin_rows(split: str, size: int, seed: int, num_documents: int, max_documents, extra_sentences: int):
+    yield from ragdata.iter_records(split, size, seed, num_documents, max_documents, extra_sentences)
 
 
 def load_records(source: str, cfg):
@@ -85,15 +85,20 @@ def load_records(source: str, cfg):
         split = {BUILTIN_RAG: "train", BUILTIN_RAG_EVAL: "eval"}.get(source)
         if split is None:
             raise DataError(f"unknown built-in data set {source!r}; built-ins: {BUILTIN_RAG}, {BUILTIN_RAG_EVAL}")
+        shape = {"num_documents": cfg.builtin_num_documents}
+        if cfg.builtin_max_documents is not None or cfg.builtin_extra_sentences:  # fixed sets keep their digest
+            shape.update(max_documents=cfg.builtin_max_documents, extra_sentences=cfg.builtin_extra_sentences)
         params = {"name": source, "train_size": cfg.builtin_train_size, "eval_size": cfg.builtin_eval_size,
-                  "seed": cfg.builtin_seed, "num_documents": cfg.builtin_num_documents}
+                  "seed": cfg.builtin_seed, **shape}
         size = cfg.builtin_train_size if split == "train" else cfg.builtin_eval_size
         if cfg.max_examples is not None:
             size = min(size, cfg.max_examples)  # generate no more than is used
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
         ds = datasets.Dataset.from_generator(
             _builtin_rows, gen_kwargs={"split": split, "size": size, "seed": cfg.builtin_seed,
-                                       "num_documents": cfg.builtin_num_documents},
+                                       "num_documents": cfg.builtin_num_documents,
+                                       "max_documents": cfg.builtin_max_documents,
+                                       "extra_sentences": cfg.builtin_extra_sentences},
             fingerprint=f"{split}-{size}-{digest[:32]}-v{TOKENIZE_VERSION}")
         fp = {"source": source, "sha256": digest}
     elif source.endswith((".jsonl", ".json")) and os.path.isfile(source):

@@ -8,8 +8,10 @@ and the chunk's logits are freed at once (the Liger-Kernel scheme). The common c
 bucket KL, forward full KL) use closed-form gradients over one (n, V) buffer; the others, and the
 tests' twin of every fast path (`fused=False`), use autograd per chunk.
 
-The teacher signal is one of two small typed objects:
+The teacher signal is one of three small typed objects:
 - `StoredTeacher`: top-k log-probs and the tail log-mass from the teacher store (offline mode);
+- `SampledTeacher`: N draws from the teacher as unique ids, weights c/N and exact log-probs
+  (offline, teacher.signal=sampled): the unbiased estimate sum_j (c_j/N)(log p_j - log q_j);
 - `LiveTeacher`: the teacher's own hidden states and head (online mode: full-vocabulary KL).
 
 KL variants (all through `kl_categorical`, the only place that handles zero masses):
@@ -97,6 +99,20 @@ def bucket_kl_value_and_grad(logits, ids, topk_logprobs, tail_logprob):
     return values, grad
 
 
+def sampled_kl_value_and_grad(logits, ids, weights, logp):
+    """The sampled estimate of forward KL(p || q) per row and its gradient with respect to q's logits.
+
+    ids, weights, logp (n, M): the unique sampled ids, their counts / N (0 on padding) and log p.
+      KL ~ sum_j w_j (log p_j - log q_j),  E[w_j] = p_j: unbiased.
+      d/dz = q * sum_j w_j - sum_j w_j e_j = q - c/N   (the weights sum to 1)."""
+    lse = logits.logsumexp(-1)  # (n,)
+    logq = logits.gather(1, ids) - lse[:, None]  # (n, M)
+    values = (weights * torch.where(weights > 0, logp - logq, 0.0)).sum(-1)  # padding adds 0, whatever q is
+    grad = logits.sub_(lse[:, None]).exp_().mul_(weights.sum(-1, keepdim=True))  # softmax * sum w, in place
+    grad.scatter_add_(1, ids, -weights)
+    return values, grad
+
+
 def full_kl_value_and_grad(logits, logp):
     """Forward KL(p || q) over the full vocabulary per row and its gradient q - p (p sums to 1)."""
     logq = torch.log_softmax(logits, dim=-1)
@@ -120,6 +136,25 @@ class StoredTeacher:
             return None
         return lambda logits, rows: bucket_kl_value_and_grad(
             logits, self.topk_ids[rows], self.topk_logprobs[rows].float(), self.tail_logprob[rows].float())
+
+
+@dataclass
+class SampledTeacher:
+    """Per KL row: the unique ids of N draws from the teacher, their weights c/N and exact log-probs,
+    padded to the row with the most unique ids (weight 0 on padding)."""
+    ids: torch.Tensor  # (N, M) int64
+    weights: torch.Tensor  # (N, M) fp32
+    logprobs: torch.Tensor  # (N, M) fp32
+
+    def kl(self, logq, rows: slice, reverse: bool, tail: str):
+        if reverse:
+            raise ValueError("a sampled teacher gives the forward KL only")
+        w = self.weights[rows]
+        return (w * torch.where(w > 0, self.logprobs[rows] - logq.gather(1, self.ids[rows]), 0.0)).sum(-1)
+
+    def fused(self, reverse: bool, tail: str):
+        return None if reverse else lambda logits, rows: sampled_kl_value_and_grad(
+            logits, self.ids[rows], self.weights[rows], self.logprobs[rows])
 
 
 @dataclass

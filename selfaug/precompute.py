@@ -1,6 +1,9 @@
 """Stage 1 (docs/design.md, "Stage 1"): run the frozen model once over the training data and compute,
-for every KL position, the top-k log-probabilities (normalized over the full vocabulary) and the log
-of the remaining mass. This module only computes rows; `teacher_store.StoreWriter` stores them.
+at every KL position the position rule keeps (`teacher_store.PositionRule`), the teacher's signal:
+`topk`: the top-k log-probabilities (normalized over the full vocabulary) and the log of the
+remaining mass; `sampled`: N draws from the full distribution (seeded per example), as unique ids
+with counts and exact log-probs. This module only computes rows; `teacher_store.StoreWriter` stores
+them.
 
 Work is cut into fixed chunks of `teacher.shard_size` source records, one shard each; chunk j runs
 on rank j mod world_size, so a store can be resumed with any number of ranks and comes out identical.
@@ -27,20 +30,43 @@ from .data import pad
 from .models import decoder_and_head, load_all, partition_line, vocab_size
 
 
+def topk_signal(k: int):
+    """Per chunk of full-vocabulary log-probs: the top-k ids and log-probs (descending) and the log of
+    the remaining mass, summed over the tokens outside the top-k in fp32 (no 1 - sum cancellation)."""
+    def fn(logp, rows):
+        v, i = torch.topk(logp, k, dim=-1)  # (n, K)
+        tail = logp.exp_().scatter_(1, i, 0.0).sum(dim=-1).log()  # (n,); logp is the chunk's own buffer
+        return {"topk_ids": i, "topk_logprobs": v, "tail_logprob": tail}
+    return fn
+
+
+def sampled_signal(uniforms: torch.Tensor):
+    """Per chunk: N draws per row from the full distribution by inverting its CDF at the given uniforms
+    (rows, N) in [0, 1), and their exact log-probs; the draws sorted per row (deduplicated later)."""
+    def fn(logp, rows):
+        cdf = logp.exp().cumsum_(-1)  # (n, V) fp32
+        u = uniforms[rows].to(cdf) * cdf[:, -1:]  # scaled by the total, which rounding leaves near 1
+        ids = torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[1] - 1)  # (n, N)
+        ids = ids.sort(dim=-1).values
+        return {"sample_ids": ids, "sample_logprobs": logp.gather(1, ids)}
+    return fn
+
+
 @torch.no_grad()
-def teacher_topk(body, head, input_ids, attention_mask, rows_b, rows_t, k: int, chunk_rows: int,
-                 partitioned: bool = False):
-    """Top-k log-probs and tail log-mass at the given (batch, position) rows.
+def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal_fn, chunk_rows: int,
+                   partitioned: bool = False) -> dict:
+    """The teacher's signal at the given (batch, position) rows.
 
     Args:
         input_ids, attention_mask: (B, T).
         rows_b, rows_t: (N,) the rows' batch index and position.
+        signal_fn(logp (n, V) fp32 log-probs of a chunk, rows slice) -> {name: (n, ...) tensor}.
         partitioned: the head is ZeRO-3 partitioned: gather it once for this batch (a collective).
-    Returns ids (N, K) int64, values (N, K) fp32 descending, tail (N,) fp32. The lm_head runs only on
-    the N rows, `chunk_rows` at a time, so no (N, V) fp32 tensor is ever whole."""
+    Returns {name: (N, ...) tensor} on the CPU. The lm_head runs only on the N rows, `chunk_rows` at a
+    time, so no (N, V) fp32 tensor is ever whole."""
     hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     h = hidden[rows_b, rows_t]  # (N, H)
-    ids, vals, tails = [], [], []
+    parts = []
     params = [p for p in (head.weight, head.bias) if p is not None]
     if partitioned:
         import deepspeed
@@ -48,17 +74,23 @@ def teacher_topk(body, head, input_ids, attention_mask, rows_b, rows_t, k: int, 
     else:
         gathered = contextlib.nullcontext()
     with gathered:
-        for start in range(0, h.shape[0], chunk_rows):
-            logp = F.linear(h[start:start + chunk_rows], head.weight, head.bias).float()  # (n, V), one buffer
+        for start in range(0, max(h.shape[0], 1), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logp = F.linear(h[rows], head.weight, head.bias).float()  # (n, V), one buffer
             logp.sub_(logp.logsumexp(dim=-1, keepdim=True))  # log_softmax over the full vocabulary, in place
-            v, i = torch.topk(logp, k, dim=-1)  # (n, K), descending
-            # the remaining mass, summed over the tokens outside the top-k in fp32 (no 1 - sum cancellation)
-            tail = logp.exp_().scatter_(1, i, 0.0).sum(dim=-1).log()  # (n,)
-            ids.append(i), vals.append(v), tails.append(tail)
-    if not ids:
-        empty = torch.empty(0, k)
-        return empty.long(), empty, torch.empty(0)
-    return torch.cat(ids), torch.cat(vals), torch.cat(tails)
+            parts.append(signal_fn(logp, rows))
+    return {name: torch.cat([p[name] for p in parts]).cpu() for name in parts[0]}
+
+
+def dedupe_samples(ids: np.ndarray, logprobs: np.ndarray) -> dict:
+    """Sorted draws (n, N) per row -> unique ids with counts, flat, and the number per row."""
+    n, N = ids.shape
+    new = np.ones((n, N), dtype=bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = np.flatnonzero(new.ravel())
+    counts = np.diff(np.append(starts, n * N))
+    return {"sample_len": new.sum(axis=1), "sample_ids": ids.ravel()[starts], "sample_counts": counts,
+            "sample_logprobs": logprobs.ravel()[starts]}
 
 
 def length_batches(examples: list, batch_tokens: int) -> list[list]:
@@ -83,45 +115,58 @@ class Teacher:
         self.body, self.head = decoder_and_head(model)
         self.cfg, self.pad_id, self.device, self.partitioned = cfg, pad_id, device, partitioned
         self.vocab = vocab_size(model)
+        self.rule = ts.PositionRule.of(cfg.teacher)
 
     def batch(self, batch: list) -> dict:
-        """example_id -> (positions, top-k ids, values, tail) for one length bucket."""
+        """example_id -> (positions, {column: array}) for one length bucket (`ShardRows.signal`'s columns)."""
         tc = self.cfg.teacher
         ids, mask = pad([e.input_ids for e in batch], self.pad_id)
-        pos = [ts.kl_positions(tc.positions, len(e.input_ids), e.prompt_len) for e in batch]
+        pos = [self.rule.positions(e.example_id, len(e.input_ids), e.prompt_len) for e in batch]
         rb = torch.from_numpy(np.concatenate([np.full(len(p), b) for b, p in enumerate(pos)])).to(self.device)
         rt = torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(self.device)
-        top_i, top_v, tail = teacher_topk(self.body, self.head, ids.to(self.device), mask.to(self.device), rb, rt,
-                                          tc.k, tc.vocab_chunk_rows, self.partitioned)
-        top_i, top_v, tail = top_i.cpu().numpy(), top_v.cpu().numpy(), tail.cpu().numpy()
+        if tc.signal == "topk":
+            fn = topk_signal(tc.k)
+        else:
+            u = np.concatenate([ts.sample_uniforms(tc.seed, e.example_id, len(p), tc.samples)
+                                for e, p in zip(batch, pos)])
+            fn = sampled_signal(torch.from_numpy(u).to(self.device))
+        got = {k: v.numpy() for k, v in teacher_signal(self.body, self.head, ids.to(self.device),
+                                                       mask.to(self.device), rb, rt, fn, tc.vocab_chunk_rows,
+                                                       self.partitioned).items()}
         out, start = {}, 0
         for e, p in zip(batch, pos):
-            out[e.example_id] = (p, top_i[start:start + len(p)], top_v[start:start + len(p)], tail[start:start + len(p)])
+            part = {k: v[start:start + len(p)] for k, v in got.items()}
+            if tc.signal == "sampled":
+                part = dedupe_samples(part["sample_ids"], part["sample_logprobs"])
+            out[e.example_id] = (p, part)
             start += len(p)
         return out
 
     def dummy(self) -> None:
         """The collectives of one batch with no data (partitioned teacher, a rank with no work left)."""
         one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-        teacher_topk(self.body, self.head, one, torch.ones_like(one), one[0] * 0, one[0] * 0, self.cfg.teacher.k,
-                     self.cfg.teacher.vocab_chunk_rows, self.partitioned)
+        teacher_signal(self.body, self.head, one, torch.ones_like(one), one[0] * 0, one[0] * 0, topk_signal(1),
+                       self.cfg.teacher.vocab_chunk_rows, self.partitioned)
 
 
-def shard_rows(examples: list, out: dict, k: int, vocab: int, value_dtype: str) -> ts.ShardRows:
-    """The computed rows of one chunk, in example order, as the store's arrays."""
+def shard_rows(examples: list, out: dict, vocab: int, tc) -> ts.ShardRows:
+    """The computed rows of one chunk, in example order, as the store's arrays (tc: the TeacherConfig)."""
+    value_dtype = tc.value_dtype
     order = sorted(out)
     by_id = {e.example_id: e for e in examples}
     id_np = np.uint16 if ts.id_dtype_for(vocab) == "uint16" else np.uint32
-    val_np = np.float16 if value_dtype == "float16" else np.float32
-    cat = (lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape))
+    dtypes = {"topk_ids": id_np, "sample_ids": id_np, "sample_counts": np.uint16, "sample_len": np.int64,
+              "tail_logprob": np.float32, "topk_logprobs": value_dtype, "sample_logprobs": value_dtype}
+    empty = ({"topk_ids": np.zeros((0, tc.k)), "topk_logprobs": np.zeros((0, tc.k)), "tail_logprob": np.zeros(0)}
+             if tc.signal == "topk" else {name: np.zeros(0) for name in ("sample_len", *ts.SAMPLED_COLUMNS)})
+    signal = {name: np.concatenate([out[i][1][name] for i in order] or [zero]).astype(dtypes[name])
+              for name, zero in empty.items()}
     return ts.ShardRows(
         example_id=np.array(order, dtype=np.int64),
         input_ids=[by_id[i].input_ids for i in order],
         prompt_len=np.array([by_id[i].prompt_len for i in order], dtype=np.int32),
         positions=[out[i][0] for i in order],
-        topk_ids=cat([out[i][1] for i in order], (0, k)).astype(id_np),
-        topk_logprobs=cat([out[i][2] for i in order], (0, k)).astype(val_np),
-        tail_logprob=cat([out[i][3] for i in order], (0,)).astype(np.float32),
+        signal=signal,
     )
 
 
@@ -129,8 +174,7 @@ def compute_shard(teacher: Teacher, examples: list) -> ts.ShardRows:
     out = {}
     for batch in length_batches(examples, teacher.cfg.teacher.batch_tokens):
         out.update(teacher.batch(batch))
-    tc = teacher.cfg.teacher
-    return shard_rows(examples, out, tc.k, teacher.vocab, tc.value_dtype)
+    return shard_rows(examples, out, teacher.vocab, teacher.cfg.teacher)
 
 
 def teacher_ds_config(cfg: Config, device) -> dict | None:
@@ -168,7 +212,7 @@ def run(cfg: Config) -> dict | None:
         model.to(device)
     model.eval().requires_grad_(False)
     teacher = Teacher(model, cfg, loaded.tok.pad_token_id, device, partitioned=ds_conf is not None)
-    if tc.k > teacher.vocab:
+    if tc.signal == "topk" and tc.k > teacher.vocab:
         raise ts.StoreError(f"teacher.k={tc.k} is larger than the vocabulary ({teacher.vocab})")
     settings = ts.store_settings(cfg, loaded.tok, teacher.vocab, loaded.dtype, loaded.examples.fingerprint)
     how = {"teacher": "zero3-partitioned" if ds_conf is not None else "whole", "world_size": world,
@@ -202,7 +246,7 @@ def _compute(writer: ts.StoreWriter, teacher: Teacher, data, cfg: Config, rank: 
                     teacher.dummy()
             if j is None:
                 continue
-            rows = shard_rows(examples, out, tc.k, teacher.vocab, tc.value_dtype)
+            rows = shard_rows(examples, out, teacher.vocab, tc)
             entry = writer.write(j, rows, lo, hi - lo, long_stats.to_dict())
             bar.update(hi - lo)
             el = max(time.time() - t0, 1e-9)

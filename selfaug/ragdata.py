@@ -78,18 +78,32 @@ def _entities(count: int, rng: random.Random) -> list[dict]:
     return out
 
 
-def _document(entity: dict, rng: random.Random) -> str:
+# facts-free sentences that lengthen a document (length-skewed sets): they name the entity, never a value
+_FILLER = ["Several old letters mention {name} in passing.", "Local archives keep a thin folder on {name}.",
+           "Historians disagree about how much is known of {name}.", "A short article about {name} appeared once.",
+           "Few visitors ask about {name} nowadays.", "The records on {name} were copied by hand twice.",
+           "Some of the early notes about {name} are hard to read.", "{name} is listed in a regional almanac.",
+           "A school textbook devotes a paragraph to {name}.", "Nobody has written a full account of {name} yet."]
+
+
+def _document(entity: dict, rng: random.Random, extra_sentences: int = 0) -> str:
     facts = [tmpl.format(name=entity["name"], v=entity["attrs"][attr]) for attr, _, tmpl in _KINDS[entity["kind"]]]
+    if extra_sentences:  # no draw at all when 0: the fixed-length sets stay what they were
+        facts += [rng.choice(_FILLER).format(name=entity["name"]) for _ in range(rng.randint(0, extra_sentences))]
     rng.shuffle(facts)
     return " ".join(facts)
 
 
-def generate(split: str, size: int, seed: int = 0, num_documents: int = 4) -> list[dict]:
-    """RAG-form records {"question", "documents", "answer", "entity"} for `split` in {train, eval}."""
-    return list(iter_records(split, size, seed, num_documents))
+def generate(split: str, size: int, seed: int = 0, num_documents: int = 4, max_documents: int | None = None,
+             extra_sentences: int = 0) -> list[dict]:
+    """RAG-form records {"question", "documents", "answer", "entity"} for `split` in {train, eval}.
+    Length-skewed sets: `max_documents` draws each question's document count from [num_documents,
+    max_documents]; `extra_sentences` adds 0..N fact-free sentences to each document."""
+    return list(iter_records(split, size, seed, num_documents, max_documents, extra_sentences))
 
 
-def iter_records(split: str, size: int, seed: int = 0, num_documents: int = 4):
+def iter_records(split: str, size: int, seed: int = 0, num_documents: int = 4, max_documents: int | None = None,
+                 extra_sentences: int = 0):
     """The records of `generate`, one at a time (datasets.Dataset.from_generator writes them to Arrow)."""
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}")
@@ -104,10 +118,11 @@ def iter_records(split: str, size: int, seed: int = 0, num_documents: int = 4):
         target = rng.choice(entities)
         group, i = by_kind[target["kind"]], where[id(target)]
         same_kind = group[:i] + group[i + 1:]  # the others of its kind, in pool order
-        distractors = rng.sample(same_kind, min(num_documents - 1, len(same_kind)))
+        n_docs = num_documents if max_documents is None else rng.randint(num_documents, max_documents)
+        distractors = rng.sample(same_kind, min(n_docs - 1, len(same_kind)))
         docs = [target] + distractors
         rng.shuffle(docs)
         attr, phrase, _ = rng.choice(_KINDS[target["kind"]])
         question = f"{_QUESTION_WORD[attr]} {phrase.format(name=target['name'])}?"
-        yield {"question": question, "documents": [_document(d, rng) for d in docs],
+        yield {"question": question, "documents": [_document(d, rng, extra_sentences) for d in docs],
                "answer": target["attrs"][attr], "entity": target["name"]}

@@ -1,9 +1,10 @@
 """Stage 2 data (docs/design.md, "Stage 2"): the teacher source, chosen once in setup, that yields the
 examples and each micro-batch's teacher signal; a seeded, resumable assignment of examples to
-optimizer steps, micro-batches and ranks; and collation.
+optimizer steps, micro-batches and ranks; and collation, padded or packed (`train.packing`).
 
 Teacher sources (DistillKit's `SignalSource`, decided once, nothing below branches on a flag):
 - `StoredTopK`: examples and top-k teacher from the store (teacher_mode: offline);
+- `StoredSamples`: examples and sampled teacher from a teacher.signal=sampled store (offline);
 - `LiveModel`: examples from the data, teacher = the frozen model run beside the student
   (teacher_mode: online; LoRA: the same model with its adapters disabled, the reference method);
 - `NoTeacher`: plain fine-tuning (alpha = 0 throughout): examples only.
@@ -19,19 +20,20 @@ import numpy as np
 import torch
 
 from . import teacher_store as ts
-from .data import Examples, pad
-from .loss import LiveTeacher, StoredTeacher
+from .data import Examples
+from .loss import LiveTeacher, SampledTeacher, StoredTeacher
 
 
 class DataExamples:
-    """Stage 2's view of tokenized data (no store): the kept examples with their KL positions."""
+    """Stage 2's view of tokenized data (no store): the kept examples with the positions the rule keeps
+    (the same as a store made with it would hold)."""
 
-    def __init__(self, examples: Examples, positions_mode: str):
+    def __init__(self, examples: Examples, rule: ts.PositionRule):
         kept, _ = examples.examples()
         if not kept:
             raise ts.StoreError(f"no example is left after data.long_policy={examples.policy} "
                                 f"(max_seq_len={examples.max_seq_len}); raise data.max_seq_len")
-        self.kept, self.mode = kept, positions_mode
+        self.kept, self.rule = kept, rule
 
     def __len__(self):
         return len(self.kept)
@@ -39,27 +41,75 @@ class DataExamples:
     def example(self, i: int) -> dict:
         e = self.kept[i]
         return {"example_id": e.example_id, "input_ids": np.asarray(e.input_ids, dtype=np.int64),
-                "prompt_len": e.prompt_len, "positions": ts.kl_positions(self.mode, len(e.input_ids), e.prompt_len)}
+                "prompt_len": e.prompt_len, "positions": self.rule.positions(e.example_id, len(e.input_ids),
+                                                                             e.prompt_len)}
 
     def lengths(self) -> ts.Lengths:
         tokens = np.array([len(e.input_ids) for e in self.kept], dtype=np.int64)
         prompt = np.array([e.prompt_len for e in self.kept], dtype=np.int64)
-        kl = np.array([len(ts.kl_positions(self.mode, t, p)) for t, p in zip(tokens, prompt)], dtype=np.int64)
-        return ts.Lengths(tokens, prompt, kl)
+        lo, hi = self.rule.candidates(tokens, prompt)
+        return ts.Lengths(tokens, prompt, self.rule.count(hi - lo))
 
 
-def collate(rows: list[dict], pad_id: int, device) -> dict:
-    """Right-padded tensors for a micro-batch; KL rows flattened in example order."""
-    input_ids, mask = pad([r["input_ids"] for r in rows], pad_id)
-    rows_b = np.concatenate([np.full(len(r["positions"]), b) for b, r in enumerate(rows)])
-    rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int64) for r in rows])
-    return {
-        "input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-        "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], device=device),
-        "lengths": torch.tensor([len(r["input_ids"]) for r in rows], device=device),
-        "rows_b": torch.as_tensor(rows_b, dtype=torch.long, device=device),
-        "rows_t": torch.as_tensor(rows_t, dtype=torch.long, device=device),
-    }
+def pack(lengths: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit decreasing: (row, offset) of each sequence in as few rows of <= capacity tokens as it
+    finds. The sequences keep their order within the micro-batch; only their placement changes."""
+    row, offset, fill = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64), []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), None)
+        if r is None:
+            r = len(fill)
+            fill.append(0)
+        row[i], offset[i] = r, fill[r]
+        fill[r] += lengths[i]
+    return row, offset
+
+
+def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
+    """The tensors of a micro-batch. Unpacked: one right-padded row per example with an attention mask.
+    Packed (`pack_tokens`): the examples placed by `pack`, with position_ids restarting at each one and
+    no attention mask (transformers then masks attention block-diagonally, one block per example; the
+    trailing padding of a row is a block of its own). Either way `labels` (the response tokens
+    predicted at each position, else -100) and the KL rows (rows_b, rows_t, in example order: the
+    teacher's order) are mapped to the layout."""
+    lens = [len(r["input_ids"]) for r in rows]
+    if pack_tokens is None:
+        where_row, where_off = np.arange(len(rows)), np.zeros(len(rows), np.int64)
+    else:
+        where_row, where_off = pack(lens, pack_tokens)
+    n_rows = int(where_row.max()) + 1
+    width = max(int(where_off[i] + lens[i]) for i in range(len(rows)))
+    input_ids = np.full((n_rows, width), pad_id, dtype=np.int64)
+    labels = np.full((n_rows, width), -100, dtype=np.int64)
+    position_ids = np.zeros((n_rows, width), dtype=np.int64)
+    fill = np.zeros(n_rows, np.int64)
+    for r, ex in enumerate(rows):
+        b, o, n, p = where_row[r], where_off[r], lens[r], ex["prompt_len"]
+        ids = np.asarray(ex["input_ids"], dtype=np.int64)
+        input_ids[b, o:o + n] = ids
+        position_ids[b, o:o + n] = np.arange(n)
+        labels[b, o + p - 1:o + n - 1] = ids[p:]  # position t predicts token t + 1: the response tokens
+        fill[b] = max(fill[b], o + n)
+    for b in range(n_rows):  # the padding after the last example: a block of its own (packed)
+        position_ids[b, fill[b]:] = np.arange(width - fill[b])
+    rows_b = np.concatenate([np.full(len(r["positions"]), where_row[i]) for i, r in enumerate(rows)])
+    rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int64) + where_off[i] for i, r in enumerate(rows)])
+    batch = {"input_ids": torch.from_numpy(input_ids).to(device), "labels": torch.from_numpy(labels).to(device),
+             "rows_b": torch.as_tensor(rows_b, dtype=torch.long, device=device),
+             "rows_t": torch.as_tensor(rows_t, dtype=torch.long, device=device),
+             "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], device=device),
+             "lengths": torch.tensor(lens, device=device), "tokens": sum(lens), "padded_tokens": n_rows * width}
+    if pack_tokens is None:
+        mask = np.arange(width)[None, :] < np.asarray(lens)[:, None]
+        batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64)).to(device)
+    else:
+        batch["position_ids"] = torch.from_numpy(position_ids).to(device)
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The decoder's inputs of a collated batch (an attention mask, or packed position_ids)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
 class NoTeacher:
@@ -69,8 +119,8 @@ class NoTeacher:
     def __init__(self, examples):
         self.examples = examples
 
-    def batch(self, rows: list[dict], pad_id: int, device) -> dict:
-        return collate(rows, pad_id, device)
+    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
+        return collate(rows, pad_id, device, pack_tokens)
 
     def signal(self, batch: dict, objective):
         return None
@@ -80,8 +130,8 @@ class StoredTopK(NoTeacher):
     """The teacher store: each micro-batch carries its rows' stored top-k and tail."""
     name = "stored top-k"
 
-    def batch(self, rows: list[dict], pad_id: int, device) -> dict:
-        batch = collate(rows, pad_id, device)
+    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
+        batch = collate(rows, pad_id, device, pack_tokens)
         batch["teacher"] = StoredTeacher(
             torch.as_tensor(np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64), device=device),
             torch.as_tensor(np.concatenate([r["topk_logprobs"] for r in rows]), device=device).float(),
@@ -90,6 +140,29 @@ class StoredTopK(NoTeacher):
 
     def signal(self, batch: dict, objective):
         return batch["teacher"]
+
+
+class StoredSamples(StoredTopK):
+    """The teacher store, signal=sampled: each micro-batch carries its rows' unique sampled ids, their
+    weights c/N and exact log-probs, padded to the row with the most ids."""
+    name = "stored samples"
+
+    def __init__(self, examples, samples: int):
+        super().__init__(examples)
+        self.samples = samples
+
+    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
+        batch = collate(rows, pad_id, device, pack_tokens)
+        n_len = np.concatenate([r["sample_len"] for r in rows]).astype(np.int64)  # (P,) unique ids per position
+        row = np.repeat(np.arange(len(n_len)), n_len)
+        col = np.arange(len(row)) - np.repeat(np.cumsum(n_len) - n_len, n_len)
+        width = int(n_len.max()) if len(n_len) else 1
+        ids, weights, logp = (np.zeros((len(n_len), width), dt) for dt in (np.int64, np.float32, np.float32))
+        ids[row, col] = np.concatenate([r["sample_ids"] for r in rows])
+        weights[row, col] = np.concatenate([r["sample_counts"] for r in rows]) / self.samples
+        logp[row, col] = np.concatenate([r["sample_logprobs"] for r in rows])
+        batch["teacher"] = SampledTeacher(*(torch.from_numpy(a).to(device) for a in (ids, weights, logp)))
+        return batch
 
 
 class LiveModel(NoTeacher):
@@ -112,7 +185,7 @@ class LiveModel(NoTeacher):
             weight, bias = objective.head()
             ctx = objective.model.disable_adapter()
         with ctx:
-            h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            h = body(**model_inputs(batch)).last_hidden_state
         return LiveTeacher(h[batch["rows_b"], batch["rows_t"]], weight.detach(),
                            None if bias is None else bias.detach())
 

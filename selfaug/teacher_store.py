@@ -27,7 +27,7 @@ from .config import Config, config_digest
 from .hashing import sha256_file
 
 FORMAT = "selfaug-teacher-store"
-VERSION = 1
+VERSION = 2  # 2: the signal (topk | sampled) and the position rule in the settings
 MANIFEST = "manifest.json"
 
 
@@ -37,11 +37,56 @@ class StoreError(RuntimeError):
 
 # ---- what is stored -----------------------------------------------------------------------------
 
-def kl_positions(mode: str, length: int, prompt_len: int) -> np.ndarray:
-    """Positions t whose distribution (over the token after input_ids[:t+1]) enters the KL.
-    prompt: [0, P) (the reference masks unshifted labels == -100); response: [P, L); all: [0, L)."""
-    lo, hi = {"prompt": (0, prompt_len), "response": (prompt_len, length), "all": (0, length)}[mode]
-    return np.arange(lo, hi, dtype=np.int32)
+@dataclass(frozen=True)
+class PositionRule:
+    """Which positions t of an example are stored and trained on: t's distribution (over the token
+    after input_ids[:t+1]) enters the KL. The candidates by mode: prompt [0, P) (the reference masks
+    unshifted labels == -100), response [P, L), all [0, L). Of n candidates, count(n) =
+    max(1, floor(fraction * n + 1/2)) (capped by max_positions) are kept: a subset drawn from
+    (seed, example id) alone, so the same on every rerun, at any world size, offline and online."""
+    mode: str = "prompt"
+    fraction: float = 1.0
+    max_positions: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, tc) -> "PositionRule":
+        """The rule of a TeacherConfig."""
+        return cls(tc.positions, tc.position_fraction, tc.max_positions, tc.seed)
+
+    @property
+    def sampled(self) -> bool:
+        return self.fraction < 1 or self.max_positions is not None
+
+    def candidates(self, length, prompt_len):
+        """(lo, hi) of the candidate positions; numpy arrays work too."""
+        return {"prompt": (0 * length, prompt_len), "response": (prompt_len, length), "all": (0 * length, length)}[
+            self.mode]
+
+    def count(self, n):
+        """How many of n candidates are kept (numpy arrays work too)."""
+        n = np.asarray(n, dtype=np.int64)
+        keep = np.where(n > 0, np.maximum(1, np.floor(self.fraction * n + 0.5)), 0).astype(np.int64)
+        return keep if self.max_positions is None else np.minimum(keep, self.max_positions)
+
+    def positions(self, example_id: int, length: int, prompt_len: int) -> np.ndarray:
+        """The kept positions of one example, ascending (int32)."""
+        lo, hi = self.candidates(length, prompt_len)
+        n = hi - lo
+        keep = int(self.count(n))
+        if keep == n:
+            return np.arange(lo, hi, dtype=np.int32)
+        rng = np.random.default_rng([self.seed, _POSITIONS_STREAM, int(example_id)])
+        return (np.sort(rng.choice(n, keep, replace=False)) + lo).astype(np.int32)
+
+
+_POSITIONS_STREAM, _SAMPLES_STREAM = 1, 2  # independent seeded streams per example
+
+
+def sample_uniforms(seed: int, example_id: int, positions: int, samples: int) -> np.ndarray:
+    """The uniforms in [0, 1) behind an example's sampled signal (positions, samples), seeded by
+    (seed, example id) alone: the same draws on every rerun and at any world size."""
+    return np.random.default_rng([seed, _SAMPLES_STREAM, int(example_id)]).random((positions, samples))
 
 
 def id_dtype_for(vocab_size: int) -> str:
@@ -53,16 +98,22 @@ def store_settings(cfg: Config, tok, vocab_size: int, dtype, data_fp: dict) -> d
     """Everything a store depends on; a store is reused or resumed only if this matches exactly."""
     from .data import tokenizer_fingerprint
     from .models import model_fingerprint
+    tc = cfg.teacher
     return {
         "model": {**model_fingerprint(cfg.model), "dtype": str(dtype).replace("torch.", ""), "vocab_size": vocab_size},
         "tokenizer": tokenizer_fingerprint(tok),
         "data": data_fp,
-        "k": cfg.teacher.k,
-        "positions": cfg.teacher.positions,
-        "value_dtype": cfg.teacher.value_dtype,
+        "signal": tc.signal,
+        "k": tc.k if tc.signal == "topk" else None,
+        "samples": tc.samples if tc.signal == "sampled" else None,
+        "positions": tc.positions,
+        "position_fraction": tc.position_fraction,
+        "max_positions": tc.max_positions,
+        "seed": tc.seed if tc.signal == "sampled" or PositionRule.of(tc).sampled else None,
+        "value_dtype": tc.value_dtype,
         "id_dtype": id_dtype_for(vocab_size),
-        "compression": cfg.teacher.compression,
-        "shard_size": cfg.teacher.shard_size,
+        "compression": tc.compression,
+        "shard_size": tc.shard_size,
         "max_seq_len": cfg.data.max_seq_len,
         "long_policy": cfg.data.long_policy,
         "system_prompt": cfg.data.system_prompt,
@@ -72,8 +123,8 @@ def store_settings(cfg: Config, tok, vocab_size: int, dtype, data_fp: dict) -> d
 # the settings that must match the recipe for the stored teacher to be the right one for training
 # (a store's compression or shard size, say, does not change what it holds)
 MATCHED = ("model.name_or_path", "model.content_hash", "model.vocab_size", "tokenizer.vocab_sha256",
-           "tokenizer.chat_template_sha256", "data.source", "data.sha256", "data.records", "k", "positions",
-           "max_seq_len", "long_policy", "system_prompt")
+           "tokenizer.chat_template_sha256", "data.source", "data.sha256", "data.records", "signal", "k", "samples",
+           "positions", "position_fraction", "max_positions", "seed", "max_seq_len", "long_policy", "system_prompt")
 
 
 def _leaves(d: dict, prefix: str = "") -> dict:
@@ -95,7 +146,12 @@ def settings_diff(expected: dict, found: dict, keys=None) -> list[str]:
 
 
 def check_store(store_dir: str, manifest: dict, expected: dict) -> None:
-    """Refuse a store made for another model, tokenizer, data or k, naming each differing field."""
+    """Refuse a store made for another model, tokenizer, data, signal or k, naming each differing field."""
+    found = manifest["settings"].get("signal")
+    if found != expected["signal"]:
+        raise StoreError(f"teacher store {store_dir} holds teacher.signal={found} values, the recipe has "
+                         f"teacher.signal={expected['signal']}: set teacher.signal={found}, or precompute a "
+                         f"{expected['signal']} store into another teacher.output_dir")
     diff = settings_diff(expected, manifest["settings"], MATCHED)
     if diff:
         raise StoreError(f"teacher store {store_dir} does not match this recipe: " + "; ".join(diff)
@@ -103,18 +159,28 @@ def check_store(store_dir: str, manifest: dict, expected: dict) -> None:
                            "at the store made for it.")
 
 
-def schema(k: int, id_dtype: str, value_dtype: str) -> pa.Schema:
-    ids = {"uint16": pa.uint16(), "uint32": pa.uint32()}[id_dtype]
-    vals = {"float16": pa.float16(), "float32": pa.float32()}[value_dtype]
-    return pa.schema([
-        ("example_id", pa.int64()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("prompt_len", pa.int32()),
-        ("positions", pa.list_(pa.int32())),
-        ("topk_ids", pa.list_(pa.list_(ids, k))),  # fixed-size inner lists: no per-position offsets
-        ("topk_logprobs", pa.list_(pa.list_(vals, k))),  # descending
-        ("tail_logprob", pa.list_(pa.float32())),  # log(1 - sum of p over the top-k), from fp32
+def schema(settings: dict) -> pa.Schema:
+    """The shard schema of a store's settings (its signal, k, id and value dtypes)."""
+    ids = {"uint16": pa.uint16(), "uint32": pa.uint32()}[settings["id_dtype"]]
+    vals = {"float16": pa.float16(), "float32": pa.float32()}[settings["value_dtype"]]
+    common = [("example_id", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
+              ("positions", pa.list_(pa.int32()))]
+    if settings.get("signal", "topk") == "topk":
+        k = settings["k"]
+        return pa.schema(common + [
+            ("topk_ids", pa.list_(pa.list_(ids, k))),  # fixed-size inner lists: no per-position offsets
+            ("topk_logprobs", pa.list_(pa.list_(vals, k))),  # descending
+            ("tail_logprob", pa.list_(pa.float32())),  # log(1 - sum of p over the top-k), from fp32
+        ])
+    return pa.schema(common + [  # per position: the unique sampled ids, their counts (sum N), exact log-probs
+        ("sample_ids", pa.list_(pa.list_(ids))),
+        ("sample_counts", pa.list_(pa.list_(pa.uint16()))),
+        ("sample_logprobs", pa.list_(pa.list_(vals))),
     ])
+
+
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+SAMPLED_COLUMNS = ("sample_ids", "sample_counts", "sample_logprobs")
 
 
 def shard_name(index: int) -> str:
@@ -127,33 +193,63 @@ def sidecar_name(index: int) -> str:
 
 @dataclass
 class ShardRows:
-    """The rows of one shard, as flat numpy arrays (positions of all examples concatenated)."""
+    """The rows of one shard, as flat numpy arrays (positions of all examples concatenated).
+    `signal`, N = stored positions of the shard:
+      topk: topk_ids (N, K) uint16|uint32, topk_logprobs (N, K), tail_logprob (N,) float32;
+      sampled: sample_len (N,) unique ids per position, and sample_ids, sample_counts (uint16),
+      sample_logprobs flat over all of them."""
     example_id: np.ndarray  # (R,) int64
     input_ids: list  # R arrays of int32
     prompt_len: np.ndarray  # (R,) int32
     positions: list  # R arrays of int32
-    topk_ids: np.ndarray  # (N, K) uint16|uint32, N = total stored positions
-    topk_logprobs: np.ndarray  # (N, K) float16|float32
-    tail_logprob: np.ndarray  # (N,) float32
+    signal: dict
 
     def table(self, sch: pa.Schema) -> pa.Table:
-        k = sch.field("topk_ids").type.value_type.list_size
         counts = np.array([len(p) for p in self.positions], dtype=np.int64)
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-        ids_t = sch.field("topk_ids").type.value_type.value_type
-        val_t = sch.field("topk_logprobs").type.value_type.value_type
-        ids = pa.FixedSizeListArray.from_arrays(pa.array(self.topk_ids.reshape(-1), type=ids_t), k)
-        vals = pa.FixedSizeListArray.from_arrays(pa.array(self.topk_logprobs.reshape(-1), type=val_t), k)
+        value_type = lambda name: sch.field(name).type.value_type.value_type
         cols = [
             pa.array(self.example_id, type=pa.int64()),
             pa.array([np.asarray(x, dtype=np.int32) for x in self.input_ids], type=pa.list_(pa.int32())),
             pa.array(self.prompt_len, type=pa.int32()),
             pa.array([np.asarray(x, dtype=np.int32) for x in self.positions], type=pa.list_(pa.int32())),
-            pa.ListArray.from_arrays(offsets, ids),
-            pa.ListArray.from_arrays(offsets, vals),
-            pa.ListArray.from_arrays(offsets, pa.array(self.tail_logprob, type=pa.float32())),
         ]
+        sig = self.signal
+        if "topk_ids" in sch.names:
+            k = sch.field("topk_ids").type.value_type.list_size
+            for name in ("topk_ids", "topk_logprobs"):
+                fixed = pa.FixedSizeListArray.from_arrays(pa.array(sig[name].reshape(-1), type=value_type(name)), k)
+                cols.append(pa.ListArray.from_arrays(offsets, fixed))
+            cols.append(pa.ListArray.from_arrays(offsets, pa.array(sig["tail_logprob"], type=pa.float32())))
+        else:
+            inner = pa.array(np.concatenate([[0], np.cumsum(sig["sample_len"])]).astype(np.int32))
+            for name in SAMPLED_COLUMNS:
+                per_position = pa.ListArray.from_arrays(inner, pa.array(sig[name], type=value_type(name)))
+                cols.append(pa.ListArray.from_arrays(offsets, per_position))
         return pa.Table.from_arrays(cols, schema=sch)
+
+    def bad_positions(self) -> np.ndarray:
+        """Indices of the stored positions with a non-finite log-prob (or tail log-mass)."""
+        return _bad_positions(self.signal)
+
+    def entries(self) -> int:
+        """(id, value) entries stored: positions x k, or the unique samples."""
+        sig = self.signal
+        return int(sig["topk_ids"].size) if "topk_ids" in sig else int(len(sig["sample_ids"]))
+
+
+def _bad_positions(sig: dict) -> np.ndarray:
+    if "topk_logprobs" in sig:
+        tail = sig["tail_logprob"]
+        return np.nonzero(~np.isfinite(sig["topk_logprobs"].astype(np.float32)).all(axis=1) | np.isnan(tail)
+                          | (tail == np.inf))[0]
+    bad = np.nonzero(~np.isfinite(sig["sample_logprobs"].astype(np.float32)))[0]
+    return np.unique(_entry_position(sig["sample_len"], bad))
+
+
+def _entry_position(sample_len: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    """The position index of each flat sample entry."""
+    return np.searchsorted(np.cumsum(sample_len), entries, side="right")
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -252,28 +348,42 @@ VALUE_TOL = {"float16": 2e-3, "float32": 1e-4}  # |sum p - 1| allowed by the sto
 
 def check_shard(table: pa.Table, settings: dict, name: str) -> list[str]:
     """What is wrong with a shard's schema or values, checked against the manifest's settings (vectorized;
-    costs about as much as its sha256): k, id and value dtypes; the number of stored positions per example
-    for the positions mode; finite top-k log-probs <= 0, a tail log-mass that is not NaN or > 0, and
-    top-k mass + tail mass = 1 within the value dtype's rounding."""
-    want = schema(settings["k"], settings["id_dtype"], settings["value_dtype"])
+    costs about as much as its sha256): the signal, k, id and value dtypes; the number of stored
+    positions per example for the position rule, and that they are candidates; then per signal:
+    top-k: finite log-probs <= 0, a tail log-mass that is not NaN or > 0, and top-k + tail mass = 1
+    within the value dtype's rounding; sampled: at least one sample per position, counts that sum to
+    N, finite log-probs <= 0 whose mass is at most 1."""
+    want = schema(settings)
     if not table.schema.equals(want):
-        got = table.schema.field("topk_ids").type.value_type
-        return [f"{name}: its schema does not match the manifest (manifest: k={settings['k']}, ids "
-                f"{settings['id_dtype']}, values {settings['value_dtype']}; shard: k="
-                f"{getattr(got, 'list_size', '?')}, {table.schema.field('topk_ids').type}, "
-                f"{table.schema.field('topk_logprobs').type}); recompute the store"]
+        got = [f"{f.name}: {f.type}" for f in table.schema][4:]
+        return [f"{name}: its schema does not match the manifest (manifest: signal={settings.get('signal', 'topk')}, "
+                f"k={settings.get('k')}, ids {settings['id_dtype']}, values {settings['value_dtype']}; shard: "
+                f"{', '.join(got)}); recompute the store"]
     if table.num_rows == 0:
         return []
     sh = _flatten(table)
     tokens, prompt, count = np.diff(sh["tok_off"]), sh["prompt_len"].astype(np.int64), np.diff(sh["pos_off"])
-    expected = {"prompt": prompt, "response": tokens - prompt, "all": tokens}[settings["positions"]]
+    rule = PositionRule(settings["positions"], settings.get("position_fraction", 1.0), settings.get("max_positions"))
+    lo, hi = rule.candidates(tokens, prompt)
+    expected = rule.count(hi - lo)
     bad = np.nonzero(count != expected)[0]
     if len(bad):
         i = bad[0]
-        return [f"{name}: example {sh['example_id'][i]} stores {count[i]} positions, positions="
-                f"{settings['positions']} means {expected[i]}"]
-    vals, tail = sh["topk_logprobs"].astype(np.float32), sh["tail_logprob"]
+        return [f"{name}: example {sh['example_id'][i]} stores {count[i]} positions, the position rule "
+                f"(positions={settings['positions']}, position_fraction={rule.fraction}, max_positions="
+                f"{rule.max_positions}) means {expected[i]}"]
+    pos, per = sh["positions"], np.repeat(np.arange(len(count)), count)
+    outside = np.nonzero((pos < lo[per]) | (pos >= hi[per]))[0]
+    if len(outside):
+        return [_where(sh, outside, name, f"a position outside positions={settings['positions']}")]
     tol = VALUE_TOL[settings["value_dtype"]]
+    if "topk_ids" in sh:
+        return _check_topk(sh, name, tol)
+    return _check_sampled(sh, name, tol, settings["samples"])
+
+
+def _check_topk(sh: dict, name: str, tol: float) -> list[str]:
+    vals, tail = sh["topk_logprobs"].astype(np.float32), sh["tail_logprob"]
     problems = []
     for what, mask in (("a non-finite top-k log-prob", ~np.isfinite(vals).all(axis=1)),
                        ("a top-k log-prob > 0", (vals > tol).any(axis=1)),
@@ -287,6 +397,28 @@ def check_shard(table: pa.Table, settings: dict, name: str) -> list[str]:
         if off.any():
             problems.append(_where(sh, np.nonzero(off)[0], name, f"top-k + tail mass off 1 by more than {tol} "
                                                               f"({mass[np.nonzero(off)[0][0]]:.6f})"))
+    return problems
+
+
+def _check_sampled(sh: dict, name: str, tol: float, samples: int) -> list[str]:
+    n_len = sh["sample_len"]
+    if (n_len < 1).any():
+        return [_where(sh, np.nonzero(n_len < 1)[0], name, "a position without samples")]
+    starts = sh["sample_off"][:-1]
+    vals = sh["sample_logprobs"].astype(np.float32)
+    sums = np.add.reduceat(sh["sample_counts"].astype(np.int64), starts)
+    problems = []
+    per_position = lambda entry_mask: np.unique(_entry_position(n_len, np.nonzero(entry_mask)[0]))
+    for what, rows in (("sample counts that do not sum to teacher.samples=" f"{samples}", np.nonzero(sums != samples)[0]),
+                       ("a non-finite sampled log-prob", per_position(~np.isfinite(vals))),
+                       ("a sampled log-prob > 0", per_position(vals > tol))):
+        if len(rows):
+            problems.append(_where(sh, rows, name, what))
+    if not problems:
+        mass = np.add.reduceat(np.exp(vals), starts)
+        over = np.nonzero(mass > 1 + tol)[0]
+        if len(over):
+            problems.append(_where(sh, over, name, f"sampled ids whose mass exceeds 1 ({mass[over[0]]:.6f})"))
     return problems
 
 
@@ -348,7 +480,7 @@ class StoreWriter:
         self.dir, self.cfg, self.settings, self.rank, self.world = out_dir, cfg, settings, rank, world
         self.computed_with = computed_with
         self.digest = config_digest(settings)
-        self.schema = schema(settings["k"], settings["id_dtype"], settings["value_dtype"])
+        self.schema = schema(settings)
         self.computed = np.zeros(3, dtype=np.int64)  # shards, examples, tokens computed by this rank
         self.complete = False
         self.lock = StoreLock(out_dir) if rank == 0 else None
@@ -422,8 +554,7 @@ class StoreWriter:
         return entry.get("settings_digest") == self.digest and verify_shard(self.dir, entry) is None
 
     def write(self, j: int, rows: ShardRows, first_record: int, records: int, long_stats: dict) -> dict:
-        bad = np.nonzero(~np.isfinite(rows.topk_logprobs.astype(np.float32)).all(axis=1)
-                         | np.isnan(rows.tail_logprob) | (rows.tail_logprob == np.inf))[0]
+        bad = rows.bad_positions()
         if len(bad):
             counts = np.cumsum([len(p) for p in rows.positions])
             e = int(np.searchsorted(counts, bad[0], side="right"))
@@ -435,9 +566,11 @@ class StoreWriter:
         entry = write_shard(os.path.join(self.dir, "shards", shard_name(j)), rows.table(self.schema),
                             self.settings["compression"])
         tokens = int(sum(len(x) for x in rows.input_ids))
+        tail = rows.signal.get("tail_logprob")
         entry.update(chunk=j, first_example_id=first_record, records=records, settings_digest=self.digest,
-                     positions=int(len(rows.tail_logprob)), tokens=tokens,
-                     tail_mass_sum=float(np.exp(rows.tail_logprob.astype(np.float64)).sum()), long=long_stats)
+                     positions=int(sum(len(p) for p in rows.positions)), entries=rows.entries(), tokens=tokens,
+                     tail_mass_sum=None if tail is None else float(np.exp(tail.astype(np.float64)).sum()),
+                     long=long_stats)
         write_json_atomic(os.path.join(self.dir, "shards", sidecar_name(j)), entry)
         self.computed += (1, entry["rows"], tokens)
         return entry
@@ -472,12 +605,15 @@ class StoreWriter:
             with open(os.path.join(self.dir, "shards", sidecar_name(j))) as f:
                 shards.append(json.load(f))
         positions, nbytes = sum(s["positions"] for s in shards), sum(s["bytes"] for s in shards)
+        entries = sum(s["entries"] for s in shards)
         totals = {
             "examples": sum(s["rows"] for s in shards), "records": sum(s["records"] for s in shards),
             "positions": positions, "tokens": sum(s["tokens"] for s in shards), "bytes": nbytes,
             "bytes_per_position": nbytes / max(positions, 1),
-            "bytes_per_entry": nbytes / max(positions * self.settings["k"], 1),
-            "mean_tail_mass": sum(s["tail_mass_sum"] for s in shards) / max(positions, 1),
+            "entries": entries, "entries_per_position": entries / max(positions, 1),
+            "bytes_per_entry": nbytes / max(entries, 1),
+            "mean_tail_mass": (sum(s["tail_mass_sum"] for s in shards) / max(positions, 1)
+                               if self.settings["signal"] == "topk" else None),
         }
         skipped = [i for s in shards for i in s["long"]["skipped_ids"]]
         truncated = [i for s in shards for i in s["long"]["truncated_ids"]]
@@ -492,18 +628,26 @@ class StoreWriter:
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _signal_words(s: dict) -> str:
+    rule = "" if s.get("position_fraction", 1) == 1 and s.get("max_positions") is None else (
+        f", position_fraction={s['position_fraction']}, max_positions={s.get('max_positions')}")
+    signal = f"k={s['k']}" if s.get("signal", "topk") == "topk" else f"sampled, N={s['samples']}"
+    return signal + rule
+
+
 def format_summary(out_dir: str, manifest: dict, extra: dict | None = None) -> str:
     t, s, lg = manifest["totals"], manifest["settings"], manifest["long_examples"]
     how = manifest.get("computed_with", {})
     lines = [f"teacher store {out_dir}",
              f"  model {s['model']['name_or_path']} ({s['model']['dtype']}, vocab {s['model']['vocab_size']}), "
-             f"k={s['k']}, positions={s['positions']}, values {s['value_dtype']}, ids {s['id_dtype']}, "
+             f"{_signal_words(s)}, positions={s['positions']}, values {s['value_dtype']}, ids {s['id_dtype']}, "
              f"compression {s['compression']}",
              f"  examples {t['examples']} of {t['records']} records in {len(manifest['shards'])} shards, "
              f"{t['tokens']} tokens, {t['positions']} stored positions",
              f"  {t['bytes'] / 1e6:.2f} MB, {t['bytes_per_position']:.1f} bytes/position, "
              f"{t['bytes_per_entry']:.2f} bytes per (id, value) entry incl. tail and positions",
-             f"  mean tail mass {t['mean_tail_mass']:.4f}",
+             (f"  mean tail mass {t['mean_tail_mass']:.4f}" if t.get("mean_tail_mass") is not None else
+              f"  {t['entries_per_position']:.2f} unique ids per position of {s['samples']} samples"),
              f"  long examples (> {lg['max_seq_len']} tokens, policy {lg['policy']}): "
              f"{lg['skipped']} skipped, {lg['truncated']} truncated"]
     if how:
@@ -534,7 +678,7 @@ class TeacherStore:
             raise StoreError(f"teacher store {store_dir} failed verification: " + "; ".join(problems)
                              + ". Re-run `selfaug precompute` (it rewrites the shards that fail).")
         self.dir, self.manifest = store_dir, manifest
-        self.k = manifest["settings"]["k"]
+        self.k, self.signal = manifest["settings"]["k"], manifest["settings"]["signal"]
         self._shards = []  # per shard: dict of numpy arrays
         index = []  # (shard, row) per example, in store order
         for s, entry in enumerate(manifest["shards"]):
@@ -560,10 +704,15 @@ class TeacherStore:
         sh = self._shards[s]
         a, b = sh["tok_off"][r], sh["tok_off"][r + 1]
         c, d = sh["pos_off"][r], sh["pos_off"][r + 1]
-        return {"example_id": int(sh["example_id"][r]), "input_ids": sh["input_ids"][a:b],
-                "prompt_len": int(sh["prompt_len"][r]), "positions": sh["positions"][c:d],
-                "topk_ids": sh["topk_ids"][c:d], "topk_logprobs": sh["topk_logprobs"][c:d],
-                "tail_logprob": sh["tail_logprob"][c:d]}
+        out = {"example_id": int(sh["example_id"][r]), "input_ids": sh["input_ids"][a:b],
+               "prompt_len": int(sh["prompt_len"][r]), "positions": sh["positions"][c:d]}
+        if "topk_ids" in sh:
+            out.update({name: sh[name][c:d] for name in TOPK_COLUMNS})
+        else:
+            e, f = sh["sample_off"][c], sh["sample_off"][d]
+            out["sample_len"] = sh["sample_len"][c:d]
+            out.update({name: sh[name][e:f] for name in SAMPLED_COLUMNS})
+        return out
 
     def lengths(self) -> Lengths:
         """Lengths per example, without touching the teacher columns."""
@@ -572,22 +721,33 @@ class TeacherStore:
 
 
 def _flatten(table: pa.Table) -> dict:
+    """A shard's columns as flat numpy arrays with offsets rebased to 0: tok_off (per example, into
+    input_ids), pos_off (per example, into the stored positions), and the signal per position (top-k:
+    (N, K) arrays; sampled: sample_off per position into flat sample arrays, and sample_len)."""
     table = table.combine_chunks()
 
-    def flat(name):
+    def flat(name):  # (offsets into .values, rebased; the values of this column's rows only)
         col = table.column(name).chunk(0)
-        return col.offsets.to_numpy(), col.values
+        off = col.offsets.to_numpy()
+        return off - off[0], col.values, off[0], off[-1]
 
-    tok_off, tok = flat("input_ids")
-    pos_off, pos = flat("positions")
-    _, ids = flat("topk_ids")
-    _, vals = flat("topk_logprobs")
-    _, tail = flat("tail_logprob")
-    k = ids.type.list_size
-    # .values ignores any slice of the list array, so offsets are rebased to start at 0
-    return {"example_id": table.column("example_id").to_numpy(), "prompt_len": table.column("prompt_len").to_numpy(),
-            "tok_off": tok_off - tok_off[0], "input_ids": tok.to_numpy()[tok_off[0]:],
-            "pos_off": pos_off - pos_off[0], "positions": pos.to_numpy()[pos_off[0]:],
-            "topk_ids": ids.values.to_numpy().reshape(-1, k)[pos_off[0]:],
-            "topk_logprobs": vals.values.to_numpy().reshape(-1, k)[pos_off[0]:],
-            "tail_logprob": tail.to_numpy()[pos_off[0]:]}
+    tok_off, tok, t0, _ = flat("input_ids")
+    pos_off, pos, p0, _ = flat("positions")
+    out = {"example_id": table.column("example_id").to_numpy(), "prompt_len": table.column("prompt_len").to_numpy(),
+           "tok_off": tok_off, "input_ids": tok.to_numpy()[t0:], "pos_off": pos_off, "positions": pos.to_numpy()[p0:]}
+    if "topk_ids" in table.column_names:
+        for name in TOPK_COLUMNS:
+            _, values, a, b = flat(name)
+            if name == "tail_logprob":
+                out[name] = values.to_numpy()[a:b]
+            else:  # .values ignores any slice of the list array, hence [a:b]
+                k = values.type.list_size
+                out[name] = values.values.to_numpy().reshape(-1, k)[a:b]
+        return out
+    for name in SAMPLED_COLUMNS:
+        _, per_position, a, b = flat(name)
+        inner = per_position.offsets.to_numpy()[a:b + 1]
+        out[name] = per_position.values.to_numpy()[inner[0]:inner[-1]]
+        out["sample_off"] = inner - inner[0]
+    out["sample_len"] = np.diff(out["sample_off"])
+    return out

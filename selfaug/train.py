@@ -30,10 +30,11 @@ from tqdm import tqdm
 from . import dist
 from . import teacher_store as ts
 from .config import Config, check_paths
-from .loss import kl_sum, nll_sum, shifted_labels
+from .loss import kl_sum, nll_sum
 from .models import (decoder_and_head, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype,
                      vocab_size)
-from .reader import DataExamples, LiveModel, NoTeacher, StepSampler, StoredTopK, step_counts
+from .reader import (DataExamples, LiveModel, NoTeacher, StepSampler, StoredSamples, StoredTopK, model_inputs,
+                     step_counts)
 
 
 class TrainError(RuntimeError):
@@ -122,8 +123,8 @@ class Objective(torch.nn.Module):
 
     def forward(self, batch: dict, c_nll: float, c_kl: float):
         body, _ = decoder_and_head(self.model)
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-        labels = shifted_labels(batch["input_ids"], batch["prompt_lens"], batch["lengths"])
+        hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
+        labels = batch["labels"]
         weight, bias = self.head()
         teacher = self.source.signal(batch, self)
         if teacher is None:
@@ -142,12 +143,13 @@ class Run:
     cfg: Config
     engine: Any
     tok: Any
-    source: NoTeacher  # StoredTopK | LiveModel | NoTeacher
+    source: NoTeacher  # StoredTopK | StoredSamples | LiveModel | NoTeacher
     sampler: StepSampler
     lengths: ts.Lengths
     rank: int
     world: int
     device: torch.device
+    pack_tokens: int | None = None  # train.packing: the longest packed row
 
 
 class Coefficients(NamedTuple):
@@ -185,14 +187,28 @@ def _teacher_source(cfg: Config, loaded, model, device) -> NoTeacher:
         store = ts.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
         expected = ts.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
         ts.check_store(cfg.teacher.output_dir, store.manifest, expected)
-        return NoTeacher(store) if never_kl else StoredTopK(store)
-    examples = DataExamples(loaded.examples, cfg.teacher.positions)
+        if never_kl:
+            return NoTeacher(store)
+        return StoredTopK(store) if store.signal == "topk" else StoredSamples(store, store.manifest["settings"]["samples"])
+    examples = DataExamples(loaded.examples, ts.PositionRule.of(cfg.teacher))
     if never_kl:
         return NoTeacher(examples)
     frozen = None
     if tc.method == "full":  # a frozen copy of the original model, whole on this rank
         frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     return LiveModel(examples, frozen)
+
+
+def _pack_tokens(cfg: Config, lengths: ts.Lengths) -> int | None:
+    """The longest packed row (train.packing), checked against the longest example before any step."""
+    if not cfg.train.packing:
+        return None
+    cap = cfg.train.pack_tokens or cfg.data.max_seq_len
+    longest = int(lengths.tokens.max())
+    if longest > cap:
+        raise TrainError(f"train.pack_tokens={cap} is smaller than the longest example ({longest} tokens): raise "
+                         f"train.pack_tokens to at least {longest}, or leave it null (data.max_seq_len)")
+    return cap
 
 
 def setup(cfg: Config, objective_cls=None) -> Run:
@@ -214,6 +230,8 @@ def setup(cfg: Config, objective_cls=None) -> Run:
     if line:
         print(line, flush=True)
     source = _teacher_source(cfg, loaded, model, device)
+    lengths = source.examples.lengths()
+    pack_tokens = _pack_tokens(cfg, lengths)
 
     if tc.gradient_checkpointing:
         # non-reentrant: no input that requires grad is needed, and it works under ZeRO-3's hooks
@@ -247,7 +265,7 @@ def setup(cfg: Config, objective_cls=None) -> Run:
         objective.setup_zero3_head()
     examples = source.examples
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed)
-    return Run(cfg, engine, loaded.tok, source, sampler, examples.lengths(), rank, world, device)
+    return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens)
 
 
 def step_coefficients(run: Run, step: int) -> Coefficients:
@@ -264,11 +282,12 @@ def train_step(run: Run, step: int, co: Coefficients):
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll sum, kl sum, tokens: no sync per micro-step
     for m in range(engine.gradient_accumulation_steps()):
         rows = [run.source.examples.example(int(i)) for i in run.sampler.micro_batch(step, m, run.rank)]
-        batch = run.source.batch(rows, run.tok.pad_token_id, device)
+        batch = run.source.batch(rows, run.tok.pad_token_id, device, run.pack_tokens)
         loss, nll, kl = engine(batch, co.c_nll, co.c_kl)
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-        totals += torch.stack([nll.double(), kl.double(), batch["attention_mask"].sum().double()])
+        totals += torch.stack([nll.double(), kl.double(), torch.tensor(float(batch["tokens"]), dtype=torch.float64,
+                                                                         device=device)])
     if run.world > 1:  # one small all-reduce per optimizer step, for logging and the finiteness check
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()  # the one host sync of the step
