@@ -85,7 +85,7 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
             reset_peak(device)  # the first step (allocator warm-up, lazy inits) is not measured
         sync(device)
         t0 = time.perf_counter()
-        _, n = tr.train_step(run, s, tr.step_coefficients(run, s))
+        n = tr.train_step(run, s, tr.step_coefficients(run, s)).tokens
         sync(device)
         if s >= 1:
             times.append(time.perf_counter() - t0)
@@ -276,7 +276,7 @@ def scale(kind: str, recipe: str) -> dict:
         rss = _proc_status_bytes("VmRSS")
         reset_peak(device)
         t1 = time.perf_counter()
-        _, tokens = tr.train_step(run, 0, tr.step_coefficients(run, 0))
+        tokens = tr.train_step(run, 0, tr.step_coefficients(run, 0)).tokens
         sync(device)
         out.update(step_time_s=time.perf_counter() - t1, tokens=tokens, rss_before_step_bytes=rss,
                    step_peak_bytes=peak_bytes(device))

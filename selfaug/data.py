@@ -254,9 +254,16 @@ class Examples:
         self.policy, self.max_seq_len = policy, max_seq_len
         table = ds.data.table
         self._status = table.column("status").to_numpy()
+        import pyarrow.compute as pc
+        self._lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
 
     def __len__(self) -> int:  # records, skipped ones included
         return len(self._status)
+
+    def longest(self) -> int:
+        """Tokens of the longest kept example (0 if none is kept)."""
+        kept = self._lengths[self._status != SKIPPED]
+        return int(kept.max()) if len(kept) else 0
 
     def examples(self, lo: int = 0, hi: int | None = None) -> tuple[list[Example], LongStats]:
         """The kept examples of records [lo, hi) and the long-example counts of that range."""

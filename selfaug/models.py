@@ -313,12 +313,15 @@ class Loaded:
     dtype: torch.dtype
 
 
-def load_all(cfg, device, *, model: bool = True, ds_config: dict | None = None) -> Loaded:
+def load_all(cfg, device, *, model: bool = True, ds_config: dict | None = None, check=None) -> Loaded:
     """Tokenizer, then every record validated and tokenized (a data error stops the run before any model
-    loads), then the model (partitioned under a ZeRO-3 `ds_config`). Used by every stage and the bench."""
+    loads), then `check(examples)` (what else needs the data, before the model), then the model
+    (partitioned under a ZeRO-3 `ds_config`). Used by every stage and the bench."""
     from .data import load_examples
     tok = load_tokenizer_for(cfg.model)
     examples = load_examples(cfg.data.train, tok, cfg.data)
+    if check is not None:
+        check(examples)
     dtype = resolve_dtype(cfg.model.dtype, device)
     net = load_model(cfg.model, dtype, ds_config=ds_config) if model else None
     return Loaded(tok, examples, net, dtype)

@@ -52,17 +52,22 @@ class DataExamples:
 
 
 def pack(lengths: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """First-fit decreasing: (row, offset) of each sequence in as few rows of <= capacity tokens as it
-    finds. The sequences keep their order within the micro-batch; only their placement changes."""
-    row, offset, fill = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64), []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), None)
-        if r is None:
-            r = len(fill)
-            fill.append(0)
-        row[i], offset[i] = r, fill[r]
-        fill[r] += lengths[i]
-    return row, offset
+    """(row, offset) of each sequence: the layout that processes the fewest tokens (rows x widest row)
+    among those that place the sequences longest first onto the emptiest of R rows, R = 1..n, no row
+    over `capacity`. R = n is one sequence per row, so packing never processes more than padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = None
+    for n_rows in range(1, len(lengths) + 1):
+        fill = np.zeros(n_rows, np.int64)
+        row, offset = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+        for i in order:
+            r = int(fill.argmin())
+            row[i], offset[i] = r, fill[r]
+            fill[r] += lengths[i]
+        cost = n_rows * int(fill.max())
+        if fill.max() <= capacity and (best is None or cost < best[0]):
+            best = (cost, row, offset)
+    return best[1], best[2]
 
 
 def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
@@ -108,8 +113,10 @@ def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = Non
 
 
 def model_inputs(batch: dict) -> dict:
-    """The decoder's inputs of a collated batch (an attention mask, or packed position_ids)."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    """The decoder's inputs of a collated batch (an attention mask, or packed position_ids). No KV cache:
+    transformers 5 masks packed sequences apart only when there is none (with one, the packed
+    examples would silently attend to each other; tests/test_long_rag.py checks both)."""
+    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
 
 
 class NoTeacher:

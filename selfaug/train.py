@@ -199,12 +199,13 @@ def _teacher_source(cfg: Config, loaded, model, device) -> NoTeacher:
     return LiveModel(examples, frozen)
 
 
-def _pack_tokens(cfg: Config, lengths: ts.Lengths) -> int | None:
-    """The longest packed row (train.packing), checked against the longest example before any step."""
+def _pack_tokens(cfg: Config, examples=None) -> int | None:
+    """The longest packed row (train.packing); with the data's examples, checked against the longest one
+    (before the model loads)."""
     if not cfg.train.packing:
         return None
     cap = cfg.train.pack_tokens or cfg.data.max_seq_len
-    longest = int(lengths.tokens.max())
+    longest = examples.longest() if examples is not None else 0
     if longest > cap:
         raise TrainError(f"train.pack_tokens={cap} is smaller than the longest example ({longest} tokens): raise "
                          f"train.pack_tokens to at least {longest}, or leave it null (data.max_seq_len)")
@@ -224,14 +225,14 @@ def setup(cfg: Config, objective_cls=None) -> Run:
         raise TrainError("teacher_mode=online with method=full keeps a whole frozen copy of the model on every "
                          "rank, which ZeRO-3 is there to avoid: precompute the store and use teacher_mode=offline")
     torch.manual_seed(tc.seed), random.seed(tc.seed), np.random.seed(tc.seed)
-    loaded = load_all(cfg, device, ds_config=conf)  # created partitioned under ZeRO-3
+    loaded = load_all(cfg, device, ds_config=conf, check=lambda ex: _pack_tokens(cfg, ex))  # partitioned under ZeRO-3
     model = loaded.model
     line = partition_line(model, rank)
     if line:
         print(line, flush=True)
     source = _teacher_source(cfg, loaded, model, device)
     lengths = source.examples.lengths()
-    pack_tokens = _pack_tokens(cfg, lengths)
+    pack_tokens = _pack_tokens(cfg)
 
     if tc.gradient_checkpointing:
         # non-reentrant: no input that requires grad is needed, and it works under ZeRO-3's hooks
@@ -276,18 +277,26 @@ def step_coefficients(run: Run, step: int) -> Coefficients:
     return Coefficients(run.world / max(n_nll, 1), run.world * alpha / max(n_kl, 1), n_nll, n_kl, alpha)
 
 
-def train_step(run: Run, step: int, co: Coefficients):
-    """One optimizer step over grad_accum micro-batches. Returns (global [nll_sum, kl_sum], global tokens)."""
+class StepTotals(NamedTuple):
+    """One optimizer step over all ranks: [nll_sum, kl_sum], the examples' tokens, and the tokens the model
+    processed (padding included: packing brings it down)."""
+    sums: torch.Tensor
+    tokens: int
+    processed: int
+
+
+def train_step(run: Run, step: int, co: Coefficients) -> StepTotals:
+    """One optimizer step over grad_accum micro-batches."""
     engine, device = run.engine, run.device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll sum, kl sum, tokens: no sync per micro-step
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, kl, tokens, processed: no sync per micro-step
     for m in range(engine.gradient_accumulation_steps()):
         rows = [run.source.examples.example(int(i)) for i in run.sampler.micro_batch(step, m, run.rank)]
         batch = run.source.batch(rows, run.tok.pad_token_id, device, run.pack_tokens)
         loss, nll, kl = engine(batch, co.c_nll, co.c_kl)
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-        totals += torch.stack([nll.double(), kl.double(), torch.tensor(float(batch["tokens"]), dtype=torch.float64,
-                                                                         device=device)])
+        counts = torch.tensor([batch["tokens"], batch["padded_tokens"]], dtype=torch.float64, device=device)
+        totals += torch.cat([torch.stack([nll.double(), kl.double()]), counts])
     if run.world > 1:  # one small all-reduce per optimizer step, for logging and the finiteness check
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()  # the one host sync of the step
@@ -298,7 +307,7 @@ def train_step(run: Run, step: int, co: Coefficients):
                          "not finite "
                          f"(nll sum {totals[0].item()}, kl sum {totals[1].item()}); check the teacher store "
                          "(`selfaug inspect`), train.lr and the data")
-    return totals[:2], int(totals[2].item())
+    return StepTotals(totals[:2], int(totals[2].item()), int(totals[3].item()))
 
 
 def train(cfg: Config) -> str:
@@ -317,12 +326,13 @@ def train(cfg: Config) -> str:
         for step in range(start, tc.max_steps):
             t0 = time.time()
             co = step_coefficients(run, step)
-            sums, tokens = train_step(run, step, co)
+            got = train_step(run, step, co)
             dt = time.time() - t0
-            nll_mean, kl_mean = sums[0].item() / max(co.n_nll, 1), sums[1].item() / max(co.n_kl, 1)
+            nll_mean, kl_mean = got.sums[0].item() / max(co.n_nll, 1), got.sums[1].item() / max(co.n_kl, 1)
             row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
-                   "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": tokens / dt,
-                   "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl}
+                   "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": got.tokens / dt,
+                   "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl,
+                   "padding": 1 - got.tokens / max(got.processed, 1)}
             if rank == 0:
                 if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
                     _log(run, metrics_path, row)

@@ -137,11 +137,12 @@ def test_top_k_mass_that_does_not_sum_to_one_is_refused(tmp_path, tiny_store):
 
 def test_precompute_refuses_to_write_non_finite_values(tmp_path):
     cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 3})
-    writer = ts.StoreWriter(cfg.teacher.output_dir, cfg, {"k": 2, "id_dtype": "uint16", "value_dtype": "float32",
-                                                          "compression": "none"}, {}, 0, 1)
+    writer = ts.StoreWriter(cfg.teacher.output_dir, cfg, {"signal": "topk", "k": 2, "id_dtype": "uint16",
+                                                          "value_dtype": "float32", "compression": "none"}, {}, 0, 1)
     rows = ts.ShardRows(np.array([7]), [np.arange(4)], np.array([3]), [np.arange(3)],
-                        np.zeros((3, 2), np.uint16), np.array([[-1, -2], [np.nan, -3], [-1, -2]], np.float32),
-                        np.full(3, -1.0, np.float32))
+                        {"topk_ids": np.zeros((3, 2), np.uint16),
+                         "topk_logprobs": np.array([[-1, -2], [np.nan, -3], [-1, -2]], np.float32),
+                         "tail_logprob": np.full(3, -1.0, np.float32)})
     os.makedirs(os.path.join(cfg.teacher.output_dir, "shards"))
     with pytest.raises(ts.StoreError, match="non-finite log-probs for example 7 at position 1"):
         writer.write(0, rows, 0, 1, {})
