@@ -102,10 +102,23 @@ case "$cmd" in
       done
     done
     single eval "$recipe" eval.runs="$(IFS=,; echo "${runs[*]}")" eval.output_dir="$d" "$@" ;;
+  ablate)  # ABLATE_DIR (default runs/ablate): vanilla LoRA, then alpha=0.5 per teacher variant (signal-fraction)
+    setup
+    recipe=${1:-recipes/smollm2_long.yaml}; [ $# -gt 0 ] && shift
+    d=${ABLATE_DIR:-runs/ablate}; runs=("$d/lora")
+    [ -d "$d/lora/final" ] || distributed train "$recipe" train.alpha=0 train.output_dir="$d/lora" \
+      teacher.output_dir="$d/no-store" "$@"
+    for v in ${ABLATE_VARIANTS:-topk-1 topk-0.25 topk-0.1 sampled-1}; do
+      t=(teacher.signal="${v%-*}" teacher.position_fraction="${v#*-}" teacher.output_dir="$d/teacher-$v")
+      distributed precompute "$recipe" "${t[@]}" "$@"
+      [ -d "$d/$v/final" ] || distributed train "$recipe" "${t[@]}" train.output_dir="$d/$v" "$@"
+      runs+=("$d/$v")
+    done
+    single eval "$recipe" eval.runs="$(IFS=,; echo "${runs[*]}")" eval.output_dir="$d" "$@" ;;
   bench)
     setup
     recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || cpu_env
     "$PY" -m selfaug bench --config "$recipe" "$@" ;;
-  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo|sweep|bench" >&2; exit 2 ;;
+  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo|sweep|ablate|bench" >&2; exit 2 ;;
 esac

@@ -224,7 +224,7 @@ def test_a_manifest_whose_k_differs_from_the_shards_is_refused(tmp_path, tiny_st
     manifest["settings"]["k"] = 4
     json.dump(manifest, open(os.path.join(store, "manifest.json"), "w"))
     assert main(["inspect", store]) == 1
-    assert "schema does not match the manifest (manifest: k=4" in capsys.readouterr().out
+    assert "schema does not match the manifest (manifest: signal=topk, k=4" in capsys.readouterr().out
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store, "k": 4})
     with pytest.raises(ts.StoreError, match="k=4"):
         train.setup(cfg)
