@@ -8,6 +8,10 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   fidelity   KL_bucket / KL_exact and the cosine of their gradients at several k, and the
              renormalized variant, between the base model and a fine-tuned run (bench.run_dir)
   long       peak memory of the loss against prompt length, chunked against unchunked
+  data       loading and tokenizing many records: the first version's lists against datasets
+  scale      ZeRO-3 against ZeRO-2 at 2 ranks on random models of real shapes (bench_scale.py)
+  packing    length-skewed data: padding, tokens/s and step time, packed against padded batches
+  positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
 """
 from __future__ import annotations
 
@@ -21,7 +25,11 @@ import torch
 from . import dist
 from .config import Config
 
-SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale")
+SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "positions")
+
+# length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
+SKEWED = ["data.builtin_num_documents=1", "data.builtin_max_documents=8", "data.builtin_extra_sentences=2",
+          "data.max_seq_len=1024"]
 
 
 def _worker(cmd: list[str], **env_extra) -> dict:
@@ -83,6 +91,58 @@ def bench_data(cfg_path: str, overrides: list[str], n: int) -> dict:
     return {"records": n, "rows": rows}
 
 
+def _skewed(cfg: Config, overrides: list[str]) -> list[str]:
+    return list(overrides) + ([] if cfg.data.builtin_max_documents else SKEWED)
+
+
+def bench_packing(cfg: Config, cfg_path: str, overrides: list[str], steps: int) -> dict:
+    """The selfaug step (alpha = 0: the KL's cost does not depend on the layout) on length-skewed data,
+    padded against packed, each in its own process."""
+    import tempfile
+    rows, none = {}, os.path.join(tempfile.gettempdir(), "selfaug-no-store")  # alpha 0 and no store: the data
+    for packing in (False, True):
+        r = _worker(["step", "alpha0", cfg_path, str(steps), *_skewed(cfg, overrides), f"teacher.output_dir={none}",
+                     f"train.packing={packing}"])
+        rows["packed" if packing else "padded"] = r
+        print(f"  packing[{packing}]: {r['step_time_s']:.3f} s/step, padding {r['padding']:.3f}", flush=True)
+    p, u = rows["packed"], rows["padded"]
+    return {"rows": rows, "time_ratio": p["step_time_s"] / u["step_time_s"],
+            "tokens_per_s_ratio": p["tokens_per_s"] / u["tokens_per_s"]}
+
+
+def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions: list[float], examples: int,
+                    steps: int) -> dict:
+    """Per position fraction: a store of `examples` length-skewed records (its bytes, stage 1 time) and the
+    offline SelfAug step on it."""
+    import shutil
+    import tempfile
+    import time
+    from . import precompute
+    from . import teacher_store as ts
+    from .config import load_config
+    tmp = tempfile.mkdtemp(prefix="selfaug-bench-positions-")
+    rows = []
+    try:
+        for f in fractions:
+            extra = _skewed(cfg, overrides) + [f"data.max_examples={examples}", f"teacher.position_fraction={f}",
+                                               f"teacher.output_dir={tmp}/f{f}", "teacher.overwrite=true"]
+            t0 = time.perf_counter()
+            precompute.run(load_config(cfg_path, extra))
+            totals = ts.read_manifest(f"{tmp}/f{f}")["totals"]
+            r = {"fraction": f, "precompute_s": time.perf_counter() - t0, "bytes": totals["bytes"],
+                 "positions": totals["positions"], "bytes_per_example": totals["bytes"] / max(totals["examples"], 1)}
+            step = _worker(["step", "offline", cfg_path, str(steps), *extra])
+            r.update(step_time_s=step["step_time_s"], kl_positions_per_step=step["kl_positions"])
+            rows.append(r)
+            print(f"  positions[{f}]: {r['bytes'] / 1e6:.2f} MB, {r['step_time_s']:.3f} s/step", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in rows:
+        r["bytes_ratio"] = r["bytes"] / rows[0]["bytes"]
+        r["step_time_ratio"] = r["step_time_s"] / rows[0]["step_time_s"]
+    return {"examples": examples, "rows": rows}
+
+
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
     from . import bench_worker as bw
@@ -108,6 +168,11 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "scale" in only:
         from .bench_scale import bench_scale
         results["scale"] = bench_scale(smoke)
+    if "packing" in only:
+        results["packing"] = bench_packing(cfg, cfg_path, list(overrides), 1 if smoke else 5)
+    if "positions" in only:
+        results["positions"] = bench_positions(cfg, cfg_path, list(overrides), [1.0, 0.25] if smoke else
+                                               [1.0, 0.5, 0.25, 0.1], 8 if smoke else 48, 1 if smoke else 4)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=2)
@@ -134,9 +199,14 @@ def format_results(r: dict) -> str:
         f = r["fidelity"]
         lines.append(f"fidelity vs exact KL (exact mean KL {f['exact_kl_per_token']:.4f}/token):")
         lines.append(f"{'k':>5}{'bucket/exact':>14}{'cos(grad)':>11}{'renorm/exact':>14}{'cos(grad)':>11}")
+        lines[-1] += f"{'bytes/pos':>11}"
         for row in f["rows"]:
             lines.append(f"{row['k']:>5}{row['bucket_ratio']:>14.4f}{row['bucket_cos']:>11.4f}"
-                         f"{row['renorm_ratio']:>14.4f}{row['renorm_cos']:>11.4f}")
+                         f"{row['renorm_ratio']:>14.4f}{row['renorm_cos']:>11.4f}{row['bytes_per_position']:>11.1f}")
+        lines.append(f"{'N':>5}{'sampled/exact':>14}{'cos(grad)':>11}{'unique ids':>14}{'':>11}{'bytes/pos':>11}")
+        for row in f.get("sampled_rows", []):
+            lines.append(f"{row['samples']:>5}{row['ratio']:>14.4f}{row['cos']:>11.4f}"
+                         f"{row['unique_per_position']:>14.2f}{'':>11}{row['bytes_per_position']:>11.1f}")
     if "long" in r:
         lines.append(f"{'tokens':>7}{'chunked MiB':>13}{'unchunked MiB':>15}{'ratio':>8}")
         for row in r["long"]["rows"]:
@@ -152,4 +222,17 @@ def format_results(r: dict) -> str:
     if "scale" in r:
         from .bench_scale import format_scale
         lines.append(format_scale(r["scale"]))
+    if "packing" in r:
+        p = r["packing"]
+        lines.append(f"packing (length-skewed data): {'layout':<8}{'s/step':>9}{'tokens/s':>10}{'padding':>9}")
+        for name, row in p["rows"].items():
+            lines.append(f"{'':<30}{name:<8}{row['step_time_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['padding']:>9.3f}")
+        lines.append(f"  packed / padded: step time {p['time_ratio']:.3f} (target <= 0.75 where padding >= 0.30), "
+                     f"tokens/s {p['tokens_per_s_ratio']:.3f}")
+    if "positions" in r:
+        lines.append(f"positions ({r['positions']['examples']} length-skewed examples): "
+                     f"{'fraction':>8}{'MB':>8}{'bytes x':>9}{'s/step':>9}{'time x':>8}")
+        for row in r["positions"]["rows"]:
+            lines.append(f"{'':<42}{row['fraction']:>8}{row['bytes'] / 1e6:>8.2f}{row['bytes_ratio']:>9.3f}"
+                         f"{row['step_time_s']:>9.3f}{row['step_time_ratio']:>8.3f}")
     return "\n".join(lines)

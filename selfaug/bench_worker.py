@@ -79,19 +79,20 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
 
     run = tr.setup(cfg, HFLoss if variant == "vanilla_lora" else None)
     device = run.device
-    times, tokens = [], 0
+    times, tokens, processed = [], 0, 0
     for s in range(steps + 1):
         if s == 1:
             reset_peak(device)  # the first step (allocator warm-up, lazy inits) is not measured
         sync(device)
         t0 = time.perf_counter()
-        n = tr.train_step(run, s, tr.step_coefficients(run, s)).tokens
+        got = tr.train_step(run, s, tr.step_coefficients(run, s))
         sync(device)
         if s >= 1:
             times.append(time.perf_counter() - t0)
-            tokens += n
+            tokens, processed = tokens + got.tokens, processed + got.processed
     return {"variant": variant, "step_time_s": float(np.median(times)), "tokens_per_s": tokens / sum(times),
-            "peak_bytes": peak_bytes(device), "steps": steps, "alpha": cfg.train.alpha}
+            "peak_bytes": peak_bytes(device), "steps": steps, "alpha": cfg.train.alpha,
+            "padding": 1 - tokens / max(processed, 1), "kl_positions": int(tr.step_coefficients(run, 1).n_kl)}
 
 
 def long(T: int, V: int, H: int, K: int, rows_per_chunk: int) -> dict:
@@ -126,7 +127,8 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
     teacher = Teacher(model, cfg, loaded.tok.pad_token_id, device, partitioned=False)
     examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     n_tokens = sum(len(e.input_ids) for e in examples)
-    sch = ts.schema(cfg.teacher.k, ts.id_dtype_for(teacher.vocab), cfg.teacher.value_dtype)
+    sch = ts.schema({"signal": cfg.teacher.signal, "k": cfg.teacher.k, "id_dtype": ts.id_dtype_for(teacher.vocab),
+                     "value_dtype": cfg.teacher.value_dtype})
     tmp = tempfile.mkdtemp()
     out = {}
 
@@ -153,7 +155,7 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
                              "ratio": min(fwd) / min(pre), "k": cfg.teacher.k}
     if do_storage:
         by = {}
-        positions = len(rows.tail_logprob)
+        positions = sum(len(p) for p in rows.positions)
         for comp in ("none", "lz4", "zstd"):
             path = os.path.join(tmp, f"s-{comp}.arrow")
             entry = ts.write_shard(path, rows.table(sch), comp)
@@ -161,7 +163,7 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
             with pa.memory_map(path) as src:
                 ts._flatten(pa.ipc.open_stream(src).read_all())
             by[comp] = {"bytes": entry["bytes"], "bytes_per_position": entry["bytes"] / positions,
-                        "bytes_per_entry": entry["bytes"] / (positions * cfg.teacher.k),
+                        "bytes_per_entry": entry["bytes"] / rows.entries(),
                         "read_s": time.perf_counter() - t0}
         out["storage"] = {"positions": positions, "k": cfg.teacher.k, "value_dtype": cfg.teacher.value_dtype,
                           "id_dtype": str(sch.field("topk_ids").type.value_type.value_type), "by_compression": by}
@@ -169,8 +171,25 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
     return out
 
 
-def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
-    """How close the stored-top-k KL is to the exact one, between the base and a fine-tuned model."""
+def _bytes_per_position(signal: dict, settings: dict, positions: np.ndarray) -> float:
+    """Shard bytes per stored position of this signal, written as the store writes it."""
+    from . import teacher_store as ts
+    rows = ts.ShardRows(np.array([0]), [np.zeros(1, np.int32)], np.array([len(positions)]), [positions], signal)
+    tmp = tempfile.mkdtemp()
+    try:
+        return ts.write_shard(os.path.join(tmp, "s.arrow"), rows.table(ts.schema(settings)))["bytes"] / len(positions)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tuple = (16, 64)) -> dict:
+    """How close the stored KL (top-k bucket and renormalized at several k; sampled at several N) is to the
+    exact one, between the base and a fine-tuned model: the ratio of the summed KL values (the bias)
+    and the cosine of the gradients with respect to the student's hidden states, with the bytes each
+    signal stores per position (fp16 values, as the store writes them)."""
+    from . import teacher_store as ts
+    from .loss import SampledTeacher
+    from .precompute import dedupe_samples, sampled_signal
     from .evaluate import load_run_model
     from .loss import LiveTeacher
     from .models import decoder_and_head, load_all
@@ -182,6 +201,8 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
     examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     (bb, bh), (sb, sh) = decoder_and_head(base), decoder_and_head(student)
     rows = {k: {"bucket": [0.0, []], "renormalize": [0.0, []]} for k in ks}
+    sampled = {n: [0.0, [], []] for n in samples}  # KL sum, gradients, per-example signals (for the bytes)
+    topk_signals = {k: [] for k in ks}
     exact_total, exact_grads, positions = 0.0, [], 0
     for e in examples:
         ids = torch.tensor([e.input_ids], device=device)
@@ -209,7 +230,26 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
                 s, g = kl_and_grad(StoredTeacher(top, vals, tail), mode)
                 rows[k][mode][0] += s
                 rows[k][mode][1].append(g)
+            topk_signals[k].append({"topk_ids": top.cpu().numpy().astype(np.uint16),
+                                    "topk_logprobs": vals.cpu().numpy().astype(np.float16),
+                                    "tail_logprob": tail.cpu().numpy().astype(np.float32)})
+        for n in samples:  # drawn exactly as stage 1 draws them
+            u = torch.from_numpy(ts.sample_uniforms(cfg.teacher.seed, e.example_id, e.prompt_len, n)).to(device)
+            drawn = sampled_signal(u)(logp.clone(), slice(0, e.prompt_len))
+            d = dedupe_samples(drawn["sample_ids"].cpu().numpy(), drawn["sample_logprobs"].cpu().numpy())
+            width = int(d["sample_len"].max())
+            r_ = np.repeat(np.arange(e.prompt_len), d["sample_len"])
+            c_ = np.arange(len(r_)) - np.repeat(np.cumsum(d["sample_len"]) - d["sample_len"], d["sample_len"])
+            ids, w, lp = (np.zeros((e.prompt_len, width), dt) for dt in (np.int64, np.float32, np.float32))
+            ids[r_, c_], w[r_, c_], lp[r_, c_] = d["sample_ids"], d["sample_counts"] / n, d["sample_logprobs"]
+            s, g = kl_and_grad(SampledTeacher(*(torch.from_numpy(a).to(device) for a in (ids, w, lp))))
+            sampled[n][0] += s
+            sampled[n][1].append(g)
+            sampled[n][2].append({"sample_len": d["sample_len"], "sample_ids": d["sample_ids"].astype(np.uint16),
+                                  "sample_counts": d["sample_counts"].astype(np.uint16),
+                                  "sample_logprobs": d["sample_logprobs"].astype(np.float16)})
     ge = torch.cat(exact_grads)
+    all_positions = np.arange(positions, dtype=np.int32)
     out = []
     for k in ks:
         r = {"k": k}
@@ -217,9 +257,21 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8) -> dict:
             total, grads = rows[k][mode]
             r[f"{key}_ratio"] = total / exact_total
             r[f"{key}_cos"] = F.cosine_similarity(torch.cat(grads), ge, dim=0).item()
+        r["bytes_per_position"] = _bytes_per_position(
+            {c: np.concatenate([x[c] for x in topk_signals[k]]) for c in ts.TOPK_COLUMNS},
+            {"signal": "topk", "k": k, "id_dtype": "uint16", "value_dtype": "float16"}, all_positions)
         out.append(r)
+    sampled_rows = []
+    for n, (total, grads, signals) in sampled.items():
+        sig = {c: np.concatenate([x[c] for x in signals]) for c in ("sample_len", *ts.SAMPLED_COLUMNS)}
+        sampled_rows.append({"samples": n, "ratio": total / exact_total,
+                             "cos": F.cosine_similarity(torch.cat(grads), ge, dim=0).item(),
+                             "unique_per_position": float(sig["sample_len"].mean()),
+                             "bytes_per_position": _bytes_per_position(
+                                 sig, {"signal": "sampled", "id_dtype": "uint16", "value_dtype": "float16"},
+                                 all_positions)})
     return {"run": run_dir, "examples": len(examples), "positions": positions,
-            "exact_kl_per_token": exact_total / positions, "rows": out}
+            "exact_kl_per_token": exact_total / positions, "rows": out, "sampled_rows": sampled_rows}
 
 
 def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) -> dict:

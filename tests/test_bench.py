@@ -23,4 +23,9 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
     for row in r["fidelity"]["rows"]:
         assert 0 < row["bucket_ratio"] <= 1 + 1e-6 and -1 <= row["bucket_cos"] <= 1
     assert [row["tokens"] for row in r["long"]["rows"]] == [128, 256]
+    for row in r["fidelity"]["sampled_rows"]:  # the sampled estimate is unbiased: near the exact KL
+        assert 0.5 < row["ratio"] < 1.5 and row["bytes_per_position"] > 0 and 1 <= row["unique_per_position"]
+    assert r["packing"]["rows"]["packed"]["padding"] <= r["packing"]["rows"]["padded"]["padding"]
+    q = {row["fraction"]: row for row in r["positions"]["rows"]}
+    assert q[0.25]["bytes_ratio"] < 0.4 and q[0.25]["kl_positions_per_step"] < q[1.0]["kl_positions_per_step"]
     assert "bucket/exact" in out.stdout
