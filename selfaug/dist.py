@@ -29,10 +29,26 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def _remove_shm_buffers(addr: str, port: str, local_rank: str) -> None:
+    """DeepSpeed's CPU all-reduce maps /dev/shm/deepspeed_allreduce_buffer_*_ADDR_PORT_RANK (about 66 MB)
+    and never unlinks it: each CPU run would leave its buffers in RAM. Unlinked at exit
+    (every rank opened its peers' buffers at start-up; mapped memory lives on until unmapped)."""
+    import glob
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local_rank}"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def init() -> tuple[int, int]:
     """(rank, world_size); a process group is created only when there are several ranks."""
     ensure_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not torch.cuda.is_available():
+        import atexit
+        atexit.register(_remove_shm_buffers, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                        os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
