@@ -1,8 +1,10 @@
 """The teacher store: the one owner of its format (docs/design.md, "The teacher store").
 
 Sharded Arrow IPC stream files plus a manifest. One row per example: example_id, input_ids,
-prompt_len, positions, topk_ids, topk_logprobs, tail_logprob. This module owns everything about the
-format, for both stages: which positions are stored (`kl_positions`), what a store depends on
+prompt_len, positions, then the signal: topk_ids, topk_logprobs, tail_logprob (teacher.signal=topk)
+or sample_ids, sample_counts, sample_logprobs (sampled). This module owns everything about the
+format, for both stages: which positions are stored (`PositionRule`) and the seeded uniforms behind
+the samples (`sample_uniforms`), what a store depends on
 (`store_settings`) and the one comparison of settings (`settings_diff`), the writer that stage 1
 hands rows to (`StoreWriter`: directory check, shard + sidecar, skip-if-verified, the manifest),
 verification, the summary, and memory-mapped reading for stage 2 (`TeacherStore`). Stage 1 computes
