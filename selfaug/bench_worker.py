@@ -188,8 +188,8 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
     and the cosine of the gradients with respect to the student's hidden states, with the bytes each
     signal stores per position (fp16 values, as the store writes them)."""
     from . import teacher_store as ts
-    from .loss import SampledTeacher
     from .precompute import dedupe_samples, sampled_signal
+    from .reader import sampled_teacher
     from .evaluate import load_run_model
     from .loss import LiveTeacher
     from .models import decoder_and_head, load_all
@@ -237,12 +237,8 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
             u = torch.from_numpy(ts.sample_uniforms(cfg.teacher.seed, e.example_id, e.prompt_len, n)).to(device)
             drawn = sampled_signal(u)(logp.clone(), slice(0, e.prompt_len))
             d = dedupe_samples(drawn["sample_ids"].cpu().numpy(), drawn["sample_logprobs"].cpu().numpy())
-            width = int(d["sample_len"].max())
-            r_ = np.repeat(np.arange(e.prompt_len), d["sample_len"])
-            c_ = np.arange(len(r_)) - np.repeat(np.cumsum(d["sample_len"]) - d["sample_len"], d["sample_len"])
-            ids, w, lp = (np.zeros((e.prompt_len, width), dt) for dt in (np.int64, np.float32, np.float32))
-            ids[r_, c_], w[r_, c_], lp[r_, c_] = d["sample_ids"], d["sample_counts"] / n, d["sample_logprobs"]
-            s, g = kl_and_grad(SampledTeacher(*(torch.from_numpy(a).to(device) for a in (ids, w, lp))))
+            s, g = kl_and_grad(sampled_teacher(d["sample_len"], d["sample_ids"], d["sample_counts"],
+                                               d["sample_logprobs"], n, device))
             sampled[n][0] += s
             sampled[n][1].append(g)
             sampled[n][2].append({"sample_len": d["sample_len"], "sample_ids": d["sample_ids"].astype(np.uint16),

@@ -86,17 +86,11 @@ def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = Non
     width = max(int(where_off[i] + lens[i]) for i in range(len(rows)))
     input_ids = np.full((n_rows, width), pad_id, dtype=np.int64)
     labels = np.full((n_rows, width), -100, dtype=np.int64)
-    position_ids = np.zeros((n_rows, width), dtype=np.int64)
-    fill = np.zeros(n_rows, np.int64)
     for r, ex in enumerate(rows):
         b, o, n, p = where_row[r], where_off[r], lens[r], ex["prompt_len"]
         ids = np.asarray(ex["input_ids"], dtype=np.int64)
         input_ids[b, o:o + n] = ids
-        position_ids[b, o:o + n] = np.arange(n)
         labels[b, o + p - 1:o + n - 1] = ids[p:]  # position t predicts token t + 1: the response tokens
-        fill[b] = max(fill[b], o + n)
-    for b in range(n_rows):  # the padding after the last example: a block of its own (packed)
-        position_ids[b, fill[b]:] = np.arange(width - fill[b])
     rows_b = np.concatenate([np.full(len(r["positions"]), where_row[i]) for i, r in enumerate(rows)])
     rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int64) + where_off[i] for i, r in enumerate(rows)])
     batch = {"input_ids": torch.from_numpy(input_ids).to(device), "labels": torch.from_numpy(labels).to(device),
@@ -107,7 +101,15 @@ def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = Non
     if pack_tokens is None:
         mask = np.arange(width)[None, :] < np.asarray(lens)[:, None]
         batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64)).to(device)
-    else:
+    else:  # restarting at every example, and at the padding after a row's last one (a block of its own)
+        position_ids = np.zeros((n_rows, width), dtype=np.int64)
+        fill = np.zeros(n_rows, np.int64)
+        for r in range(len(rows)):
+            b, o, n = where_row[r], where_off[r], lens[r]
+            position_ids[b, o:o + n] = np.arange(n)
+            fill[b] = max(fill[b], o + n)
+        for b in range(n_rows):
+            position_ids[b, fill[b]:] = np.arange(width - fill[b])
         batch["position_ids"] = torch.from_numpy(position_ids).to(device)
     return batch
 
@@ -160,16 +162,22 @@ class StoredSamples(StoredTopK):
 
     def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
         batch = collate(rows, pad_id, device, pack_tokens)
-        n_len = np.concatenate([r["sample_len"] for r in rows]).astype(np.int64)  # (P,) unique ids per position
-        row = np.repeat(np.arange(len(n_len)), n_len)
-        col = np.arange(len(row)) - np.repeat(np.cumsum(n_len) - n_len, n_len)
-        width = int(n_len.max()) if len(n_len) else 1
-        ids, weights, logp = (np.zeros((len(n_len), width), dt) for dt in (np.int64, np.float32, np.float32))
-        ids[row, col] = np.concatenate([r["sample_ids"] for r in rows])
-        weights[row, col] = np.concatenate([r["sample_counts"] for r in rows]) / self.samples
-        logp[row, col] = np.concatenate([r["sample_logprobs"] for r in rows])
-        batch["teacher"] = SampledTeacher(*(torch.from_numpy(a).to(device) for a in (ids, weights, logp)))
+        cat = lambda name: np.concatenate([r[name] for r in rows])
+        batch["teacher"] = sampled_teacher(cat("sample_len"), cat("sample_ids"), cat("sample_counts"),
+                                           cat("sample_logprobs"), self.samples, device)
         return batch
+
+
+def sampled_teacher(sample_len, ids, counts, logprobs, samples: int, device) -> SampledTeacher:
+    """The flat unique ids of the stored positions (sample_len per position) as a SampledTeacher:
+    (positions, most unique ids) matrices, weight counts / N, 0 on padding."""
+    n_len = np.asarray(sample_len, dtype=np.int64)
+    row = np.repeat(np.arange(len(n_len)), n_len)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(n_len) - n_len, n_len)
+    width = int(n_len.max()) if len(n_len) else 1
+    out_ids, weights, logp = (np.zeros((len(n_len), width), dt) for dt in (np.int64, np.float32, np.float32))
+    out_ids[row, col], weights[row, col], logp[row, col] = ids, np.asarray(counts) / samples, logprobs
+    return SampledTeacher(*(torch.from_numpy(a).to(device) for a in (out_ids, weights, logp)))
 
 
 class LiveModel(NoTeacher):
