@@ -106,8 +106,8 @@ case "$cmd" in
     setup
     recipe=${1:-recipes/smollm2_long.yaml}; [ $# -gt 0 ] && shift
     d=${ABLATE_DIR:-runs/ablate}; runs=("$d/lora")
-    [ -d "$d/lora/final" ] || distributed train "$recipe" train.alpha=0 train.output_dir="$d/lora" \
-      teacher.output_dir="$d/no-store" "$@"
+    [ -d "$d/lora/final" ] || distributed train "$recipe" train.alpha=0 train.teacher_mode=none \
+      train.output_dir="$d/lora" "$@"
     for v in ${ABLATE_VARIANTS:-topk-1 topk-0.25 topk-0.1 sampled-1}; do
       t=(teacher.signal="${v%-*}" teacher.position_fraction="${v#*-}" teacher.output_dir="$d/teacher-$v")
       distributed precompute "$recipe" "${t[@]}" "$@"

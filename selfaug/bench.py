@@ -98,10 +98,9 @@ def _skewed(cfg: Config, overrides: list[str]) -> list[str]:
 def bench_packing(cfg: Config, cfg_path: str, overrides: list[str], steps: int) -> dict:
     """The selfaug step (alpha = 0: the KL's cost does not depend on the layout) on length-skewed data,
     padded against packed, each in its own process."""
-    import tempfile
-    rows, none = {}, os.path.join(tempfile.gettempdir(), "selfaug-no-store")  # alpha 0 and no store: the data
-    for packing in (False, True):
-        r = _worker(["step", "alpha0", cfg_path, str(steps), *_skewed(cfg, overrides), f"teacher.output_dir={none}",
+    rows = {}
+    for packing in (False, True):  # plain fine-tuning on the data: no store needed
+        r = _worker(["step", "alpha0", cfg_path, str(steps), *_skewed(cfg, overrides), "train.teacher_mode=none",
                      f"train.packing={packing}"])
         rows["packed" if packing else "padded"] = r
         print(f"  packing[{packing}]: {r['step_time_s']:.3f} s/step, padding {r['padding']:.3f}", flush=True)
@@ -117,8 +116,7 @@ def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions:
     import shutil
     import tempfile
     import time
-    from . import precompute
-    from . import teacher_store as ts
+    from . import precompute, store
     from .config import load_config
     tmp = tempfile.mkdtemp(prefix="selfaug-bench-positions-")
     rows = []
@@ -128,7 +126,7 @@ def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions:
                                                f"teacher.output_dir={tmp}/f{f}", "teacher.overwrite=true"]
             t0 = time.perf_counter()
             precompute.run(load_config(cfg_path, extra))
-            totals = ts.read_manifest(f"{tmp}/f{f}")["totals"]
+            totals = store.read_manifest(f"{tmp}/f{f}")["totals"]
             r = {"fraction": f, "precompute_s": time.perf_counter() - t0, "bytes": totals["bytes"],
                  "positions": totals["positions"], "bytes_per_example": totals["bytes"] / max(totals["examples"], 1)}
             step = _worker(["step", "offline", cfg_path, str(steps), *extra])

@@ -61,11 +61,12 @@ def sync(device):
 
 def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
     from . import train as tr
-    extra = {"vanilla_lora": ["train.alpha=0"], "offline": ["train.teacher_mode=offline"],
-             "online": ["train.teacher_mode=online"], "alpha0": ["train.alpha=0"]}[variant]
+    # SelfAug variants run at the recipe's alpha, or 0.5 where the recipe has none: passed as an override,
+    # never written into a loaded config
+    alpha = load_config(cfg_path, list(overrides)).train.alpha or 0.5
+    extra = {"vanilla_lora": ["train.alpha=0"], "offline": ["train.teacher_mode=offline", f"train.alpha={alpha}"],
+             "online": ["train.teacher_mode=online", f"train.alpha={alpha}"], "alpha0": ["train.alpha=0"]}[variant]
     cfg = load_config(cfg_path, list(overrides) + extra + ["train.resume=never"])
-    if variant in ("offline", "online") and cfg.train.alpha == 0:
-        cfg.train.alpha = 0.5
 
     class HFLoss(tr.Objective):
         """Vanilla LoRA as commonly run: full logits at every position, mean cross-entropy."""
@@ -115,20 +116,20 @@ def long(T: int, V: int, H: int, K: int, rows_per_chunk: int) -> dict:
 
 
 def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: bool, n_examples: int = 64) -> dict:
-    """Stage 1's work (top-k, tail, Arrow write) against a plain forward (full logits) over the same batches."""
+    """Stage 1's work (the signal, Arrow write), exactly as precompute runs it, against a plain forward
+    (full logits) over the same batches."""
     import pyarrow as pa
-    from . import teacher_store as ts
+    from . import store
     from .data import pad
     from .models import load_all
-    from .precompute import Teacher, compute_shard, length_batches
+    from .precompute import Teacher, length_batches
     device = dist.device()
     loaded = load_all(cfg, device)
     model = loaded.model.to(device).eval()
     teacher = Teacher(model, cfg, loaded.tok.pad_token_id, device, partitioned=False)
+    signal = teacher.signal
     examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     n_tokens = sum(len(e.input_ids) for e in examples)
-    sch = ts.schema({"signal": cfg.teacher.signal, "k": cfg.teacher.k, "id_dtype": ts.id_dtype_for(teacher.vocab),
-                     "value_dtype": cfg.teacher.value_dtype})
     tmp = tempfile.mkdtemp()
     out = {}
 
@@ -140,8 +141,8 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
         sync(device)
 
     def stage1():
-        rows = compute_shard(teacher, examples)
-        ts.write_shard(os.path.join(tmp, "bench.arrow"), rows.table(sch), cfg.teacher.compression)
+        rows = teacher.compute_shard(examples)
+        store.write_shard(os.path.join(tmp, "bench.arrow"), rows.table(signal), cfg.teacher.compression)
         return rows
 
     rows = stage1()  # warm-up, and the rows for the storage figures
@@ -152,57 +153,53 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
             t0 = time.perf_counter(); stage1(); pre.append(time.perf_counter() - t0)
         out["precompute"] = {"examples": len(examples), "tokens": n_tokens, "examples_per_s": len(examples) / min(pre),
                              "tokens_per_s": n_tokens / min(pre), "forward_tokens_per_s": n_tokens / min(fwd),
-                             "ratio": min(fwd) / min(pre), "k": cfg.teacher.k}
+                             "ratio": min(fwd) / min(pre), "signal": signal.words()}
     if do_storage:
         by = {}
-        positions = sum(len(p) for p in rows.positions)
+        positions = rows.position_count()
         for comp in ("none", "lz4", "zstd"):
             path = os.path.join(tmp, f"s-{comp}.arrow")
-            entry = ts.write_shard(path, rows.table(sch), comp)
+            entry = store.write_shard(path, rows.table(signal), comp)
             t0 = time.perf_counter()
             with pa.memory_map(path) as src:
-                ts._flatten(pa.ipc.open_stream(src).read_all())
+                store.flatten(pa.ipc.open_stream(src).read_all(), signal)
             by[comp] = {"bytes": entry["bytes"], "bytes_per_position": entry["bytes"] / positions,
-                        "bytes_per_entry": entry["bytes"] / rows.entries(),
+                        "bytes_per_entry": entry["bytes"] / signal.entries(rows.signal),
                         "read_s": time.perf_counter() - t0}
-        out["storage"] = {"positions": positions, "k": cfg.teacher.k, "value_dtype": cfg.teacher.value_dtype,
-                          "id_dtype": str(sch.field("topk_ids").type.value_type.value_type), "by_compression": by}
+        out["storage"] = {"positions": positions, "signal": signal.words(), "value_dtype": signal.value_dtype,
+                          "id_dtype": signal.id_dtype, "by_compression": by}
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _bytes_per_position(signal: dict, settings: dict, positions: np.ndarray) -> float:
-    """Shard bytes per stored position of this signal, written as the store writes it."""
-    from . import teacher_store as ts
-    rows = ts.ShardRows(np.array([0]), [np.zeros(1, np.int32)], np.array([len(positions)]), [positions], signal)
-    tmp = tempfile.mkdtemp()
-    try:
-        return ts.write_shard(os.path.join(tmp, "s.arrow"), rows.table(ts.schema(settings)))["bytes"] / len(positions)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def signal_rows(signal, logp: torch.Tensor, example) -> dict:
+    """The signal's arrays for one example's positions (all of its prompt), computed by the production
+    code exactly as stage 1 computes them (logp (P, V) fp32 full-vocabulary log-probs)."""
+    got = signal.row_fn([example], [np.arange(logp.shape[0])], logp.device)(logp.clone(), slice(0, logp.shape[0]))
+    return signal.concat([signal.per_example({k: v.cpu().numpy() for k, v in got.items()})])
 
 
 def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tuple = (16, 64)) -> dict:
     """How close the stored KL (top-k bucket and renormalized at several k; sampled at several N) is to the
     exact one, between the base and a fine-tuned model: the ratio of the summed KL values (the bias)
     and the cosine of the gradients with respect to the student's hidden states, with the bytes each
-    signal stores per position (fp16 values, as the store writes them)."""
-    from . import teacher_store as ts
-    from .precompute import dedupe_samples, sampled_signal
-    from .reader import sampled_teacher
+    signal stores per position (as the store writes them: the model's id dtype, fp16 values)."""
+    from . import store
     from .evaluate import load_run_model
     from .loss import LiveTeacher
-    from .models import decoder_and_head, load_all
+    from .models import decoder_and_head, load_all, vocab_size
     device = dist.device()
     run_dir = [r for r in cfg.eval.runs.split(",") if r.strip()][0]
     student, _ = load_run_model(cfg, run_dir, torch.float32, device)
     loaded = load_all(cfg, device)
     base = loaded.model.to(device).eval()
+    ids_dtype = store.id_dtype_for(vocab_size(base))
+    signals = {**{("topk", k): store.TopK(k, ids_dtype, "float16") for k in ks},
+               **{("sampled", n): store.Sampled(n, cfg.teacher.seed, ids_dtype, "float16") for n in samples}}
     examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     (bb, bh), (sb, sh) = decoder_and_head(base), decoder_and_head(student)
-    rows = {k: {"bucket": [0.0, []], "renormalize": [0.0, []]} for k in ks}
-    sampled = {n: [0.0, [], []] for n in samples}  # KL sum, gradients, per-example signals (for the bytes)
-    topk_signals = {k: [] for k in ks}
+    kl = {(key, mode): [0.0, []] for key in signals for mode in ("bucket", "renormalize")}
+    arrays = {key: [] for key in signals}
     exact_total, exact_grads, positions = 0.0, [], 0
     for e in examples:
         ids = torch.tensor([e.input_ids], device=device)
@@ -223,50 +220,29 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
         exact_total += s
         exact_grads.append(gr)
         positions += e.prompt_len
-        for k in ks:
-            vals, top = logp.topk(k, -1)
-            tail = logp.scatter(1, top, float("-inf")).logsumexp(-1)
-            for mode in ("bucket", "renormalize"):
-                s, g = kl_and_grad(StoredTeacher(top, vals, tail), mode)
-                rows[k][mode][0] += s
-                rows[k][mode][1].append(g)
-            topk_signals[k].append({"topk_ids": top.cpu().numpy().astype(np.uint16),
-                                    "topk_logprobs": vals.cpu().numpy().astype(np.float16),
-                                    "tail_logprob": tail.cpu().numpy().astype(np.float32)})
-        for n in samples:  # drawn exactly as stage 1 draws them
-            u = torch.from_numpy(ts.sample_uniforms(cfg.teacher.seed, e.example_id, e.prompt_len, n)).to(device)
-            drawn = sampled_signal(u)(logp.clone(), slice(0, e.prompt_len))
-            d = dedupe_samples(drawn["sample_ids"].cpu().numpy(), drawn["sample_logprobs"].cpu().numpy())
-            s, g = kl_and_grad(sampled_teacher(d["sample_len"], d["sample_ids"], d["sample_counts"],
-                                               d["sample_logprobs"], n, device))
-            sampled[n][0] += s
-            sampled[n][1].append(g)
-            sampled[n][2].append({"sample_len": d["sample_len"], "sample_ids": d["sample_ids"].astype(np.uint16),
-                                  "sample_counts": d["sample_counts"].astype(np.uint16),
-                                  "sample_logprobs": d["sample_logprobs"].astype(np.float16)})
+        for key, signal in signals.items():
+            sig = signal_rows(signal, logp, e)
+            arrays[key].append(sig)
+            for mode in ("bucket", "renormalize") if key[0] == "topk" else ("bucket",):
+                s, g = kl_and_grad(signal.teacher([sig], device), mode)
+                kl[(key, mode)][0] += s
+                kl[(key, mode)][1].append(g)
     ge = torch.cat(exact_grads)
-    all_positions = np.arange(positions, dtype=np.int32)
-    out = []
+    ratio_cos = lambda key, mode: (kl[(key, mode)][0] / exact_total,
+                                   F.cosine_similarity(torch.cat(kl[(key, mode)][1]), ge, dim=0).item())
+    bytes_of = lambda key: signals[key].bytes_per_position(
+        {c: np.concatenate([a[c] for a in arrays[key]]) for c in arrays[key][0]})
+    out, sampled_rows = [], []
     for k in ks:
-        r = {"k": k}
-        for mode, key in (("bucket", "bucket"), ("renormalize", "renorm")):
-            total, grads = rows[k][mode]
-            r[f"{key}_ratio"] = total / exact_total
-            r[f"{key}_cos"] = F.cosine_similarity(torch.cat(grads), ge, dim=0).item()
-        r["bytes_per_position"] = _bytes_per_position(
-            {c: np.concatenate([x[c] for x in topk_signals[k]]) for c in ts.TOPK_COLUMNS},
-            {"signal": "topk", "k": k, "id_dtype": "uint16", "value_dtype": "float16"}, all_positions)
-        out.append(r)
-    sampled_rows = []
-    for n, (total, grads, signals) in sampled.items():
-        sig = {c: np.concatenate([x[c] for x in signals]) for c in ("sample_len", *ts.SAMPLED_COLUMNS)}
-        sampled_rows.append({"samples": n, "ratio": total / exact_total,
-                             "cos": F.cosine_similarity(torch.cat(grads), ge, dim=0).item(),
-                             "unique_per_position": float(sig["sample_len"].mean()),
-                             "bytes_per_position": _bytes_per_position(
-                                 sig, {"signal": "sampled", "id_dtype": "uint16", "value_dtype": "float16"},
-                                 all_positions)})
-    return {"run": run_dir, "examples": len(examples), "positions": positions,
+        (br, bc), (rr, rc) = ratio_cos(("topk", k), "bucket"), ratio_cos(("topk", k), "renormalize")
+        out.append({"k": k, "bucket_ratio": br, "bucket_cos": bc, "renorm_ratio": rr, "renorm_cos": rc,
+                    "bytes_per_position": bytes_of(("topk", k))})
+    for n in samples:
+        r, c = ratio_cos(("sampled", n), "bucket")
+        unique = np.concatenate([a["sample_len"] for a in arrays[("sampled", n)]]).mean()
+        sampled_rows.append({"samples": n, "ratio": r, "cos": c, "unique_per_position": float(unique),
+                             "bytes_per_position": bytes_of(("sampled", n))})
+    return {"run": run_dir, "examples": len(examples), "positions": positions, "id_dtype": ids_dtype,
             "exact_kl_per_token": exact_total / positions, "rows": out, "sampled_rows": sampled_rows}
 
 
@@ -330,10 +306,10 @@ def scale(kind: str, recipe: str) -> dict:
                    step_peak_bytes=peak_bytes(device))
         out["peak_bytes"] = max(out["load_peak_bytes"], out["step_peak_bytes"])
     else:
-        from . import precompute, teacher_store as ts
+        from . import precompute, store
         precompute.run(cfg)
         out["time_s"] = time.perf_counter() - t0
-        out["tokens"] = ts.read_manifest(cfg.teacher.output_dir)["totals"]["tokens"] / world  # about this rank's
+        out["tokens"] = store.read_manifest(cfg.teacher.output_dir)["totals"]["tokens"] / world  # about this rank's
         out["peak_bytes"] = peak_bytes(device)
     with open(os.path.join(os.environ["SELFAUG_BENCH_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

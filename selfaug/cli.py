@@ -15,11 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _inspect(path: str) -> int:
     import json
-    from . import teacher_store as ts
-    if os.path.exists(os.path.join(path, ts.MANIFEST)):
-        manifest, problems = ts.verify_store(path, values=True)
+    from . import store
+    if os.path.exists(os.path.join(path, store.MANIFEST)):
+        manifest, problems = store.verify_store(path, values=True)
         if manifest.get("status") == "complete":
-            print(ts.format_summary(path, manifest))
+            print(store.format_summary(path, manifest))
         for p in problems:
             print(f"  FAIL {p}")
         if not problems:
@@ -46,7 +46,7 @@ def user_errors() -> tuple:
     from .data import DataError
     from .dist import DistError
     from .models import ModelError
-    from .teacher_store import StoreError
+    from .store import StoreError
     from .train import TrainError
     return ConfigError, DataError, DistError, ModelError, StoreError, TrainError
 
@@ -62,8 +62,8 @@ def _run(args) -> int:
         from .precompute import run
         run(cfg)
     elif args.command == "train":
-        from .train import run
-        run(cfg)
+        from .train import train
+        train(cfg)
     elif args.command == "eval":
         from .evaluate import run
         run(cfg)

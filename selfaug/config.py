@@ -95,8 +95,9 @@ class TeacherConfig:
 class TrainConfig:
     output_dir: str = opt("runs/train", "the run's directory (metrics, checkpoints, final/)")
     method: Literal["lora", "full"] = opt("lora", "LoRA adapters or full fine-tuning")
-    teacher_mode: Literal["offline", "online"] = opt("offline", "offline: read the store; online: live teacher, "
-                                                               "full vocabulary")
+    teacher_mode: Literal["offline", "online", "none"] = opt(
+        "offline", "offline: read the store; online: live teacher, full vocabulary; none: plain fine-tuning on the "
+                   "data, no store (alpha must be 0)")
     alpha: float = opt(0.5, "weight of the KL term; 0 = plain fine-tuning", ge=0)
     alpha_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "alpha over the run, from alpha_start")
     alpha_start: float = opt(0.0, "alpha at step 0 for linear / cosine schedules", ge=0)
@@ -133,6 +134,12 @@ class TrainConfig:
                                  "metrics.jsonl is always written")
     log_every: int = opt(1, "write metrics every N optimizer steps", ge=1)
     stop_after: Optional[int] = opt(None, "stop (with a checkpoint) after this step, for tests of resume", ge=1)
+
+    def kl_ever_on(self) -> bool:
+        """Whether any step of the run has a KL term: the one answer every guard uses."""
+        if self.teacher_mode == "none":
+            return False
+        return self.alpha > 0 or (self.alpha_schedule != "constant" and self.alpha_start > 0)
 
 
 @dataclass
@@ -286,6 +293,11 @@ def _check(cfg: Config) -> None:
     if cfg.teacher.signal == "sampled" and cfg.train.kl_direction == "reverse" and cfg.train.teacher_mode == "offline":
         raise ConfigError("train.kl_direction=reverse needs the student's own samples; a teacher.signal=sampled store "
                           "holds the teacher's: use kl_direction=forward, or teacher.signal=topk")
+    t = cfg.train
+    if t.teacher_mode == "none" and (t.alpha > 0 or (t.alpha_schedule != "constant" and t.alpha_start > 0)):
+        raise ConfigError(f"train.teacher_mode=none is plain fine-tuning without a teacher, but train.alpha={t.alpha}"
+                          f" (alpha_start={t.alpha_start}): set train.alpha=0, or teacher_mode=offline (a store) or "
+                          "online")
     targets = [t for t in cfg.train.report_to.split(",") if t.strip()]
     for t in targets:
         if t.strip() not in REPORT_TO:

@@ -61,6 +61,39 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a small picklable object)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def decide(fn):
+    """fn() run on rank 0 only, its result (or the exception it raised) the same on every rank: a decision
+    that ranks must share (a directory's state, a file read once) is taken once and broadcast, so that no
+    rank can take another branch (and wait at a barrier the others never reach)."""
+    got = None
+    if rank_world()[0] == 0:
+        try:
+            got = (True, fn())
+        except Exception as e:  # raised below, on every rank alike
+            got = (False, e)
+    if dist.is_initialized():
+        box = [got]
+        dist.broadcast_object_list(box, src=0)
+        got = box[0]
+    ok, value = got
+    if not ok:
+        raise value
+    return value
+
 
 def all_reduce_sum(values):
     """Elementwise sum over ranks of a small numpy array (the array itself with one rank)."""

@@ -1,9 +1,8 @@
 """Stage 1 (docs/design.md, "Stage 1"): run the frozen model once over the training data and compute,
-at every KL position the position rule keeps (`teacher_store.PositionRule`), the teacher's signal:
-`topk`: the top-k log-probabilities (normalized over the full vocabulary) and the log of the
-remaining mass; `sampled`: N draws from the full distribution (seeded per example), as unique ids
-with counts and exact log-probs. This module only computes rows; `teacher_store.StoreWriter` stores
-them.
+at every KL position the position rule keeps (`store.PositionRule`), the teacher's signal (`teacher.signal`:
+the top-k log-probabilities and the log of the remaining mass, or N draws from the full distribution).
+What a signal computes from the full-vocabulary log-probs is its own (`store.signals`); this module runs
+the model, hands each chunk of log-probs to the signal and the rows to `store.StoreWriter`.
 
 Work is cut into fixed chunks of `teacher.shard_size` source records, one shard each; chunk j runs
 on rank j mod world_size, so a store can be resumed with any number of ranks and comes out identical.
@@ -24,32 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import dist
-from . import teacher_store as ts
+from . import store
 from .config import Config, check_paths
 from .data import pad
 from .models import decoder_and_head, load_all, partition_line, vocab_size
-
-
-def topk_signal(k: int):
-    """Per chunk of full-vocabulary log-probs: the top-k ids and log-probs (descending) and the log of
-    the remaining mass, summed over the tokens outside the top-k in fp32 (no 1 - sum cancellation)."""
-    def fn(logp, rows):
-        v, i = torch.topk(logp, k, dim=-1)  # (n, K)
-        tail = logp.exp_().scatter_(1, i, 0.0).sum(dim=-1).log()  # (n,); logp is the chunk's own buffer
-        return {"topk_ids": i, "topk_logprobs": v, "tail_logprob": tail}
-    return fn
-
-
-def sampled_signal(uniforms: torch.Tensor):
-    """Per chunk: N draws per row from the full distribution by inverting its CDF at the given uniforms
-    (rows, N) in [0, 1), and their exact log-probs; the draws sorted per row (deduplicated later)."""
-    def fn(logp, rows):
-        cdf = logp.exp().cumsum_(-1)  # (n, V) fp32
-        u = uniforms[rows].to(cdf) * cdf[:, -1:]  # scaled by the total, which rounding leaves near 1
-        ids = torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[1] - 1)  # (n, N)
-        ids = ids.sort(dim=-1).values
-        return {"sample_ids": ids, "sample_logprobs": logp.gather(1, ids)}
-    return fn
 
 
 @torch.no_grad()
@@ -82,17 +59,6 @@ def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal
     return {name: torch.cat([p[name] for p in parts]).cpu() for name in parts[0]}
 
 
-def dedupe_samples(ids: np.ndarray, logprobs: np.ndarray) -> dict:
-    """Sorted draws (n, N) per row -> unique ids with counts, flat, and the number per row."""
-    n, N = ids.shape
-    new = np.ones((n, N), dtype=bool)
-    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    starts = np.flatnonzero(new.ravel())
-    counts = np.diff(np.append(starts, n * N))
-    return {"sample_len": new.sum(axis=1), "sample_ids": ids.ravel()[starts], "sample_counts": counts,
-            "sample_logprobs": logprobs.ravel()[starts]}
-
-
 def length_batches(examples: list, batch_tokens: int) -> list[list]:
     """Longest first, as many per batch as fit in batch_tokens padded tokens (at least one)."""
     order = sorted(examples, key=lambda e: -len(e.input_ids))
@@ -109,72 +75,56 @@ def length_batches(examples: list, batch_tokens: int) -> list[list]:
 
 
 class Teacher:
-    """The frozen model of stage 1, whole on this rank or ZeRO-3 partitioned over all ranks."""
+    """The frozen model of stage 1, whole on this rank or ZeRO-3 partitioned over all ranks, computing the
+    store's signal (`store.signal_for`) at the positions the rule keeps."""
 
     def __init__(self, model, cfg: Config, pad_id: int, device, partitioned: bool):
         self.body, self.head = decoder_and_head(model)
-        self.cfg, self.pad_id, self.device, self.partitioned = cfg, pad_id, device, partitioned
+        self.pad_id, self.device, self.partitioned = pad_id, device, partitioned
         self.vocab = vocab_size(model)
-        self.rule = ts.PositionRule.of(cfg.teacher)
+        self.rule = store.PositionRule.of(cfg.teacher)
+        self.signal = store.signal_for(cfg.teacher, self.vocab)
+        self.batch_tokens, self.chunk_rows = cfg.teacher.batch_tokens, cfg.teacher.vocab_chunk_rows
 
     def batch(self, batch: list) -> dict:
-        """example_id -> (positions, {column: array}) for one length bucket (`ShardRows.signal`'s columns)."""
-        tc = self.cfg.teacher
+        """example_id -> (positions, the signal's arrays) for one length bucket."""
         ids, mask = pad([e.input_ids for e in batch], self.pad_id)
         pos = [self.rule.positions(e.example_id, len(e.input_ids), e.prompt_len) for e in batch]
         rb = torch.from_numpy(np.concatenate([np.full(len(p), b) for b, p in enumerate(pos)])).to(self.device)
         rt = torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(self.device)
-        if tc.signal == "topk":
-            fn = topk_signal(tc.k)
-        else:
-            u = np.concatenate([ts.sample_uniforms(tc.seed, e.example_id, len(p), tc.samples)
-                                for e, p in zip(batch, pos)])
-            fn = sampled_signal(torch.from_numpy(u).to(self.device))
+        fn = self.signal.row_fn(batch, pos, self.device)
         got = {k: v.numpy() for k, v in teacher_signal(self.body, self.head, ids.to(self.device),
-                                                       mask.to(self.device), rb, rt, fn, tc.vocab_chunk_rows,
+                                                       mask.to(self.device), rb, rt, fn, self.chunk_rows,
                                                        self.partitioned).items()}
         out, start = {}, 0
         for e, p in zip(batch, pos):
-            part = {k: v[start:start + len(p)] for k, v in got.items()}
-            if tc.signal == "sampled":
-                part = dedupe_samples(part["sample_ids"], part["sample_logprobs"])
-            out[e.example_id] = (p, part)
+            out[e.example_id] = (p, self.signal.per_example({k: v[start:start + len(p)] for k, v in got.items()}))
             start += len(p)
         return out
 
     def dummy(self) -> None:
         """The collectives of one batch with no data (partitioned teacher, a rank with no work left)."""
         one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-        teacher_signal(self.body, self.head, one, torch.ones_like(one), one[0] * 0, one[0] * 0, topk_signal(1),
-                       self.cfg.teacher.vocab_chunk_rows, self.partitioned)
+        teacher_signal(self.body, self.head, one, torch.ones_like(one), one[0] * 0, one[0] * 0,
+                       lambda logp, rows: {"max": logp.max(-1).values}, self.chunk_rows, self.partitioned)
 
+    def shard(self, examples: list, out: dict) -> store.ShardRows:
+        """The computed rows of one chunk, in example order, as the store's arrays."""
+        order = sorted(out)
+        by_id = {e.example_id: e for e in examples}
+        return store.ShardRows(
+            example_id=np.array(order, dtype=np.int64),
+            input_ids=[by_id[i].input_ids for i in order],
+            prompt_len=np.array([by_id[i].prompt_len for i in order], dtype=np.int32),
+            positions=[out[i][0] for i in order],
+            signal=self.signal.concat([out[i][1] for i in order]),
+        )
 
-def shard_rows(examples: list, out: dict, vocab: int, tc) -> ts.ShardRows:
-    """The computed rows of one chunk, in example order, as the store's arrays (tc: the TeacherConfig)."""
-    value_dtype = tc.value_dtype
-    order = sorted(out)
-    by_id = {e.example_id: e for e in examples}
-    id_np = np.uint16 if ts.id_dtype_for(vocab) == "uint16" else np.uint32
-    dtypes = {"topk_ids": id_np, "sample_ids": id_np, "sample_counts": np.uint16, "sample_len": np.int64,
-              "tail_logprob": np.float32, "topk_logprobs": value_dtype, "sample_logprobs": value_dtype}
-    empty = ({"topk_ids": np.zeros((0, tc.k)), "topk_logprobs": np.zeros((0, tc.k)), "tail_logprob": np.zeros(0)}
-             if tc.signal == "topk" else {name: np.zeros(0) for name in ("sample_len", *ts.SAMPLED_COLUMNS)})
-    signal = {name: np.concatenate([out[i][1][name] for i in order] or [zero]).astype(dtypes[name])
-              for name, zero in empty.items()}
-    return ts.ShardRows(
-        example_id=np.array(order, dtype=np.int64),
-        input_ids=[by_id[i].input_ids for i in order],
-        prompt_len=np.array([by_id[i].prompt_len for i in order], dtype=np.int32),
-        positions=[out[i][0] for i in order],
-        signal=signal,
-    )
-
-
-def compute_shard(teacher: Teacher, examples: list) -> ts.ShardRows:
-    out = {}
-    for batch in length_batches(examples, teacher.cfg.teacher.batch_tokens):
-        out.update(teacher.batch(batch))
-    return shard_rows(examples, out, teacher.vocab, teacher.cfg.teacher)
+    def compute_shard(self, examples: list) -> store.ShardRows:
+        out = {}
+        for batch in length_batches(examples, self.batch_tokens):
+            out.update(self.batch(batch))
+        return self.shard(examples, out)
 
 
 def teacher_ds_config(cfg: Config, device) -> dict | None:
@@ -195,7 +145,7 @@ def run(cfg: Config) -> dict | None:
     check_paths(cfg)
     rank, world = dist.init()
     device = dist.device()
-    tc = cfg.teacher
+    teacher_cfg = cfg.teacher
     ds_conf = teacher_ds_config(cfg, device)
     if ds_conf is not None:
         import deepspeed
@@ -212,31 +162,32 @@ def run(cfg: Config) -> dict | None:
         model.to(device)
     model.eval().requires_grad_(False)
     teacher = Teacher(model, cfg, loaded.tok.pad_token_id, device, partitioned=ds_conf is not None)
-    if tc.signal == "topk" and tc.k > teacher.vocab:
-        raise ts.StoreError(f"teacher.k={tc.k} is larger than the vocabulary ({teacher.vocab})")
-    settings = ts.store_settings(cfg, loaded.tok, teacher.vocab, loaded.dtype, loaded.examples.fingerprint)
+    teacher.signal.check_vocab(teacher.vocab)
+    settings = store.store_settings(cfg, loaded.tok, teacher.vocab, loaded.dtype, loaded.examples.fingerprint)
     how = {"teacher": "zero3-partitioned" if ds_conf is not None else "whole", "world_size": world,
-           "deepspeed": tc.deepspeed}
-    with ts.StoreWriter(tc.output_dir, cfg, settings, how, rank, world) as writer:
+           "deepspeed": teacher_cfg.deepspeed}
+    with store.StoreWriter(teacher_cfg.output_dir, settings, how, overwrite=teacher_cfg.overwrite,
+                           config=cfg.to_dict()) as writer:
         return _compute(writer, teacher, loaded.examples, cfg, rank, world)
 
 
-def _compute(writer: ts.StoreWriter, teacher: Teacher, data, cfg: Config, rank: int, world: int) -> dict | None:
+def _compute(writer: store.StoreWriter, teacher: Teacher, data, cfg: Config, rank: int, world: int) -> dict | None:
     """Every chunk this rank still has to compute, handed to the writer; the summary (rank 0)."""
-    tc = cfg.teacher
+    size = cfg.teacher.shard_size
     n_records = len(data)
-    todo = writer.open((n_records + tc.shard_size - 1) // tc.shard_size)
+    todo_all = writer.open((n_records + size - 1) // size)  # the same lists on every rank
+    todo = todo_all[rank]
     # a partitioned teacher steps in lockstep: as many rounds as the busiest rank has chunks
-    rounds = int(dist.all_reduce_max(len(todo))) if teacher.partitioned else len(todo)
-    records = sum(min(tc.shard_size, n_records - j * tc.shard_size) for j in todo)
+    rounds = max(len(t) for t in todo_all) if teacher.partitioned else len(todo)
+    records = sum(min(size, n_records - j * size) for j in todo)
     t0 = time.time()
     # closed on the way out, also by an error, so that the error starts on a line of its own
     with tqdm(total=records, unit="ex", desc=f"precompute (rank 0 of {world})", disable=rank != 0) as bar:
         for r in range(rounds):
             j = todo[r] if r < len(todo) else None
-            lo, hi = (j * tc.shard_size, min(n_records, (j + 1) * tc.shard_size)) if j is not None else (0, 0)
+            lo, hi = (j * size, min(n_records, (j + 1) * size)) if j is not None else (0, 0)
             examples, long_stats = data.examples(lo, hi) if j is not None else ([], None)
-            batches = length_batches(examples, tc.batch_tokens)
+            batches = length_batches(examples, teacher.batch_tokens)
             n = int(dist.all_reduce_max(len(batches))) if teacher.partitioned else len(batches)
             out = {}
             for b in range(n):
@@ -246,7 +197,7 @@ def _compute(writer: ts.StoreWriter, teacher: Teacher, data, cfg: Config, rank: 
                     teacher.dummy()
             if j is None:
                 continue
-            rows = shard_rows(examples, out, teacher.vocab, tc)
+            rows = teacher.shard(examples, out)
             entry = writer.write(j, rows, lo, hi - lo, long_stats.to_dict())
             bar.update(hi - lo)
             el = max(time.time() - t0, 1e-9)

@@ -2,36 +2,47 @@
 examples and each micro-batch's teacher signal; a seeded, resumable assignment of examples to
 optimizer steps, micro-batches and ranks; and collation, padded or packed (`train.packing`).
 
-Teacher sources (DistillKit's `SignalSource`, decided once, nothing below branches on a flag):
-- `StoredTopK`: examples and top-k teacher from the store (teacher_mode: offline);
-- `StoredSamples`: examples and sampled teacher from a teacher.signal=sampled store (offline);
+Teacher sources (`TeacherSource`, DistillKit's `SignalSource`: decided once, nothing below branches on a flag):
+- `StoredSignal`: examples and teacher from the store (teacher_mode: offline); the store's signal
+  object makes the loss's teacher, whatever the signal;
 - `LiveModel`: examples from the data, teacher = the frozen model run beside the student
   (teacher_mode: online; LoRA: the same model with its adapters disabled, the reference method);
-- `NoTeacher`: plain fine-tuning (alpha = 0 throughout): examples only.
+- `PlainData`: plain fine-tuning (alpha = 0 throughout, or teacher_mode: none): examples only.
 
 Every rank can compute the whole global batch of a step, so the token counts that normalize the
 loss (all micro-batches, all ranks) are known before the first forward, with no communication.
 """
 from __future__ import annotations
 
-import contextlib
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from . import teacher_store as ts
-from .data import Examples
+from . import store
+from .data import DataError, Examples
 from .loss import LiveTeacher, SampledTeacher, StoredTeacher
+
+
+class ExampleSet(Protocol):
+    """Examples by index (a `store.TeacherStore` or `DataExamples`): example(i) -> {example_id, input_ids,
+    prompt_len, positions, and a store's signal arrays}; lengths() without reading the examples."""
+
+    def __len__(self) -> int: ...
+
+    def example(self, i: int) -> dict: ...
+
+    def lengths(self) -> store.Lengths: ...
 
 
 class DataExamples:
     """Stage 2's view of tokenized data (no store): the kept examples with the positions the rule keeps
     (the same as a store made with it would hold)."""
 
-    def __init__(self, examples: Examples, rule: ts.PositionRule):
+    def __init__(self, examples: Examples, rule: store.PositionRule):
         kept, _ = examples.examples()
         if not kept:
-            raise ts.StoreError(f"no example is left after data.long_policy={examples.policy} "
+            raise DataError(f"no example is left after data.long_policy={examples.policy} "
                                 f"(max_seq_len={examples.max_seq_len}); raise data.max_seq_len")
         self.kept, self.rule = kept, rule
 
@@ -44,11 +55,11 @@ class DataExamples:
                 "prompt_len": e.prompt_len, "positions": self.rule.positions(e.example_id, len(e.input_ids),
                                                                              e.prompt_len)}
 
-    def lengths(self) -> ts.Lengths:
+    def lengths(self) -> store.Lengths:
         tokens = np.array([len(e.input_ids) for e in self.kept], dtype=np.int64)
         prompt = np.array([e.prompt_len for e in self.kept], dtype=np.int64)
         lo, hi = self.rule.candidates(tokens, prompt)
-        return ts.Lengths(tokens, prompt, self.rule.count(hi - lo))
+        return store.Lengths(tokens, prompt, self.rule.count(hi - lo))
 
 
 def pack(lengths: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +107,7 @@ def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = Non
     batch = {"input_ids": torch.from_numpy(input_ids).to(device), "labels": torch.from_numpy(labels).to(device),
              "rows_b": torch.as_tensor(rows_b, dtype=torch.long, device=device),
              "rows_t": torch.as_tensor(rows_t, dtype=torch.long, device=device),
-             "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], device=device),
-             "lengths": torch.tensor(lens, device=device), "tokens": sum(lens), "padded_tokens": n_rows * width}
+             "tokens": sum(lens), "padded_tokens": n_rows * width}
     if pack_tokens is None:
         mask = np.arange(width)[None, :] < np.asarray(lens)[:, None]
         batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64)).to(device)
@@ -121,87 +131,66 @@ def model_inputs(batch: dict) -> dict:
     return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
 
 
-class NoTeacher:
-    """Plain fine-tuning: examples only; the KL term is absent."""
-    name = "none"
+class TeacherSource(Protocol):
+    """Where the examples and each micro-batch's teacher come from; chosen once, in `train.setup`.
+    `signal(batch, student)` is the one call between a source and the objective: a source that needs
+    the original model's hidden states asks `student.original_hidden(batch)` for them."""
+    examples: ExampleSet
 
-    def __init__(self, examples):
+    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict: ...
+
+    def signal(self, batch: dict, student) -> StoredTeacher | SampledTeacher | LiveTeacher | None: ...
+
+
+class PlainData:
+    """Plain fine-tuning (alpha = 0 throughout): the examples only, no teacher."""
+
+    def __init__(self, examples: ExampleSet):
         self.examples = examples
 
     def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
         return collate(rows, pad_id, device, pack_tokens)
 
-    def signal(self, batch: dict, objective):
+    def signal(self, batch: dict, student) -> None:
         return None
 
 
-class StoredTopK(NoTeacher):
-    """The teacher store: each micro-batch carries its rows' stored top-k and tail."""
-    name = "stored top-k"
+class StoredSignal:
+    """The teacher store: each micro-batch carries its rows' stored signal, made into the loss's teacher
+    object by the store's signal (`store.signals`: top-k, sampled, ...)."""
+
+    def __init__(self, teacher_store: store.TeacherStore):
+        self.examples = teacher_store
 
     def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
         batch = collate(rows, pad_id, device, pack_tokens)
-        batch["teacher"] = StoredTeacher(
-            torch.as_tensor(np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64), device=device),
-            torch.as_tensor(np.concatenate([r["topk_logprobs"] for r in rows]), device=device).float(),
-            torch.as_tensor(np.concatenate([r["tail_logprob"] for r in rows]), device=device).float())
+        batch["teacher"] = self.examples.signal.teacher(rows, device)
         return batch
 
-    def signal(self, batch: dict, objective):
+    def signal(self, batch: dict, student):
         return batch["teacher"]
 
 
-class StoredSamples(StoredTopK):
-    """The teacher store, signal=sampled: each micro-batch carries its rows' unique sampled ids, their
-    weights c/N and exact log-probs, padded to the row with the most ids."""
-    name = "stored samples"
+class LiveModel:
+    """The frozen teacher run live on each micro-batch (full vocabulary). `frozen`: a frozen copy of the
+    original model (full fine-tuning); None: the original model is the student with its LoRA adapters
+    disabled (`student.original_hidden`)."""
 
-    def __init__(self, examples, samples: int):
-        super().__init__(examples)
-        self.samples = samples
+    def __init__(self, examples: ExampleSet, frozen=None):
+        self.examples, self.frozen = examples, frozen
 
     def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        batch = collate(rows, pad_id, device, pack_tokens)
-        cat = lambda name: np.concatenate([r[name] for r in rows])
-        batch["teacher"] = sampled_teacher(cat("sample_len"), cat("sample_ids"), cat("sample_counts"),
-                                           cat("sample_logprobs"), self.samples, device)
-        return batch
-
-
-def sampled_teacher(sample_len, ids, counts, logprobs, samples: int, device) -> SampledTeacher:
-    """The flat unique ids of the stored positions (sample_len per position) as a SampledTeacher:
-    (positions, most unique ids) matrices, weight counts / N, 0 on padding."""
-    n_len = np.asarray(sample_len, dtype=np.int64)
-    row = np.repeat(np.arange(len(n_len)), n_len)
-    col = np.arange(len(row)) - np.repeat(np.cumsum(n_len) - n_len, n_len)
-    width = int(n_len.max()) if len(n_len) else 1
-    out_ids, weights, logp = (np.zeros((len(n_len), width), dt) for dt in (np.int64, np.float32, np.float32))
-    out_ids[row, col], weights[row, col], logp[row, col] = ids, np.asarray(counts) / samples, logprobs
-    return SampledTeacher(*(torch.from_numpy(a).to(device) for a in (out_ids, weights, logp)))
-
-
-class LiveModel(NoTeacher):
-    """The frozen teacher run live on each micro-batch (full vocabulary). `frozen`: a frozen copy of
-    the original model (full fine-tuning); None: the student with its LoRA adapters disabled."""
-    name = "live model"
-
-    def __init__(self, examples, frozen=None):
-        super().__init__(examples)
-        self.frozen = frozen
+        return collate(rows, pad_id, device, pack_tokens)
 
     @torch.no_grad()
-    def signal(self, batch: dict, objective):
-        from .models import decoder_and_head
-        if self.frozen is not None:
-            body, head = decoder_and_head(self.frozen)
-            weight, bias, ctx = head.weight, head.bias, contextlib.nullcontext()
+    def signal(self, batch: dict, student) -> LiveTeacher:
+        if self.frozen is None:
+            hidden, weight, bias = student.original_hidden(batch)
         else:
-            body, _ = decoder_and_head(objective.model)
-            weight, bias = objective.head()
-            ctx = objective.model.disable_adapter()
-        with ctx:
-            h = body(**model_inputs(batch)).last_hidden_state
-        return LiveTeacher(h[batch["rows_b"], batch["rows_t"]], weight.detach(),
+            from .models import decoder_and_head
+            body, head = decoder_and_head(self.frozen)
+            hidden, weight, bias = body(**model_inputs(batch)).last_hidden_state, head.weight, head.bias
+        return LiveTeacher(hidden[batch["rows_b"], batch["rows_t"]], weight.detach(),
                            None if bias is None else bias.detach())
 
 
@@ -233,7 +222,7 @@ class StepSampler:
         return self.global_batch(step)[i: i + self.micro]
 
 
-def step_counts(lengths: ts.Lengths, indices) -> tuple[int, int]:
+def step_counts(lengths: store.Lengths, indices) -> tuple[int, int]:
     """(response tokens predicted, KL positions) over the examples of a global batch."""
     idx = np.asarray(indices)
     return int((lengths.tokens[idx] - lengths.prompt[idx]).sum()), int(lengths.kl[idx].sum())

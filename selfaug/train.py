@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import dist
-from . import teacher_store as ts
+from . import dist, store
 from .config import Config, check_paths
 from .loss import kl_sum, nll_sum
 from .models import (decoder_and_head, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype,
                      vocab_size)
-from .reader import (DataExamples, LiveModel, NoTeacher, StepSampler, StoredSamples, StoredTopK, model_inputs,
+from .reader import (DataExamples, LiveModel, PlainData, StepSampler, StoredSignal, TeacherSource, model_inputs,
                      step_counts)
 
 
@@ -99,7 +98,7 @@ def zero_stage(engine) -> int:
 class Objective(torch.nn.Module):
     """The module the engine wraps: forward(batch) -> (loss, nll_sum, kl_sum) for one micro-batch."""
 
-    def __init__(self, model, tc, source):
+    def __init__(self, model, tc, source: TeacherSource):
         super().__init__()
         self.model = model
         self.tc = tc
@@ -120,6 +119,15 @@ class Objective(torch.nn.Module):
         """(weight, bias) of the lm_head as the loss uses them (gathered while forward runs, under ZeRO-3)."""
         _, head = decoder_and_head(self.model)
         return head.weight, head.bias
+
+    @torch.no_grad()
+    def original_hidden(self, batch: dict):
+        """(final hidden states (B, T, H), head weight, bias) of the original model: this LoRA student with
+        its adapters disabled. The one call a teacher source makes into the objective (online, LoRA)."""
+        body, _ = decoder_and_head(self.model)
+        weight, bias = self.head()
+        with self.model.disable_adapter():
+            return body(**model_inputs(batch)).last_hidden_state, weight, bias
 
     def forward(self, batch: dict, c_nll: float, c_kl: float):
         body, _ = decoder_and_head(self.model)
@@ -143,9 +151,9 @@ class Run:
     cfg: Config
     engine: Any
     tok: Any
-    source: NoTeacher  # StoredTopK | StoredSamples | LiveModel | NoTeacher
+    source: TeacherSource  # StoredSignal | LiveModel | PlainData
     sampler: StepSampler
-    lengths: ts.Lengths
+    lengths: store.Lengths
     rank: int
     world: int
     device: torch.device
@@ -178,21 +186,21 @@ def _latest_checkpoint(out_dir: str) -> str | None:
     return os.path.join(out_dir, "checkpoints") if os.path.exists(latest) else None
 
 
-def _teacher_source(cfg: Config, loaded, model, device) -> NoTeacher:
-    """The one place that decides where the teacher comes from."""
+def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
+    """The one place that decides where the examples and the teacher come from."""
     tc = cfg.train
-    store_path = os.path.join(cfg.teacher.output_dir, ts.MANIFEST)
-    never_kl = tc.alpha == 0 and (tc.alpha_schedule == "constant" or tc.alpha_start == 0)
-    if tc.teacher_mode == "offline" and not (never_kl and not os.path.exists(store_path)):
-        store = ts.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
-        expected = ts.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
-        ts.check_store(cfg.teacher.output_dir, store.manifest, expected)
-        if never_kl:
-            return NoTeacher(store)
-        return StoredTopK(store) if store.signal == "topk" else StoredSamples(store, store.manifest["settings"]["samples"])
-    examples = DataExamples(loaded.examples, ts.PositionRule.of(cfg.teacher))
-    if never_kl:
-        return NoTeacher(examples)
+    if tc.teacher_mode == "offline":
+        if not tc.kl_ever_on() and not os.path.exists(os.path.join(cfg.teacher.output_dir, store.MANIFEST)):
+            raise store.StoreError(f"{cfg.teacher.output_dir} is not a teacher store (no {store.MANIFEST}): with "
+                                   "train.alpha=0 and teacher_mode=offline the run trains on the store's examples; "
+                                   "for plain fine-tuning on the data set train.teacher_mode=none")
+        teacher_store = store.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
+        expected = store.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
+        store.check_store(cfg.teacher.output_dir, teacher_store.manifest, expected)
+        return StoredSignal(teacher_store) if tc.kl_ever_on() else PlainData(teacher_store)
+    examples = DataExamples(loaded.examples, store.PositionRule.of(cfg.teacher))
+    if not tc.kl_ever_on():
+        return PlainData(examples)
     frozen = None
     if tc.method == "full":  # a frozen copy of the original model, whole on this rank
         frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -215,13 +223,16 @@ def _pack_tokens(cfg: Config, examples=None) -> int | None:
 def setup(cfg: Config, objective_cls=None) -> Run:
     import deepspeed
     check_paths(cfg)
+    if cfg.model.dtype == "float16":
+        raise TrainError("model.dtype=float16: training in float16 needs loss scaling, which selfaug does not run; "
+                         "use model.dtype=bfloat16 (GPU) or float32 (float16 is fine for `selfaug precompute`)")
     rank, world = dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     device = dist.device()
     tc = cfg.train
     conf = ds_config(cfg, world, device.type == "cuda")
     zero3 = conf.get("zero_optimization", {}).get("stage") == 3
-    if zero3 and tc.method == "full" and tc.teacher_mode == "online" and tc.alpha > 0:
+    if zero3 and tc.method == "full" and tc.teacher_mode == "online" and tc.kl_ever_on():
         raise TrainError("teacher_mode=online with method=full keeps a whole frozen copy of the model on every "
                          "rank, which ZeRO-3 is there to avoid: precompute the store and use teacher_mode=offline")
     torch.manual_seed(tc.seed), random.seed(tc.seed), np.random.seed(tc.seed)
@@ -453,6 +464,3 @@ def merge_adapter(cfg: Config, final: str) -> str:
     load_tokenizer_for(cfg.model).save_pretrained(target)
     return target
 
-
-def run(cfg: Config) -> str:
-    return train(cfg)

@@ -10,7 +10,7 @@ from selfaug import train
 def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                       train={"max_steps": 3}, eval={"runs": str(tmp_path / "run")})
-    train.run(cfg)  # the fine-tuned run the fidelity benchmark compares against
+    train.train(cfg)  # the fine-tuned run the fidelity benchmark compares against
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
     out = subprocess.run([sys.executable, "-m", "selfaug", "bench", "--config", recipe, "--smoke",
                           "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True,

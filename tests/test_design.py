@@ -70,7 +70,7 @@ def test_report_to_tensorboard_writes_every_metric_of_every_step(tmp_path, tiny_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                       train={"max_steps": 3, "report_to": "tensorboard,csv"})
-    out = train.run(cfg)
+    out = train.train(cfg)
     files = glob.glob(os.path.join(out, "logs", "tensorboard", "events.out.tfevents.*"))
     assert files, os.listdir(os.path.join(out, "logs"))
     acc = EventAccumulator(os.path.dirname(files[0]))

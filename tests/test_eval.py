@@ -77,7 +77,7 @@ def test_eval_writes_report_and_plots(tmp_path, tiny_store):
                       train={"max_steps": 2, "merge_adapter": True},
                       eval={"runs": str(tmp_path / "run"), "max_ifeval_prompts": 3, "max_rag_examples": 3,
                             "max_drift_prompts": 2, "max_new_tokens": 8, "rag_max_new_tokens": 4})
-    train.run(cfg)
+    train.train(cfg)
     assert os.path.exists(tmp_path / "run" / "final" / "merged" / "config.json")
     report = evaluate.run(cfg)
     saved = json.load(open(tmp_path / "eval" / "report.json"))

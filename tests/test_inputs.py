@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, tiny_config
 from selfaug import precompute
-from selfaug import teacher_store as ts
+from selfaug import store as ts
 from selfaug.config import ConfigError, build_config, load_config
 from selfaug.data import DataError, load_examples, load_records
 from selfaug.models import load_model, load_tokenizer

@@ -14,11 +14,12 @@ import torch
 
 from conftest import launch, tiny_config, write_recipe
 from selfaug import precompute, ragdata, train
-from selfaug import teacher_store as ts
+from selfaug import store as ts
 from selfaug.config import ConfigError
 from selfaug.data import load_examples
 from selfaug.models import load_model, load_tokenizer
-from selfaug.reader import DataExamples, LiveModel, NoTeacher, StoredSamples, StoredTopK, collate, model_inputs
+from selfaug.reader import DataExamples, LiveModel, PlainData, StoredSignal, collate, model_inputs
+from selfaug.store import signals
 
 SAMPLES = 16
 
@@ -100,11 +101,9 @@ def _source(kind, method, model, tiny_store, sampled_store):
     cfg = sampled_store if kind == "sampled" else tiny_store
     store = ts.TeacherStore(cfg.teacher.output_dir)
     if kind == "none":
-        return NoTeacher(store)
-    if kind == "offline":
-        return StoredTopK(store)
-    if kind == "sampled":
-        return StoredSamples(store, SAMPLES)
+        return PlainData(store)
+    if kind in ("offline", "sampled"):
+        return StoredSignal(store)
     frozen = copy.deepcopy(model).requires_grad_(False) if method == "full" else None
     return LiveModel(store, frozen)
 
@@ -161,7 +160,7 @@ def test_packed_training_run_equals_the_padded_one(tmp_path):
         cfg = tiny_config(str(tmp_path / str(packing)), data=skewed,
                           teacher={"value_dtype": "float32", "output_dir": store.teacher.output_dir},
                           train={**common, "packing": packing, "pack_tokens": 1024})
-        train.run(cfg)
+        train.train(cfg)
         got[packing] = load_file(os.path.join(cfg.train.output_dir, "final", "adapter_model.safetensors"))
         rows = [json.loads(x) for x in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
         got[(packing, "padding")] = np.mean([r["padding"] for r in rows])
@@ -174,7 +173,7 @@ def test_pack_tokens_below_the_longest_example_is_refused_before_the_model_loads
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                       train={"packing": True, "pack_tokens": 40})
     with pytest.raises(train.TrainError, match=r"train.pack_tokens=40 is smaller than the longest example \(\d+ "):
-        train.run(cfg)
+        train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.train.output_dir, "metrics.jsonl"))
 
 
@@ -238,7 +237,7 @@ def test_training_on_a_quarter_store_normalizes_by_the_stored_positions(tmp_path
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "position_fraction": 0.25,
                                               "output_dir": quarter_store.teacher.output_dir},
                       train={"max_steps": 2, "alpha": 0.5})
-    train.run(cfg)
+    train.train(cfg)
     store, _ = _examples(quarter_store)
     sampler = train.StepSampler(len(store), cfg.train.micro_batch_size, 1, 1, cfg.train.seed)
     rows = [json.loads(x) for x in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
@@ -249,7 +248,7 @@ def test_training_on_a_quarter_store_normalizes_by_the_stored_positions(tmp_path
     other = tiny_config(str(tmp_path / "b"), teacher={"value_dtype": "float32", "output_dir":
                                                       quarter_store.teacher.output_dir})
     with pytest.raises(ts.StoreError, match=r"position_fraction \(store: 0.25, recipe: 1.0\)"):
-        train.run(other)
+        train.train(other)
 
 
 # ---- 4. the sampled store -----------------------------------------------------------------------
@@ -301,7 +300,7 @@ def test_training_on_the_sampled_store(tmp_path, sampled_store, capsys):
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "signal": "sampled", "samples": SAMPLES,
                                               "output_dir": sampled_store.teacher.output_dir},
                       train={"max_steps": 2})
-    train.run(cfg)
+    train.train(cfg)
     rows = [json.loads(x) for x in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
     assert abs(rows[0]["kl"]) < 1e-5 and rows[1]["kl"] != 0  # the student starts as the teacher
 
@@ -326,7 +325,7 @@ def test_a_store_of_the_other_signal_is_refused_naming_teacher_signal(tmp_path, 
         other = "topk" if signal == "sampled" else "sampled"
         with pytest.raises(ts.StoreError, match=f"holds teacher.signal={other} values, the recipe has "
                                                 f"teacher.signal={signal}"):
-            train.run(cfg)
+            train.train(cfg)
     with pytest.raises(ConfigError, match="train.kl_direction=reverse needs the student's own samples"):
         tiny_config(str(tmp_path), teacher={"signal": "sampled"}, train={"kl_direction": "reverse"})
 
@@ -349,14 +348,14 @@ def test_poisoned_sampled_counts_are_refused(tmp_path, sampled_store):
 
 
 def test_the_sampled_rows_follow_their_teacher_in_a_reference_forward():
-    """precompute.sampled_signal on a fixed distribution: the inverse-CDF draws land where they should."""
+    """The sampled signal's inverse-CDF draws on a fixed distribution land where they should."""
     logp = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0, -30.0]]), -1)
     cdf = logp.exp().cumsum(-1)
     u = torch.tensor([[0.0, cdf[0, 0].item() - 1e-6, cdf[0, 0].item() + 1e-6, 0.999999]])
-    out = precompute.sampled_signal(u)(logp.clone(), slice(0, 1))
+    out = signals.inverse_cdf_draws(logp.clone(), u)
     assert out["sample_ids"].tolist() == [[0, 0, 1, 2]]
     assert torch.allclose(out["sample_logprobs"], logp[0, [0, 0, 1, 2]][None])
-    deduped = precompute.dedupe_samples(out["sample_ids"].numpy(), out["sample_logprobs"].numpy())
+    deduped = signals.dedupe_samples(out["sample_ids"].numpy(), out["sample_logprobs"].numpy())
     assert deduped["sample_ids"].tolist() == [0, 1, 2] and deduped["sample_counts"].tolist() == [2, 1, 1]
     assert deduped["sample_len"].tolist() == [3]
 

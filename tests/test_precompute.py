@@ -15,7 +15,8 @@ import torch
 
 from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
 from selfaug import precompute
-from selfaug import teacher_store as ts
+from selfaug import store as ts
+from selfaug.hashing import sha256_file
 from selfaug.models import load_model
 
 
@@ -64,7 +65,7 @@ def test_store_equals_full_vocabulary_reference(tmp_path, mode, value_dtype, tol
 
 
 def _shard_hashes(store_dir):
-    return {os.path.basename(p): ts.sha256_file(p) for p in sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow")))}
+    return {os.path.basename(p): sha256_file(p) for p in sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow")))}
 
 
 def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_store):

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, clean_env, tiny_config, write_recipe
 from selfaug import precompute, train
-from selfaug import teacher_store as ts
+from selfaug import store as ts
 from selfaug.cli import main
 from selfaug.config import ConfigError, build_config
 
@@ -78,7 +78,7 @@ def test_empty_shards_read_as_no_examples_and_an_empty_store_is_refused(tmp_path
     manifest = ts.read_manifest(cfg.teacher.output_dir)
     assert manifest["shards"][0]["rows"] == 0 and manifest["totals"]["examples"] == 3
     assert len(ts.TeacherStore(cfg.teacher.output_dir)) == 3
-    train.run(cfg)  # trains on the 3 examples
+    train.train(cfg)  # trains on the 3 examples
     empty = tiny_config(str(tmp_path / "e"), data={"train": _jsonl(tmp_path, [LONG, LONG], "long.jsonl"),
                                                    "max_seq_len": 200})
     precompute.run(empty)
@@ -137,8 +137,8 @@ def test_top_k_mass_that_does_not_sum_to_one_is_refused(tmp_path, tiny_store):
 
 def test_precompute_refuses_to_write_non_finite_values(tmp_path):
     cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 3})
-    writer = ts.StoreWriter(cfg.teacher.output_dir, cfg, {"signal": "topk", "k": 2, "id_dtype": "uint16",
-                                                          "value_dtype": "float32", "compression": "none"}, {}, 0, 1)
+    writer = ts.StoreWriter(cfg.teacher.output_dir, {"signal": "topk", "k": 2, "id_dtype": "uint16",
+                                                     "value_dtype": "float32", "compression": "none"}, {})
     rows = ts.ShardRows(np.array([7]), [np.arange(4)], np.array([3]), [np.arange(3)],
                         {"topk_ids": np.zeros((3, 2), np.uint16),
                          "topk_logprobs": np.array([[-1, -2], [np.nan, -3], [-1, -2]], np.float32),
@@ -153,7 +153,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, tiny_store):
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                       train={"optimizer": "sgd", "lr": 1e30, "max_grad_norm": 1e30, "max_steps": 4})
     with pytest.raises(train.TrainError, match=r"optimizer step \d: the .* terms? (is|are) not finite"):
-        train.run(cfg)
+        train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.train.output_dir, "final"))
     for line in open(os.path.join(cfg.train.output_dir, "metrics.jsonl")):
         assert all(math.isfinite(v) for v in json.loads(line).values())  # strict JSON, finite

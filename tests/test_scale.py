@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute, train
-from selfaug import teacher_store as ts
+from selfaug import store as ts
 from selfaug.config import ModelConfig
 from selfaug.dist import free_port
 from selfaug.models import load_model
@@ -130,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_parameters(tmp_path, tiny_store, 
         cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                           train={**SGD, "method": method, "alpha": 0.5, "max_steps": 3, "gradient_checkpointing": gc,
                                  "output_dir": str(tmp_path / f"{method}-{gc}")})
-        out = train.run(cfg)
+        out = train.train(cfg)
         name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
         got[gc] = (load_file(os.path.join(out, "final", name)), read_metrics(out))
     a, b = got[False][0], got[True][0]

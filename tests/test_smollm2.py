@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, clean_env
 from test_precompute import _check_against_reference
-from selfaug import teacher_store as ts
+from selfaug import store as ts
 from selfaug.models import load_model
 
 SMALL = ["data.builtin_train_size=6", "data.builtin_eval_size=3", "teacher.shard_size=4", "train.max_steps=2",

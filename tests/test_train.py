@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute
-from selfaug import teacher_store as ts
+from selfaug import store as ts
 from selfaug import train
 from selfaug.loss import shifted_labels
 from selfaug.models import load_model, load_tokenizer
@@ -22,7 +22,7 @@ def _adapter(run_dir):
 
 
 def _train(cfg):
-    out = train.run(cfg)
+    out = train.train(cfg)
     return _adapter(out), read_metrics(out)
 
 
@@ -61,9 +61,11 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     tok = load_tokenizer("builtin:tiny-llama")
     sampler = StepSampler(len(store), tc.micro_batch_size, 1, 1, tc.seed)
     for step in range(tc.max_steps):
-        b = collate([store.example(int(i)) for i in sampler.global_batch(step)], tok.pad_token_id, "cpu")
+        rows = [store.example(int(i)) for i in sampler.global_batch(step)]
+        b = collate(rows, tok.pad_token_id, "cpu")
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        labels = shifted_labels(b["input_ids"], b["prompt_lens"], b["lengths"])
+        labels = shifted_labels(b["input_ids"], torch.tensor([r["prompt_len"] for r in rows]),
+                                torch.tensor([len(r["input_ids"]) for r in rows]))
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)

@@ -1,0 +1,23 @@
+"""The teacher store, where stage 1 and stage 2 meet (docs/design.md, "The teacher store"): a small
+package, one job a module.
+
+  format.py   what a store depends on (settings, their one comparison), the position rule, the schema, rows
+  signals.py  one class per teacher signal (TopK, Sampled): everything that differs between them
+  files.py    shards and JSON written atomically, the manifest, memory-mapped shards, the lock
+  checks.py   hashes, schema and values; the shared check of a store opened on many ranks
+  writer.py   StoreWriter (stage 1 hands it rows) and the summary
+  reader.py   TeacherStore (stage 2 reads examples and signals)
+"""
+from .checks import check_shard, verify_shard, verify_shared, verify_store
+from .files import StoreLock, read_manifest, read_shard, write_json_atomic, write_shard
+from .format import (MANIFEST, MATCHED, VERSION, Lengths, PositionRule, ShardRows, StoreError, check_store, flatten,
+                     id_dtype_for, schema, settings_diff, store_settings)
+from .reader import TeacherStore
+from .signals import Sampled, TopK, sample_uniforms, signal_for, signal_of
+from .writer import StoreWriter, format_summary
+
+__all__ = ["MANIFEST", "MATCHED", "VERSION", "Lengths", "PositionRule", "Sampled", "ShardRows", "StoreError",
+           "StoreLock", "StoreWriter", "TeacherStore", "TopK", "check_shard", "check_store", "flatten",
+           "format_summary", "id_dtype_for", "read_manifest", "read_shard", "sample_uniforms", "schema",
+           "settings_diff", "signal_for", "signal_of", "store_settings", "verify_shard", "verify_shared",
+           "verify_store", "write_json_atomic", "write_shard"]

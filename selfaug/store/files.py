@@ -1,0 +1,119 @@
+"""The store's files (docs/design.md, "The teacher store"): shards and JSON written whole or not at
+all (a temporary name unique to the writer, fsync, rename), the manifest read and checked for its
+format and version, shards memory-mapped, and the lock of the one precompute writing a store.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+
+import pyarrow as pa
+
+from ..hashing import sha256_file
+from .format import FORMAT, MANIFEST, VERSION, StoreError
+
+
+def _tmp(path: str) -> str:
+    """A temporary name unique to this writer (host, pid): two writers never share one."""
+    return f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+
+
+def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
+    """Write under a temporary name, fsync, rename: a shard file is either whole or absent."""
+    tmp = _tmp(path)
+    options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+    try:
+        with pa.OSFile(tmp, "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+                writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        raise StoreError(f"no space left on the device holding {os.path.dirname(path)}: this shard needs about "
+                         f"{table.nbytes / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; free space and run "
+                         "precompute again (the finished shards are kept)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"file": os.path.join("shards", os.path.basename(path)), "rows": table.num_rows,
+            "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_manifest(store_dir: str) -> dict:
+    path = os.path.join(store_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise StoreError(f"{store_dir} is not a teacher store (no {MANIFEST}); run `selfaug precompute` first")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); rebuild the store with teacher.overwrite=true") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a {FORMAT} manifest; rebuild the store with teacher.overwrite=true")
+    if manifest.get("version") != VERSION:
+        raise StoreError(f"{path}: store format version {manifest.get('version')} is not {VERSION}; recompute it")
+    return manifest
+
+
+def read_shard(path: str) -> pa.Table:
+    """The shard's table over a memory map: uncompressed columns are views of the file, read from disk
+    only where touched."""
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+class StoreLock:
+    """An exclusive lock on a store directory, held by rank 0 of the one precompute writing it: the
+    file `.lock` says who holds it (host, pid, since), and an flock on it is released by the kernel when
+    the holder dies, so a stale lock is detected and taken over (with a message)."""
+
+    def __init__(self, store_dir: str):
+        self.path = os.path.join(store_dir, ".lock")
+        self.fd = None
+
+    def acquire(self) -> None:
+        import fcntl
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"another precompute is writing {os.path.dirname(self.path)} ({holder}); wait for it "
+                             "to finish, or stop it, then run this one again (it resumes from the finished shards)")
+        old = os.read(fd, 4096).decode(errors="replace").strip()
+        if old:
+            print(f"taking over the stale lock of {os.path.dirname(self.path)} left by a precompute that is gone "
+                  f"({old})", flush=True)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file is a released one
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None

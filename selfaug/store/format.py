@@ -1,0 +1,217 @@
+"""The store's format (docs/design.md, "The teacher store"): what a store depends on (`store_settings`,
+`MATCHED`, the one comparison `settings_diff`), which positions it holds (`PositionRule`), the shard
+schema and its rows (`ShardRows`, `flatten`), and the names of its files. What differs between
+signals is asked of the store's signal object (`signals.py`); nothing here names a signal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT = "selfaug-teacher-store"
+VERSION = 2  # 2: the signal and the position rule in the settings
+MANIFEST = "manifest.json"
+COMMON_FIELDS = (("example_id", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
+                 ("positions", pa.list_(pa.int32())))
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    """Which positions t of an example are stored and trained on: t's distribution (over the token
+    after input_ids[:t+1]) enters the KL. The candidates by mode: prompt [0, P) (the reference masks
+    unshifted labels == -100), response [P, L), all [0, L). Of n candidates, count(n) =
+    max(1, floor(fraction * n + 1/2)) (capped by max_positions) are kept: a subset drawn from
+    (seed, example id) alone, so the same on every rerun, at any world size, offline and online."""
+    mode: str = "prompt"
+    fraction: float = 1.0
+    max_positions: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, teacher_cfg) -> "PositionRule":
+        """The rule of a TeacherConfig."""
+        t = teacher_cfg
+        return cls(t.positions, t.position_fraction, t.max_positions, t.seed)
+
+    @classmethod
+    def of_settings(cls, settings: dict) -> "PositionRule":
+        return cls(settings["positions"], settings.get("position_fraction", 1.0), settings.get("max_positions"),
+                   settings.get("seed") or 0)
+
+    @property
+    def sampled(self) -> bool:
+        return self.fraction < 1 or self.max_positions is not None
+
+    def candidates(self, length, prompt_len):
+        """(lo, hi) of the candidate positions; numpy arrays work too."""
+        return {"prompt": (0 * length, prompt_len), "response": (prompt_len, length), "all": (0 * length, length)}[
+            self.mode]
+
+    def count(self, n):
+        """How many of n candidates are kept (numpy arrays work too)."""
+        n = np.asarray(n, dtype=np.int64)
+        keep = np.where(n > 0, np.maximum(1, np.floor(self.fraction * n + 0.5)), 0).astype(np.int64)
+        return keep if self.max_positions is None else np.minimum(keep, self.max_positions)
+
+    def positions(self, example_id: int, length: int, prompt_len: int) -> np.ndarray:
+        """The kept positions of one example, ascending (int32)."""
+        lo, hi = self.candidates(length, prompt_len)
+        n = hi - lo
+        keep = int(self.count(n))
+        if keep == n:
+            return np.arange(lo, hi, dtype=np.int32)
+        rng = np.random.default_rng([self.seed, POSITIONS_STREAM, int(example_id)])
+        return (np.sort(rng.choice(n, keep, replace=False)) + lo).astype(np.int32)
+
+
+POSITIONS_STREAM, SAMPLES_STREAM = 1, 2  # independent seeded streams per example
+
+
+class Lengths(NamedTuple):
+    """Per example: sequence tokens, prompt tokens and stored KL positions (numpy arrays)."""
+    tokens: np.ndarray
+    prompt: np.ndarray
+    kl: np.ndarray
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """The narrowest id type that holds the vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
+    """Everything a store depends on; a store is reused or resumed only if this matches exactly."""
+    from ..data import tokenizer_fingerprint
+    from ..models import model_fingerprint
+    from .signals import signal_for
+    teacher_cfg = cfg.teacher
+    signal = signal_for(teacher_cfg, vocab_size)
+    return {
+        "model": {**model_fingerprint(cfg.model), "dtype": str(dtype).replace("torch.", ""), "vocab_size": vocab_size},
+        "tokenizer": tokenizer_fingerprint(tok),
+        "data": data_fp,
+        **signal.settings(),
+        "positions": teacher_cfg.positions,
+        "position_fraction": teacher_cfg.position_fraction,
+        "max_positions": teacher_cfg.max_positions,
+        "seed": teacher_cfg.seed if signal.draws or PositionRule.of(teacher_cfg).sampled else None,
+        "value_dtype": teacher_cfg.value_dtype,
+        "id_dtype": id_dtype_for(vocab_size),
+        "compression": teacher_cfg.compression,
+        "shard_size": teacher_cfg.shard_size,
+        "max_seq_len": cfg.data.max_seq_len,
+        "long_policy": cfg.data.long_policy,
+        "system_prompt": cfg.data.system_prompt,
+    }
+
+
+# the settings that must match the recipe for the stored teacher to be the right one for training
+# (a store's compression or shard size, say, does not change what it holds)
+MATCHED = ("model.name_or_path", "model.content_hash", "model.vocab_size", "tokenizer.vocab_sha256",
+           "tokenizer.chat_template_sha256", "data.source", "data.sha256", "data.records", "signal", "k", "samples",
+           "positions", "position_fraction", "max_positions", "seed", "max_seq_len", "long_policy", "system_prompt")
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_diff(expected: dict, found: dict, keys=None) -> list[str]:
+    """The one comparison of store settings: 'key (store: x, recipe: y)' for each differing dotted key
+    (all of them, or those in `keys`)."""
+    a, b = _leaves(expected), _leaves(found)
+    names = keys if keys is not None else sorted(set(a) | set(b))
+    return [f"{k} (store: {b.get(k)!r}, recipe: {a.get(k)!r})" for k in names if a.get(k) != b.get(k)]
+
+
+def check_store(store_dir: str, manifest: dict, expected: dict) -> None:
+    """Refuse a store made for another model, tokenizer, data, signal or k, naming each differing field."""
+    found = manifest["settings"].get("signal")
+    if found != expected["signal"]:
+        raise StoreError(f"teacher store {store_dir} holds teacher.signal={found} values, the recipe has "
+                         f"teacher.signal={expected['signal']}: set teacher.signal={found}, or precompute a "
+                         f"{expected['signal']} store into another teacher.output_dir")
+    diff = settings_diff(expected, manifest["settings"], MATCHED)
+    if diff:
+        raise StoreError(f"teacher store {store_dir} does not match this recipe: " + "; ".join(diff)
+                         + ". Re-run `selfaug precompute` with this recipe, or point teacher.output_dir "
+                           "at the store made for it.")
+
+
+def schema(signal) -> pa.Schema:
+    """The shard schema: the common columns, then the signal's."""
+    return pa.schema(list(COMMON_FIELDS) + signal.fields())
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+@dataclass
+class ShardRows:
+    """The rows of one shard as flat numpy arrays: the stored positions of all examples concatenated,
+    and `signal`, the signal's own arrays over those positions (see its `concat`)."""
+    example_id: np.ndarray  # (R,) int64
+    input_ids: list  # R arrays of int32
+    prompt_len: np.ndarray  # (R,) int32
+    positions: list  # R arrays of int32
+    signal: dict
+
+    def table(self, signal) -> pa.Table:
+        counts = np.array([len(p) for p in self.positions], dtype=np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        cols = [
+            pa.array(self.example_id, type=pa.int64()),
+            pa.array([np.asarray(x, dtype=np.int32) for x in self.input_ids], type=pa.list_(pa.int32())),
+            pa.array(self.prompt_len, type=pa.int32()),
+            pa.array([np.asarray(x, dtype=np.int32) for x in self.positions], type=pa.list_(pa.int32())),
+        ]
+        return pa.Table.from_arrays(cols + signal.arrays(self.signal, offsets), schema=schema(signal))
+
+    def position_count(self) -> int:
+        return int(sum(len(p) for p in self.positions))
+
+    def where(self, flat_position: int) -> tuple[int, int]:
+        """(example id, position t) of the i-th stored position of the shard."""
+        counts = np.cumsum([len(p) for p in self.positions])
+        e = int(np.searchsorted(counts, flat_position, side="right"))
+        return int(self.example_id[e]), int(self.positions[e][flat_position - (counts[e - 1] if e else 0)])
+
+
+def list_column(table: pa.Table, name: str):
+    """(offsets rebased to 0, the list's child array, first and last child index of this column's rows).
+    .values ignores any slice of the list array, hence the indices."""
+    col = table.column(name).chunk(0)
+    off = col.offsets.to_numpy()
+    return off - off[0], col.values, off[0], off[-1]
+
+
+def flatten(table: pa.Table, signal) -> dict:
+    """A shard's columns as flat numpy arrays (views of the memory-mapped file where Arrow allows) with
+    offsets rebased to 0: tok_off (per example, into input_ids), pos_off (per example, into the stored
+    positions), and the signal's own arrays per position (`signal.flatten`)."""
+    if table.column(0).num_chunks != 1:
+        table = table.combine_chunks()  # a shard is written as one record batch: this is not taken
+    tok_off, tok, t0, _ = list_column(table, "input_ids")
+    pos_off, pos, p0, _ = list_column(table, "positions")
+    out = {"example_id": table.column("example_id").to_numpy(), "prompt_len": table.column("prompt_len").to_numpy(),
+           "tok_off": tok_off, "input_ids": tok.to_numpy()[t0:], "pos_off": pos_off, "positions": pos.to_numpy()[p0:]}
+    out.update(signal.flatten(table))
+    return out

@@ -1,0 +1,71 @@
+"""Reading a store (docs/design.md, "Reading"): `TeacherStore`, memory-mapped access to a checked store
+for stage 2: example i -> its tokens, positions and the signal's arrays.
+
+Opening costs each rank 1/world of the checks (`checks.verify_shared`): shard s is hashed and
+value-checked by rank s mod world, the problems gathered, so every rank raises the same line. The
+shards are memory-mapped: a rank reads a shard's teacher columns from disk only where it checks them
+or an example is read.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .checks import check_shard, verify_shared
+from .files import read_shard
+from .format import Lengths, StoreError, flatten
+from .signals import signal_of
+
+
+class TeacherStore:
+    """A verified store, memory-mapped: `example(i)`, `lengths()`, `signal` (the store's signal object)
+    and `work` (what this rank checked when it was opened)."""
+
+    def __init__(self, store_dir: str, verify: str = "sha256"):
+        self.dir = store_dir
+        opened = {}  # this rank's share of the shards: read and flattened once, for the check and for reading
+
+        def check(manifest, s, entry):
+            table = read_shard(os.path.join(store_dir, entry["file"]))
+            opened[s] = (table, flatten(table, signal_of(manifest["settings"])) if table.num_rows else None)
+            return check_shard(table, manifest["settings"], entry["file"], opened[s][1])
+
+        self.manifest, problems, self.work = verify_shared(store_dir, verify, values=True, shard_check=check)
+        if problems:
+            raise StoreError(f"teacher store {store_dir} failed verification: " + "; ".join(problems)
+                             + ". Re-run `selfaug precompute` (it rewrites the shards that fail).")
+        self.signal = signal_of(self.manifest["settings"])
+        self._shards = []  # per shard: dict of numpy arrays (views of the memory map)
+        index = []  # (shard, row) per example, in store order
+        for s, entry in enumerate(self.manifest["shards"]):
+            if s not in opened:
+                table = read_shard(os.path.join(store_dir, entry["file"]))
+                opened[s] = (table, flatten(table, self.signal) if table.num_rows else None)
+            table, flat = opened.pop(s)
+            self._shards.append(flat)  # an empty shard holds no examples
+            index += [(s, r) for r in range(table.num_rows)]
+        if not index:
+            lg = self.manifest.get("long_examples", {})
+            raise StoreError(f"teacher store {store_dir} holds no examples: {lg.get('skipped', '?')} of "
+                             f"{self.manifest['totals']['records']} records were skipped by data.long_policy="
+                             f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')}); raise data.max_seq_len "
+                             "or use long_policy=truncate, then precompute again")
+        self._index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def example(self, i: int) -> dict:
+        s, r = self._index[i]
+        sh = self._shards[s]
+        a, b = sh["tok_off"][r], sh["tok_off"][r + 1]
+        c, d = sh["pos_off"][r], sh["pos_off"][r + 1]
+        return {"example_id": int(sh["example_id"][r]), "input_ids": sh["input_ids"][a:b],
+                "prompt_len": int(sh["prompt_len"][r]), "positions": sh["positions"][c:d],
+                **self.signal.slice(sh, c, d)}
+
+    def lengths(self) -> Lengths:
+        """Lengths per example, without touching the teacher columns."""
+        parts = [(np.diff(sh["tok_off"]), sh["prompt_len"], np.diff(sh["pos_off"])) for sh in self._shards if sh]
+        return Lengths(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))

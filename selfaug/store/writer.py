@@ -1,0 +1,208 @@
+"""Writing a store (docs/design.md, "Writing"): `StoreWriter`, the one way a store is written, and the
+printed summary. Stage 1 computes rows and hands them here; the writer takes the store's settings
+(never the recipe) and asks the store's signal for everything that differs between signals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import yaml
+
+from .. import dist
+from ..config import config_digest
+from .checks import verify_shard, verify_shared
+from .files import StoreLock, read_manifest, write_json_atomic, write_shard
+from .format import FORMAT, MANIFEST, VERSION, ShardRows, StoreError, settings_diff, shard_name, sidecar_name
+from .signals import signal_of
+
+
+class StoreWriter:
+    """open() checks the directory and says which chunks this rank still has to compute (a chunk whose
+    shard verifies against its sidecar is kept); write() stores a chunk's rows as a shard and its
+    sidecar; close() (all ranks) writes the manifest on rank 0 and returns the summary. A rerun over a
+    complete, verified store changes nothing on disk. Every decision the ranks share (the store is
+    complete, the directory may be used, which chunks remain) is taken once and broadcast.
+
+    settings: `format.store_settings`; computed_with: how (teacher, world size), for the manifest;
+    config: the resolved recipe (a dict), saved as config.yaml and in the manifest."""
+
+    def __init__(self, out_dir: str, settings: dict, computed_with: dict, *, overwrite: bool = False,
+                 config: dict | None = None):
+        self.dir, self.settings, self.computed_with = out_dir, settings, computed_with
+        self.overwrite, self.config = overwrite, config or {}
+        self.rank, self.world = dist.rank_world()
+        self.signal = signal_of(settings)
+        self.digest = config_digest(settings)
+        self.computed = np.zeros(3, dtype=np.int64)  # shards, examples, tokens computed by this rank
+        self.complete = False
+        self.lock = StoreLock(out_dir) if self.rank == 0 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:  # also when stage 1 fails: the next run must not find this process's lock
+            self.lock.release()
+        return False
+
+    def open(self, n_chunks: int) -> list[list[int]]:
+        """The chunks each rank has to compute (rank r: chunks j = r mod world not yet stored), the same
+        list on every rank."""
+        self.n_chunks = n_chunks
+        self.complete = self._already_complete()  # then nothing is written, not even a lock
+        if self.complete:
+            return [[] for _ in range(self.world)]
+        dist.decide(self._prepare)
+        mine = [j for j in range(n_chunks) if j % self.world == self.rank and not self._sidecar_ok(j)]
+        return dist.all_gather_object(mine)
+
+    def _already_complete(self) -> bool:
+        def existing():  # rank 0 looks, every rank gets its answer: they cannot see the directory differently
+            return read_manifest(self.dir) if os.path.exists(os.path.join(self.dir, MANIFEST)) else None
+        try:
+            manifest = dist.decide(existing)
+        except StoreError:
+            return False
+        if manifest is None:
+            return False
+        manifest, problems, _ = verify_shared(self.dir, values=False, manifest=manifest)
+        return (not problems and not settings_diff(self.settings, manifest["settings"])
+                and len(manifest["shards"]) == self.n_chunks)
+
+    def _prepare(self) -> None:
+        """Rank 0: take the lock; refuse a directory holding a store made from other settings, unless asked to
+        overwrite; then the directory, config.yaml and an incomplete manifest."""
+        self.lock.acquire()
+        path = os.path.join(self.dir, MANIFEST)
+        if os.path.exists(path):
+            try:
+                diff = settings_diff(self.settings, read_manifest(self.dir)["settings"])
+            except StoreError:
+                if not self.overwrite:
+                    raise
+                diff = ["an unreadable manifest"]
+            if diff and not self.overwrite:
+                raise StoreError(f"{self.dir} holds a teacher store made from other settings: " + "; ".join(diff)
+                                 + ". Choose another teacher.output_dir or pass teacher.overwrite=true.")
+            if diff:
+                shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
+                os.remove(path)
+        elif os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"} and not self.overwrite:
+            raise StoreError(f"{self.dir} exists and is not a teacher store; choose an empty teacher.output_dir "
+                             "or pass teacher.overwrite=true")
+        os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
+        with open(os.path.join(self.dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(self.config, f, sort_keys=False)
+        write_json_atomic(path, {"format": FORMAT, "version": VERSION, "status": "incomplete",
+                                 "settings": self.settings})
+
+    def _sidecar_ok(self, j: int) -> bool:
+        side = os.path.join(self.dir, "shards", sidecar_name(j))
+        if not os.path.exists(side):
+            return False
+        try:
+            with open(side) as f:
+                entry = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return entry.get("settings_digest") == self.digest and verify_shard(self.dir, entry) is None
+
+    def write(self, j: int, rows: ShardRows, first_record: int, records: int, long_stats: dict) -> dict:
+        bad = self.signal.bad_positions(rows.signal)
+        if len(bad):
+            example, t = rows.where(int(bad[0]))
+            raise StoreError(f"the teacher produced non-finite log-probs for example {example} at position "
+                             f"{t} ({len(bad)} positions in chunk {j}); nothing was written for this chunk. Check the "
+                             "model's weights and model.dtype (float16 overflows in some models; use bfloat16 or "
+                             "float32)")
+        entry = write_shard(os.path.join(self.dir, "shards", shard_name(j)), rows.table(self.signal),
+                            self.settings["compression"])
+        tokens = int(sum(len(x) for x in rows.input_ids))
+        entry.update(chunk=j, first_example_id=first_record, records=records, settings_digest=self.digest,
+                     positions=rows.position_count(), entries=self.signal.entries(rows.signal), tokens=tokens,
+                     long=long_stats, **self.signal.sidecar(rows.signal))
+        write_json_atomic(os.path.join(self.dir, "shards", sidecar_name(j)), entry)
+        self.computed += (1, entry["rows"], tokens)
+        return entry
+
+    def close(self, elapsed: float) -> dict | None:
+        """All ranks: the counts of what this run computed are summed over ranks; rank 0 writes the
+        manifest (unless the store was already complete) and returns the summary."""
+        computed = dist.all_reduce_sum(self.computed)
+        elapsed = dist.all_reduce_max(elapsed)
+        summary = None
+        if self.rank == 0:
+            if self.complete:
+                manifest = read_manifest(self.dir)
+            else:
+                manifest = self._manifest()
+                write_json_atomic(os.path.join(self.dir, MANIFEST), manifest)
+            summary = {**manifest["totals"],
+                       "long_examples": {k: manifest["long_examples"][k] for k in ("policy", "skipped", "truncated")},
+                       "elapsed_s": elapsed, "shards": self.n_chunks, "shards_computed": int(computed[0]),
+                       "shards_reused": self.n_chunks - int(computed[0]), "examples_computed": int(computed[1]),
+                       "tokens_computed": int(computed[2]), "examples_per_s": computed[1] / max(elapsed, 1e-9),
+                       "tokens_per_s": computed[2] / max(elapsed, 1e-9)}
+            print(format_summary(self.dir, manifest, summary), flush=True)
+            if self.lock:
+                self.lock.release()
+        dist.barrier()
+        return summary
+
+    def _manifest(self) -> dict:
+        shards = []
+        for j in range(self.n_chunks):
+            with open(os.path.join(self.dir, "shards", sidecar_name(j))) as f:
+                shards.append(json.load(f))
+        positions, nbytes = sum(s["positions"] for s in shards), sum(s["bytes"] for s in shards)
+        entries = sum(s["entries"] for s in shards)
+        totals = {
+            "examples": sum(s["rows"] for s in shards), "records": sum(s["records"] for s in shards),
+            "positions": positions, "tokens": sum(s["tokens"] for s in shards), "bytes": nbytes,
+            "bytes_per_position": nbytes / max(positions, 1),
+            "entries": entries, "entries_per_position": entries / max(positions, 1),
+            "bytes_per_entry": nbytes / max(entries, 1), "mean_tail_mass": None,
+            **self.signal.totals(shards, positions),
+        }
+        skipped = [i for s in shards for i in s["long"]["skipped_ids"]]
+        truncated = [i for s in shards for i in s["long"]["truncated_ids"]]
+        long_examples = {"policy": self.settings["long_policy"], "max_seq_len": self.settings["max_seq_len"],
+                         "skipped": sum(s["long"]["skipped"] for s in shards),
+                         "truncated": sum(s["long"]["truncated"] for s in shards),
+                         "skipped_ids": skipped[:1000], "truncated_ids": truncated[:1000]}
+        keep = ("file", "rows", "first_example_id", "records", "positions", "tokens", "bytes", "sha256")
+        return {"format": FORMAT, "version": VERSION, "status": "complete", "settings": self.settings,
+                "computed_with": self.computed_with, "totals": totals, "long_examples": long_examples,
+                "shards": [{k: s[k] for k in keep} for s in shards], "config": self.config,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def format_summary(out_dir: str, manifest: dict, extra: dict | None = None) -> str:
+    t, s, lg = manifest["totals"], manifest["settings"], manifest["long_examples"]
+    signal = signal_of(s)
+    how = manifest.get("computed_with", {})
+    rule = "" if s.get("position_fraction", 1) == 1 and s.get("max_positions") is None else (
+        f", position_fraction={s['position_fraction']}, max_positions={s.get('max_positions')}")
+    lines = [f"teacher store {out_dir}",
+             f"  model {s['model']['name_or_path']} ({s['model']['dtype']}, vocab {s['model']['vocab_size']}), "
+             f"{signal.words()}{rule}, positions={s['positions']}, values {s['value_dtype']}, ids {s['id_dtype']}, "
+             f"compression {s['compression']}",
+             f"  examples {t['examples']} of {t['records']} records in {len(manifest['shards'])} shards, "
+             f"{t['tokens']} tokens, {t['positions']} stored positions",
+             f"  {t['bytes'] / 1e6:.2f} MB, {t['bytes_per_position']:.1f} bytes/position, "
+             f"{t['bytes_per_entry']:.2f} bytes per (id, value) entry incl. tail and positions",
+             f"  {signal.summary(t)}",
+             f"  long examples (> {lg['max_seq_len']} tokens, policy {lg['policy']}): "
+             f"{lg['skipped']} skipped, {lg['truncated']} truncated"]
+    if how:
+        lines.append(f"  computed with: teacher {how.get('teacher', '?')} on {how.get('world_size', '?')} rank(s)")
+    if extra and "elapsed_s" in extra:
+        el = max(extra["elapsed_s"], 1e-9)
+        lines.append(f"  this run: {el:.1f} s, {extra['shards_computed']} shards computed "
+                     f"({extra['examples_computed']} examples), {extra['shards_reused']} reused, "
+                     f"{extra['examples_per_s']:.2f} examples/s, {extra['tokens_per_s']:.0f} tokens/s")
+    return "\n".join(lines)
