@@ -51,7 +51,31 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
   args+=(--num_gpus "$n" --module selfaug "$stage" --config "$@")
   echo "+ $ROOT/.venv/bin/deepspeed ${args[*]}" >&2
-  "$ROOT/.venv/bin/deepspeed" "${args[@]}"
+  forwarding "$ROOT/.venv/bin/deepspeed" "${args[@]}"
+}
+
+# Preemption: SLURM / Kubernetes send SIGTERM (or SIGUSR1 with --signal) before they kill. The deepspeed
+# launcher does not pass either on safely: its runner dies of SIGTERM without forwarding it, and SIGUSR1
+# kills both of its processes outright, leaving the ranks running. So the launcher runs in the
+# background, and a SIGTERM or SIGUSR1 to this script is sent as SIGUSR1 to the ranks themselves (the
+# launcher's grandchildren): they finish the optimizer step, save a checkpoint and exit with status 75,
+# which this script returns. Run it again (train.resume=auto) to continue.
+forwarding() {
+  "$@" &
+  local pid=$! rc
+  trap "stop_ranks $pid" TERM USR1
+  while :; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupted wait: keep waiting
+  done
+  trap - TERM USR1
+  return "$rc"
+}
+
+stop_ranks() {
+  echo "+ launch.sh: stop requested: the ranks checkpoint at the next optimizer step and exit (75)" >&2
+  local child
+  for child in $(pgrep -P "$1"); do pkill -USR1 -P "$child" || true; done
 }
 
 single() {  # single STAGE RECIPE [overrides]: eval generates on one device

@@ -42,13 +42,14 @@ def _inspect(path: str) -> int:
 
 def user_errors() -> tuple:
     """The exception types that mean the user has something to fix (not a bug of selfaug)."""
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .dist import DistError
     from .models import ModelError
     from .store import StoreError
     from .train import TrainError
-    return ConfigError, DataError, DistError, ModelError, StoreError, TrainError
+    return CheckpointError, ConfigError, DataError, DistError, ModelError, StoreError, TrainError
 
 
 def _run(args) -> int:
@@ -97,15 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if os.environ.get("SELFAUG_DEBUG") == "1":
-        return _run(args)
+    from .checkpoint import EXIT_PREEMPTED, Preempted
     try:
         return _run(args)
+    except Preempted as e:
+        print(f"selfaug: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except user_errors() as e:
+        if os.environ.get("SELFAUG_DEBUG") == "1":
+            raise
         print(f"selfaug: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno == errno.ENOSPC and os.environ.get("SELFAUG_DEBUG") != "1":
             where = os.path.dirname(e.filename) if e.filename else "an output directory"
             print(f"selfaug: error: no space left on the device holding {where}; "
                   "free space (or choose another output directory) and run the command again: finished shards "

@@ -126,7 +126,10 @@ class TrainConfig:
     lora_target_modules: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                    "comma-separated module names that get adapters")
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: only at the end)", ge=0)
-    resume: str = opt("auto", "auto (latest checkpoint if any) | never | a checkpoint directory")
+    resume: str = opt("auto", "auto (latest checkpoint if any) | never | a checkpoint directory; the world size may "
+                              "differ if micro_batch_size x grad_accum x world size (the global batch) is kept")
+    exit_signals: str = opt("SIGTERM,SIGUSR1", "comma-separated signals that stop the run at the next optimizer step "
+                                               "with a checkpoint and exit status 75 (preemption); empty: none")
     freeze_lm_head: bool = opt(False, "method=full: keep the lm_head (and tied embeddings) frozen")
     merge_adapter: bool = opt(False, "also save the merged model under final/merged")
     verify_store: Literal["sha256", "size"] = opt("sha256", "how the store's shards are verified before training")
@@ -298,6 +301,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.teacher_mode=none is plain fine-tuning without a teacher, but train.alpha={t.alpha}"
                           f" (alpha_start={t.alpha_start}): set train.alpha=0, or teacher_mode=offline (a store) or "
                           "online")
+    import signal
+    for name in (n.strip().upper() for n in t.exit_signals.split(",") if n.strip()):
+        if not isinstance(getattr(signal, name if name.startswith("SIG") else "SIG" + name, None), signal.Signals):
+            raise ConfigError(f"train.exit_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     targets = [t for t in cfg.train.report_to.split(",") if t.strip()]
     for t in targets:
         if t.strip() not in REPORT_TO:

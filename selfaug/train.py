@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import dist, store
+from . import checkpoint, dist, store
 from .config import Config, check_paths
 from .loss import kl_sum, nll_sum
 from .models import (decoder_and_head, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype,
@@ -158,6 +158,8 @@ class Run:
     world: int
     device: torch.device
     pack_tokens: int | None = None  # train.packing: the longest packed row
+    identity: dict | None = None  # what a checkpoint's run must share with this one (checkpoint.run_identity)
+    stop: Any = None  # checkpoint.StopFlag: set by train.exit_signals
 
 
 class Coefficients(NamedTuple):
@@ -166,24 +168,6 @@ class Coefficients(NamedTuple):
     n_nll: int
     n_kl: int
     alpha: float
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _latest_checkpoint(out_dir: str) -> str | None:
-    latest = os.path.join(out_dir, "checkpoints", "latest")
-    return os.path.join(out_dir, "checkpoints") if os.path.exists(latest) else None
 
 
 def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
@@ -277,7 +261,9 @@ def setup(cfg: Config, objective_cls=None) -> Run:
         objective.setup_zero3_head()
     examples = source.examples
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed)
-    return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens)
+    settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
+    return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens,
+               checkpoint.run_identity(cfg, settings), checkpoint.StopFlag(tc.exit_signals))
 
 
 def step_coefficients(run: Run, step: int) -> Coefficients:
@@ -289,11 +275,12 @@ def step_coefficients(run: Run, step: int) -> Coefficients:
 
 
 class StepTotals(NamedTuple):
-    """One optimizer step over all ranks: [nll_sum, kl_sum], the examples' tokens, and the tokens the model
-    processed (padding included: packing brings it down)."""
+    """One optimizer step over all ranks: [nll_sum, kl_sum], the examples' tokens, the tokens the model
+    processed (padding included: packing brings it down), and whether any rank was asked to stop."""
     sums: torch.Tensor
     tokens: int
     processed: int
+    stop: bool = False
 
 
 def train_step(run: Run, step: int, co: Coefficients) -> StepTotals:
@@ -308,7 +295,9 @@ def train_step(run: Run, step: int, co: Coefficients) -> StepTotals:
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         counts = torch.tensor([batch["tokens"], batch["padded_tokens"]], dtype=torch.float64, device=device)
         totals += torch.cat([torch.stack([nll.double(), kl.double()]), counts])
-    if run.world > 1:  # one small all-reduce per optimizer step, for logging and the finiteness check
+    stop = float(run.stop is not None and run.stop.requested)  # a signal to any rank stops all at this step
+    totals = torch.cat([totals, torch.tensor([stop], dtype=torch.float64, device=device)])
+    if run.world > 1:  # one small all-reduce per optimizer step: logging, the finiteness check, a stop request
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()  # the one host sync of the step
     if not torch.isfinite(totals[:2]).all():
@@ -318,7 +307,7 @@ def train_step(run: Run, step: int, co: Coefficients) -> StepTotals:
                          "not finite "
                          f"(nll sum {totals[0].item()}, kl sum {totals[1].item()}); check the teacher store "
                          "(`selfaug inspect`), train.lr and the data")
-    return StepTotals(totals[:2], int(totals[2].item()), int(totals[3].item()))
+    return StepTotals(totals[:2], int(totals[2].item()), int(totals[3].item()), bool(totals[4].item() > 0))
 
 
 def train(cfg: Config) -> str:
@@ -328,7 +317,7 @@ def train(cfg: Config) -> str:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
-    start = _resume(run)
+    start = checkpoint.resume(run, run.identity)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
         _truncate_metrics(metrics_path, start)
@@ -350,8 +339,10 @@ def train(cfg: Config) -> str:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}", kl=f"{kl_mean:.4f}")
             done = step + 1
-            if (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
-                _save_checkpoint(run, done)
+            if got.stop or (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
+                path = checkpoint.save(run, done, run.identity)
+            if got.stop:
+                raise checkpoint.Preempted(done, path)
             if done == tc.stop_after:
                 return out
     save_final(run)
@@ -365,32 +356,6 @@ def _log(run: Run, path: str, row: dict) -> None:
     monitor = getattr(run.engine, "monitor", None)
     if monitor is not None and monitor.enabled:
         monitor.write_events([(key, float(value), row["step"]) for key, value in row.items() if key != "step"])
-
-
-def _save_checkpoint(run: Run, step: int) -> None:
-    ckpt = os.path.join(run.cfg.train.output_dir, "checkpoints")
-    run.engine.save_checkpoint(ckpt, tag=f"step-{step}", client_state={"step": step})
-    torch.save(_rng_state(), os.path.join(ckpt, f"step-{step}", f"rng_rank{run.rank}.pt"))
-    dist.barrier()
-
-
-def _resume(run: Run) -> int:
-    """The optimizer step to start from: 0, or that of the checkpoint resumed from."""
-    tc = run.cfg.train
-    if tc.resume == "never":
-        return 0
-    ckpt = _latest_checkpoint(tc.output_dir) if tc.resume == "auto" else tc.resume
-    if ckpt is None:
-        return 0
-    path, client = run.engine.load_checkpoint(ckpt)
-    if path is None:
-        raise TrainError(f"could not load a checkpoint from {ckpt}; pass train.resume=never to start afresh")
-    rng = os.path.join(path, f"rng_rank{run.rank}.pt")
-    if os.path.exists(rng):
-        _set_rng_state(torch.load(rng, weights_only=False))
-    if run.rank == 0:
-        print(f"resumed from {path} at step {client['step']}", flush=True)
-    return int(client["step"])
 
 
 def _truncate_metrics(path: str, step: int) -> None:

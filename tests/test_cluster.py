@@ -1,0 +1,159 @@
+"""A cluster's ordinary life at a small scale (2 ranks, gloo): a store opened with 1/world of the checks
+per rank, resume at another world size with the same global batch, and preemption by a signal."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
+from selfaug import checkpoint, precompute, train
+from selfaug.dist import free_port
+
+SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+
+
+def _final(run_dir, method):
+    return load_file(os.path.join(run_dir, "final", "adapter_model.safetensors" if method == "lora"
+                                  else "model.safetensors"))
+
+
+def _close(a, b, atol=1e-5):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=1e-4), (
+            key, (a[key].float() - b[key].float()).abs().max().item())
+
+
+# ---- 1. the store opened on 2 ranks ----------------------------------------------------------------
+
+def test_two_ranks_each_check_half_the_store_and_report_a_corrupt_shard_alike(tmp_path, tiny_store):
+    store_dir = str(tmp_path / "store")
+    shutil.copytree(tiny_store.teacher.output_dir, store_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "tests", "helpers", "open_store.py"), store_dir, str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
+    manifest = json.load(open(os.path.join(store_dir, "manifest.json")))
+    n = len(manifest["shards"])  # 3 shards: rank 0 checks shards 0 and 2, rank 1 shard 1
+    assert [r["shards"] for r in reports] == [list(range(0, n, 2)), list(range(1, n, 2))]
+    assert sum(r["bytes_hashed"] for r in reports) == sum(s["bytes"] for s in manifest["shards"])
+    assert all(r["bytes_hashed"] < 0.75 * sum(s["bytes"] for s in manifest["shards"]) for r in reports)
+    assert sum(r["positions_checked"] for r in reports) == manifest["totals"]["positions"]
+    assert all(r["examples"] == manifest["totals"]["examples"] for r in reports)  # each reads every example
+    errors = [r["error"] for r in reports]
+    assert errors[0] and errors[0] == errors[1] and "shard-00002.arrow does not match its sha256" in errors[0]
+
+
+# ---- 2. resume at another world size ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_model_store(tmp_path_factory):
+    """A random tiny Llama with a tied head that trains (full fine-tuning under ZeRO-3), and its store."""
+    from test_scale import _random_dir
+    tmp = tmp_path_factory.mktemp("fullstore")
+    cfg = tiny_config(str(tmp), model={"name_or_path": _random_dir(tmp), "init": "random", "seed": 3},
+                      teacher={"value_dtype": "float32"})
+    precompute.run(cfg)
+    return cfg
+
+
+CASES = {"lora-zero2": ("lora", "ds_configs/zero2.json"), "full-zero3": ("full", "ds_configs/zero3.json")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tiny_store, full_model_store, case):
+    """Global batch 4 = micro 2 x accum 1 x 2 ranks = micro 2 x accum 2 x 1 rank. 4 SGD steps: stopped after
+    2 on one world size and finished on the other, the parameters equal an uninterrupted run's."""
+    method, ds = CASES[case]
+    base_cfg = tiny_store if method == "lora" else full_model_store
+    model = {"name_or_path": base_cfg.model.name_or_path, "init": base_cfg.model.init, "seed": base_cfg.model.seed}
+
+    def cfg(name, **train_keys):
+        return tiny_config(str(tmp_path), model=model,
+                           teacher={"value_dtype": "float32", "output_dir": base_cfg.teacher.output_dir},
+                           train={**SGD, "method": method, "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4,
+                                  "micro_batch_size": 2, "deepspeed": os.path.join(ROOT, ds),
+                                  "output_dir": str(tmp_path / name), **train_keys})
+
+    whole = train.train(cfg("whole", grad_accum=2))  # uninterrupted, 1 rank
+    # 2 -> 1: two ranks stop after step 2; one rank with grad_accum 2 finishes
+    two = cfg("two-one", grad_accum=1, stop_after=2)
+    launch("train", write_recipe(str(tmp_path / "two.yaml"), two), nprocs=2)
+    meta = json.load(open(tmp_path / "two-one" / "checkpoints" / "step-2" / checkpoint.META))
+    assert (meta["world_size"], meta["grad_accum"], meta["global_batch"]) == (2, 1, 4)
+    with pytest.raises(checkpoint.CheckpointError, match=r"global batch of 4 .* this run has 2 .*train.grad_accum=2 "
+                                                         r"keeps it"):
+        train.train(cfg("two-one", grad_accum=1))
+    train.train(cfg("two-one", grad_accum=2))
+    # 1 -> 2
+    train.train(cfg("one-two", grad_accum=2, stop_after=2))
+    out = launch("train", write_recipe(str(tmp_path / "one.yaml"), cfg("one-two", grad_accum=1)), nprocs=2)
+    assert "written on 1 ranks, now 2" in out.stdout + out.stderr
+    reference = _final(whole, method)
+    for name in ("two-one", "one-two"):
+        _close(_final(tmp_path / name, method), reference)
+        assert [r["loss"] for r in read_metrics(tmp_path / name)] == pytest.approx(
+            [r["loss"] for r in read_metrics(whole)], rel=1e-5)
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(tmp_path, tiny_store):
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                      train={**SGD, "max_steps": 3, "stop_after": 1})
+    train.train(cfg)
+    other = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                        train={**SGD, "max_steps": 3, "lora_r": 4})
+    with pytest.raises(checkpoint.CheckpointError, match=r"another recipe: lora \(checkpoint: \[16, "):
+        train.train(other)
+    # a checkpoint directory without selfaug's record (a save that never finished) is named, not loaded
+    os.remove(os.path.join(cfg.train.output_dir, "checkpoints", "step-1", checkpoint.META))
+    with pytest.raises(checkpoint.CheckpointError, match="not a selfaug checkpoint"):
+        train.train(tiny_config(str(tmp_path), teacher={"value_dtype": "float32",
+                                                        "output_dir": tiny_store.teacher.output_dir},
+                                train={**SGD, "max_steps": 3}))
+
+
+# ---- 3. preemption ---------------------------------------------------------------------------------
+
+def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_rerun_ends_as_uninterrupted(tmp_path, tiny_store):
+    """launch.sh train on 2 CPU ranks; SIGTERM to launch.sh after the first logged step (as SLURM sends it
+    before a preemption): every rank stops at the same step boundary, one checkpoint, exit 75. The rerun
+    resumes there and ends where an uninterrupted run ends."""
+    steps = 30
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                      train={**SGD, "max_steps": steps, "micro_batch_size": 2, "output_dir": str(tmp_path / "run")})
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    env = clean_env(NUM_PROCS="2", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([os.path.join(ROOT, "launch.sh"), "train", recipe], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # a second signal while stopping changes nothing
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == checkpoint.EXIT_PREEMPTED, output[-3000:]
+    stopped = len(read_metrics(tmp_path / "run"))
+    assert 1 <= stopped < steps and "received: finishing this optimizer step" in output
+    latest = open(tmp_path / "run" / "checkpoints" / "latest").read()
+    assert latest == f"step-{stopped}" and not (tmp_path / "run" / "final").exists()
+    resumed = train.train(tiny_config(  # on one rank with grad_accum 2: the same global batch of 4
+        str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+        train={**SGD, "max_steps": steps, "micro_batch_size": 2, "grad_accum": 2, "output_dir": str(tmp_path / "run")}))
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, steps + 1))
+    whole = train.train(tiny_config(str(tmp_path), teacher={"value_dtype": "float32",
+                                                            "output_dir": tiny_store.teacher.output_dir},
+                                    train={**SGD, "max_steps": steps, "micro_batch_size": 2, "grad_accum": 2,
+                                           "output_dir": str(tmp_path / "whole")}))
+    _close(_final(resumed, "lora"), _final(whole, "lora"))
