@@ -5,6 +5,8 @@
 #   ./launch.sh {precompute|train|eval|all} RECIPE [section.key=value ...]
 #   ./launch.sh sweep [RECIPE]                alpha in SWEEP_ALPHAS and KL positions in SWEEP_POSITIONS, one eval
 #   ./launch.sh bench [RECIPE] [--only ...]   performance benchmarks (runs/bench.json)
+#   ./launch.sh gpu-check [RECIPE]            one GPU, ~5 min: stage 1, SelfAug step and memory, packing at the
+#                                             7B shape with 4 layers, random weights (runs/gpu_check.json)
 #   ./launch.sh setup                         only create .venv and install
 # Distributed stages go through the `deepspeed` launcher: NUM_GPUS (default: all visible GPUs) and
 # HOSTFILE (multi-node) choose the workers; without GPUs it runs NUM_PROCS (default 1) CPU processes
@@ -86,7 +88,7 @@ single() {  # single STAGE RECIPE [overrides]: eval generates on one device
 }
 
 cmd=${1:-}
-[ -n "$cmd" ] || { sed -n '2,14p' "$0"; exit 2; }
+[ -n "$cmd" ] || { sed -n '2,16p' "$0"; exit 2; }
 shift
 case "$cmd" in
   setup) setup ;;
@@ -144,5 +146,10 @@ case "$cmd" in
     recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || cpu_env
     "$PY" -m selfaug bench --config "$recipe" "$@" ;;
-  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo|sweep|ablate|bench" >&2; exit 2 ;;
+  gpu-check)
+    setup
+    recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
+    "$PY" -m selfaug bench --config "$recipe" --only gpu --out "${GPU_CHECK_OUT:-runs/gpu_check.json}" "$@" ;;
+  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo|sweep|ablate|bench|gpu-check" >&2
+     exit 2 ;;
 esac

@@ -12,6 +12,10 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   scale      ZeRO-3 against ZeRO-2 at 2 ranks on random models of real shapes (bench_scale.py)
   packing    length-skewed data: padding, tokens/s and step time, packed against padded batches
   positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
+  open       a 1 GB store opened by 1, 2 and 4 ranks: seconds and bytes hashed per rank (bench_cluster.py)
+  reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (bench_cluster.py)
+  gpu        one GPU (`launch.sh gpu-check`): stage 1 against a forward, the SelfAug step and peak memory
+             against alpha = 0, packing, at the 7B shape with 4 layers, random weights, bf16
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import torch
 from . import dist
 from .config import Config
 
-SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "positions")
+SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "positions", "open",
+            "reader", "gpu")
+DEFAULT = SECTIONS[:-1]  # gpu: only when asked (it needs a CUDA GPU)
 
 # length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
 SKEWED = ["data.builtin_num_documents=1", "data.builtin_max_documents=8", "data.builtin_extra_sentences=2",
@@ -141,10 +147,48 @@ def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions:
     return {"examples": examples, "rows": rows}
 
 
+def bench_gpu(cfg_path: str, overrides: list[str], smoke: bool = False) -> dict:
+    """The GPU check (one GPU, about 5 minutes): a random-weight model at the 7B shape with a few layers
+    (smoke: the recipe's own model, on any device), bf16, sdpa."""
+    import torch
+    import shutil
+    import tempfile
+    import time
+    from . import precompute
+    from .bench_worker import bench_precompute_and_storage
+    from .config import load_config
+    from .bench_scale import SCALE
+    if not torch.cuda.is_available() and not smoke:
+        raise RuntimeError("selfaug bench --only gpu needs a CUDA GPU (this machine has none); "
+                           "--smoke runs the same code on the recipe's model here")
+    tmp = tempfile.mkdtemp(prefix="selfaug-gpu-check-")
+    extra = [f"teacher.output_dir={tmp}/teacher", "teacher.overwrite=true", f"train.output_dir={tmp}/run",
+             "train.resume=never"]
+    if not smoke:
+        shape = json.load(open(os.path.join(SCALE, "qwen2.5-7b", "config.json")))
+        shape["num_hidden_layers"] = 4
+        os.makedirs(f"{tmp}/model")
+        json.dump(shape, open(f"{tmp}/model/config.json", "w"))
+        extra += [f"model.name_or_path={tmp}/model", "model.init=random", "model.dtype=bfloat16",
+                  "model.attn_implementation=sdpa", "data.builtin_train_size=64", "data.max_seq_len=2048",
+                  "train.micro_batch_size=4", "train.deepspeed=ds_configs/zero2.json"]
+    over = list(overrides) + extra
+    cfg = load_config(cfg_path, over)
+    t0 = time.perf_counter()
+    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": cfg.model.name_or_path}
+    out.update(bench_precompute_and_storage(cfg, True, False, n_examples=16 if smoke else 64))
+    precompute.run(cfg)
+    out["step"] = bench_step(cfg_path, over, 2 if smoke else 5)
+    out["packing"] = bench_packing(cfg, cfg_path, over, 1 if smoke else 5)
+    out["seconds"] = time.perf_counter() - t0
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
     from . import bench_worker as bw
-    only = only or list(SECTIONS)
+    only = only or list(DEFAULT)
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown benchmark sections {sorted(unknown)}; choose from {SECTIONS}")
@@ -171,6 +215,13 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "positions" in only:
         results["positions"] = bench_positions(cfg, cfg_path, list(overrides), [1.0, 0.25] if smoke else
                                                [1.0, 0.5, 0.25, 0.1], 8 if smoke else 48, 1 if smoke else 4)
+    from . import bench_cluster as bc
+    if "open" in only:
+        results["open"] = bc.bench_open(0.05 if smoke else 1.0, (1, 2) if smoke else (1, 2, 4))
+    if "reader" in only:
+        results["reader"] = bc.bench_reader(batches=20 if smoke else 200)
+    if "gpu" in only:
+        results["gpu"] = bench_gpu(cfg_path, list(overrides), smoke)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=2)
@@ -233,4 +284,15 @@ def format_results(r: dict) -> str:
         for row in r["positions"]["rows"]:
             lines.append(f"{'':<42}{row['fraction']:>8}{row['bytes'] / 1e6:>8.2f}{row['bytes_ratio']:>9.3f}"
                          f"{row['step_time_s']:>9.3f}{row['step_time_ratio']:>8.3f}")
+    if "open" in r:
+        o = r["open"]
+        lines.append(f"store open ({o['bytes'] / 1e9:.2f} GB, k=64): {'ranks':>5}{'s (max)':>9}{'GB hashed/rank':>16}"
+                     f"{'x 1 rank':>10}{'target':>8}")
+        for row in o["rows"]:
+            lines.append(f"{'':<30}{row['world']:>5}{row['seconds_max']:>9.2f}{row['bytes_hashed_max'] / 1e9:>16.3f}"
+                         f"{row['work_ratio']:>10.3f}{row['target']:>8.2f}")
+    if "reader" in r:
+        for row in r["reader"]["rows"]:
+            lines.append(f"reader[{row['signal']}]: {row['ms_per_micro_batch']:.3f} ms per micro-batch of "
+                         f"{row['micro_batch']}, {row['positions_per_s'] / 1e6:.2f} M stored positions/s")
     return "\n".join(lines)

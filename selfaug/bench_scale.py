@@ -29,7 +29,8 @@ def _base(tmp: str, model_dir: str, smoke: bool) -> dict:
         "teacher": {"output_dir": os.path.join(tmp, "teacher"), "k": 8, "shard_size": 2, "batch_tokens": 1024,
                     "vocab_chunk_rows": 128},
         "train": {"output_dir": os.path.join(tmp, "run"), "max_steps": 1, "micro_batch_size": 1, "grad_accum": 1,
-                  "alpha": 0.0, "optimizer": "adamw", "lr": 1e-4, "loss_chunk_rows": 128, "resume": "never"},
+                  "alpha": 0.0, "teacher_mode": "none", "optimizer": "adamw", "lr": 1e-4, "loss_chunk_rows": 128,
+                  "resume": "never"},
     }
 
 

@@ -194,8 +194,8 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
     loaded = load_all(cfg, device)
     base = loaded.model.to(device).eval()
     ids_dtype = store.id_dtype_for(vocab_size(base))
-    signals = {**{("topk", k): store.TopK(k, ids_dtype, "float16") for k in ks},
-               **{("sampled", n): store.Sampled(n, cfg.teacher.seed, ids_dtype, "float16") for n in samples}}
+    signals = {**{("k", k): store.TopK(k, ids_dtype, "float16") for k in ks},
+               **{("N", n): store.Sampled(n, cfg.teacher.seed, ids_dtype, "float16") for n in samples}}
     examples, _ = loaded.examples.examples(0, min(n_examples, len(loaded.examples)))
     (bb, bh), (sb, sh) = decoder_and_head(base), decoder_and_head(student)
     kl = {(key, mode): [0.0, []] for key in signals for mode in ("bucket", "renormalize")}
@@ -223,7 +223,7 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
         for key, signal in signals.items():
             sig = signal_rows(signal, logp, e)
             arrays[key].append(sig)
-            for mode in ("bucket", "renormalize") if key[0] == "topk" else ("bucket",):
+            for mode in ("bucket", "renormalize") if key[0] == "k" else ("bucket",):
                 s, g = kl_and_grad(signal.teacher([sig], device), mode)
                 kl[(key, mode)][0] += s
                 kl[(key, mode)][1].append(g)
@@ -234,14 +234,14 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
         {c: np.concatenate([a[c] for a in arrays[key]]) for c in arrays[key][0]})
     out, sampled_rows = [], []
     for k in ks:
-        (br, bc), (rr, rc) = ratio_cos(("topk", k), "bucket"), ratio_cos(("topk", k), "renormalize")
+        (br, bc), (rr, rc) = ratio_cos(("k", k), "bucket"), ratio_cos(("k", k), "renormalize")
         out.append({"k": k, "bucket_ratio": br, "bucket_cos": bc, "renorm_ratio": rr, "renorm_cos": rc,
-                    "bytes_per_position": bytes_of(("topk", k))})
+                    "bytes_per_position": bytes_of(("k", k))})
     for n in samples:
-        r, c = ratio_cos(("sampled", n), "bucket")
-        unique = np.concatenate([a["sample_len"] for a in arrays[("sampled", n)]]).mean()
+        r, c = ratio_cos(("N", n), "bucket")
+        unique = np.concatenate([a["sample_len"] for a in arrays[("N", n)]]).mean()
         sampled_rows.append({"samples": n, "ratio": r, "cos": c, "unique_per_position": float(unique),
-                             "bytes_per_position": bytes_of(("sampled", n))})
+                             "bytes_per_position": bytes_of(("N", n))})
     return {"run": run_dir, "examples": len(examples), "positions": positions, "id_dtype": ids_dtype,
             "exact_kl_per_token": exact_total / positions, "rows": out, "sampled_rows": sampled_rows}
 

@@ -266,9 +266,16 @@ class StopFlag:
     def __init__(self, names: str):
         self.requested = False
         self.signal = None
-        self.names = [n.strip().upper() for n in names.split(",") if n.strip()]
-        for name in self.names:
-            signal.signal(getattr(signal, name if name.startswith("SIG") else "SIG" + name), self._handle)
+        self.signums = [getattr(signal, n if n.startswith("SIG") else "SIG" + n)
+                        for n in (n.strip().upper() for n in names.split(",")) if n]
+        for signum in self.signums:
+            signal.signal(signum, self._handle)
+
+    def ignore_further(self) -> None:
+        """Once the checkpoint is saved: a late signal must not kill the exiting process (its status would
+        become the signal's instead of 75)."""
+        for signum in self.signums:
+            signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name

@@ -342,6 +342,7 @@ def train(cfg: Config) -> str:
             if got.stop or (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
                 path = checkpoint.save(run, done, run.identity)
             if got.stop:
+                run.stop.ignore_further()
                 raise checkpoint.Preempted(done, path)
             if done == tc.stop_after:
                 return out

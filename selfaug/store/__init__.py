@@ -1,7 +1,8 @@
 """The teacher store, where stage 1 and stage 2 meet (docs/design.md, "The teacher store"): a small
 package, one job a module.
 
-  format.py   what a store depends on (settings, their one comparison), the position rule, the schema, rows
+  format.py   the position rule, the schema, a shard's rows and their flat arrays
+  settings.py what a store depends on, and their one comparison
   signals.py  one class per teacher signal (TopK, Sampled): everything that differs between them
   files.py    shards and JSON written atomically, the manifest, memory-mapped shards, the lock
   checks.py   hashes, schema and values; the shared check of a store opened on many ranks
@@ -10,8 +11,8 @@ package, one job a module.
 """
 from .checks import check_shard, verify_shard, verify_shared, verify_store
 from .files import StoreLock, read_manifest, read_shard, write_json_atomic, write_shard
-from .format import (MANIFEST, MATCHED, VERSION, Lengths, PositionRule, ShardRows, StoreError, check_store, flatten,
-                     id_dtype_for, schema, settings_diff, store_settings)
+from .format import MANIFEST, VERSION, Lengths, PositionRule, ShardRows, StoreError, flatten, id_dtype_for, schema
+from .settings import MATCHED, check_store, settings_diff, store_settings
 from .reader import TeacherStore
 from .signals import Sampled, TopK, sample_uniforms, signal_for, signal_of
 from .writer import StoreWriter, format_summary

@@ -90,6 +90,13 @@ class TopK(_Signal):
     def per_example(self, part: dict) -> dict:
         return part
 
+    def random_rows(self, positions: int, rng) -> dict:
+        """Valid arrays of one example at `positions` positions, for benchmarks and tests (no model)."""
+        logits = rng.normal(size=(positions, self.k + 1)) * 2
+        logp = np.sort(logits - np.log(np.exp(logits).sum(1, keepdims=True)), axis=1)
+        return {"topk_ids": np.tile(np.arange(self.k), (positions, 1)), "topk_logprobs": logp[:, :0:-1],
+                "tail_logprob": logp[:, 0].astype(np.float32)}
+
     def concat(self, parts: list[dict]) -> dict:
         """One shard's arrays over its positions, in the store's dtypes: topk_ids (N, K),
         topk_logprobs (N, K), tail_logprob (N,) float32."""
@@ -237,6 +244,11 @@ class Sampled(_Signal):
 
     def per_example(self, part: dict) -> dict:
         return dedupe_samples(part["sample_ids"], part["sample_logprobs"])
+
+    def random_rows(self, positions: int, rng) -> dict:
+        """Valid arrays of one example (draws from a uniform teacher over 64 ids), for benchmarks and tests."""
+        draws = np.sort(rng.integers(0, 64, size=(positions, self.samples)), axis=1)
+        return dedupe_samples(draws, np.full(draws.shape, -np.log(64.0)))
 
     def concat(self, parts: list[dict]) -> dict:
         """One shard's arrays: sample_len (N,) unique ids per position, and sample_ids, sample_counts

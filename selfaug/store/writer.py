@@ -16,7 +16,8 @@ from .. import dist
 from ..config import config_digest
 from .checks import verify_shard, verify_shared
 from .files import StoreLock, read_manifest, write_json_atomic, write_shard
-from .format import FORMAT, MANIFEST, VERSION, ShardRows, StoreError, settings_diff, shard_name, sidecar_name
+from .format import FORMAT, MANIFEST, VERSION, ShardRows, StoreError, shard_name, sidecar_name
+from .settings import settings_diff
 from .signals import signal_of
 
 
