@@ -29,3 +29,24 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
     q = {row["fraction"]: row for row in r["positions"]["rows"]}
     assert q[0.25]["bytes_ratio"] < 0.4 and q[0.25]["kl_positions_per_step"] < q[1.0]["kl_positions_per_step"]
     assert "bucket/exact" in out.stdout
+
+
+def test_signal_bytes_use_4_byte_ids_over_65536_tokens():
+    """The fidelity benchmark sizes each signal with the production code at the model's id dtype: a
+    vocabulary over 65,536 tokens (Llama-3, Qwen2.5) stores 4-byte ids."""
+    import numpy as np
+    import torch
+    from selfaug import store
+    from selfaug.bench_worker import signal_rows
+    from selfaug.data import Example
+    vocab, positions, k = 70_000, 40, 8
+    assert store.id_dtype_for(vocab) == "uint32" and store.id_dtype_for(65_536) == "uint16"
+    logp = torch.log_softmax(torch.randn(positions, vocab, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    example = Example(0, list(range(positions + 5)), positions)
+    wide, narrow = store.TopK(k, "uint32"), store.TopK(k, "uint16")
+    rows = signal_rows(wide, logp, example)
+    assert rows["topk_ids"].dtype == np.uint32 and rows["topk_ids"].max() > 65_535  # ids past 16 bits survive
+    extra = wide.bytes_per_position(rows) - narrow.bytes_per_position(signal_rows(narrow, logp, example))
+    assert abs(extra - 2 * k) < 0.5  # 2 more bytes for each of the k ids
+    sampled = signal_rows(store.Sampled(16, 0, "uint32"), logp, example)
+    assert sampled["sample_ids"].dtype == np.uint32 and sampled["sample_counts"].sum() == 16 * positions

@@ -133,11 +133,12 @@ def test_a_packed_step_has_the_loss_and_gradients_of_the_padded_step(tiny_store,
     c_kl = 0.0 if kind == "none" else 0.5 / n_kl
     out = {}
     lens = [len(r["input_ids"]) for r in rows]
-    for layout, cap in (("padded", None), ("packed", sum(lens))):  # one row: no padding at all
+    for layout, cap in (("padded", None), ("packed", sum(lens))):  # packed: the layout `pack` picks
         batch = source.batch(rows, 0, "cpu", cap)
         loss, nll, kl = objective(batch, 1.0 / n_nll, c_kl)
         out[layout] = (loss.detach(), nll, kl, torch.autograd.grad(loss, params), batch)
     (lp, np_, kp, gp, bp), (lu, nu, ku, gu, bu) = out["packed"], out["padded"]
+    assert bp["padded_tokens"] <= bu["padded_tokens"] and "position_ids" in bp  # really packed, never worse
     assert bp["input_ids"].shape[0] == 1 and bp["padded_tokens"] == sum(lens) < bu["padded_tokens"]
     assert torch.allclose(lp, lu, atol=1e-5, rtol=1e-5) and torch.allclose(np_, nu, rtol=1e-5)
     assert torch.allclose(kp, ku, atol=1e-7 * n_kl, rtol=1e-5)  # sums over n_kl positions of fp32 values
@@ -237,7 +238,9 @@ def test_training_on_a_quarter_store_normalizes_by_the_stored_positions(tmp_path
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "position_fraction": 0.25,
                                               "output_dir": quarter_store.teacher.output_dir},
                       train={"max_steps": 2, "alpha": 0.5})
-    train.train(cfg)
+    out = train.train(cfg)
+    adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # it trained (lora_B starts at 0)
     store, _ = _examples(quarter_store)
     sampler = train.StepSampler(len(store), cfg.train.micro_batch_size, 1, 1, cfg.train.seed)
     rows = [json.loads(x) for x in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
@@ -289,8 +292,7 @@ def test_sampled_store_counts_logprobs_and_frequencies(sampled_store):
             positions += 1
     z = (observed - expected) / np.sqrt(variance)
     assert positions > 500 and np.abs(z).max() < 4.5, (observed, expected, z)
-    # and training on it runs: the unbiased estimate, normalized by the stored positions
-    assert len(store) == 12
+    assert len(store) == 12  # every record is stored (training on it: test_training_on_the_sampled_store)
 
 
 def test_training_on_the_sampled_store(tmp_path, sampled_store, capsys):
