@@ -63,7 +63,7 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
     from . import train as tr
     # SelfAug variants run at the recipe's alpha, or 0.5 where the recipe has none: passed as an override,
     # never written into a loaded config
-    alpha = load_config(cfg_path, list(overrides)).train.alpha or 0.5
+    alpha = load_config(cfg_path, [o for o in overrides if not o.startswith("train.teacher_mode=")]).train.alpha or 0.5
     extra = {"vanilla_lora": ["train.alpha=0"], "offline": ["train.teacher_mode=offline", f"train.alpha={alpha}"],
              "online": ["train.teacher_mode=online", f"train.alpha={alpha}"], "alpha0": ["train.alpha=0"]}[variant]
     cfg = load_config(cfg_path, list(overrides) + extra + ["train.resume=never"])

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import launch, tiny_config, write_recipe
 from selfaug import precompute, ragdata, train
