@@ -268,8 +268,12 @@ class StopFlag:
         self.signal = None
         self.signums = [getattr(signal, n if n.startswith("SIG") else "SIG" + n)
                         for n in (n.strip().upper() for n in names.split(",")) if n]
-        for signum in self.signums:
-            signal.signal(signum, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.signums}
+
+    def restore(self) -> None:
+        """The handlers from before this run (a run in a longer-lived process, e.g. tests, leaves none behind)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def ignore_further(self) -> None:
         """Once the checkpoint is saved: a late signal must not kill the exiting process (its status would

@@ -312,6 +312,15 @@ def train_step(run: Run, step: int, co: Coefficients) -> StepTotals:
 
 def train(cfg: Config) -> str:
     run = setup(cfg)
+    try:
+        return _train(run)
+    finally:
+        if not run.stop.requested:  # a stopped run ignores further signals until it exits
+            run.stop.restore()
+
+
+def _train(run: Run) -> str:
+    cfg = run.cfg
     tc, rank = cfg.train, run.rank
     out = tc.output_dir
     if rank == 0:
