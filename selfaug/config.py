@@ -51,6 +51,14 @@ class DataConfig:
     train: str = opt(REQUIRED, "JSONL / Parquet path, Hugging Face dataset name, or builtin:rag")
     eval: Optional[str] = opt(None, "held-out RAG split; defaults to builtin:rag-eval when train is builtin:rag")
     split: str = opt("train", "split name when `train` is a Hugging Face dataset")
+    format: Literal["auto", "chat", "rag", "crag", "msmarco", "hotpotqa", "dpr", "ragbench"] = opt(
+        "auto", "the records' shape (train and eval): auto detects each record's by its keys; docs/design.md, "
+                "\"Data formats\", gives each format's answer rule")
+    fields: Optional[str] = opt(None, "rename the keys data.format reads, name=key,... (e.g. question=query,"
+                                      "answer=response), for sets that copy a format under other names")
+    unanswerable: Literal["error", "skip"] = opt(
+        "error", "records without an answer (MS MARCO's 'No Answer Present.', an empty answer): an error, or "
+                 "skipped and counted with their numbers")
     max_seq_len: int = opt(1024, "longest training sequence (prompt + response tokens)", ge=2)
     long_policy: Literal["skip", "truncate", "error"] = opt("skip", "what happens to longer examples (counted)")
     max_examples: Optional[int] = opt(None, "use the first N records only", ge=1)
@@ -290,6 +298,10 @@ def _check(cfg: Config) -> None:
     """Checks that span fields."""
     # (warmup_steps > max_steps is allowed: a short smoke run of a recipe never reaches the peak lr)
     d = cfg.data
+    from .formats import check_fields
+    problem = check_fields(d.format, d.fields)
+    if problem:
+        raise ConfigError(problem)
     if d.builtin_max_documents is not None and d.builtin_max_documents < d.builtin_num_documents:
         raise ConfigError(f"data.builtin_max_documents={d.builtin_max_documents} must be >= "
                           f"data.builtin_num_documents={d.builtin_num_documents}")

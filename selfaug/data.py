@@ -19,18 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import dist, ragdata
+from . import dist, formats, ragdata
+from .formats import DataError
 from .hashing import sha256_file
 
 BUILTIN_RAG = "builtin:rag"
 BUILTIN_RAG_EVAL = "builtin:rag-eval"
-RAG_INSTRUCTION = "Answer the question using the documents. Reply in the form 'Answer: <answer>'."
-OK, TRUNCATED, SKIPPED = 0, 1, 2  # the `status` column of a tokenized set
+OK, TRUNCATED, SKIPPED, UNANSWERED = 0, 1, 2, 3  # the `status` column of a tokenized set
 TOKENIZE_VERSION = 1  # bump when the rendering below changes: it keys the tokenization cache
-
-
-class DataError(ValueError):
-    pass
 
 
 def cache_dir() -> str:
@@ -44,17 +40,23 @@ class Example:
     prompt_len: int
 
 
+COUNTED = ("skipped", "truncated", "unanswered")  # what a tokenized set leaves out or cuts, counted
+
+
 @dataclass
 class LongStats:
     policy: str
     max_seq_len: int
     skipped: list[int] = field(default_factory=list)  # example ids
     truncated: list[int] = field(default_factory=list)
+    unanswered: list[int] = field(default_factory=list)  # records without an answer (data.unanswerable=skip)
 
     def to_dict(self) -> dict:
-        return {"policy": self.policy, "max_seq_len": self.max_seq_len, "skipped": len(self.skipped),
-                "truncated": len(self.truncated), "skipped_ids": self.skipped[:1000],
-                "truncated_ids": self.truncated[:1000]}
+        out = {"policy": self.policy, "max_seq_len": self.max_seq_len}
+        for key in COUNTED:
+            ids = getattr(self, key)
+            out.update({key: len(ids), f"{key}_ids": ids[:1000]})
+        return out
 
 
 # ---- records ----------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def load_records(source: str, cfg):
                                        "num_documents": cfg.builtin_num_documents,
                                        "max_documents": cfg.builtin_max_documents,
                                        "extra_sentences": cfg.builtin_extra_sentences},
-            fingerprint=f"{split}-{size}-{digest[:32]}-v{TOKENIZE_VERSION}")
+            fingerprint=f"{split}-{size}-{digest[:32]}-v{TOKENIZE_VERSION}-g2")  # g2: records carry distractors
         fp = {"source": source, "sha256": digest}
     elif source.endswith((".jsonl", ".json")) and os.path.isfile(source):
         digest = sha256_file(source)
@@ -136,11 +138,16 @@ def load_records(source: str, cfg):
     return ds, fp
 
 
-def read_records(source: str, cfg, limit: int | None = None) -> list[dict]:
-    """The first `limit` records as dicts, for small sets (evaluation prompts)."""
+def read_records(source: str, cfg, limit: int | None = None) -> tuple[list[dict], list[int]]:
+    """The converted records of the first `limit` records of a small set (evaluation prompts), and the
+    numbers of those data.unanswerable=skip left out."""
     ds, _ = load_records(source, cfg)
     rows = ds.select(range(min(limit or len(ds), len(ds)))).to_list()
-    return [_record(r, source, i) for i, r in enumerate(rows)]
+    records, unanswered = [], []
+    for i, row in enumerate(rows):
+        record = convert(row, source, i, cfg)
+        (unanswered.append(i) if record is None else records.append(record))
+    return records, unanswered
 
 
 def _record(row: dict, source: str, index: int) -> dict:
@@ -155,44 +162,28 @@ def _record(row: dict, source: str, index: int) -> dict:
 
 # ---- rendering --------------------------------------------------------------------------------
 
-def rag_user_message(record: dict) -> str:
-    docs = "\n".join(f"[{i + 1}] {d}" for i, d in enumerate(record["documents"]))
-    return f"Documents:\n{docs}\n\nQuestion: {record['question']}\n{RAG_INSTRUCTION}"
+def record_settings(cfg) -> dict:
+    """The data settings beyond the source that change what a record becomes (data.format, data.fields,
+    data.unanswerable); empty at their defaults, so that caches and stores made before them still match."""
+    out = {}
+    if cfg.format != "auto" or cfg.fields:
+        renames = formats.parse_fields(cfg.fields)
+        out.update(format=cfg.format, fields=",".join(f"{k}={v}" for k, v in sorted(renames.items())))
+    if cfg.unanswerable != "error":
+        out["unanswerable"] = cfg.unanswerable
+    return out
 
 
-def to_messages(record: dict, where: str, system_prompt: str | None = None) -> list[dict]:
-    """Chat-form messages of a record; the last is the assistant response."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if record.get("messages") is not None:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: each message needs a role (system|user|assistant) and a string content")
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant response")
-        if len(msgs) < 2:
-            raise DataError(f"{where}: a chat record needs at least one message before the assistant response")
-        if not msgs[-1]["content"].strip():
-            raise DataError(f"{where}: empty assistant response")
-        return msgs
-    if record.get("question") is not None or record.get("documents") is not None:
-        for key, typ in (("question", str), ("documents", list), ("answer", str)):
-            if not isinstance(record.get(key), typ):
-                raise DataError(f"{where}: RAG record needs {key!r} ({typ.__name__})")
-        if not record["answer"].strip():
-            raise DataError(f"{where}: empty answer")
-        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        return msgs + [{"role": "user", "content": rag_user_message(record)},
-                       {"role": "assistant", "content": format_answer(record["answer"])}]
-    raise DataError(f"{where}: record has neither 'messages' (chat form) nor 'question'/'documents'/'answer' (RAG form)")
-
-
-def format_answer(answer: str) -> str:
-    return f"Answer: {answer}"
+def convert(row: dict, source: str, index: int, cfg) -> dict | None:
+    """The chat or RAG record (formats.py) of row `index` of load_records; None for a record without an
+    answer under data.unanswerable=skip (an error under `error`)."""
+    where = f"{source}: record {index}"
+    try:
+        return formats.to_record(_record(row, source, index), cfg.format, formats.parse_fields(cfg.fields), where)
+    except formats.Unanswerable as e:
+        if cfg.unanswerable == "error":
+            raise DataError(f"{e}; data.unanswerable=skip skips such records (counted, with their numbers)") from None
+        return None
 
 
 def encode_prompt(tok, messages: list[dict]) -> list[int]:
@@ -213,9 +204,13 @@ def encode_chat(tok, messages: list[dict], where: str) -> tuple[list[int], int]:
     return full, len(prompt)
 
 
-def encode_record(record: dict, tok, cfg, where: str) -> tuple[list[int], int, int]:
-    """(input_ids, prompt_len, status) of one record under the long-example policy."""
-    ids, plen = encode_chat(tok, to_messages(record, where, cfg.system_prompt), where)
+def encode_record(row: dict, index: int, tok, cfg, source: str) -> tuple[list[int], int, int]:
+    """(input_ids, prompt_len, status) of one source row under data.unanswerable and data.long_policy."""
+    where = f"{source}: record {index}"
+    record = convert(row, source, index, cfg)
+    if record is None:
+        return [], 0, UNANSWERED
+    ids, plen = encode_chat(tok, formats.to_messages(record, cfg.system_prompt), where)
     if len(ids) <= cfg.max_seq_len:
         return ids, plen, OK
     if cfg.long_policy == "error":
@@ -233,8 +228,7 @@ def _tokenize_batch(batch: dict, indices: list[int], tok, cfg, source: str) -> d
     for j, i in enumerate(indices):
         ids, plen, status, error = [], 0, SKIPPED, None
         try:
-            record = _record({k: batch[k][j] for k in names}, source, i)
-            ids, plen, status = encode_record(record, tok, cfg, f"{source}: record {i}")
+            ids, plen, status = encode_record({k: batch[k][j] for k in names}, i, tok, cfg, source)
         except DataError as e:
             error = str(e)
         out["example_id"].append(i), out["input_ids"].append(ids), out["prompt_len"].append(plen)
@@ -262,7 +256,7 @@ class Examples:
 
     def longest(self) -> int:
         """Tokens of the longest kept example (0 if none is kept)."""
-        kept = self._lengths[self._status != SKIPPED]
+        kept = self._lengths[np.isin(self._status, (OK, TRUNCATED))]
         return int(kept.max()) if len(kept) else 0
 
     def examples(self, lo: int = 0, hi: int | None = None) -> tuple[list[Example], LongStats]:
@@ -273,8 +267,8 @@ class Examples:
         out = []
         for j, status in enumerate(self._status[lo:hi]):
             i = lo + j
-            if status == SKIPPED:
-                stats.skipped.append(i)
+            if status in (SKIPPED, UNANSWERED):
+                (stats.skipped if status == SKIPPED else stats.unanswered).append(i)
                 continue
             if status == TRUNCATED:
                 stats.truncated.append(i)
@@ -291,7 +285,8 @@ def tokenizer_fingerprint(tok) -> dict:
 
 def tokenized_cache_key(fp: dict, tok, cfg) -> str:
     key = {"data": fp, "tokenizer": tokenizer_fingerprint(tok), "max_seq_len": cfg.max_seq_len,
-           "long_policy": cfg.long_policy, "system_prompt": cfg.system_prompt, "version": TOKENIZE_VERSION}
+           "long_policy": cfg.long_policy, "system_prompt": cfg.system_prompt, "version": TOKENIZE_VERSION,
+           **record_settings(cfg)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 

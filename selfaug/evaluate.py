@@ -1,4 +1,5 @@
-"""Stage 3 (docs/design.md, "Stage 3"): the base model against fine-tuned runs: RAG task accuracy, IFEval instruction following,
+"""Stage 3 (docs/design.md, "Stage 3"): the base model against fine-tuned runs: RAG task accuracy (plain, and
+strict: an answer that also names another document's answer is wrong), IFEval instruction following,
 and distribution drift (mean per-token KL(base || fine-tuned) on held-out general prompts).
 Writes report.json and PNG plots, and prints a table.
 """
@@ -9,13 +10,15 @@ import os
 import re
 import string
 import time
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from . import dist, ifeval
 from .config import Config, load_config
-from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, to_messages
+from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records
+from .formats import to_messages
 from .loss import LiveTeacher, kl_sum
 from .models import decoder_and_head, load_model, load_tokenizer_for, resolve_dtype
 
@@ -30,6 +33,31 @@ def answer_found(generated: str, gold: str) -> bool:
     """The gold answer, normalized, appears as whole words in the normalized generated text."""
     g, t = normalize(gold), normalize(generated)
     return bool(g) and re.search(rf"(^| ){re.escape(g)}( |$)", t) is not None
+
+
+def rivals(records: list[dict]) -> list[list[str]]:
+    """Per record, the other documents' answers that the strict metric refuses: the record's own
+    `distractors` when the data knows them (the built-in set does), else every other record's answer
+    that appears in one of this record's documents. Either way without those that equal, contain or
+    are contained in the gold answer (naming the gold would name them too)."""
+    answers = [r.get("answer") for r in records]
+    normed = [normalize(a) if a else "" for a in answers]
+    out = []
+    for i, r in enumerate(records):
+        if "distractors" in r:
+            found = r["distractors"]
+        else:
+            docs = [normalize(d) for d in r.get("documents", [])]
+            found = [a for j, (a, n) in enumerate(zip(answers, normed)) if j != i and n
+                     and any(n in d and answer_found(d, a) for d in docs)]
+        gold = r.get("answer") or ""
+        out.append(sorted({c for c in found if c and not answer_found(c, gold) and not answer_found(gold, c)}))
+    return out
+
+
+def strict_correct(generated: str, golds: list[str], others: list[str]) -> bool:
+    """Right under the strict metric: a gold answer (or an alias) appears and no other document's answer does."""
+    return any(answer_found(generated, g) for g in golds) and not any(answer_found(generated, o) for o in others)
 
 
 @torch.no_grad()
@@ -82,27 +110,43 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
     return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(device).eval(), run_cfg
 
 
-def _rag_prompts(cfg: Config, tok):
+class RagSet(NamedTuple):
+    prompts: list  # token ids
+    golds: list  # per prompt: the gold answer and its aliases
+    others: list  # per prompt: the answers the strict metric refuses (`rivals`)
+    unanswered: list  # record numbers left out by data.unanswerable=skip
+
+
+def _rag_set(cfg: Config, tok) -> RagSet:
+    """The held-out RAG prompts, in any data.format, with what each answer is scored against."""
     source = cfg.data.eval or (BUILTIN_RAG_EVAL if cfg.data.train == BUILTIN_RAG else None)
     if source is None:
-        return [], []
-    records = read_records(source, cfg.data, limit=cfg.eval.max_rag_examples)
+        return RagSet([], [], [], [])
+    records, unanswered = read_records(source, cfg.data, limit=cfg.eval.max_rag_examples)
+    if unanswered:
+        print(f"eval: {len(unanswered)} records of {source} without an answer left out (data.unanswerable=skip): "
+              f"records {', '.join(map(str, unanswered[:20]))}{' ...' if len(unanswered) > 20 else ''}", flush=True)
     prompts, golds = [], []
-    for i, r in enumerate(records):
-        msgs = to_messages(r, f"{source}: record {i}", cfg.data.system_prompt)
+    for r in records:
+        msgs = to_messages(r, cfg.data.system_prompt)
         prompts.append(encode_prompt(tok, msgs[:-1]))
-        golds.append(r["answer"] if "answer" in r else msgs[-1]["content"])
-    return prompts, golds
+        golds.append([r["answer"], *r.get("aliases", [])] if "answer" in r else [msgs[-1]["content"]])
+    return RagSet(prompts, golds, rivals(records), unanswered)
 
 
 def evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts) -> dict:
     t0 = time.time()
     res = {}
-    if rag[0]:
-        texts = generate(model, tok, rag[0], ec.rag_max_new_tokens, ec.batch_size, f"{name}: RAG")
-        hits = [answer_found(t, g) for t, g in zip(texts, rag[1])]
+    if rag.prompts:
+        texts = generate(model, tok, rag.prompts, ec.rag_max_new_tokens, ec.batch_size, f"{name}: RAG")
+        hits = [any(answer_found(t, g) for g in golds) for t, golds in zip(texts, rag.golds)]
+        strict = [strict_correct(t, golds, others) for t, golds, others in zip(texts, rag.golds, rag.others)]
         res["rag_accuracy"] = sum(hits) / len(hits)
-        res["rag_samples"] = [{"generated": t, "gold": g, "correct": h} for t, g, h in list(zip(texts, rag[1], hits))[:5]]
+        res["rag_strict_accuracy"] = sum(strict) / len(strict)
+        res["rag_examples"], res["rag_unanswered"] = len(hits), len(rag.unanswered)
+        res["rag_answer_words"] = sum(len(t.split()) for t in texts) / len(texts)
+        res["rag_samples"] = [{"generated": t, "gold": g[0], "others": o, "correct": h, "strict": s}
+                              for t, g, o, h, s in list(zip(texts, rag.golds, rag.others, hits, strict))[:8]]
     responses = generate(model, tok, if_prompts, ec.max_new_tokens, ec.batch_size, f"{name}: IFEval")
     scores = ifeval.score(if_rows, responses)
     res["ifeval"] = {k: v for k, v in scores.items() if k != "per_prompt"}
@@ -120,7 +164,7 @@ def run(cfg: Config) -> dict:
     dtype = resolve_dtype(cfg.model.dtype, device)
     tok = load_tokenizer_for(cfg.model)
     tok.padding_side = "left"
-    rag = _rag_prompts(cfg, tok)
+    rag = _rag_set(cfg, tok)
     if_rows = ifeval.load_prompts(ec.ifeval_path, ec.max_ifeval_prompts)
     if_prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in if_rows]
     base = load_model(cfg.model, dtype).to(device).eval()
@@ -144,22 +188,19 @@ def run(cfg: Config) -> dict:
     with open(os.path.join(ec.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     cfg.save(os.path.join(ec.output_dir, "eval_config.yaml"))
-    from .plots import plot_report, plot_sweep
+    from .plots import plot_report
     plot_report(report, ec.output_dir)
-    if len(report["runs"]) >= 3:  # a sweep: accuracy against drift and IFEval, one point per run
-        plot_sweep([{"label": name, "rag_accuracy": r.get("rag_accuracy", 0.0), "drift_kl": r["drift_kl"],
-                     "ifeval": r["ifeval"]["strict_prompt_acc"]} for name, r in report["models"].items()],
-                   ec.output_dir)
     print(format_table(report), flush=True)
     return report
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'model':<18}{'RAG acc':>9}{'IFEval strict (prompt)':>24}{'IFEval loose (prompt)':>23}"
+    lines = [f"{'model':<18}{'RAG acc':>9}{'RAG strict':>11}{'IFEval strict (prompt)':>24}{'IFEval loose (prompt)':>23}"
              f"{'IFEval strict (instr)':>23}{'words':>7}{'drift KL':>10}"]
     for name, r in report["models"].items():
         rag = f"{r['rag_accuracy']:.3f}" if "rag_accuracy" in r else "-"
+        strict = f"{r['rag_strict_accuracy']:.3f}" if "rag_strict_accuracy" in r else "-"
         i = r["ifeval"]
-        lines.append(f"{name:<18}{rag:>9}{i['strict_prompt_acc']:>24.3f}{i['loose_prompt_acc']:>23.3f}"
+        lines.append(f"{name:<18}{rag:>9}{strict:>11}{i['strict_prompt_acc']:>24.3f}{i['loose_prompt_acc']:>23.3f}"
                      f"{i['strict_instruction_acc']:>23.3f}{i['mean_response_words']:>7.0f}{r['drift_kl']:>10.4f}")
     return "\n".join(lines)

@@ -11,19 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_report(report: dict, out_dir: str) -> list[str]:
+    """tradeoff.png (what a run keeps against what it learns, one point per model, base included) and
+    curves.png (the runs' training curves)."""
     paths = []
-    models = report["models"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, r in models.items():
-        if "rag_accuracy" in r:
-            ax.scatter(r["ifeval"]["strict_prompt_acc"], r["rag_accuracy"], s=60)
-            ax.annotate(name, (r["ifeval"]["strict_prompt_acc"], r["rag_accuracy"]), textcoords="offset points",
-                        xytext=(5, 5))
-    ax.set_xlabel("IFEval strict prompt-level accuracy (general ability)")
-    ax.set_ylabel("RAG task accuracy")
-    ax.set_title("Task accuracy vs instruction following")
-    ax.grid(alpha=0.3)
-    paths.append(_save(fig, out_dir, "tradeoff.png"))
+    points = [{"label": name, "accuracy": r.get("rag_strict_accuracy", r["rag_accuracy"]), "drift_kl": r["drift_kl"],
+               "instruction": r["ifeval"]["strict_instruction_acc"]}
+              for name, r in report["models"].items() if "rag_accuracy" in r]
+    if points:
+        paths.append(plot_tradeoff(points, out_dir))
     runs = {name: r for name, r in report.get("runs", {}).items()}
     if runs:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -44,21 +39,21 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     return paths
 
 
-def plot_sweep(points: list[dict], out_dir: str) -> str:
-    """points: {"label", "rag_accuracy", "ifeval", "drift_kl"}; accuracy against drift and IFEval."""
+def plot_tradeoff(points: list[dict], out_dir: str, name: str = "tradeoff.png") -> str:
+    """points: {"label", "accuracy" (strict RAG), "drift_kl", "instruction" (IFEval strict, instruction level)}:
+    task accuracy against drift and against instruction following."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for p in points:
-        axes[0].scatter(p["drift_kl"], p["rag_accuracy"], s=50)
-        axes[0].annotate(p["label"], (p["drift_kl"], p["rag_accuracy"]), textcoords="offset points", xytext=(4, 4))
-        axes[1].scatter(p["ifeval"], p["rag_accuracy"], s=50)
-        axes[1].annotate(p["label"], (p["ifeval"], p["rag_accuracy"]), textcoords="offset points", xytext=(4, 4))
-    axes[0].set_xlabel("drift: KL(base || fine-tuned) per token")
-    axes[1].set_xlabel("IFEval strict prompt-level accuracy")
+        for ax, x in zip(axes, (p["drift_kl"], p["instruction"])):
+            ax.scatter(x, p["accuracy"], s=50)
+            ax.annotate(p["label"], (x, p["accuracy"]), textcoords="offset points", xytext=(4, 4))
+    axes[0].set_xlabel("drift: KL(base || fine-tuned) per token (lower keeps more)")
+    axes[1].set_xlabel("IFEval strict instruction-level accuracy")
     for ax in axes:
-        ax.set_ylabel("RAG task accuracy")
+        ax.set_ylabel("RAG accuracy, strict (no other document's answer)")
         ax.grid(alpha=0.3)
-    fig.suptitle("SelfAug trade-off: alpha sweep and KL position ablation")
-    return _save(fig, out_dir, "sweep.png")
+    fig.suptitle("What each run learns (RAG) against what it keeps (drift, instruction following)")
+    return _save(fig, out_dir, name)
 
 
 def _save(fig, out_dir: str, name: str) -> str:

@@ -96,7 +96,8 @@ def _document(entity: dict, rng: random.Random, extra_sentences: int = 0) -> str
 
 def generate(split: str, size: int, seed: int = 0, num_documents: int = 4, max_documents: int | None = None,
              extra_sentences: int = 0) -> list[dict]:
-    """RAG-form records {"question", "documents", "answer", "entity"} for `split` in {train, eval}.
+    """RAG-form records {"question", "documents", "answer", "entity", "distractors"} for `split` in {train,
+    eval}; "distractors": the asked attribute's value in each other document (for the strict metric).
     Length-skewed sets: `max_documents` draws each question's document count from [num_documents,
     max_documents]; `extra_sentences` adds 0..N fact-free sentences to each document."""
     return list(iter_records(split, size, seed, num_documents, max_documents, extra_sentences))
@@ -125,4 +126,5 @@ def iter_records(split: str, size: int, seed: int = 0, num_documents: int = 4, m
         attr, phrase, _ = rng.choice(_KINDS[target["kind"]])
         question = f"{_QUESTION_WORD[attr]} {phrase.format(name=target['name'])}?"
         yield {"question": question, "documents": [_document(d, rng, extra_sentences) for d in docs],
-               "answer": target["attrs"][attr], "entity": target["name"]}
+               "answer": target["attrs"][attr], "entity": target["name"],
+               "distractors": [d["attrs"][attr] for d in docs if d is not target]}

@@ -62,6 +62,35 @@ def test_answer_matcher(generated, gold, ok):
     assert evaluate.answer_found(generated, gold) is ok
 
 
+def test_strict_accuracy_refuses_an_answer_that_lists_every_documents_value():
+    from selfaug import ragdata
+    record = ragdata.generate("eval", 1, seed=3, num_documents=4)[0]
+    (others,) = evaluate.rivals([record])
+    assert others == sorted(set(record["distractors"]) - {record["answer"]}) and len(record["distractors"]) == 3
+    plain = f"Answer: {record['answer']}"
+    copying = "Answer: " + "; ".join(sorted(others + [record["answer"]]))
+    assert evaluate.answer_found(copying, record["answer"])  # the plain metric is fooled
+    assert evaluate.strict_correct(plain, [record["answer"]], others)
+    assert not evaluate.strict_correct(copying, [record["answer"]], others)
+    assert not evaluate.strict_correct("Answer: " + others[0], [record["answer"]], others)
+
+
+def test_strict_accuracy_on_fixed_strings_and_the_rule_for_data_without_distractors():
+    # the demo's case: a headquarters question answered with every company's headquarters
+    golds, others = ["Brastonville"], ["Quelport", "Vraeburg"]
+    listing = "Answer: Brastonville, Quelport and Vraeburg are the headquarters of the three companies."
+    assert evaluate.strict_correct("Answer: Brastonville", golds, others)
+    assert evaluate.answer_found(listing, golds[0]) and not evaluate.strict_correct(listing, golds, others)
+    assert evaluate.strict_correct("Answer: the port of rotterdam", ["rotterdam", "the port of rotterdam"], [])
+    # user data: the other records' answers found in this record's documents, never the gold or a part of it
+    records = [{"question": "Where is Tolvar?", "answer": "Rotterdam",
+                "documents": ["Tolvar is in Rotterdam.", "Brenmoor is in Antwerp.", "Kessa makes 1871 skates."]},
+               {"question": "Where is Brenmoor?", "answer": "Antwerp", "documents": ["Brenmoor is in Antwerp."]},
+               {"question": "When?", "answer": "1871", "documents": ["Founded in 1871 in Rotterdam."]},
+               {"question": "Which port?", "answer": "Port of Rotterdam", "documents": ["Rotterdam and Antwerp."]}]
+    assert evaluate.rivals(records) == [["1871", "Antwerp"], [], ["Rotterdam"], ["Antwerp"]]
+
+
 def test_drift_of_a_model_against_itself_is_zero_and_positive_otherwise():
     model = load_model("builtin:tiny-llama")
     seqs = [[1, 5, 9, 200, 7], [3, 4, 5]]
@@ -83,7 +112,8 @@ def test_eval_writes_report_and_plots(tmp_path, tiny_store):
     saved = json.load(open(tmp_path / "eval" / "report.json"))
     assert set(saved["models"]) == {"base", "run"} == set(report["models"])
     for r in saved["models"].values():
-        assert 0 <= r["rag_accuracy"] <= 1 and 0 <= r["ifeval"]["strict_prompt_acc"] <= 1
+        assert 0 <= r["rag_strict_accuracy"] <= r["rag_accuracy"] <= 1 and 0 <= r["ifeval"]["strict_prompt_acc"] <= 1
+        assert r["rag_examples"] == 3 and all(1 <= len(s["others"]) <= 3 for s in r["rag_samples"])  # 4 documents
     assert saved["models"]["base"]["drift_kl"] == pytest.approx(0, abs=1e-7)
     assert saved["models"]["run"]["drift_kl"] > 0
     for png in ("tradeoff.png", "curves.png"):

@@ -52,7 +52,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path, tok):
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "last message must be the assistant"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}, "empty assistant response"),
-    ({"question": "Who?", "documents": ["x"], "answer": ""}, "empty answer"),
+    ({"question": "Who?", "documents": ["x"], "answer": ""}, "no answer .*'answer' is empty.*unanswerable=skip"),
     ({"text": "hello"}, "neither 'messages'"),
 ])
 def test_records_missing_what_they_need_are_refused_with_their_index(tmp_path, tok, record, match):

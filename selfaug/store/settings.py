@@ -9,7 +9,7 @@ from .signals import signal_for
 
 def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
     """Everything a store depends on; a store is reused or resumed only if this matches exactly."""
-    from ..data import tokenizer_fingerprint
+    from ..data import record_settings, tokenizer_fingerprint
     from ..models import model_fingerprint
     teacher_cfg = cfg.teacher
     signal = signal_for(teacher_cfg, vocab_size)
@@ -29,6 +29,7 @@ def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
         "max_seq_len": cfg.data.max_seq_len,
         "long_policy": cfg.data.long_policy,
         "system_prompt": cfg.data.system_prompt,
+        **({"records": record_settings(cfg.data)} if record_settings(cfg.data) else {}),
     }
 
 
@@ -36,7 +37,8 @@ def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
 # (a store's compression or shard size, say, does not change what it holds)
 MATCHED = ("model.name_or_path", "model.content_hash", "model.vocab_size", "tokenizer.vocab_sha256",
            "tokenizer.chat_template_sha256", "data.source", "data.sha256", "data.records", "signal", "k", "samples",
-           "positions", "position_fraction", "max_positions", "seed", "max_seq_len", "long_policy", "system_prompt")
+           "positions", "position_fraction", "max_positions", "seed", "max_seq_len", "long_policy", "system_prompt",
+           "records.format", "records.fields", "records.unanswerable")
 
 
 def _leaves(d: dict, prefix: str = "") -> dict:

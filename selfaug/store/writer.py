@@ -169,12 +169,10 @@ class StoreWriter:
             "bytes_per_entry": nbytes / max(entries, 1), "mean_tail_mass": None,
             **self.signal.totals(shards, positions),
         }
-        skipped = [i for s in shards for i in s["long"]["skipped_ids"]]
-        truncated = [i for s in shards for i in s["long"]["truncated_ids"]]
-        long_examples = {"policy": self.settings["long_policy"], "max_seq_len": self.settings["max_seq_len"],
-                         "skipped": sum(s["long"]["skipped"] for s in shards),
-                         "truncated": sum(s["long"]["truncated"] for s in shards),
-                         "skipped_ids": skipped[:1000], "truncated_ids": truncated[:1000]}
+        long_examples = {"policy": self.settings["long_policy"], "max_seq_len": self.settings["max_seq_len"]}
+        for key in ("skipped", "truncated", "unanswered"):  # data.COUNTED (a store made before has no "unanswered")
+            long_examples[key] = sum(s["long"].get(key, 0) for s in shards)
+            long_examples[f"{key}_ids"] = [i for s in shards for i in s["long"].get(f"{key}_ids", [])][:1000]
         keep = ("file", "rows", "first_example_id", "records", "positions", "tokens", "bytes", "sha256")
         return {"format": FORMAT, "version": VERSION, "status": "complete", "settings": self.settings,
                 "computed_with": self.computed_with, "totals": totals, "long_examples": long_examples,
@@ -198,7 +196,8 @@ def format_summary(out_dir: str, manifest: dict, extra: dict | None = None) -> s
              f"{t['bytes_per_entry']:.2f} bytes per (id, value) entry incl. tail and positions",
              f"  {signal.summary(t)}",
              f"  long examples (> {lg['max_seq_len']} tokens, policy {lg['policy']}): "
-             f"{lg['skipped']} skipped, {lg['truncated']} truncated"]
+             f"{lg['skipped']} skipped, {lg['truncated']} truncated"
+             + (f"; {lg['unanswered']} records without an answer skipped" if lg.get("unanswered") else "")]
     if how:
         lines.append(f"  computed with: teacher {how.get('teacher', '?')} on {how.get('world_size', '?')} rank(s)")
     if extra and "elapsed_s" in extra:
