@@ -126,6 +126,10 @@ class TrainConfig:
     packing: bool = opt(False, "pack each micro-batch's examples into as few rows of <= pack_tokens as fit "
                                "(block-diagonal attention; the same loss and gradients, less padding)")
     pack_tokens: Optional[int] = opt(None, "longest packed row (null: data.max_seq_len)", ge=2)
+    batch_tokens: Optional[int] = opt(
+        None, "cut each rank's share of a step's examples into micro-batches of at most this many processed tokens "
+              "(padded rows, or packed rows with packing), balanced over the ranks; the same step, the same gradient "
+              "(null: micro_batch_size examples per micro-batch)", ge=2)
     loss_chunk_rows: int = opt(1024, "positions per lm_head/loss chunk: bounds the (rows x vocabulary) buffer", ge=1)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, about 1.3x time)")
     lora_r: int = opt(16, "LoRA rank", ge=1)

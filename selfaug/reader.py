@@ -194,15 +194,35 @@ class LiveModel:
                            None if bias is None else bias.detach())
 
 
+def processed_tokens(lengths, pack_tokens: int | None = None) -> int:
+    """Tokens a micro-batch of these example lengths occupies as the model sees it: n x the longest
+    (padded rows), or rows x widest row of the layout `pack` picks (train.packing)."""
+    if len(lengths) == 0:
+        return 0
+    if pack_tokens is None:
+        return len(lengths) * int(max(lengths))
+    row, offset = pack(list(lengths), pack_tokens)
+    return (int(row.max()) + 1) * int(max(offset + np.asarray(lengths)))
+
+
 class StepSampler:
     """Global batch of optimizer step s = the next G = micro * accum * world examples of a stream of
-    seeded permutations (one per epoch). Micro-batch m of rank r = slice (m * world + r) of it."""
+    seeded permutations (one per epoch), and its plan: the micro-batches of each rank.
 
-    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int):
+    By count (default): micro-batch m of rank r = slice (m * world + r) of the global batch.
+    By tokens (`batch_tokens`): the global batch is shared out over the ranks longest first, each to the
+    rank with the fewest tokens so far; each rank's share is cut first-fit, longest first, into
+    micro-batches of at most `batch_tokens` processed tokens (`processed_tokens`); every rank runs as
+    many micro-batches as the rank with the most, an empty one (None) where it has fewer, so that
+    ZeRO's collectives stay matched. Either way every rank computes the whole plan, with no communication."""
+
+    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, tokens: np.ndarray | None = None,
+                 batch_tokens: int | None = None, pack_tokens: int | None = None):
         if n < micro * accum * world:
             raise ValueError(f"{n} examples cannot fill one global batch of {micro * accum * world} "
                              "(micro_batch_size x grad_accum x world size)")
         self.n, self.micro, self.accum, self.world, self.seed = n, micro, accum, world, seed
+        self.tokens, self.batch_tokens, self.pack_tokens = tokens, batch_tokens, pack_tokens
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if getattr(self, "_epoch", None) != epoch:  # drawn once per epoch, not once per micro-batch
@@ -217,9 +237,38 @@ class StepSampler:
             out.extend(self._permutation(epoch)[offset: offset + g - len(out)].tolist())
         return np.asarray(out)
 
-    def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:
-        i = (micro * self.world + rank) * self.micro
-        return self.global_batch(step)[i: i + self.micro]
+    def plan(self, step: int) -> list[list[np.ndarray | None]]:
+        """plan[rank][m]: the example indices of micro-batch m of each rank (None: an empty one)."""
+        batch = self.global_batch(step)
+        if self.batch_tokens is None:
+            return [[batch[(m * self.world + r) * self.micro:(m * self.world + r + 1) * self.micro]
+                     for m in range(self.accum)] for r in range(self.world)]
+        lens = self.tokens[batch]
+        shares, load = [[] for _ in range(self.world)], np.zeros(self.world, np.int64)
+        for i in np.argsort(-lens, kind="stable"):  # longest first, onto the rank with the fewest tokens
+            r = int(load.argmin())
+            shares[r].append(i)
+            load[r] += lens[i]
+        plan = []
+        for share in shares:  # already longest first
+            cut = []
+            for i in share:
+                for mb in cut:
+                    if processed_tokens(lens[mb + [i]], self.pack_tokens) <= self.batch_tokens:
+                        mb.append(i)
+                        break
+                else:
+                    cut.append([i])
+            plan.append([batch[mb] for mb in cut])
+        most = max(len(p) for p in plan)
+        return [p + [None] * (most - len(p)) for p in plan]
+
+    def plan_stats(self, plan) -> dict:
+        """What a step's plan processes: micro-batches per rank, empty ones over all ranks, and the
+        processed tokens per (non-empty) micro-batch, largest and mean."""
+        sizes = [processed_tokens(self.tokens[mb], self.pack_tokens) for p in plan for mb in p if mb is not None]
+        return {"micro_batches": len(plan[0]), "empty_micro_batches": sum(mb is None for p in plan for mb in p),
+                "mb_tokens_max": max(sizes), "mb_tokens_mean": float(np.mean(sizes))}
 
 
 def step_counts(lengths: store.Lengths, indices) -> tuple[int, int]:

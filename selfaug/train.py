@@ -192,15 +192,18 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
 
 
 def _pack_tokens(cfg: Config, examples=None) -> int | None:
-    """The longest packed row (train.packing); with the data's examples, checked against the longest one
-    (before the model loads)."""
-    if not cfg.train.packing:
-        return None
-    cap = cfg.train.pack_tokens or cfg.data.max_seq_len
+    """The longest packed row (train.packing); with the data's examples, this and train.batch_tokens are
+    checked against the longest example (before the model loads)."""
+    tc = cfg.train
+    cap = (tc.pack_tokens or cfg.data.max_seq_len) if tc.packing else None
     longest = examples.longest() if examples is not None else 0
-    if longest > cap:
+    if cap is not None and longest > cap:
         raise TrainError(f"train.pack_tokens={cap} is smaller than the longest example ({longest} tokens): raise "
                          f"train.pack_tokens to at least {longest}, or leave it null (data.max_seq_len)")
+    if tc.batch_tokens is not None and longest > tc.batch_tokens:
+        raise TrainError(f"train.batch_tokens={tc.batch_tokens} is smaller than the longest example ({longest} "
+                         f"tokens), which no micro-batch could hold: raise train.batch_tokens to at least {longest}, "
+                         "or lower data.max_seq_len (data.long_policy then skips or truncates the longer ones)")
     return cap
 
 
@@ -260,7 +263,8 @@ def setup(cfg: Config, objective_cls=None) -> Run:
     if zero_stage(engine) == 3:
         objective.setup_zero3_head()
     examples = source.examples
-    sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed)
+    sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed, lengths.tokens,
+                          tc.batch_tokens, pack_tokens)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
     return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens,
                checkpoint.run_identity(cfg, settings), checkpoint.StopFlag(tc.exit_signals))
@@ -283,18 +287,24 @@ class StepTotals(NamedTuple):
     stop: bool = False
 
 
-def train_step(run: Run, step: int, co: Coefficients) -> StepTotals:
-    """One optimizer step over grad_accum micro-batches."""
+def train_step(run: Run, step: int, co: Coefficients, plan=None) -> StepTotals:
+    """One optimizer step over this rank's micro-batches of the step's plan (`StepSampler.plan`). An
+    empty micro-batch (train.batch_tokens: this rank has fewer than another) runs the share's shortest
+    example with zero weight, so that every rank takes part in the same collectives and adds nothing."""
     engine, device = run.engine, run.device
+    mine = (plan or run.sampler.plan(step))[run.rank]
+    shortest = min((int(i) for mb in mine if mb is not None for i in mb), key=lambda i: run.lengths.tokens[i])
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, kl, tokens, processed: no sync per micro-step
-    for m in range(engine.gradient_accumulation_steps()):
-        rows = [run.source.examples.example(int(i)) for i in run.sampler.micro_batch(step, m, run.rank)]
+    for m, indices in enumerate(mine):
+        weight = 0.0 if indices is None else 1.0
+        rows = [run.source.examples.example(int(i)) for i in ([shortest] if indices is None else indices)]
         batch = run.source.batch(rows, run.tok.pad_token_id, device, run.pack_tokens)
-        loss, nll, kl = engine(batch, co.c_nll, co.c_kl)
+        engine.set_gradient_accumulation_boundary(m == len(mine) - 1)  # the micro-batch count varies by step
+        loss, nll, kl = engine(batch, weight * co.c_nll, weight * co.c_kl)
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-        counts = torch.tensor([batch["tokens"], batch["padded_tokens"]], dtype=torch.float64, device=device)
-        totals += torch.cat([torch.stack([nll.double(), kl.double()]), counts])
+        counts = torch.tensor([weight * batch["tokens"], batch["padded_tokens"]], dtype=torch.float64, device=device)
+        totals += torch.cat([weight * torch.stack([nll.double(), kl.double()]), counts])
     stop = float(run.stop is not None and run.stop.requested)  # a signal to any rank stops all at this step
     totals = torch.cat([totals, torch.tensor([stop], dtype=torch.float64, device=device)])
     if run.world > 1:  # one small all-reduce per optimizer step: logging, the finiteness check, a stop request
@@ -335,13 +345,14 @@ def _train(run: Run) -> str:
         for step in range(start, tc.max_steps):
             t0 = time.time()
             co = step_coefficients(run, step)
-            got = train_step(run, step, co)
+            plan = run.sampler.plan(step)
+            got = train_step(run, step, co, plan)
             dt = time.time() - t0
             nll_mean, kl_mean = got.sums[0].item() / max(co.n_nll, 1), got.sums[1].item() / max(co.n_kl, 1)
             row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
                    "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": got.tokens / dt,
                    "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl,
-                   "padding": 1 - got.tokens / max(got.processed, 1)}
+                   "padding": 1 - got.tokens / max(got.processed, 1), **run.sampler.plan_stats(plan)}
             if rank == 0:
                 if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
                     _log(run, metrics_path, row)

@@ -190,7 +190,8 @@ def test_step_sampler_covers_each_example_once_per_epoch_and_splits_ranks():
     assert sorted(epoch0.tolist()) == list(range(12))
     again = StepSampler(12, micro=2, accum=1, world=2, seed=0)
     assert again.global_batch(4).tolist() == s.global_batch(4).tolist()  # the same stream, in any order of calls
-    assert np.concatenate([s.micro_batch(1, 0, 0), s.micro_batch(1, 0, 1)]).tolist() == s.global_batch(1).tolist()
+    plan = s.plan(1)
+    assert np.concatenate([plan[0][0], plan[1][0]]).tolist() == s.global_batch(1).tolist()
 
 
 def test_tokenizing_in_two_processes_equals_one_and_the_cache_is_read_back(tmp_path, tok, monkeypatch):

@@ -1,0 +1,127 @@
+"""train.batch_tokens: micro-batches cut by processed tokens, balanced over the ranks, with the loss and
+gradients of the step cut by count (the same global batch, the same normalization)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch, read_metrics, tiny_config, write_recipe
+from selfaug import precompute, train
+from selfaug.reader import StepSampler, pack, processed_tokens
+
+SKEWED = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra_sentences": 3,
+          "builtin_train_size": 16}
+SGD = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 2, "alpha": 0.5}
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 300, 2000])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_counts(world, pack_tokens):
+    rng = np.random.default_rng(world)
+    tokens = rng.integers(20, 300, size=60)
+    budget = 700
+    s = StepSampler(60, micro=4, accum=3, world=world, seed=1, tokens=tokens, batch_tokens=budget,
+                    pack_tokens=pack_tokens)
+    by_count = StepSampler(60, micro=4, accum=3, world=world, seed=1, tokens=tokens, pack_tokens=pack_tokens)
+    for step in range(5):
+        plan = s.plan(step)
+        assert len({len(p) for p in plan}) == 1  # every rank runs as many micro-batches
+        got = np.concatenate([mb for p in plan for mb in p if mb is not None])
+        assert sorted(got.tolist()) == sorted(s.global_batch(step).tolist())
+        for p in plan:
+            for mb in p:
+                if mb is not None:
+                    assert 0 < processed_tokens(tokens[mb], pack_tokens) <= budget
+        loads = [sum(int(tokens[mb].sum()) for mb in p if mb is not None) for p in plan]
+        assert max(loads) - min(loads) <= tokens.max()  # balanced to within one example
+        stats, count = s.plan_stats(plan), by_count.plan_stats(by_count.plan(step))
+        assert stats["mb_tokens_max"] <= budget < count["mb_tokens_max"] or count["mb_tokens_max"] <= budget
+    lens = [90, 40, 30, 10]
+    row, off = pack(lens, 100)
+    assert processed_tokens(lens, 100) == (row.max() + 1) * max(off + np.array(lens)) and processed_tokens(lens) == 360
+
+
+@pytest.fixture(scope="module")
+def skewed_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("skewed")
+    cfg = tiny_config(str(tmp), data=SKEWED, teacher={"value_dtype": "float32"})
+    precompute.run(cfg)
+    return cfg
+
+
+def _tokens(store_cfg):
+    from selfaug import store
+    return store.TeacherStore(store_cfg.teacher.output_dir).lengths().tokens
+
+
+def _longest(store_cfg):
+    return int(_tokens(store_cfg).max())
+
+
+def _uneven_budget(tokens, steps):
+    """The smallest budget at which some rank of a 2-rank step has fewer micro-batches than the other."""
+    for budget in range(int(tokens.max()), 8 * int(tokens.max())):
+        s = StepSampler(len(tokens), 2, 1, 2, seed=42, tokens=tokens, batch_tokens=budget)
+        if any(mb is None for t in range(steps) for p in s.plan(t) for mb in p):
+            return budget
+    raise AssertionError("no budget splits these steps unevenly")
+
+
+def _params(run_dir, method):
+    final = os.path.join(run_dir, "final")
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    return load_file(os.path.join(final, name))
+
+
+def _cfg(tmp, store_cfg, name, **train_keys):
+    return tiny_config(str(tmp), data=SKEWED,
+                       teacher={"value_dtype": "float32", "output_dir": store_cfg.teacher.output_dir},
+                       train={**SGD, "output_dir": str(tmp / name), **train_keys})
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_one_rank_budgeted_steps_equal_the_counted_ones(tmp_path, skewed_store, method, alpha):
+    budget = _longest(skewed_store)  # the least allowed: most micro-batches hold one example
+    common = {"method": method, "alpha": alpha, "grad_accum": 2}
+    counted = train.train(_cfg(tmp_path, skewed_store, "count", **common))
+    cut = train.train(_cfg(tmp_path, skewed_store, "tokens", batch_tokens=budget, **common))
+    a, b = _params(counted, method), _params(cut, method)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    rows_a, rows_b = read_metrics(counted), read_metrics(cut)
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
+    assert [r["kl"] > 0 for r in rows_b[1:]] == [alpha > 0] * 2
+    assert all(r["mb_tokens_max"] <= budget for r in rows_b)
+    assert max(r["mb_tokens_max"] for r in rows_a) > budget  # by count the budget would not hold
+    assert any(r["micro_batches"] > 2 for r in rows_b) and all(r["micro_batches"] == 2 for r in rows_a)
+
+
+def test_two_ranks_zero2_and_zero3_budgeted_equal_one_rank_counted(tmp_path, skewed_store):
+    """The same global batch of 4 (2 ranks x micro 2, or 1 rank x micro 2 x accum 2), cut by tokens on 2
+    ranks, with empty micro-batches where a rank has fewer: the parameters of the 1-rank run by count."""
+    budget = _uneven_budget(_tokens(skewed_store), SGD["max_steps"])
+    for method, ds, alpha in (("lora", "zero2", 0.0), ("full", "zero3", 0.5)):
+        reference = train.train(_cfg(tmp_path, skewed_store, f"ref-{method}", method=method, alpha=alpha,
+                                     grad_accum=2))
+        cfg = _cfg(tmp_path, skewed_store, f"two-{method}", method=method, alpha=alpha, batch_tokens=budget,
+                   deepspeed=os.path.join(ROOT, "ds_configs", f"{ds}.json"))
+        launch("train", write_recipe(str(tmp_path / f"{method}.yaml"), cfg), nprocs=2)
+        a, b = _params(reference, method), _params(cfg.train.output_dir, method)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (method, k, (a[k] - b[k]).abs().max())
+        rows = read_metrics(cfg.train.output_dir)
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in read_metrics(reference)], rel=1e-5)
+        assert all(r["mb_tokens_max"] <= budget for r in rows)
+        assert sum(r["empty_micro_batches"] for r in rows) > 0, rows  # the uneven case really ran
+
+
+def test_an_example_longer_than_batch_tokens_is_refused_before_the_model_loads(tmp_path, skewed_store):
+    longest = _longest(skewed_store)
+    cfg = _cfg(tmp_path, skewed_store, "short", batch_tokens=longest - 1)
+    with pytest.raises(train.TrainError, match=rf"train.batch_tokens={longest - 1} is smaller than the longest "
+                                               rf"example \({longest} tokens\)"):
+        train.train(cfg)
+    assert not os.path.exists(os.path.join(cfg.train.output_dir, "metrics.jsonl"))
