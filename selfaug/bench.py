@@ -11,6 +11,9 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   data       loading and tokenizing many records: the first version's lists against datasets
   scale      ZeRO-3 against ZeRO-2 at 2 ranks on random models of real shapes (bench_scale.py)
   packing    length-skewed data: padding, tokens/s and step time, packed against padded batches
+  budget     train.batch_tokens against micro-batches by count on length-skewed data, one epoch at the same
+             global batch: tokens per micro-batch (largest against median), bytes saved for backward by the
+             largest micro-batch, step time
   positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
   open       a 1 GB store opened by 1, 2 and 4 ranks: seconds and bytes hashed per rank (bench_cluster.py)
   reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (bench_cluster.py)
@@ -29,8 +32,8 @@ import torch
 from . import dist
 from .config import Config
 
-SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "positions", "open",
-            "reader", "gpu")
+SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "budget", "positions",
+            "open", "reader", "gpu")
 DEFAULT = SECTIONS[:-1]  # gpu: only when asked (it needs a CUDA GPU)
 
 # length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
@@ -113,6 +116,27 @@ def bench_packing(cfg: Config, cfg_path: str, overrides: list[str], steps: int) 
     p, u = rows["packed"], rows["padded"]
     return {"rows": rows, "time_ratio": p["step_time_s"] / u["step_time_s"],
             "tokens_per_s_ratio": p["tokens_per_s"] / u["tokens_per_s"]}
+
+
+# the budget benchmark's global batch: 16 examples a step, packed into rows as long as a micro-batch may be
+BUDGET = ["train.grad_accum=4", "train.packing=true", "train.pack_tokens=4096"]
+
+
+def bench_budget(cfg: Config, cfg_path: str, overrides: list[str], steps: int) -> dict:
+    """Micro-batches by count against train.batch_tokens: the epoch's plans and activation bytes in one
+    process, then the step time of each in its own."""
+    args = BUDGET + _skewed(cfg, overrides)
+    r = _worker(["budget", cfg_path, *args])
+    for mode, extra in (("count", ["train.batch_tokens=null"]), ("tokens", [f"train.batch_tokens={r['budget']}"])):
+        step = _worker(["step", "alpha0", cfg_path, str(steps), *args, "train.teacher_mode=none", *extra])
+        r[mode]["step_time_s"] = step["step_time_s"]
+    c, t = r["count"], r["tokens"]
+    r.update(largest_over_median=t["tokens_max"] / t["tokens_median"],
+             count_largest_over_median=c["tokens_max"] / c["tokens_median"],
+             saved_ratio=t["saved_bytes_max"] / c["saved_bytes_max"], time_ratio=t["step_time_s"] / c["step_time_s"])
+    print(f"  budget: largest/median {r['largest_over_median']:.2f} (by count {r['count_largest_over_median']:.2f}), "
+          f"activation x {r['saved_ratio']:.2f}, step time x {r['time_ratio']:.3f}", flush=True)
+    return r
 
 
 def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions: list[float], examples: int,
@@ -212,6 +236,8 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
         results["scale"] = bench_scale(smoke)
     if "packing" in only:
         results["packing"] = bench_packing(cfg, cfg_path, list(overrides), 1 if smoke else 5)
+    if "budget" in only:
+        results["budget"] = bench_budget(cfg, cfg_path, list(overrides), 1 if smoke else 4)
     if "positions" in only:
         results["positions"] = bench_positions(cfg, cfg_path, list(overrides), [1.0, 0.25] if smoke else
                                                [1.0, 0.5, 0.25, 0.1], 8 if smoke else 48, 1 if smoke else 4)
@@ -278,6 +304,18 @@ def format_results(r: dict) -> str:
             lines.append(f"{'':<30}{name:<8}{row['step_time_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['padding']:>9.3f}")
         lines.append(f"  packed / padded: step time {p['time_ratio']:.3f} (target <= 0.75 where padding >= 0.30), "
                      f"tokens/s {p['tokens_per_s_ratio']:.3f}")
+    if "budget" in r:
+        b = r["budget"]
+        lines.append(f"micro-batches by count and by train.batch_tokens={b['budget']} ({b['examples']} examples, one epoch "
+                     f"of {b['steps']} steps, the same global batch):")
+        lines.append(f"{'':<4}{'mode':<8}{'micro-batches':>14}{'largest':>9}{'median':>8}{'saved MiB':>11}{'s/step':>8}")
+        for mode in ("count", "tokens"):
+            m = b[mode]
+            lines.append(f"{'':<4}{mode:<8}{m['micro_batches']:>14}{m['tokens_max']:>9}{m['tokens_median']:>8.0f}"
+                         f"{m['saved_bytes_max'] / 2**20:>11.1f}{m['step_time_s']:>8.2f}")
+        lines.append(f"  by tokens: largest / median {b['largest_over_median']:.3f} (target <= 1.1; by count "
+                     f"{b['count_largest_over_median']:.3f}), largest activation x {b['saved_ratio']:.3f} of by count "
+                     f"(target <= 0.6), step time x {b['time_ratio']:.3f} (target <= 1.05)")
     if "positions" in r:
         lines.append(f"positions ({r['positions']['examples']} length-skewed examples): "
                      f"{'fraction':>8}{'MB':>8}{'bytes x':>9}{'s/step':>9}{'time x':>8}")

@@ -1,6 +1,6 @@
 """The measurements behind `selfaug bench` (docs/design.md, "Benchmarks"). bench.py drives; this
 module never imports it. Where peak memory is measured, bench.py runs these in a fresh process:
-python -m selfaug.bench_worker {step|long} ARGS, which prints one JSON line."""
+python -m selfaug.bench_worker {step|long|scale|data|budget} ARGS, which prints one JSON line."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import dist
 from .config import Config, load_config
 from .loss import StoredTeacher, kl_sum
+from .reader import processed_tokens
 
 
 def peak_rss_reset() -> None:
@@ -316,6 +317,59 @@ def scale(kind: str, recipe: str) -> dict:
     return out
 
 
+def saved_bytes(fn, params) -> int:
+    """Bytes of the tensors autograd saves for backward while fn() runs (torch.autograd.graph.saved_tensors_hooks),
+    each storage once, the parameters' own storages left out: the activation memory of a micro-batch."""
+    own = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def budget(cfg_path: str, overrides: list[str]) -> dict:
+    """One epoch's micro-batches by count and by train.batch_tokens (default: the median micro-batch by
+    count, so the two run about as many), at the same global batch: processed tokens per micro-batch
+    (largest, median) and the bytes saved for backward by the largest micro-batches of each."""
+    from . import train as tr
+    from .reader import StepSampler
+    cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never",
+                                                    "train.batch_tokens=null"])
+    run = tr.setup(cfg)
+    tc, tokens = cfg.train, run.lengths.tokens
+    steps = -(-len(tokens) // (tc.micro_batch_size * tc.grad_accum))  # one epoch
+
+    def sizes(sampler):
+        mbs = [mb for t in range(steps) for p in sampler.plan(t) for mb in p if mb is not None]
+        return mbs, np.array([processed_tokens(tokens[mb], run.pack_tokens) for mb in mbs])
+
+    args = (len(tokens), tc.micro_batch_size, tc.grad_accum, 1, tc.seed, tokens)
+    count_mbs, count_sizes = sizes(StepSampler(*args, None, run.pack_tokens))
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.batch_tokens=")), None)
+    budget_tokens = max(int(chosen) if chosen else int(np.median(count_sizes)), int(tokens.max()))
+    budget_mbs, budget_sizes = sizes(StepSampler(*args, budget_tokens, run.pack_tokens))
+    objective = run.engine.module
+    params = list(objective.parameters())
+    out = {"budget": budget_tokens, "steps": steps, "examples": len(tokens), "pack_tokens": run.pack_tokens}
+    for name, mbs, sz in (("count", count_mbs, count_sizes), ("tokens", budget_mbs, budget_sizes)):
+        largest = []
+        for j in np.argsort(-sz)[:2]:  # activation memory grows with the processed tokens: the two largest
+            rows = [run.source.examples.example(int(i)) for i in mbs[j]]
+            batch = run.source.batch(rows, run.tok.pad_token_id, run.device, run.pack_tokens)
+            largest.append(saved_bytes(lambda: objective(batch, 1.0, 0.0)[0], params))
+        out[name] = {"micro_batches": len(mbs), "tokens_max": int(sz.max()), "tokens_median": float(np.median(sz)),
+                     "tokens_mean": float(sz.mean()), "saved_bytes_max": max(largest)}
+    return out
+
+
 if __name__ == "__main__":
     dist.ensure_env()
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
@@ -326,6 +380,8 @@ if __name__ == "__main__":
         res = long(*(int(a) for a in args))
     elif what == "scale":
         res = scale(args[0], args[1])
+    elif what == "budget":
+        res = budget(args[0], args[1:])
     elif what == "data":
         res = data(args[0], args[1], int(args[2]), int(args[3]), args[4:])
     else:

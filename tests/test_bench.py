@@ -28,7 +28,20 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
     assert r["packing"]["rows"]["packed"]["padding"] <= r["packing"]["rows"]["padded"]["padding"]
     q = {row["fraction"]: row for row in r["positions"]["rows"]}
     assert q[0.25]["bytes_ratio"] < 0.4 and q[0.25]["kl_positions_per_step"] < q[1.0]["kl_positions_per_step"]
-    assert "bucket/exact" in out.stdout
+    b = r["budget"]  # the same epoch cut by tokens: no micro-batch over the budget, fewer bytes saved
+    assert b["tokens"]["tokens_max"] <= b["budget"] < b["count"]["tokens_max"]
+    assert b["saved_ratio"] < 1 and b["tokens"]["micro_batches"] >= b["count"]["micro_batches"]
+    assert "bucket/exact" in out.stdout and "largest activation x" in out.stdout
+
+
+def test_saved_bytes_counts_what_backward_keeps_and_not_the_parameters():
+    import torch
+    from selfaug.bench_worker import saved_bytes
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    x = torch.randn(10, 64, requires_grad=True)
+    # x @ w saves x (10x64) and w (a parameter: left out); tanh saves its output (10x32)
+    assert saved_bytes(lambda: torch.tanh(x @ w).sum(), [w]) == 4 * (10 * 64 + 10 * 32)
+    assert saved_bytes(lambda: torch.tanh(x @ w).sum(), []) == 4 * (10 * 64 + 64 * 32 + 10 * 32)
 
 
 def test_signal_bytes_use_4_byte_ids_over_65536_tokens():
