@@ -201,6 +201,9 @@ def processed_tokens(lengths, pack_tokens: int | None = None) -> int:
         return 0
     if pack_tokens is None:
         return len(lengths) * int(max(lengths))
+    total = int(sum(lengths))
+    if total <= pack_tokens:  # one row holds them all: no layout processes fewer
+        return total
     row, offset = pack(list(lengths), pack_tokens)
     return (int(row.max()) + 1) * int(max(offset + np.asarray(lengths)))
 
@@ -243,22 +246,25 @@ class StepSampler:
         if self.batch_tokens is None:
             return [[batch[(m * self.world + r) * self.micro:(m * self.world + r + 1) * self.micro]
                      for m in range(self.accum)] for r in range(self.world)]
-        lens = self.tokens[batch]
-        shares, load = [[] for _ in range(self.world)], np.zeros(self.world, np.int64)
-        for i in np.argsort(-lens, kind="stable"):  # longest first, onto the rank with the fewest tokens
-            r = int(load.argmin())
+        lens = self.tokens[batch].tolist()
+        shares, load = [[] for _ in range(self.world)], [0] * self.world
+        for i in sorted(range(len(lens)), key=lambda i: -lens[i]):  # longest first, onto the least-loaded rank
+            r = load.index(min(load))
             shares[r].append(i)
             load[r] += lens[i]
         plan = []
         for share in shares:  # already longest first
-            cut = []
+            cut, cut_lens, cut_sums = [], [], []
             for i in share:
-                for mb in cut:
-                    if processed_tokens(lens[mb + [i]], self.pack_tokens) <= self.batch_tokens:
-                        mb.append(i)
+                for j, (mb, mb_lens) in enumerate(zip(cut, cut_lens)):
+                    # the tokens themselves bound any layout from below: most misfits are found without one
+                    if cut_sums[j] + lens[i] <= self.batch_tokens and \
+                            processed_tokens(mb_lens + [lens[i]], self.pack_tokens) <= self.batch_tokens:
+                        mb.append(i), mb_lens.append(lens[i])
+                        cut_sums[j] += lens[i]
                         break
                 else:
-                    cut.append([i])
+                    cut.append([i]), cut_lens.append([lens[i]]), cut_sums.append(lens[i])
             plan.append([batch[mb] for mb in cut])
         most = max(len(p) for p in plan)
         return [p + [None] * (most - len(p)) for p in plan]

@@ -38,9 +38,11 @@ def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_coun
         assert max(loads) - min(loads) <= tokens.max()  # balanced to within one example
         stats, count = s.plan_stats(plan), by_count.plan_stats(by_count.plan(step))
         assert stats["mb_tokens_max"] <= budget < count["mb_tokens_max"] or count["mb_tokens_max"] <= budget
-    lens = [90, 40, 30, 10]
-    row, off = pack(lens, 100)
-    assert processed_tokens(lens, 100) == (row.max() + 1) * max(off + np.array(lens)) and processed_tokens(lens) == 360
+    for lens in ([90, 40, 30, 10], [5], [60, 60, 60], list(rng.integers(1, 90, size=9))):
+        for cap in (90, 100, 170, 1000):  # against the layout pack itself picks
+            row, off = pack(lens, cap)
+            assert processed_tokens(lens, cap) == (row.max() + 1) * max(off + np.array(lens))
+        assert processed_tokens(lens) == len(lens) * max(lens)
 
 
 @pytest.fixture(scope="module")
