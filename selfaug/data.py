@@ -259,6 +259,18 @@ class Examples:
         kept = self._lengths[np.isin(self._status, (OK, TRUNCATED))]
         return int(kept.max()) if len(kept) else 0
 
+    def left_out(self) -> str:
+        """One line on the records left out or cut (empty if none), with the first numbers of each kind."""
+        parts = []
+        for status, words in ((SKIPPED, f"skipped as longer than data.max_seq_len={self.max_seq_len}"),
+                              (TRUNCATED, "truncated to data.max_seq_len"),
+                              (UNANSWERED, "without an answer skipped (data.unanswerable=skip)")):
+            ids = np.flatnonzero(self._status == status)
+            if len(ids):
+                more = " ..." if len(ids) > 10 else ""
+                parts.append(f"{len(ids)} {words} (records {', '.join(map(str, ids[:10].tolist()))}{more})")
+        return f"{len(self)} records; " + "; ".join(parts) if parts else ""
+
     def examples(self, lo: int = 0, hi: int | None = None) -> tuple[list[Example], LongStats]:
         """The kept examples of records [lo, hi) and the long-example counts of that range."""
         hi = len(self) if hi is None else hi
@@ -317,7 +329,12 @@ def load_examples(source: str, tok, cfg) -> Examples:
         first = errors[pc.index(bad, True).as_py()].as_py()
         more = f" ({n_bad - 1} more records have errors)" if n_bad > 1 else ""
         raise DataError(first + more)
-    return Examples(out, fp, cfg.long_policy, cfg.max_seq_len)
+    examples = Examples(out, fp, cfg.long_policy, cfg.max_seq_len)
+    if rank == 0:
+        line = examples.left_out()
+        if line:
+            print(f"data {source}: {line}", flush=True)
+    return examples
 
 
 def pad(seqs: list, pad_id: int, left: bool = False):

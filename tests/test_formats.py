@@ -111,7 +111,9 @@ def test_records_without_an_answer_are_an_error_or_skipped_with_their_numbers(tm
     with pytest.raises(DataError, match=r"record 2: no answer .*'No Answer Present\.'.*data\.unanswerable=skip"):
         load_examples(cfg.data.train, tok, cfg.data)
     cfg = tiny_config(str(tmp_path), data={"train": path, "format": "msmarco", "unanswerable": "skip"})
-    kept, stats = load_examples(cfg.data.train, tok, cfg.data).examples()
+    loaded = load_examples(cfg.data.train, tok, cfg.data)
+    assert loaded.left_out() == "3 records; 1 without an answer skipped (data.unanswerable=skip) (records 2)"
+    kept, stats = loaded.examples()
     assert [e.example_id for e in kept] == [0, 1] and stats.unanswered == [2] and stats.to_dict()["unanswered"] == 1
     records, unanswered = read_records(path, cfg.data)  # evaluation reads the same formats
     assert [r["answer"] for r in records] == ["A solar kettle takes about 20 minutes to boil water.", "Zhenport"]
