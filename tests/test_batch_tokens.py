@@ -87,7 +87,8 @@ def _cfg(tmp, store_cfg, name, **train_keys):
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_one_rank_budgeted_steps_equal_the_counted_ones(tmp_path, skewed_store, method, alpha):
     budget = _longest(skewed_store)  # the least allowed: most micro-batches hold one example
-    common = {"method": method, "alpha": alpha, "grad_accum": 2}
+    common = {"method": method, "alpha": alpha, "grad_accum": 2,  # full fine-tuning without ZeRO: the boundary too
+              "deepspeed": os.path.join(ROOT, "ds_configs", "zero2.json" if method == "lora" else "zero0.json")}
     counted = train.train(_cfg(tmp_path, skewed_store, "count", **common))
     cut = train.train(_cfg(tmp_path, skewed_store, "tokens", batch_tokens=budget, **common))
     a, b = _params(counted, method), _params(cut, method)
