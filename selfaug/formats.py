@@ -199,6 +199,7 @@ class Format:
     keys: tuple[str, ...]  # the names it reads (data.fields renames them)
     convert: Callable[[Fields], dict]
     marks: tuple[str, ...]  # keys that identify it under data.format=auto
+    unless: tuple[str, ...] = ()  # keys whose presence says it is another format
 
     def record(self, raw: dict, renames: dict, where: str) -> dict:
         return self.convert(Fields(raw, renames, where))
@@ -211,7 +212,7 @@ FORMATS = {f.name: f for f in (
     Format("msmarco", ("query", "answers", "wellFormedAnswers", "passages"), msmarco, ("passages",)),
     Format("dpr", ("question", "answers", "ctxs"), dpr, ("ctxs",)),
     Format("hotpotqa", ("question", "answer", "context"), hotpotqa, ("context", "question")),
-    Format("ragbench", ("question", "documents", "response"), ragbench, ("documents", "response")),
+    Format("ragbench", ("question", "documents", "response"), ragbench, ("documents", "response"), ("answer",)),
     Format("rag", ("question", "documents", "answer", "distractors"), rag, ("question",)),
 )}
 RAG_MARKS = ("question", "documents", "answer")
@@ -220,7 +221,7 @@ RAG_MARKS = ("question", "documents", "answer")
 def detect(raw: dict, where: str) -> Format:
     """data.format=auto: the first format whose marks the record has (today's chat and RAG forms included)."""
     for fmt in FORMATS.values():
-        if all(raw.get(k) is not None for k in fmt.marks) and not (fmt.name == "ragbench" and "answer" in raw):
+        if all(raw.get(k) is not None for k in fmt.marks) and not any(k in raw for k in fmt.unless):
             return fmt
     if any(raw.get(k) is not None for k in RAG_MARKS):
         return FORMATS["rag"]
