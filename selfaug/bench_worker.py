@@ -252,7 +252,7 @@ def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) 
     list: the first version's path (a Python list of records, tokenized in one process, a list of
     examples); datasets: data.load_examples (Arrow, datasets.map with num_proc, cached), in a fresh
     cache so that the work is done, then once more from the cache."""
-    from .data import encode_record, load_examples
+    from .data import OK, TRUNCATED, encode_record, load_examples
     from .models import load_tokenizer_for
     from . import ragdata
     cfg = load_config(cfg_path, list(overrides) + ["data.train=builtin:rag", f"data.builtin_train_size={n}",
@@ -268,8 +268,8 @@ def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) 
         records = ragdata.generate("train", n, seed=dc.builtin_seed, num_documents=dc.builtin_num_documents)
         examples = []
         for i, r in enumerate(records):
-            ids, plen, status = encode_record(r, tok, dc, f"record {i}")
-            if status != 2:
+            ids, plen, status = encode_record(r, i, tok, dc, "builtin:rag")
+            if status in (OK, TRUNCATED):
                 examples.append((i, ids, plen))
         out["examples"] = len(examples)
     else:
