@@ -42,8 +42,8 @@ class DataExamples:
     def __init__(self, examples: Examples, rule: store.PositionRule):
         kept, _ = examples.examples()
         if not kept:
-            raise DataError(f"no example is left after data.long_policy={examples.policy} "
-                                f"(max_seq_len={examples.max_seq_len}); raise data.max_seq_len")
+            raise DataError(f"no example is left: {examples.left_out()}; raise data.max_seq_len, or check "
+                            "data.format and the records' answers")
         self.kept, self.rule = kept, rule
 
     def __len__(self):

@@ -11,6 +11,8 @@ from selfaug import formats
 from selfaug.config import ConfigError
 from selfaug.data import DataError, load_examples, read_records
 from selfaug.models import load_tokenizer
+from selfaug.reader import DataExamples
+from selfaug.store import PositionRule
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "formats")
 INSTR = "\nAnswer the question using the documents. Reply in the form 'Answer: <answer>'."
@@ -115,6 +117,12 @@ def test_records_without_an_answer_are_an_error_or_skipped_with_their_numbers(tm
     assert loaded.left_out() == "3 records; 1 without an answer skipped (data.unanswerable=skip) (records 2)"
     kept, stats = loaded.examples()
     assert [e.example_id for e in kept] == [0, 1] and stats.unanswered == [2] and stats.to_dict()["unanswered"] == 1
+    only_unanswered = tmp_path / "none.jsonl"
+    only_unanswered.write_text(open(path).read().splitlines()[2] + "\n")
+    cfg_none = tiny_config(str(tmp_path), data={"train": str(only_unanswered), "format": "msmarco",
+                                                "unanswerable": "skip"})
+    with pytest.raises(DataError, match=r"no example is left: 1 records; 1 without an answer skipped"):
+        DataExamples(load_examples(cfg_none.data.train, tok, cfg_none.data), PositionRule.of(cfg_none.teacher))
     records, unanswered = read_records(path, cfg.data)  # evaluation reads the same formats
     assert [r["answer"] for r in records] == ["A solar kettle takes about 20 minutes to boil water.", "Zhenport"]
     assert records[0]["aliases"] == ["about 20 minutes"] and unanswered == [2]

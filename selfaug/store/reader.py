@@ -49,8 +49,9 @@ class TeacherStore:
             lg = self.manifest.get("long_examples", {})
             raise StoreError(f"teacher store {store_dir} holds no examples: {lg.get('skipped', '?')} of "
                              f"{self.manifest['totals']['records']} records were skipped by data.long_policy="
-                             f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')}); raise data.max_seq_len "
-                             "or use long_policy=truncate, then precompute again")
+                             f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')})"
+                             + (f" and {lg['unanswered']} had no answer" if lg.get("unanswered") else "")
+                             + "; raise data.max_seq_len or use long_policy=truncate, then precompute again")
         self._index = np.asarray(index, dtype=np.int64)
 
     def __len__(self) -> int:
