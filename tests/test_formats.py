@@ -169,3 +169,13 @@ def test_only_the_config_and_the_formats_module_name_a_format():
         text = open(path).read()
         for word in ("crag", "msmarco", "hotpotqa", "ragbench", '"dpr"'):
             assert word not in text.lower(), f"{path} names {word}: ask formats.FORMATS instead"
+
+
+def test_eval_reads_its_rag_set_in_any_format_with_aliases_and_rivals(tmp_path, tok):
+    from selfaug import evaluate
+    cfg = tiny_config(str(tmp_path), data={"eval": os.path.join(FIXTURES, "dpr.jsonl")})  # train: builtin, auto
+    rag = evaluate._rag_set(cfg, tok)
+    assert rag.golds == [["Sela Marrow", "Marrow"], ["1871"]] and rag.unanswered == []
+    assert rag.others == [[], []]  # neither record's documents hold the other's answer
+    assert tok.decode(rag.prompts[1]).count("Quarrel Industries was founded in 1871.") == 1
+    assert evaluate.strict_correct("Answer: Marrow", rag.golds[0], rag.others[0])
