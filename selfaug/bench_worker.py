@@ -341,8 +341,7 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
     (largest, median) and the bytes saved for backward by the largest micro-batches of each."""
     from . import train as tr
     from .reader import StepSampler
-    cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never",
-                                                    "train.batch_tokens=null"])
+    cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never"])
     run = tr.setup(cfg)
     tc, tokens = cfg.train, run.lengths.tokens
     steps = -(-len(tokens) // (tc.micro_batch_size * tc.grad_accum))  # one epoch
@@ -353,8 +352,7 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
 
     args = (len(tokens), tc.micro_batch_size, tc.grad_accum, 1, tc.seed, tokens)
     count_mbs, count_sizes = sizes(StepSampler(*args, None, run.pack_tokens))
-    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.batch_tokens=")), None)
-    budget_tokens = max(int(chosen) if chosen else int(np.median(count_sizes)), int(tokens.max()))
+    budget_tokens = tc.batch_tokens or max(int(np.median(count_sizes)), int(tokens.max()))
     budget_mbs, budget_sizes = sizes(StepSampler(*args, budget_tokens, run.pack_tokens))
     objective = run.engine.module
     params = list(objective.parameters())

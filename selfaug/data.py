@@ -43,6 +43,11 @@ class Example:
 COUNTED = ("skipped", "truncated", "unanswered")  # what a tokenized set leaves out or cuts, counted
 
 
+def record_numbers(ids: list[int], shown: int = 10) -> str:
+    """"records 3, 8, 12 ...": the first `shown` record numbers of a counted kind."""
+    return f"records {', '.join(map(str, ids[:shown]))}{' ...' if len(ids) > shown else ''}"
+
+
 @dataclass
 class LongStats:
     policy: str
@@ -265,10 +270,9 @@ class Examples:
         for status, words in ((SKIPPED, f"skipped as longer than data.max_seq_len={self.max_seq_len}"),
                               (TRUNCATED, "truncated to data.max_seq_len"),
                               (UNANSWERED, "without an answer skipped (data.unanswerable=skip)")):
-            ids = np.flatnonzero(self._status == status)
-            if len(ids):
-                more = " ..." if len(ids) > 10 else ""
-                parts.append(f"{len(ids)} {words} (records {', '.join(map(str, ids[:10].tolist()))}{more})")
+            ids = np.flatnonzero(self._status == status).tolist()
+            if ids:
+                parts.append(f"{len(ids)} {words} ({record_numbers(ids)})")
         return f"{len(self)} records; " + "; ".join(parts) if parts else ""
 
     def examples(self, lo: int = 0, hi: int | None = None) -> tuple[list[Example], LongStats]:

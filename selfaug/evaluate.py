@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import dist, ifeval
 from .config import Config, load_config
-from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records
+from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
 from .formats import to_messages
 from .loss import LiveTeacher, kl_sum
 from .models import decoder_and_head, load_model, load_tokenizer_for, resolve_dtype
@@ -125,7 +125,7 @@ def _rag_set(cfg: Config, tok) -> RagSet:
     records, unanswered = read_records(source, cfg.data, limit=cfg.eval.max_rag_examples)
     if unanswered:
         print(f"eval: {len(unanswered)} records of {source} without an answer left out (data.unanswerable=skip): "
-              f"records {', '.join(map(str, unanswered[:20]))}{' ...' if len(unanswered) > 20 else ''}", flush=True)
+              f"{record_numbers(unanswered)}", flush=True)
     prompts, golds = [], []
     for r in records:
         msgs = to_messages(r, cfg.data.system_prompt)

@@ -15,6 +15,7 @@ the record.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 RAG_INSTRUCTION = "Answer the question using the documents. Reply in the form 'Answer: <answer>'."
@@ -71,6 +72,22 @@ def _strings(f: Fields, name: str, what: str) -> list[str]:
     return values
 
 
+def _documents(f: Fields, name: str, what: str, text: str = "text", title: str = "title",
+               strings: bool = False) -> list[str]:
+    """The documents of list `name`, in order: objects {title, text} as "title: text" (and plain strings,
+    where the format allows them)."""
+    out = []
+    for d in f.need(name, list, what):
+        if strings and isinstance(d, str):
+            out.append(d)
+        elif isinstance(d, dict) and isinstance(d.get(text), str):
+            out.append(document(d.get(title), d[text]))
+        else:
+            raise f.error(f"each of {f.named(name)} needs a {text!r} string (and a {title!r})"
+                          + (", or is a string" if strings else ""))
+    return out
+
+
 def _first_answer(f: Fields, candidates: list, rule: str) -> tuple[str, list[str]]:
     """(the first non-empty answer of the candidates, the others as aliases); Unanswerable if none."""
     answers = [a.strip() for a in candidates if isinstance(a, str) and a.strip()]
@@ -81,15 +98,7 @@ def _first_answer(f: Fields, candidates: list, rule: str) -> tuple[str, list[str
 
 def _rag(f: Fields, what: str, question: str, answer_name: str) -> dict:
     """The RAG record of the shapes that hold (question, documents, a single answer string)."""
-    docs = f.need("documents", list, what)
-    out = []
-    for d in docs:
-        if isinstance(d, str):
-            out.append(d)
-        elif isinstance(d, dict) and isinstance(d.get("text"), str):
-            out.append(document(d.get("title"), d["text"]))
-        else:
-            raise f.error(f"each of {f.named('documents')} must be a string or {{title, text}}")
+    out = _documents(f, "documents", what, strings=True)
     answer, aliases = _first_answer(f, [f.need(answer_name, str, what)], f"{f.named(answer_name)} is empty")
     record = {"question": f.need(question, str, what), "documents": out, "answer": answer}
     distractors = f.get("distractors")
@@ -126,12 +135,7 @@ def ragbench(f: Fields) -> dict:
 def crag(f: Fields) -> dict:
     """CRAG: the answer is `answer`, else the first of `alt_ans`; each search result is a document
     "page_name: page_snippet" (page_result, the whole page, is not read)."""
-    results = f.need("search_results", list, "CRAG")
-    docs = []
-    for r in results:
-        if not isinstance(r, dict) or not isinstance(r.get("page_snippet"), str):
-            raise f.error(f"each of {f.named('search_results')} needs a 'page_snippet' string")
-        docs.append(document(r.get("page_name"), r["page_snippet"]))
+    docs = _documents(f, "search_results", "CRAG", text="page_snippet", title="page_name")
     alt = f.get("alt_ans", [])
     answer, aliases = _first_answer(f, [f.get("answer", "")] + (alt if isinstance(alt, list) else []),
                                     f"{f.named('answer')} and {f.named('alt_ans')} are empty")
@@ -183,12 +187,7 @@ def hotpotqa(f: Fields) -> dict:
 
 def dpr(f: Fields) -> dict:
     """DPR / Self-RAG: the first of `answers` (the others are aliases); `ctxs` in order, "title: text"."""
-    ctxs = f.need("ctxs", list, "DPR")
-    docs = []
-    for c in ctxs:
-        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
-            raise f.error(f"each of {f.named('ctxs')} needs a 'text' string (and a 'title')")
-        docs.append(document(c.get("title"), c["text"]))
+    docs = _documents(f, "ctxs", "DPR")
     answer, aliases = _first_answer(f, _strings(f, "answers", "DPR"), f"{f.named('answers')} is empty")
     return {"question": f.need("question", str, "DPR"), "documents": docs, "answer": answer, "aliases": aliases}
 
@@ -230,8 +229,10 @@ def detect(raw: dict, where: str) -> Format:
                     "data.fields for other key names")
 
 
+@lru_cache(maxsize=16)
 def parse_fields(text: str | None) -> dict:
-    """`data.fields` "question=query,answer=response" as {format's name: the data's key}."""
+    """`data.fields` "question=query,answer=response" as {format's name: the data's key}; parsed once per
+    text (every record is converted with it: the result is shared, never changed)."""
     out = {}
     for item in (text or "").split(","):
         if not item.strip():

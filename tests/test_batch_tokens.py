@@ -16,6 +16,26 @@ SKEWED = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra
 SGD = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 2, "alpha": 0.5}
 
 
+def _reference_plan(batch, tokens, world, budget, pack_tokens):
+    """The plan written plainly: longest first onto the least-loaded rank, then first fit, longest first,
+    asking the layout itself for every micro-batch tried; empty ones (None) to equal counts."""
+    order = sorted(range(len(batch)), key=lambda i: -tokens[batch[i]])
+    shares, load = [[] for _ in range(world)], [0] * world
+    for i in order:
+        r = load.index(min(load))
+        shares[r].append(i)
+        load[r] += int(tokens[batch[i]])
+    plan = []
+    for share in shares:
+        cut = []
+        for i in share:
+            fit = [mb for mb in cut if processed_tokens([tokens[batch[j]] for j in mb + [i]], pack_tokens) <= budget]
+            fit[0].append(i) if fit else cut.append([i])
+        plan.append([[int(batch[j]) for j in mb] for mb in cut])
+    most = max(len(p) for p in plan)
+    return [p + [None] * (most - len(p)) for p in plan]
+
+
 @pytest.mark.parametrize("pack_tokens", [None, 300, 2000])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_counts(world, pack_tokens):
@@ -36,6 +56,8 @@ def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_coun
                     assert 0 < processed_tokens(tokens[mb], pack_tokens) <= budget
         loads = [sum(int(tokens[mb].sum()) for mb in p if mb is not None) for p in plan]
         assert max(loads) - min(loads) <= tokens.max()  # balanced to within one example
+        assert [[None if mb is None else mb.tolist() for mb in p] for p in plan] == _reference_plan(
+            s.global_batch(step), tokens, world, budget, pack_tokens)
         stats, count = s.plan_stats(plan), by_count.plan_stats(by_count.plan(step))
         assert stats["mb_tokens_max"] <= budget < count["mb_tokens_max"] or count["mb_tokens_max"] <= budget
     for lens in ([90, 40, 30, 10], [5], [60, 60, 60], list(rng.integers(1, 90, size=9))):

@@ -179,3 +179,10 @@ def test_eval_reads_its_rag_set_in_any_format_with_aliases_and_rivals(tmp_path, 
     assert rag.others == [[], []]  # neither record's documents hold the other's answer
     assert tok.decode(rag.prompts[1]).count("Quarrel Industries was founded in 1871.") == 1
     assert evaluate.strict_correct("Answer: Marrow", rag.golds[0], rag.others[0])
+
+
+def test_rag_documents_may_be_titled_objects():
+    raw = {"question": "Who?", "documents": ["Plain text.", {"title": "Ann", "text": "Ann did it."}], "answer": "Ann"}
+    assert formats.to_record(raw, "rag", {}, "x")["documents"] == ["Plain text.", "Ann: Ann did it."]
+    with pytest.raises(DataError, match=r"x: each of 'documents' needs a 'text' string \(and a 'title'\), or is a"):
+        formats.to_record({**raw, "documents": [{"title": "Ann"}]}, "rag", {}, "x")

@@ -13,6 +13,7 @@ def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
     from ..models import model_fingerprint
     teacher_cfg = cfg.teacher
     signal = signal_for(teacher_cfg, vocab_size)
+    records = record_settings(cfg.data)
     return {
         "model": {**model_fingerprint(cfg.model), "dtype": str(dtype).replace("torch.", ""), "vocab_size": vocab_size},
         "tokenizer": tokenizer_fingerprint(tok),
@@ -29,7 +30,7 @@ def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
         "max_seq_len": cfg.data.max_seq_len,
         "long_policy": cfg.data.long_policy,
         "system_prompt": cfg.data.system_prompt,
-        **({"records": record_settings(cfg.data)} if record_settings(cfg.data) else {}),
+        **({"records": records} if records else {}),
     }
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from .. import dist
 from ..config import config_digest
+from ..data import COUNTED
 from .checks import verify_shard, verify_shared
 from .files import StoreLock, read_manifest, write_json_atomic, write_shard
 from .format import FORMAT, MANIFEST, VERSION, ShardRows, StoreError, shard_name, sidecar_name
@@ -170,7 +171,7 @@ class StoreWriter:
             **self.signal.totals(shards, positions),
         }
         long_examples = {"policy": self.settings["long_policy"], "max_seq_len": self.settings["max_seq_len"]}
-        for key in ("skipped", "truncated", "unanswered"):  # data.COUNTED (a store made before has no "unanswered")
+        for key in COUNTED:  # a store made before has no "unanswered"
             long_examples[key] = sum(s["long"].get(key, 0) for s in shards)
             long_examples[f"{key}_ids"] = [i for s in shards for i in s["long"].get(f"{key}_ids", [])][:1000]
         keep = ("file", "rows", "first_example_id", "records", "positions", "tokens", "bytes", "sha256")
