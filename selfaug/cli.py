@@ -42,13 +42,13 @@ def _inspect(path: str) -> int:
 
 def user_errors() -> tuple:
     """The exception types that mean the user has something to fix (not a bug of selfaug)."""
-    from .checkpoint import CheckpointError
+    from .train.checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .dist import DistError
     from .models import ModelError
     from .store import StoreError
-    from .train import TrainError
+    from .train.loop import TrainError
     return CheckpointError, ConfigError, DataError, DistError, ModelError, StoreError, TrainError
 
 
@@ -66,10 +66,10 @@ def _run(args) -> int:
         from .train import train
         train(cfg)
     elif args.command == "eval":
-        from .evaluate import run
+        from .eval.evaluate import run
         run(cfg)
     elif args.command == "bench":
-        from .bench import run
+        from .bench.command import run
         run(cfg, [s for s in args.only.split(",") if s], args.out, args.config, args.overrides, args.smoke)
     return 0
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    from .checkpoint import EXIT_PREEMPTED, Preempted
+    from .train.checkpoint import EXIT_PREEMPTED, Preempted
     try:
         return _run(args)
     except Preempted as e:

@@ -302,7 +302,7 @@ def _check(cfg: Config) -> None:
     """Checks that span fields."""
     # (warmup_steps > max_steps is allowed: a short smoke run of a recipe never reaches the peak lr)
     d = cfg.data
-    from .formats import check_fields
+    from .data.formats import check_fields
     problem = check_fields(d.format, d.fields)
     if problem:
         raise ConfigError(problem)

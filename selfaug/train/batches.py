@@ -1,65 +1,16 @@
-"""Stage 2 data (docs/design.md, "Stage 2"): the teacher source, chosen once in setup, that yields the
-examples and each micro-batch's teacher signal; a seeded, resumable assignment of examples to
-optimizer steps, micro-batches and ranks; and collation, padded or packed (`train.packing`).
-
-Teacher sources (`TeacherSource`, DistillKit's `SignalSource`: decided once, nothing below branches on a flag):
-- `StoredSignal`: examples and teacher from the store (teacher_mode: offline); the store's signal
-  object makes the loss's teacher, whatever the signal;
-- `LiveModel`: examples from the data, teacher = the frozen model run beside the student
-  (teacher_mode: online; LoRA: the same model with its adapters disabled, the reference method);
-- `PlainData`: plain fine-tuning (alpha = 0 throughout, or teacher_mode: none): examples only.
+"""Stage 2's batches (docs/design.md, "Stage 2"): a seeded, resumable assignment of examples to
+optimizer steps, ranks and micro-batches (by count, or by `train.batch_tokens`), and collation,
+padded or packed (`train.packing`).
 
 Every rank can compute the whole global batch of a step, so the token counts that normalize the
 loss (all micro-batches, all ranks) are known before the first forward, with no communication.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 import torch
 
-from . import store
-from .data import DataError, Examples
-from .loss import LiveTeacher, SampledTeacher, StoredTeacher
-
-
-class ExampleSet(Protocol):
-    """Examples by index (a `store.TeacherStore` or `DataExamples`): example(i) -> {example_id, input_ids,
-    prompt_len, positions, and a store's signal arrays}; lengths() without reading the examples."""
-
-    def __len__(self) -> int: ...
-
-    def example(self, i: int) -> dict: ...
-
-    def lengths(self) -> store.Lengths: ...
-
-
-class DataExamples:
-    """Stage 2's view of tokenized data (no store): the kept examples with the positions the rule keeps
-    (the same as a store made with it would hold)."""
-
-    def __init__(self, examples: Examples, rule: store.PositionRule):
-        kept, _ = examples.examples()
-        if not kept:
-            raise DataError(f"no example is left: {examples.left_out()}; raise data.max_seq_len, or check "
-                            "data.format and the records' answers")
-        self.kept, self.rule = kept, rule
-
-    def __len__(self):
-        return len(self.kept)
-
-    def example(self, i: int) -> dict:
-        e = self.kept[i]
-        return {"example_id": e.example_id, "input_ids": np.asarray(e.input_ids, dtype=np.int64),
-                "prompt_len": e.prompt_len, "positions": self.rule.positions(e.example_id, len(e.input_ids),
-                                                                             e.prompt_len)}
-
-    def lengths(self) -> store.Lengths:
-        tokens = np.array([len(e.input_ids) for e in self.kept], dtype=np.int64)
-        prompt = np.array([e.prompt_len for e in self.kept], dtype=np.int64)
-        lo, hi = self.rule.candidates(tokens, prompt)
-        return store.Lengths(tokens, prompt, self.rule.count(hi - lo))
+from .. import store
 
 
 def pack(lengths: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,69 +80,6 @@ def model_inputs(batch: dict) -> dict:
     transformers 5 masks packed sequences apart only when there is none (with one, the packed
     examples would silently attend to each other; tests/test_long_rag.py checks both)."""
     return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
-
-
-class TeacherSource(Protocol):
-    """Where the examples and each micro-batch's teacher come from; chosen once, in `train.setup`.
-    `signal(batch, student)` is the one call between a source and the objective: a source that needs
-    the original model's hidden states asks `student.original_hidden(batch)` for them."""
-    examples: ExampleSet
-
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict: ...
-
-    def signal(self, batch: dict, student) -> StoredTeacher | SampledTeacher | LiveTeacher | None: ...
-
-
-class PlainData:
-    """Plain fine-tuning (alpha = 0 throughout): the examples only, no teacher."""
-
-    def __init__(self, examples: ExampleSet):
-        self.examples = examples
-
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        return collate(rows, pad_id, device, pack_tokens)
-
-    def signal(self, batch: dict, student) -> None:
-        return None
-
-
-class StoredSignal:
-    """The teacher store: each micro-batch carries its rows' stored signal, made into the loss's teacher
-    object by the store's signal (`store.signals`: top-k, sampled, ...)."""
-
-    def __init__(self, teacher_store: store.TeacherStore):
-        self.examples = teacher_store
-
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        batch = collate(rows, pad_id, device, pack_tokens)
-        batch["teacher"] = self.examples.signal.teacher(rows, device)
-        return batch
-
-    def signal(self, batch: dict, student):
-        return batch["teacher"]
-
-
-class LiveModel:
-    """The frozen teacher run live on each micro-batch (full vocabulary). `frozen`: a frozen copy of the
-    original model (full fine-tuning); None: the original model is the student with its LoRA adapters
-    disabled (`student.original_hidden`)."""
-
-    def __init__(self, examples: ExampleSet, frozen=None):
-        self.examples, self.frozen = examples, frozen
-
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        return collate(rows, pad_id, device, pack_tokens)
-
-    @torch.no_grad()
-    def signal(self, batch: dict, student) -> LiveTeacher:
-        if self.frozen is None:
-            hidden, weight, bias = student.original_hidden(batch)
-        else:
-            from .models import decoder_and_head
-            body, head = decoder_and_head(self.frozen)
-            hidden, weight, bias = body(**model_inputs(batch)).last_hidden_state, head.weight, head.bias
-        return LiveTeacher(hidden[batch["rows_b"], batch["rows_t"]], weight.detach(),
-                           None if bias is None else bias.detach())
 
 
 def processed_tokens(lengths, pack_tokens: int | None = None) -> int:

@@ -1,6 +1,6 @@
 """The measurements behind `selfaug bench` (docs/design.md, "Benchmarks"). bench.py drives; this
 module never imports it. Where peak memory is measured, bench.py runs these in a fresh process:
-python -m selfaug.bench_worker {step|long|scale|data|budget} ARGS, which prints one JSON line."""
+python -m selfaug.bench.worker {step|long|scale|data|budget} ARGS, which prints one JSON line."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dist
-from .config import Config, load_config
-from .loss import StoredTeacher, kl_sum
-from .reader import processed_tokens
+from .. import dist
+from ..config import Config, load_config
+from ..loss import StoredTeacher, kl_sum
+from ..train.batches import processed_tokens
 
 
 def peak_rss_reset() -> None:
@@ -61,7 +61,7 @@ def sync(device):
 
 
 def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
-    from . import train as tr
+    from .. import train as tr
     # SelfAug variants run at the recipe's alpha, or 0.5 where the recipe has none: passed as an override,
     # never written into a loaded config
     alpha = load_config(cfg_path, [o for o in overrides if not o.startswith("train.teacher_mode=")]).train.alpha or 0.5
@@ -73,7 +73,7 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
         """Vanilla LoRA as commonly run: full logits at every position, mean cross-entropy."""
 
         def forward(self, batch, c_nll, c_kl):
-            from .reader import model_inputs
+            from ..train.batches import model_inputs
             logits = self.model(**model_inputs(batch)).logits
             labels = batch["labels"]
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
@@ -120,10 +120,10 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
     """Stage 1's work (the signal, Arrow write), exactly as precompute runs it, against a plain forward
     (full logits) over the same batches."""
     import pyarrow as pa
-    from . import store
-    from .data import pad
-    from .models import load_all
-    from .precompute import Teacher, length_batches
+    from .. import store
+    from ..data import pad
+    from ..models import load_all
+    from ..precompute import Teacher, length_batches
     device = dist.device()
     loaded = load_all(cfg, device)
     model = loaded.model.to(device).eval()
@@ -185,10 +185,10 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
     exact one, between the base and a fine-tuned model: the ratio of the summed KL values (the bias)
     and the cosine of the gradients with respect to the student's hidden states, with the bytes each
     signal stores per position (as the store writes them: the model's id dtype, fp16 values)."""
-    from . import store
-    from .evaluate import load_run_model
-    from .loss import LiveTeacher
-    from .models import decoder_and_head, load_all, vocab_size
+    from .. import store
+    from ..eval.evaluate import load_run_model
+    from ..loss import LiveTeacher
+    from ..models import decoder_and_head, load_all, vocab_size
     device = dist.device()
     run_dir = [r for r in cfg.eval.runs.split(",") if r.strip()][0]
     student, _ = load_run_model(cfg, run_dir, torch.float32, device)
@@ -252,9 +252,9 @@ def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) 
     list: the first version's path (a Python list of records, tokenized in one process, a list of
     examples); datasets: data.load_examples (Arrow, datasets.map with num_proc, cached), in a fresh
     cache so that the work is done, then once more from the cache."""
-    from .data import OK, TRUNCATED, encode_record, load_examples
-    from .models import load_tokenizer_for
-    from . import ragdata
+    from ..data import OK, TRUNCATED, encode_record, load_examples
+    from ..models import load_tokenizer_for
+    from ..data import builtin
     cfg = load_config(cfg_path, list(overrides) + ["data.train=builtin:rag", f"data.builtin_train_size={n}",
                                                    f"data.num_proc={num_proc}", "data.long_policy=skip"])
     tok = load_tokenizer_for(cfg.model)
@@ -265,7 +265,7 @@ def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) 
     out = {"mode": mode, "records": n, "num_proc": num_proc}
     if mode == "list":
         dc = cfg.data
-        records = ragdata.generate("train", n, seed=dc.builtin_seed, num_documents=dc.builtin_num_documents)
+        records = builtin.generate("train", n, seed=dc.builtin_seed, num_documents=dc.builtin_num_documents)
         examples = []
         for i, r in enumerate(records):
             ids, plen, status = encode_record(r, i, tok, dc, "builtin:rag")
@@ -286,9 +286,9 @@ def data(mode: str, cfg_path: str, n: int, num_proc: int, overrides: list[str]) 
 
 
 def scale(kind: str, recipe: str) -> dict:
-    """One rank of a bench_scale measurement (launched by the deepspeed launcher): `train` = setup
+    """One rank of a bench.scale measurement (launched by the deepspeed launcher): `train` = setup
     (loading) + one optimizer step; `precompute` = stage 1. Writes rank{R}.json to $SELFAUG_BENCH_OUT."""
-    from . import train as tr
+    from .. import train as tr
     cfg = load_config(recipe)
     rank, world = dist.init()
     device = dist.device()
@@ -307,7 +307,7 @@ def scale(kind: str, recipe: str) -> dict:
                    step_peak_bytes=peak_bytes(device))
         out["peak_bytes"] = max(out["load_peak_bytes"], out["step_peak_bytes"])
     else:
-        from . import precompute, store
+        from .. import precompute, store
         precompute.run(cfg)
         out["time_s"] = time.perf_counter() - t0
         out["tokens"] = store.read_manifest(cfg.teacher.output_dir)["totals"]["tokens"] / world  # about this rank's
@@ -339,8 +339,8 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
     """One epoch's micro-batches by count and by train.batch_tokens (default: the median micro-batch by
     count, so the two run about as many), at the same global batch: processed tokens per micro-batch
     (largest, median) and the bytes saved for backward by the largest micro-batches of each."""
-    from . import train as tr
-    from .reader import StepSampler
+    from .. import train as tr
+    from ..train.batches import StepSampler
     cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never"])
     run = tr.setup(cfg)
     tc, tokens = cfg.train, run.lengths.tokens

@@ -7,11 +7,11 @@ import os
 import pytest
 
 from conftest import ROOT, tiny_config
-from selfaug import formats
+from selfaug.data import formats
 from selfaug.config import ConfigError
 from selfaug.data import DataError, load_examples, read_records
 from selfaug.models import load_tokenizer
-from selfaug.reader import DataExamples
+from selfaug.train.sources import DataExamples
 from selfaug.store import PositionRule
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "formats")
@@ -172,7 +172,7 @@ def test_only_the_config_and_the_formats_module_name_a_format():
 
 
 def test_eval_reads_its_rag_set_in_any_format_with_aliases_and_rivals(tmp_path, tok):
-    from selfaug import evaluate
+    from selfaug.eval import evaluate
     cfg = tiny_config(str(tmp_path), data={"eval": os.path.join(FIXTURES, "dpr.jsonl")})  # train: builtin, auto
     rag = evaluate._rag_set(cfg, tok)
     assert rag.golds == [["Sela Marrow", "Marrow"], ["1871"]] and rag.unanswered == []

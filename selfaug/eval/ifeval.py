@@ -14,7 +14,7 @@ import os
 import re
 import types
 
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "data", "ifeval_dev.jsonl")
+DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "ifeval_dev.jsonl")
 _WORD = re.compile(r"\w+(?:[-'’]\w+)*|[^\w\s]")
 
 

@@ -9,14 +9,14 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
              renormalized variant, between the base model and a fine-tuned run (bench.run_dir)
   long       peak memory of the loss against prompt length, chunked against unchunked
   data       loading and tokenizing many records: the first version's lists against datasets
-  scale      ZeRO-3 against ZeRO-2 at 2 ranks on random models of real shapes (bench_scale.py)
+  scale      ZeRO-3 against ZeRO-2 at 2 ranks on random models of real shapes (scale.py)
   packing    length-skewed data: padding, tokens/s and step time, packed against padded batches
   budget     train.batch_tokens against micro-batches by count on length-skewed data, one epoch at the same
              global batch: tokens per micro-batch (largest against median), bytes saved for backward by the
              largest micro-batch, step time
   positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
-  open       a 1 GB store opened by 1, 2 and 4 ranks: seconds and bytes hashed per rank (bench_cluster.py)
-  reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (bench_cluster.py)
+  open       a 1 GB store opened by 1, 2 and 4 ranks: seconds and bytes hashed per rank (cluster.py)
+  reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (cluster.py)
   gpu        one GPU (`launch.sh gpu-check`): stage 1 against a forward, the SelfAug step and peak memory
              against alpha = 0, packing, at the 7B shape with 4 layers, random weights, bf16
 """
@@ -29,8 +29,8 @@ import sys
 
 import torch
 
-from . import dist
-from .config import Config
+from .. import dist
+from ..config import Config
 
 SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "budget", "positions",
             "open", "reader", "gpu")
@@ -45,7 +45,7 @@ def _worker(cmd: list[str], **env_extra) -> dict:
     """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
     # a fresh single-process rendezvous: never the parent's port or rank
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run([sys.executable, "-m", "selfaug.bench_worker", *cmd], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "selfaug.bench.worker", *cmd], capture_output=True, text=True,
                          env={**env, "PYTHONUNBUFFERED": "1", **env_extra})
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {cmd} failed:\n{out.stderr[-4000:]}")
@@ -146,8 +146,8 @@ def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions:
     import shutil
     import tempfile
     import time
-    from . import precompute, store
-    from .config import load_config
+    from .. import precompute, store
+    from ..config import load_config
     tmp = tempfile.mkdtemp(prefix="selfaug-bench-positions-")
     rows = []
     try:
@@ -178,10 +178,10 @@ def bench_gpu(cfg_path: str, overrides: list[str], smoke: bool = False) -> dict:
     import shutil
     import tempfile
     import time
-    from . import precompute
-    from .bench_worker import bench_precompute_and_storage
-    from .config import load_config
-    from .bench_scale import SCALE
+    from .. import precompute
+    from ..config import load_config
+    from .scale import SCALE
+    from .worker import bench_precompute_and_storage
     if not torch.cuda.is_available() and not smoke:
         raise RuntimeError("selfaug bench --only gpu needs a CUDA GPU (this machine has none); "
                            "--smoke runs the same code on the recipe's model here")
@@ -211,7 +211,7 @@ def bench_gpu(cfg_path: str, overrides: list[str], smoke: bool = False) -> dict:
 
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
-    from . import bench_worker as bw
+    from . import worker as bw
     only = only or list(DEFAULT)
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -232,7 +232,7 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "data" in only:
         results["data"] = bench_data(cfg_path, list(overrides), 400 if smoke else 200_000)
     if "scale" in only:
-        from .bench_scale import bench_scale
+        from .scale import bench_scale
         results["scale"] = bench_scale(smoke)
     if "packing" in only:
         results["packing"] = bench_packing(cfg, cfg_path, list(overrides), 1 if smoke else 5)
@@ -241,7 +241,7 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "positions" in only:
         results["positions"] = bench_positions(cfg, cfg_path, list(overrides), [1.0, 0.25] if smoke else
                                                [1.0, 0.5, 0.25, 0.1], 8 if smoke else 48, 1 if smoke else 4)
-    from . import bench_cluster as bc
+    from . import cluster as bc
     if "open" in only:
         results["open"] = bc.bench_open(0.05 if smoke else 1.0, (1, 2) if smoke else (1, 2, 4))
     if "reader" in only:
@@ -295,7 +295,7 @@ def format_results(r: dict) -> str:
             lines.append(f"{name:<16}{d['time_s']:>9.1f}{d['peak_bytes'] / 2**20:>10.0f}{d['time_ratio']:>8.3f}"
                          f"{d['memory_ratio']:>8.3f}{cached:>10}")
     if "scale" in r:
-        from .bench_scale import format_scale
+        from .scale import format_scale
         lines.append(format_scale(r["scale"]))
     if "packing" in r:
         p = r["packing"]

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
-from selfaug import checkpoint, precompute, train
+from selfaug import precompute, train
+from selfaug.train import checkpoint
 from selfaug.dist import free_port
 
 SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute, train
-from selfaug.reader import StepSampler, pack, processed_tokens
+from selfaug.train.batches import StepSampler, pack, processed_tokens
 
 SKEWED = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra_sentences": 3,
           "builtin_train_size": 16}

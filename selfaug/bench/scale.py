@@ -1,6 +1,6 @@
 """`selfaug bench --only scale` (docs/design.md, "Benchmarks"): the large-model paths on this machine, at
 a scale that shows them. Every measurement is a fresh 2-rank launch (`deepspeed --num_gpus 2`, gloo
-on a CPU) of `bench_worker scale ...`, each rank reporting its own peak resident memory:
+on a CPU) of `worker scale ...`, each rank reporting its own peak resident memory:
 
 - loading + one LoRA step of a random Llama of 1.24B parameters (fp32), ZeRO-3 against ZeRO-2;
 - loading + one full fine-tuning AdamW step of a 0.38B one, ZeRO-3 against ZeRO-2;
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import dist
+from .. import dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = os.path.join(ROOT, "recipes", "scale")
@@ -35,7 +35,7 @@ def _base(tmp: str, model_dir: str, smoke: bool) -> dict:
 
 
 def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2) -> list[dict]:
-    """One measurement: `nprocs` ranks of bench_worker; the reports of every rank."""
+    """One measurement: `nprocs` ranks of bench.worker; the reports of every rank."""
     import yaml
     recipe = os.path.join(tmp, f"{kind}-{len(os.listdir(tmp))}.yaml")
     with open(recipe, "w") as f:
@@ -46,7 +46,7 @@ def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2) -> list[dict]:
     env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                SELFAUG_BENCH_OUT=out)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs), "--master_port",
-           str(dist.free_port()), "--module", "selfaug.bench_worker", "scale", kind, recipe]
+           str(dist.free_port()), "--module", "selfaug.bench.worker", "scale", kind, recipe]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"scale benchmark {kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

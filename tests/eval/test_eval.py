@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from selfaug import evaluate, ifeval, train
+from selfaug import train
+from selfaug.eval import evaluate, ifeval
 from selfaug.models import load_model
 
 
@@ -63,8 +64,8 @@ def test_answer_matcher(generated, gold, ok):
 
 
 def test_strict_accuracy_refuses_an_answer_that_lists_every_documents_value():
-    from selfaug import ragdata
-    record = ragdata.generate("eval", 1, seed=3, num_documents=4)[0]
+    from selfaug.data import builtin
+    record = builtin.generate("eval", 1, seed=3, num_documents=4)[0]
     (others,) = evaluate.rivals([record])
     assert others == sorted(set(record["distractors"]) - {record["answer"]}) and len(record["distractors"]) == 3
     plain = f"Answer: {record['answer']}"

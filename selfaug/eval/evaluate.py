@@ -15,12 +15,13 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from . import dist, ifeval
-from .config import Config, load_config
-from .data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
-from .formats import to_messages
-from .loss import LiveTeacher, kl_sum
-from .models import decoder_and_head, load_model, load_tokenizer_for, resolve_dtype
+from .. import dist
+from . import ifeval
+from ..config import Config, load_config
+from ..data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
+from ..data.formats import to_messages
+from ..loss import LiveTeacher, kl_sum
+from ..models import decoder_and_head, load_model, load_tokenizer_for, resolve_dtype
 
 
 def normalize(text: str) -> str:

@@ -14,7 +14,7 @@ from selfaug import store as ts
 from selfaug import train
 from selfaug.loss import shifted_labels
 from selfaug.models import load_model, load_tokenizer
-from selfaug.reader import StepSampler, collate
+from selfaug.train.batches import StepSampler, collate
 
 
 def _adapter(run_dir):

@@ -36,7 +36,7 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
 
 def test_saved_bytes_counts_what_backward_keeps_and_not_the_parameters():
     import torch
-    from selfaug.bench_worker import saved_bytes
+    from selfaug.bench.worker import saved_bytes
     w = torch.nn.Parameter(torch.randn(64, 32))
     x = torch.randn(10, 64, requires_grad=True)
     # x @ w saves x (10x64) and w (a parameter: left out); tanh saves its output (10x32)
@@ -50,7 +50,7 @@ def test_signal_bytes_use_4_byte_ids_over_65536_tokens():
     import numpy as np
     import torch
     from selfaug import store
-    from selfaug.bench_worker import signal_rows
+    from selfaug.bench.worker import signal_rows
     from selfaug.data import Example
     vocab, positions, k = 70_000, 40, 8
     assert store.id_dtype_for(vocab) == "uint32" and store.id_dtype_for(65_536) == "uint16"

@@ -137,10 +137,10 @@ def test_every_recipe_and_ds_config_loads():
 
 
 def test_builtin_rag_is_seeded_and_splits_share_no_entity():
-    from selfaug import ragdata
-    a = ragdata.generate("train", 300, seed=3)
-    assert a == ragdata.generate("train", 300, seed=3) and a != ragdata.generate("train", 300, seed=4)
-    b = ragdata.generate("eval", 100, seed=3)
+    from selfaug.data import builtin
+    a = builtin.generate("train", 300, seed=3)
+    assert a == builtin.generate("train", 300, seed=3) and a != builtin.generate("train", 300, seed=4)
+    b = builtin.generate("eval", 100, seed=3)
     assert not {r["entity"] for r in a} & {r["entity"] for r in b}
     for r in a[:50]:
         holders = [d for d in r["documents"] if r["entity"] in d.split(" River")[0].split(" Industries")[0]]
@@ -184,7 +184,7 @@ def test_alpha_and_lr_schedules():
 
 def test_step_sampler_covers_each_example_once_per_epoch_and_splits_ranks():
     import numpy as np
-    from selfaug.reader import StepSampler
+    from selfaug.train.batches import StepSampler
     s = StepSampler(12, micro=2, accum=1, world=2, seed=0)  # 4 examples a step, 3 steps an epoch
     epoch0 = np.concatenate([s.global_batch(t) for t in range(3)])
     assert sorted(epoch0.tolist()) == list(range(12))

@@ -28,8 +28,8 @@ import sys
 import numpy as np
 import torch
 
-from . import dist
-from .config import config_digest
+from .. import dist
+from ..config import config_digest
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
 META = "selfaug.json"

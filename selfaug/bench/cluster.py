@@ -5,7 +5,7 @@
   reader  rows -> collated micro-batch with its teacher (the production StoredSignal.batch) for a k = 64
           and a sampled N = 16 store: ms per micro-batch and stored positions per second, one core
 
-Run as a module (python -m selfaug.bench_cluster open STORE OUT) each rank of an `open` launch writes
+Run as a module (python -m selfaug.bench.cluster open STORE OUT) each rank of an `open` launch writes
 rank{R}.json.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from . import dist, store
+from .. import dist, store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,7 @@ def bench_open(gb: float, worlds=(1, 2, 4)) -> dict:
             os.makedirs(out)
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                            "--master_port", str(dist.free_port()), "-m", "selfaug.bench_cluster", "open", path, out],
+                            "--master_port", str(dist.free_port()), "-m", "selfaug.bench.cluster", "open", path, out],
                            check=True, capture_output=True, env={**env, "OMP_NUM_THREADS": "1"})
             ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
             rows.append({"world": world, "seconds_max": max(r["seconds"] for r in ranks),
@@ -105,7 +105,7 @@ def bench_reader(micro: int = 4, batches: int = 200) -> dict:
     """ms per collated micro-batch (with its teacher object) and stored positions per second, from an
     open store, for a k = 64 and a sampled N = 16 store: the production StoredSignal.batch."""
     import torch
-    from .reader import StoredSignal
+    from ..train.sources import StoredSignal
     tmp = tempfile.mkdtemp(prefix="selfaug-bench-reader-")
     rows = []
     try:

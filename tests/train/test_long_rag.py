@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import launch, tiny_config, write_recipe
-from selfaug import precompute, ragdata, train
+from selfaug import precompute, train
+from selfaug.data import builtin
 from selfaug import store as ts
 from selfaug.config import ConfigError
 from selfaug.data import load_examples
 from selfaug.models import load_model, load_tokenizer
-from selfaug.reader import DataExamples, LiveModel, PlainData, StoredSignal, collate, model_inputs
+from selfaug.train.batches import StepSampler, collate, model_inputs
+from selfaug.train.sources import DataExamples, LiveModel, PlainData, StoredSignal
 from selfaug.store import signals
 
 SAMPLES = 16
@@ -56,11 +58,11 @@ def _examples(cfg):
 # ---- 1. length-skewed built-in data -------------------------------------------------------------
 
 def test_skewed_builtin_data_spans_the_document_and_length_range():
-    fixed = ragdata.generate("train", 200, seed=1, num_documents=3)
+    fixed = builtin.generate("train", 200, seed=1, num_documents=3)
     assert {len(r["documents"]) for r in fixed} == {3}
-    assert fixed == ragdata.generate("train", 200, seed=1, num_documents=3, max_documents=None, extra_sentences=0)
-    skewed = ragdata.generate("train", 200, seed=1, num_documents=1, max_documents=12, extra_sentences=6)
-    assert skewed == ragdata.generate("train", 200, seed=1, num_documents=1, max_documents=12, extra_sentences=6)
+    assert fixed == builtin.generate("train", 200, seed=1, num_documents=3, max_documents=None, extra_sentences=0)
+    skewed = builtin.generate("train", 200, seed=1, num_documents=1, max_documents=12, extra_sentences=6)
+    assert skewed == builtin.generate("train", 200, seed=1, num_documents=1, max_documents=12, extra_sentences=6)
     counts = [len(r["documents"]) for r in skewed]
     assert min(counts) == 1 and max(counts) == 12 and len(set(counts)) == 12
     chars = [sum(len(d) for d in r["documents"]) for r in skewed]
@@ -243,7 +245,7 @@ def test_training_on_a_quarter_store_normalizes_by_the_stored_positions(tmp_path
     adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # it trained (lora_B starts at 0)
     store, _ = _examples(quarter_store)
-    sampler = train.StepSampler(len(store), cfg.train.micro_batch_size, 1, 1, cfg.train.seed)
+    sampler = StepSampler(len(store), cfg.train.micro_batch_size, 1, 1, cfg.train.seed)
     rows = [json.loads(x) for x in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
     for r in rows:
         idx = sampler.global_batch(r["step"] - 1)
@@ -364,7 +366,7 @@ def test_the_sampled_rows_follow_their_teacher_in_a_reference_forward():
 
 
 def test_pack_never_processes_more_than_padding_and_respects_the_cap():
-    from selfaug.reader import pack
+    from selfaug.train.batches import pack
     rng = np.random.default_rng(0)
     for _ in range(200):
         lens = rng.integers(1, 900, size=rng.integers(1, 9)).tolist()

@@ -1,0 +1,6 @@
+"""Stage 3 (docs/design.md, "Stage 3"): `selfaug eval`, the base model against fine-tuned ones.
+
+  evaluate.py       the command: RAG accuracy (plain and strict), IFEval, drift; report.json
+  ifeval.py         IFEval scoring with lm-eval's checkers, offline; ifeval_dev.jsonl, the bundled prompts
+  plots.py          the PNG plots of a report and of runs' metrics
+"""

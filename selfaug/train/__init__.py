@@ -1,0 +1,16 @@
+"""Stage 2 (docs/design.md, "Stage 2"): `selfaug train`, fine-tuning on a DeepSpeed ZeRO engine with
+loss = NLL(response) + alpha(step) * KL(prompt).
+
+  loop.py        setup -> train -> save_final on `deepspeed.initialize`; the run's state in one `Run`
+  objective.py   the module the engine runs per micro-batch, the step's coefficients, alpha and lr schedules
+  sources.py     the teacher source, chosen once (stored signal, live model, plain data)
+  batches.py     which examples form each step and micro-batch (by count or by tokens); collation
+  checkpoint.py  checkpoints, resume at any world size, preemption (exit 75)
+"""
+from .checkpoint import EXIT_PREEMPTED, CheckpointError, Preempted
+from .loop import Run, TrainError, ds_config, save_final, setup, step_coefficients, train, train_step, zero_stage
+from .objective import Coefficients, Objective, alpha_at, coefficients, lora_config, lr_factor
+
+__all__ = ["EXIT_PREEMPTED", "CheckpointError", "Coefficients", "Objective", "Preempted", "Run", "TrainError",
+           "alpha_at", "coefficients", "ds_config", "lora_config", "lr_factor", "save_final", "setup",
+           "step_coefficients", "train", "train_step", "zero_stage"]

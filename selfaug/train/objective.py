@@ -1,0 +1,108 @@
+"""The stage-2 objective (docs/design.md, "Stage 2"): the module a DeepSpeed engine (or a Hugging Face
+Trainer, `selfaug.hf`) runs on each micro-batch, the coefficients that normalize a step by its
+global counts, and the schedules of alpha and the learning rate.
+
+`Objective.forward(batch, c_nll, c_kl)` runs the decoder once, asks the teacher source for the
+micro-batch's teacher, and returns (c_nll * NLL_sum + c_kl * KL_sum, NLL_sum, KL_sum), both sums
+chunked from the hidden states through the head (`loss.py`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..loss import kl_sum, nll_sum
+from ..models import decoder_and_head
+from .batches import model_inputs
+from .sources import TeacherSource
+
+
+def alpha_at(step: int, tc) -> float:
+    """alpha(step): constant, or linear / cosine from alpha_start to alpha over the run."""
+    if tc.alpha_schedule == "constant":
+        return tc.alpha
+    frac = min(step / max(tc.max_steps - 1, 1), 1.0)
+    if tc.alpha_schedule == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return tc.alpha_start + (tc.alpha - tc.alpha_start) * frac
+
+
+def lr_factor(step: int, tc) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    frac = (step - tc.warmup_steps) / max(tc.max_steps - tc.warmup_steps, 1)
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def lora_config(tc):
+    from peft import LoraConfig
+    return LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout, bias="none",
+                      target_modules=[m.strip() for m in tc.lora_target_modules.split(",") if m.strip()],
+                      task_type="CAUSAL_LM")
+
+
+class Coefficients(NamedTuple):
+    c_nll: float  # world / (response tokens of the step)
+    c_kl: float  # world * alpha / (KL positions of the step)
+    n_nll: int
+    n_kl: int
+    alpha: float
+
+
+def coefficients(world: int, alpha: float, n_nll: int, n_kl: int) -> Coefficients:
+    """Each term's sum is divided once by its count over the whole step (all micro-batches, all ranks);
+    x world because data-parallel gradients are averaged over ranks."""
+    return Coefficients(world / max(n_nll, 1), world * alpha / max(n_kl, 1), n_nll, n_kl, alpha)
+
+
+class Objective(torch.nn.Module):
+    """The module the engine wraps: forward(batch) -> (loss, nll_sum, kl_sum) for one micro-batch."""
+
+    def __init__(self, model, tc, source: TeacherSource):
+        super().__init__()
+        self.model = model
+        self.tc = tc
+        self.__dict__["source"] = source  # not a submodule: a live teacher's frozen copy is never trained
+
+    def setup_zero3_head(self) -> None:
+        """Under ZeRO-3 the chunked loss applies the lm_head outside its module's hooks: the head is
+        registered as an external parameter of this module, so it is gathered while forward (and
+        backward) runs and released after, and, when it trains, its gradient is reduce-scattered like
+        every other parameter's. No rank keeps a whole copy of it."""
+        import deepspeed
+        _, head = decoder_and_head(self.model)
+        for p in (head.weight, head.bias):
+            if p is not None:
+                deepspeed.zero.register_external_parameter(self, p)
+
+    def head(self):
+        """(weight, bias) of the lm_head as the loss uses them (gathered while forward runs, under ZeRO-3)."""
+        _, head = decoder_and_head(self.model)
+        return head.weight, head.bias
+
+    @torch.no_grad()
+    def original_hidden(self, batch: dict):
+        """(final hidden states (B, T, H), head weight, bias) of the original model: this LoRA student with
+        its adapters disabled. The one call a teacher source makes into the objective (online, LoRA)."""
+        body, _ = decoder_and_head(self.model)
+        weight, bias = self.head()
+        with self.model.disable_adapter():
+            return body(**model_inputs(batch)).last_hidden_state, weight, bias
+
+    def forward(self, batch: dict, c_nll: float, c_kl: float):
+        body, _ = decoder_and_head(self.model)
+        hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
+        labels = batch["labels"]
+        weight, bias = self.head()
+        teacher = self.source.signal(batch, self)
+        if teacher is None:
+            kl = torch.zeros((), device=hidden.device)  # plain fine-tuning: no teacher at all
+        else:
+            kl, _ = kl_sum(hidden, weight, bias, batch["rows_b"], batch["rows_t"], teacher,
+                           reverse=self.tc.kl_direction == "reverse", tail=self.tc.kl_tail,
+                           chunk_rows=self.tc.loss_chunk_rows)
+        nll, _ = nll_sum(hidden, weight, bias, labels, chunk_rows=self.tc.loss_chunk_rows)
+        return c_nll * nll + c_kl * kl, nll.detach(), kl.detach()
