@@ -19,10 +19,12 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import SelfAugError
+
 REQUIRED = "<required>"
 
 
-class ConfigError(ValueError):
+class ConfigError(SelfAugError, ValueError):
     pass
 
 
@@ -279,23 +281,27 @@ def build_config(raw: dict, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError:
             parsed = value
         sections.setdefault(section, {})[key] = parsed
-    built = {}
-    for section, (cls, keys) in schema.items():
-        values = {}
-        for key, value in sections.get(section, {}).items():
-            if key not in keys:
-                raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(keys)}")
-            values[key] = _coerce(value, keys[key][0], f"{section}.{key}")
-        obj = cls(**values)
-        for key, (_, f) in keys.items():
-            value = getattr(obj, key)
-            if value == REQUIRED:
-                raise ConfigError(f"{section}.{key} is required: set it in the recipe or pass {section}.{key}=...")
-            _check_range(value, f.metadata, f"{section}.{key}")
-        built[section] = obj
-    cfg = Config(**built)
+    cfg = Config(**{section: build_section(section, sections.get(section, {})) for section in schema})
     _check(cfg)
     return cfg
+
+
+def build_section(section: str, raw: dict):
+    """One section of a recipe from a mapping: unknown keys, wrong types, choices and ranges are
+    ConfigErrors naming `section.key` (also used alone, e.g. the train options of `selfaug.hf`)."""
+    cls, keys = section_fields()[section]
+    values = {}
+    for key, value in raw.items():
+        if key not in keys:
+            raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(keys)}")
+        values[key] = _coerce(value, keys[key][0], f"{section}.{key}")
+    obj = cls(**values)
+    for key, (_, f) in keys.items():
+        value = getattr(obj, key)
+        if value == REQUIRED:
+            raise ConfigError(f"{section}.{key} is required: set it in the recipe or pass {section}.{key}=...")
+        _check_range(value, f.metadata, f"{section}.{key}")
+    return obj
 
 
 def _check(cfg: Config) -> None:

@@ -9,6 +9,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from .errors import SelfAugError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -113,7 +115,7 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
-class DistError(ValueError):
+class DistError(SelfAugError, ValueError):
     """A DeepSpeed config that cannot be used as given: the message names the file and the key."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SelfAugError
 from .data import cache_dir  # one cache root for converted models and tokenized data
 from .hashing import sha256_file
 
@@ -31,7 +32,7 @@ TINY_SEED = 1234
 INIT_VERSION = 3  # seeded_init by (parameter name, block); part of random models' fingerprints
 
 
-class ModelError(ValueError):
+class ModelError(SelfAugError, ValueError):
     """A model that cannot be built as configured: the message names the key and the fix."""
 
 

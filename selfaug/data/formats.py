@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+from ..errors import SelfAugError
+
 RAG_INSTRUCTION = "Answer the question using the documents. Reply in the form 'Answer: <answer>'."
 MSMARCO_NO_ANSWER = "No Answer Present."
 
 
-class DataError(ValueError):
+class DataError(SelfAugError, ValueError):
     pass
 
 

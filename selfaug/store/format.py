@@ -10,6 +10,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from ..errors import SelfAugError
+
 FORMAT = "selfaug-teacher-store"
 VERSION = 2  # 2: the signal and the position rule in the settings
 MANIFEST = "manifest.json"
@@ -17,7 +19,7 @@ COMMON_FIELDS = (("example_id", pa.int64()), ("input_ids", pa.list_(pa.int32()))
                  ("positions", pa.list_(pa.int32())))
 
 
-class StoreError(RuntimeError):
+class StoreError(SelfAugError, RuntimeError):
     pass
 
 

@@ -30,13 +30,14 @@ import torch
 
 from .. import dist
 from ..config import config_digest
+from ..errors import SelfAugError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
 META = "selfaug.json"
 PORTABLE = "portable.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SelfAugError, RuntimeError):
     """A checkpoint that cannot be resumed by this run (the message says why and what to do)."""
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .. import dist, store
 from ..config import Config, check_paths
+from ..errors import SelfAugError
 from ..models import load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
 from . import checkpoint
 from .batches import StepSampler, step_counts
@@ -36,7 +37,7 @@ from .objective import Coefficients, Objective, alpha_at, coefficients, lora_con
 from .sources import DataExamples, LiveModel, PlainData, StoredSignal, TeacherSource
 
 
-class TrainError(RuntimeError):
+class TrainError(SelfAugError, RuntimeError):
     """A run that cannot go on correctly (a non-finite loss, an unsupported combination)."""
 
 

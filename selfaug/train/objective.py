@@ -95,14 +95,25 @@ class Objective(torch.nn.Module):
     def forward(self, batch: dict, c_nll: float, c_kl: float):
         body, _ = decoder_and_head(self.model)
         hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
-        labels = batch["labels"]
-        weight, bias = self.head()
-        teacher = self.source.signal(batch, self)
-        if teacher is None:
-            kl = torch.zeros((), device=hidden.device)  # plain fine-tuning: no teacher at all
-        else:
-            kl, _ = kl_sum(hidden, weight, bias, batch["rows_b"], batch["rows_t"], teacher,
-                           reverse=self.tc.kl_direction == "reverse", tail=self.tc.kl_tail,
-                           chunk_rows=self.tc.loss_chunk_rows)
-        nll, _ = nll_sum(hidden, weight, bias, labels, chunk_rows=self.tc.loss_chunk_rows)
+        nll, kl = micro_batch_sums(hidden, self.head(), batch, self.source.signal(batch, self), self.tc)
         return c_nll * nll + c_kl * kl, nll.detach(), kl.detach()
+
+
+def micro_batch_sums(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL sum, KL sum) of one micro-batch, each chunked through the head (never a whole logits tensor).
+
+    Args:
+        hidden: (B, T, H) the decoder's final hidden states of the collated rows.
+        head: (weight (V, H), bias (V,) or None) of the lm_head.
+        batch: the collated micro-batch (`batches.collate`): labels (B, T), rows_b and rows_t (N,).
+        teacher: the loss's teacher object for the N KL rows, or None (plain fine-tuning: KL sum 0).
+        tc: the train options read here: kl_direction, kl_tail, loss_chunk_rows.
+    """
+    weight, bias = head
+    if teacher is None:
+        kl = torch.zeros((), device=hidden.device)
+    else:
+        kl, _ = kl_sum(hidden, weight, bias, batch["rows_b"], batch["rows_t"], teacher,
+                       reverse=tc.kl_direction == "reverse", tail=tc.kl_tail, chunk_rows=tc.loss_chunk_rows)
+    nll, _ = nll_sum(hidden, weight, bias, batch["labels"], chunk_rows=tc.loss_chunk_rows)
+    return nll, kl

@@ -1,0 +1,8 @@
+"""The one base of selfaug's own exceptions (docs/design.md, "Command line"): every error that means the
+user has something to fix (a recipe, the data, a store, a model, a checkpoint) is a `SelfAugError`, so
+a library user catches one type and the command line prints it as one line.
+"""
+
+
+class SelfAugError(Exception):
+    """Something the user can fix; the message says what and how."""

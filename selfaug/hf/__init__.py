@@ -1,0 +1,16 @@
+"""SelfAug in the trainers users already run (docs/design.md, "In your own trainer"): the Hugging Face
+`Trainer`, TRL's `SFTTrainer` (through the mixin) and so axolotl and accelerate, on a teacher store.
+
+  trainer.py   `SelfAugMixin` and `SelfAugTrainer`: the store checked, the loss and its normalization
+  dataset.py   the store's examples as a dataset, a user's dataset matched to it, the seeded step
+               order of `selfaug train`, and the collator that carries the teacher rows
+
+    from selfaug.hf import SelfAugTrainer
+    trainer = SelfAugTrainer(model=model, args=TrainingArguments(...), teacher_store="stores/my_store", alpha=0.5)
+    trainer.train(); trainer.save_model("out/final")
+"""
+from .dataset import SelfAugCollator, StepOrder, match_dataset, store_dataset
+from .trainer import SelfAugMixin, SelfAugTrainer, check_store_for
+
+__all__ = ["SelfAugCollator", "SelfAugMixin", "SelfAugTrainer", "StepOrder", "check_store_for", "match_dataset",
+           "store_dataset"]

@@ -1,0 +1,270 @@
+"""SelfAug inside a Hugging Face trainer (docs/design.md, "In your own trainer"): `SelfAugMixin` for any
+`transformers.Trainer` subclass (TRL's `SFTTrainer` included), and `SelfAugTrainer`, the mixin on
+`Trainer` itself.
+
+The mixin is glue only; what it runs is selfaug's own: the store (`TeacherStore`, verified), the
+collation and the teacher rows (`StoredSignal.batch`), the chunked loss (`objective.micro_batch_sums`),
+the step's normalization (`objective.coefficients`, from the whole step's counts over all ranks, computed
+once per optimizer step in `get_batch_samples`) and alpha's schedule (`objective.alpha_at`). It never
+relies on the parent's rule for scaling: `compute_loss` returns world x (NLL_sum / N_nll + alpha x
+KL_sum / N_kl) for the micro-batch, already scaled for accumulation (`loss_is_scaled_for_ga`).
+
+The loss is computed inside the model's own forward: a hook keeps the decoder's final hidden states
+and a hook on the top module, run before DeepSpeed's own, applies the chunked head there and returns
+the loss as the output's `loss`. So under ZeRO-3 the head, registered as an external parameter of the
+top module, is gathered for the loss and again in backward (as `selfaug train` does with its
+objective), and the model's own head runs on one position only (`logits_to_keep=1`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+
+import torch
+from transformers import Trainer
+
+from .. import dist, store
+from ..config import build_section
+from ..data import DataError, tokenizer_fingerprint
+from ..models import decoder_and_head, vocab_size
+from ..train import TrainError
+from ..train.batches import model_inputs
+from ..train.objective import alpha_at, coefficients, micro_batch_sums
+from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
+
+# the options of the recipe's train section that the mixin takes as keywords, with their defaults there
+OPTIONS = ("alpha", "alpha_schedule", "alpha_start", "kl_direction", "kl_tail", "loss_chunk_rows", "packing",
+           "pack_tokens", "verify_store")
+TEACHER_TOLERANCE = 0.05  # nats per KL position at step 0: the model given must be the store's teacher
+
+
+def _on(teacher, device):
+    """The loss's teacher object with its tensors on `device` (the trainer moves only the batch's tensors)."""
+    return dataclasses.replace(teacher, **{f.name: getattr(teacher, f.name).to(device)
+                                           for f in dataclasses.fields(teacher)
+                                           if torch.is_tensor(getattr(teacher, f.name))})
+
+
+def check_store_for(teacher_store, model, tokenizer) -> None:
+    """Refuse a store made with another vocabulary or tokenizer (the settings of `selfaug train`'s check),
+    naming each differing field. The weights are checked at the first step (`TEACHER_TOLERANCE`)."""
+    settings = teacher_store.manifest["settings"]
+    found = {"model": {"vocab_size": vocab_size(model)}}
+    keys = ["model.vocab_size"]
+    if tokenizer is not None:
+        found["tokenizer"] = tokenizer_fingerprint(tokenizer)
+        keys += ["tokenizer.vocab_sha256", "tokenizer.chat_template_sha256"]
+    diff = store.settings_diff(found, settings, keys)
+    if diff:
+        raise store.StoreError(f"teacher store {teacher_store.dir} was not made for this model and tokenizer: "
+                               + "; ".join(d.replace("recipe:", "given:") for d in diff)
+                               + f". It was computed with {settings['model'].get('name_or_path')}: train that model "
+                                 "(with its tokenizer), or precompute a store with this one")
+
+
+class _StepGuard:
+    """A TrainerCallback: after each optimizer step, the step's sums must be finite (a skipped or NaN step
+    is an error, never a silent substitution)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._selfaug_check_step(state.global_step)
+
+
+class SelfAugMixin:
+    """SelfAug for a `transformers.Trainer` subclass: `class T(SelfAugMixin, SFTTrainer)`.
+
+    Keywords (the rest go to the trainer): `teacher_store` (a `selfaug precompute` store, required),
+    `alpha`, `alpha_schedule`, `alpha_start`, `kl_direction`, `kl_tail`, `loss_chunk_rows`, `packing`,
+    `pack_tokens`, `verify_store` (as in a recipe's `train` section), `check_teacher` (the KL at step 0
+    must be ~0: the model is the store's teacher). `train_dataset` is optional: without it the store's
+    own examples are trained on; with it, it must be the tokenized data the store was made from.
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss returns the loss normalized by the whole step's counts
+
+    def __init__(self, model=None, args=None, *, teacher_store: str, train_dataset=None, data_collator=None,
+                 check_teacher: bool = True, **kwargs):
+        options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
+        if args is None:
+            raise TypeError("SelfAugMixin needs args (TrainingArguments): the batch size, steps and optimizer")
+        # the options checked as a recipe's train section is (choices, ranges)
+        tc = build_section("train", {**options, "max_steps": max(args.max_steps, 1)})
+        if not os.path.isdir(teacher_store):
+            raise store.StoreError(f"teacher_store {teacher_store!r} does not exist: run `selfaug precompute` first")
+        if data_collator is not None and not isinstance(data_collator, SelfAugCollator):
+            raise DataError("data_collator must be a selfaug.hf.SelfAugCollator (it carries the teacher rows to the "
+                            "loss); leave it out for the default, with packing=True to pack")
+        world = args.world_size  # sets up the process group (accelerate) before the store is opened by every rank
+        teacher = store.TeacherStore(teacher_store, verify=tc.verify_store)
+        tokenizer = kwargs.get("processing_class")
+        check_store_for(teacher, model, tokenizer)
+        dataset = store_dataset(teacher) if train_dataset is None else match_dataset(train_dataset, teacher)
+        longest = int(max(dataset[LENGTH]))
+        pack_tokens = (tc.pack_tokens or longest) if tc.packing else None
+        if pack_tokens is not None and pack_tokens < longest:
+            raise TrainError(f"pack_tokens={pack_tokens} is smaller than the longest example ({longest} tokens)")
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(model.config, "pad_token_id", None) or 0
+        if hasattr(args, "dataset_kwargs"):  # TRL: the dataset is already the store's tokens
+            args = copy.copy(args)
+            args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self._selfaug = {"tc": tc, "store": teacher, "world": world, "co": None, "check": check_teacher,
+                         "step_sums": None, "log_sums": None, "log_steps": 0, "zero3_head": False}
+        super().__init__(model=model, args=args, train_dataset=dataset,
+                         data_collator=data_collator or SelfAugCollator(teacher, pad_id, pack_tokens), **kwargs)
+        self.add_callback(_StepGuard(self))
+
+    # ---- the data: every setting keeps the teacher rows with their example -------------------------
+
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset  # the collator reads the store's rows; the dataset holds only their numbers
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`random` (the default): the seeded order of `selfaug train` (the same examples in every step and
+        micro-batch on every rank); other strategies (sequential, group_by_length) are the trainer's own."""
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "random":
+            return super()._get_train_sampler(train_dataset)
+        a = self.args
+        n, g = len(train_dataset), a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        steps = a.max_steps if a.max_steps > 0 else math.ceil(n / g)  # a "trainer epoch" of the stream
+        seed = a.data_seed if a.data_seed is not None else a.seed
+        return StepOrder(n, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.world_size, seed, steps)
+
+    # ---- one optimizer step: the counts first, then the micro-batches ------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """This rank's micro-batches of the step, and the step's coefficients from the counts of all of
+        them on all ranks (one all-reduce per optimizer step)."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        counts = [sum(int(b["labels"].ne(-100).sum()) for b in batches), sum(int(b["rows_b"].numel()) for b in batches)]
+        n_nll, n_kl = (int(c) for c in dist.all_reduce_sum(counts))
+        s = self._selfaug
+        s["co"] = coefficients(s["world"], alpha_at(self.state.global_step, s["tc"]), n_nll, n_kl)
+        return batches, torch.tensor(n_nll, device=device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s = self._selfaug
+        co = s["co"]
+        if co is None or not model.training:  # evaluation: this batch alone
+            n_nll, n_kl = int(inputs["labels"].ne(-100).sum()), int(inputs["rows_b"].numel())
+            co = coefficients(1, alpha_at(self.state.global_step, s["tc"]), n_nll, n_kl)
+        loss, nll, kl, output = self._selfaug_forward(model, inputs, co)
+        if model.training:
+            if s["check"] and self.state.global_step == 0:
+                self._selfaug_check_teacher(kl, int(inputs["rows_b"].numel()))
+            part = torch.stack([nll.double() / max(co.n_nll, 1), kl.double() / max(co.n_kl, 1)])
+            s["step_sums"] = part if s["step_sums"] is None else s["step_sums"] + part
+        return (loss, output) if return_outputs else loss
+
+    def _selfaug_forward(self, model, batch, co):
+        """(loss, NLL sum, KL sum, output): the model's forward with the chunked loss computed inside it."""
+        s = self._selfaug
+        top = self.accelerator.unwrap_model(model)
+        body, head = decoder_and_head(top)
+        if hasattr(head.weight, "ds_id") and not s["zero3_head"]:  # ZeRO-3: gathered for the loss and backward
+            import deepspeed
+            for p in (head.weight, head.bias):
+                if p is not None:
+                    deepspeed.zero.register_external_parameter(top, p)
+            s["zero3_head"] = True
+        teacher = _on(batch["teacher"], batch["input_ids"].device)
+        seen = {}
+
+        def keep_hidden(module, args, output):
+            seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        def loss_at_the_end(module, args, output):
+            nll, kl = micro_batch_sums(seen.pop("hidden"), (head.weight, head.bias), batch, teacher, s["tc"])
+            seen["sums"] = (nll.detach(), kl.detach())
+            output["loss"] = co.c_nll * nll + co.c_kl * kl
+            return output
+
+        inputs = model_inputs(batch)
+        forward = (top.get_base_model() if hasattr(top, "get_base_model") else top).forward
+        if "logits_to_keep" in inspect.signature(forward).parameters:
+            inputs["logits_to_keep"] = 1  # the model's own head on one position; the loss applies it in chunks
+        hooks = [body.register_forward_hook(keep_hidden), top.register_forward_hook(loss_at_the_end, prepend=True)]
+        try:
+            output = model(**inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return output["loss"], *seen["sums"], output
+
+    # ---- checks and logs -----------------------------------------------------------------------------
+
+    def _selfaug_check_teacher(self, kl_sum, positions: int) -> None:
+        """At the first micro-batch of a fresh run the model is the store's teacher, so the KL is ~0 (float16
+        rounding of the stored values); any other model is refused before its first optimizer step."""
+        total, count = dist.all_reduce_sum([float(kl_sum), positions])
+        mean = total / max(count, 1)
+        self._selfaug["check"] = False
+        if not math.isfinite(mean) or mean > TEACHER_TOLERANCE:
+            settings = self._selfaug["store"].manifest["settings"]["model"]
+            raise store.StoreError(
+                f"the model given is not the teacher of store {self._selfaug['store'].dir}: before any training its "
+                f"KL to the stored teacher is {mean:.4g} nats per position (at most {TEACHER_TOLERANCE} for the same "
+                f"model). The store was computed with {settings.get('name_or_path')} (content hash "
+                f"{str(settings.get('content_hash'))[:16]}): train that model, precompute a store for this one, or "
+                "pass check_teacher=False if it starts elsewhere on purpose")
+
+    def _selfaug_check_step(self, step: int) -> None:
+        s = self._selfaug
+        sums, s["step_sums"] = s["step_sums"], None
+        if sums is None:
+            return
+        total = torch.as_tensor(dist.all_reduce_sum(sums.detach().cpu().numpy()))  # the step's NLL and KL means
+        if not torch.isfinite(total).all():
+            raise TrainError(f"optimizer step {step}: the loss is not finite (nll {total[0].item()}, kl "
+                             f"{total[1].item()}); check the teacher store (`selfaug inspect`), the learning rate "
+                             "and the data")
+        s["log_sums"] = total if s["log_sums"] is None else s["log_sums"] + total
+        s["log_steps"] += 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The trainer's logs, and beside a training `loss` the step means of `nll` and `kl` since the last
+        log and the current `alpha` (so every `report_to` logger gets them)."""
+        s = self._selfaug
+        if "loss" in logs and s["log_steps"]:
+            logs["nll"] = float(s["log_sums"][0]) / s["log_steps"]
+            logs["kl"] = float(s["log_sums"][1]) / s["log_steps"]
+            logs["alpha"] = s["co"].alpha
+            s["log_sums"], s["log_steps"] = None, 0
+        super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The trainer's own save (a peft adapter or a model directory), and `selfaug_trainer.json`: the
+        store it trained against and the SelfAug options."""
+        super().save_model(output_dir, _internal_call)
+        out = output_dir or self.args.output_dir
+        if self.args.should_save:
+            tc, teacher = self._selfaug["tc"], self._selfaug["store"]
+            with open(os.path.join(out, "selfaug_trainer.json"), "w") as f:
+                json.dump({"teacher_store": os.path.abspath(teacher.dir), "store_settings": teacher.manifest["settings"],
+                           **{k: getattr(tc, k) for k in OPTIONS}}, f, indent=2, default=str)
+
+
+class SelfAugTrainer(SelfAugMixin, Trainer):
+    """`transformers.Trainer` with SelfAug from a teacher store: see `SelfAugMixin`."""
