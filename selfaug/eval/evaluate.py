@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import dist
 from . import ifeval
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
 from ..data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
 from ..data.formats import to_messages
 from ..loss import LiveTeacher, kl_sum
@@ -98,17 +98,29 @@ def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> flo
 
 
 def load_run_model(cfg: Config, run_dir: str, dtype, device):
-    """The model a run saved under final/: a peft adapter on its base model, or a full model."""
+    """(model, alpha) of one entry of eval.runs: a `selfaug train` run (its final/), or any Hugging Face
+    model directory or peft adapter directory (`SelfAugTrainer.save_model`, another trainer's output). An
+    adapter goes on its own base model when that is a directory or hub id, else on the recipe's model."""
     final = os.path.join(run_dir, "final")
-    if not os.path.isdir(final):
-        raise FileNotFoundError(f"{run_dir} has no final/ model: train it to the end first")
-    run_cfg = load_config(os.path.join(final, "selfaug_config.yaml"))
-    if os.path.exists(os.path.join(final, "adapter_config.json")):
+    alpha = None
+    if os.path.isfile(os.path.join(final, "selfaug_config.yaml")):
+        alpha = load_config(os.path.join(final, "selfaug_config.yaml")).train.alpha
+        base_cfg, where = load_config(os.path.join(final, "selfaug_config.yaml")).model, final
+    elif os.path.isfile(os.path.join(run_dir, "adapter_config.json")) or os.path.isfile(os.path.join(run_dir, "config.json")):
+        base_cfg, where = cfg.model, run_dir
+        trainer_json = os.path.join(run_dir, "selfaug_trainer.json")
+        if os.path.isfile(trainer_json):
+            with open(trainer_json) as f:
+                alpha = json.load(f).get("alpha")
+    else:
+        raise ConfigError(f"eval.runs: {run_dir} is neither a selfaug run with a final/ model nor a Hugging Face model or "
+                                "peft adapter directory (config.json or adapter_config.json)")
+    if os.path.exists(os.path.join(where, "adapter_config.json")):
         from peft import PeftModel
-        base = load_model(run_cfg.model, dtype)
-        return PeftModel.from_pretrained(base, final).merge_and_unload().to(device).eval(), run_cfg
+        base = load_model(base_cfg, dtype)
+        return PeftModel.from_pretrained(base, where).merge_and_unload().to(device).eval(), alpha
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(device).eval(), run_cfg
+    return AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval(), alpha
 
 
 class RagSet(NamedTuple):
@@ -177,11 +189,11 @@ def run(cfg: Config) -> dict:
     report["models"]["base"]["drift_kl"] = drift(base, base, drift_seqs)
     for run_dir in [r.strip() for r in ec.runs.split(",") if r.strip()]:
         name = os.path.basename(os.path.normpath(run_dir))
-        model, run_cfg = load_run_model(cfg, run_dir, dtype, device)
+        model, alpha = load_run_model(cfg, run_dir, dtype, device)
         res, _ = evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts)
         res["drift_kl"] = drift(base, model, drift_seqs)
         res["run_dir"] = run_dir
-        res["alpha"] = run_cfg.train.alpha
+        res["alpha"] = alpha
         report["models"][name] = res
         report["runs"][name] = run_dir
         del model

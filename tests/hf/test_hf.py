@@ -1,0 +1,201 @@
+"""SelfAug inside the Hugging Face trainers (selfaug/hf/): the same trainable parameters as `selfaug train`
+on the same store, order, optimizer and schedule (1 process and 2 ranks with gradient accumulation 2;
+top-k and sampled stores; LoRA and full), TRL's SFTTrainer through the mixin, outputs that peft,
+`selfaug eval` and lm-eval read, and bad input refused before any optimizer step."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
+from selfaug import precompute, train
+from selfaug.dist import free_port
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+from hf_train import hf_run  # noqa: E402
+
+SGD = {"optimizer": "sgd", "min_lr_ratio": 1.0, "lr": 0.05, "max_steps": 3, "micro_batch_size": 1, "grad_accum": 2}
+FILES = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A top-k and a sampled store of the tiny model, made once for the module."""
+    out = {}
+    for signal, extra in (("topk", {}), ("sampled", {"signal": "sampled", "samples": 16})):
+        tmp = str(tmp_path_factory.mktemp(signal))
+        cfg = tiny_config(tmp, teacher=extra)
+        precompute.run(cfg)
+        out[signal] = cfg.teacher.output_dir
+    return out
+
+
+def _recipe(tmp, store_dir, method, signal, **train_keys):
+    teacher = {"output_dir": store_dir, **({"signal": "sampled", "samples": 16} if signal == "sampled" else {})}
+    cfg = tiny_config(str(tmp), teacher=teacher, train={**SGD, "method": method, **train_keys})
+    return cfg, write_recipe(os.path.join(str(tmp), "r.yaml"), cfg)
+
+
+def _assert_same(ref_dir, got_dir, method, tol=1e-5):
+    ref, got = load_file(os.path.join(ref_dir, FILES[method])), load_file(os.path.join(got_dir, FILES[method]))
+    assert set(ref) == set(got)
+    if method == "lora":  # the adapters moved away from their init (B = 0), so the comparison is not vacuous
+        assert max(v.abs().max().item() for k, v in got.items() if "lora_B" in k) > 1e-4
+    for k in ref:
+        assert torch.allclose(ref[k].float(), got[k].float(), atol=tol, rtol=0), (k, (ref[k] - got[k]).abs().max())
+
+
+@pytest.mark.parametrize("method,signal", [("lora", "topk"), ("lora", "sampled"), ("full", "topk"), ("full", "sampled")])
+def test_one_process_selfaug_trainer_equals_selfaug_train(tmp_path, stores, method, signal):
+    cfg, recipe = _recipe(tmp_path, stores[signal], method, signal)
+    out = train.train(cfg)
+    trainer = hf_run(recipe, str(tmp_path / "hf"), deepspeed=False)
+    _assert_same(os.path.join(out, "final"), str(tmp_path / "hf" / "final"), method)
+    logs = [r for r in trainer.state.log_history if "nll" in r]
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in logs] == [1, 2, 3]  # nll, kl and alpha beside loss, every step
+    for r, m in zip(logs, metrics):
+        assert r["nll"] == pytest.approx(m["nll"], rel=1e-5) and r["kl"] == pytest.approx(m["kl"], rel=1e-3, abs=1e-6)
+        assert r["alpha"] == 0.5 and r["loss"] == pytest.approx(m["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,method,signal,zero", [("accelerate", "lora", "topk", "zero2"),
+                                                         ("deepspeed", "full", "sampled", "zero3")])
+def test_two_ranks_with_accumulation_equal_selfaug_train(tmp_path, stores, launcher, method, signal, zero):
+    """2 CPU ranks, grad_accum 2: LoRA under ZeRO-2 through `accelerate launch`, and full fine-tuning with a
+    trainable head under ZeRO-3 through the deepspeed launcher (the head registered as in selfaug train)."""
+    cfg, recipe = _recipe(tmp_path, stores[signal], method, signal,
+                          deepspeed=os.path.join(ROOT, "ds_configs", f"{zero}.json"))
+    launch("train", recipe, nprocs=2)
+    helper = os.path.join(ROOT, "tests", "helpers", "hf_train.py")
+    out = str(tmp_path / "hf")
+    if launcher == "accelerate":
+        cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+               os.path.join(ROOT, "recipes", "hf", "accelerate_zero2.yaml"), "--num_processes", "2", "--cpu",
+               "--main_process_port", str(free_port()), helper, recipe, out]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+               str(free_port()), helper, recipe, out]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _assert_same(os.path.join(cfg.train.output_dir, "final"), os.path.join(out, "final"), method)
+
+
+def test_trl_sft_trainer_with_the_mixin_equals_selfaug_trainer(tmp_path, stores):
+    pytest.importorskip("trl")
+    cfg, recipe = _recipe(tmp_path, stores["topk"], "lora", "topk")
+    hf_run(recipe, str(tmp_path / "hf"), deepspeed=False)
+    trl = hf_run(recipe, str(tmp_path / "trl"), trainer="trl", deepspeed=False)
+    assert type(trl).__mro__[2].__name__ == "SFTTrainer"
+    _assert_same(str(tmp_path / "hf" / "final"), str(tmp_path / "trl" / "final"), "lora", tol=1e-6)
+
+
+def test_outputs_load_in_peft_selfaug_eval_and_lm_eval(tmp_path, stores):
+    from peft import PeftModel
+    from selfaug.eval import evaluate
+    from selfaug.models import load_model, load_tokenizer
+    cfg, recipe = _recipe(tmp_path, stores["topk"], "lora", "topk")
+    hf_run(recipe, str(tmp_path / "hf"), deepspeed=False)
+    adapter = str(tmp_path / "hf" / "final")
+    assert json.load(open(os.path.join(adapter, "selfaug_trainer.json")))["alpha"] == 0.5
+    model = PeftModel.from_pretrained(load_model(cfg.model.name_or_path), adapter)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 1e-4  # the trained adapter, not a fresh one
+    # selfaug eval takes the adapter directory as a run
+    ecfg = tiny_config(str(tmp_path), eval={"runs": adapter, "max_ifeval_prompts": 2, "max_rag_examples": 2,
+                                            "max_drift_prompts": 2, "max_new_tokens": 8, "rag_max_new_tokens": 8,
+                                            "output_dir": str(tmp_path / "eval")})
+    report = evaluate.run(ecfg)
+    assert report["models"]["final"]["alpha"] == 0.5 and report["models"]["final"]["drift_kl"] > 0
+    # lm-eval's hf model with the adapter, on a local task
+    base = str(tmp_path / "base")
+    load_model(cfg.model.name_or_path).save_pretrained(base)
+    load_tokenizer("builtin:tiny-llama").save_pretrained(base)
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    fixture = os.path.join(ROOT, "tests", "fixtures", "lm_eval")
+    yaml_text = open(os.path.join(fixture, "selfaug_tiny_qa.yaml")).read().replace(
+        "DATA_FILE", os.path.join(fixture, "qa.jsonl"))
+    (task_dir / "selfaug_tiny_qa.yaml").write_text(yaml_text)
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={base},peft={adapter}", "--tasks", "selfaug_tiny_qa", "--include_path",
+                           str(task_dir), "--device", "cpu", "--batch_size", "2", "--output_path",
+                           str(tmp_path / "lm_eval")], cwd=str(tmp_path), capture_output=True, text=True,
+                          env=clean_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(r"selfaug_tiny_qa.*\|acc\s*\|", proc.stdout), proc.stdout[-2000:]
+
+
+def test_bad_input_is_one_selfaug_error_before_any_step(tmp_path, stores):
+    from transformers import TrainingArguments
+    from selfaug.errors import SelfAugError
+    from selfaug.hf import SelfAugTrainer
+    from selfaug.models import load_model, load_tokenizer
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True)
+    model, tok = load_model("builtin:tiny-llama"), load_tokenizer("builtin:tiny-llama")
+    with pytest.raises(SelfAugError, match="does not exist: run `selfaug precompute`"):
+        SelfAugTrainer(model=model, args=args, teacher_store=str(tmp_path / "nowhere"))
+    other = load_tokenizer("builtin:tiny-llama")
+    other.add_tokens(["<not-in-the-store>"])
+    with pytest.raises(SelfAugError, match=r"not made for this model and tokenizer: tokenizer.vocab_sha256"):
+        SelfAugTrainer(model=model, args=args, teacher_store=stores["topk"], processing_class=other)
+    import datasets
+    from selfaug import store
+    rows = store.TeacherStore(stores["topk"])
+    ids = [list(rows.example(i)["input_ids"]) for i in range(3)]
+    ids[1][5] += 1
+    with pytest.raises(SelfAugError, match=r"record 1 is not the store's example: .* from token 5 on"):
+        SelfAugTrainer(model=model, args=args, teacher_store=stores["topk"], processing_class=tok,
+                       train_dataset=datasets.Dataset.from_dict({"input_ids": ids}))
+    with pytest.raises(SelfAugError, match=r"train.kl_tail='sideways' is not one of"):
+        SelfAugTrainer(model=model, args=args, teacher_store=stores["topk"], kl_tail="sideways")
+    # a model that is not the store's teacher: refused at its first micro-batch, no optimizer step taken.
+    # (The teacher here has sharp distributions, a random Llama of the same shape at a larger init: the
+    # bucket KL of a near-uniform teacher would not tell two random models apart.)
+    from selfaug.models import tiny_llama_config
+    sharp = tmp_path / "sharp"
+    sharp.mkdir()
+    (sharp / "config.json").write_text(json.dumps({**tiny_llama_config().to_dict(), "initializer_range": 0.5}))
+    scfg = tiny_config(str(tmp_path), model={"name_or_path": str(sharp), "init": "random"},
+                       teacher={"output_dir": str(tmp_path / "sharp_store")})
+    precompute.run(scfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = SelfAugTrainer(model=model, args=args, teacher_store=scfg.teacher.output_dir, processing_class=tok)
+    with pytest.raises(SelfAugError, match="is not the teacher of store .* KL to the stored teacher is"):
+        t.train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_subset_of_the_store_by_example_id_trains_on_those_examples(tmp_path, stores):
+    import datasets
+    from selfaug import store
+    from selfaug.hf import match_dataset
+    rows = store.TeacherStore(stores["topk"])
+    pick = [7, 2, 5]
+    ds = datasets.Dataset.from_dict({"example_id": [rows.example(i)["example_id"] for i in pick],
+                                     "input_ids": [rows.example(i)["input_ids"].tolist() for i in pick],
+                                     "extra": ["kept", "out", "of it"]})
+    matched = match_dataset(ds, rows)
+    assert matched["selfaug_row"] == pick and matched["length"] == [len(rows.example(i)["input_ids"]) for i in pick]
+
+
+def test_the_readme_snippet_runs_as_written(tmp_path):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text[text.index("## In your own trainer"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    store_cfg = tiny_config(str(tmp_path), teacher={"output_dir": str(tmp_path / "stores" / "my_store")})
+    precompute.run(store_cfg)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(snippet, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert os.path.isfile(tmp_path / "out" / "final" / "adapter_model.safetensors")
