@@ -173,6 +173,7 @@ class EvalConfig:
 
 
 REPORT_TO = ("none", "tensorboard", "wandb", "csv")
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # what each logger imports (csv: nothing)
 
 
 @dataclass
@@ -327,10 +328,16 @@ def _check(cfg: Config) -> None:
     for name in (n.strip().upper() for n in t.exit_signals.split(",") if n.strip()):
         if not isinstance(getattr(signal, name if name.startswith("SIG") else "SIG" + name, None), signal.Signals):
             raise ConfigError(f"train.exit_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
-    targets = [t for t in cfg.train.report_to.split(",") if t.strip()]
+    targets = [t.strip() for t in cfg.train.report_to.split(",") if t.strip()]
     for t in targets:
-        if t.strip() not in REPORT_TO:
-            raise ConfigError(f"train.report_to: {t.strip()!r} is not one of {list(REPORT_TO)}")
+        if t not in REPORT_TO:
+            raise ConfigError(f"train.report_to: {t!r} is not one of {list(REPORT_TO)}")
+    import importlib.util
+    for t in targets:  # a logger that is not installed: one line now, not a traceback after the model loaded
+        package = LOGGER_PACKAGES.get(t)
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.report_to={t} needs the {package} package, which is not installed: "
+                              f"pip install \"selfaug[{t}]\" (or drop {t} from train.report_to)")
 
 
 def check_paths(cfg: Config) -> None:

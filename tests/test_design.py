@@ -2,6 +2,7 @@
 itself (`selfaug config`), and the metrics reach TensorBoard through DeepSpeed's monitor."""
 import ast
 import glob
+import json
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import ROOT, read_metrics, tiny_config
 from selfaug import train
 
 
-PACKAGES = ("store", "train", "data", "eval", "bench")  # one concern a folder
+PACKAGES = ("store", "train", "data", "eval", "hf", "bench")  # one concern a folder
 
 
 def _modules():
@@ -72,7 +73,7 @@ def _closure(graph, start):
 
 def test_the_tree_shows_the_stages_and_the_concerns():
     top = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "selfaug", "*"))} - {"__pycache__"}
-    assert {"precompute.py", "loss.py", "train", "store", "data", "eval", "bench"} <= top
+    assert {"precompute.py", "loss.py", "train", "store", "data", "eval", "hf", "bench"} <= top
     for package in PACKAGES:  # each folder says what it owns
         doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, "selfaug", package, "__init__.py")).read()))
         assert doc and len(doc.splitlines()) >= 3, f"selfaug/{package}/__init__.py does not say what it owns"
@@ -146,11 +147,14 @@ def test_selfaug_config_prints_the_resolved_recipe_with_help(capsys):
     assert "[forward | reverse]" in out  # a Literal's allowed values, from the field itself
 
 
-def test_report_to_tensorboard_writes_every_metric_of_every_step(tmp_path, tiny_store):
+def test_report_to_tensorboard_csv_and_wandb_write_every_metric_of_every_step(tmp_path, tiny_store, monkeypatch):
     pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
-                      train={"max_steps": 3, "report_to": "tensorboard,csv"})
+                      train={"max_steps": 3, "report_to": "tensorboard,csv,wandb"})
     out = train.train(cfg)
     files = glob.glob(os.path.join(out, "logs", "tensorboard", "events.out.tfevents.*"))
     assert files, os.listdir(os.path.join(out, "logs"))
@@ -162,3 +166,50 @@ def test_report_to_tensorboard_writes_every_metric_of_every_step(tmp_path, tiny_
         assert [e.step for e in events] == [1, 2, 3], key
         assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
     assert glob.glob(os.path.join(out, "logs", "csv", "*.csv"))
+    (run_file,) = glob.glob(os.path.join(out, "logs", "wandb", "offline-run-*", "run-*.wandb"))
+    history = _wandb_history(run_file)
+    for key in ("loss", "nll", "kl", "alpha", "lr", "tokens_per_s"):
+        logged = sorted((step, v) for step, row in history.items() for k, v in row.items() if k == key)
+        assert [step for step, _ in logged] == [1, 2, 3], key
+        assert [v for _, v in logged] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
+
+
+def _wandb_history(path: str) -> dict:
+    """{step: {key: value}} of a W&B run file (offline mode): a LevelDB-style log of protobuf records
+    after W&B's 7-byte header, in 32 KiB blocks, each record chunk behind a 7-byte header (crc, length,
+    type: 1 full, 2 first, 3 middle, 4 last)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, records, chunks = 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(chunks)
+            chunks = b""
+        elif kind == 0 and length == 0:
+            break
+    history = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            step = record.history.step.num if record.history.HasField("step") else items.get("_step")
+            history.setdefault(int(step), {}).update(items)
+    return history
+
+
+def test_a_logger_that_is_not_installed_is_one_line_naming_its_extra(monkeypatch):
+    import importlib.util
+    from selfaug.config import ConfigError, load_config
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'train.report_to=wandb needs the wandb package.*pip install "selfaug\[wandb\]"'):
+        load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["train.report_to=csv,wandb"])

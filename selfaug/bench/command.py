@@ -17,6 +17,8 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
   open       a 1 GB store opened by 1, 2 and 4 ranks: seconds and bytes hashed per rank (cluster.py)
   reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (cluster.py)
+  hf         SelfAugTrainer (selfaug.hf) against a plain Trainer SFT step on the same batches and against
+             selfaug train's step: step time and peak memory (trainers.py)
   gpu        one GPU (`launch.sh gpu-check`): stage 1 against a forward, the SelfAug step and peak memory
              against alpha = 0, packing, at the 7B shape with 4 layers, random weights, bf16
 """
@@ -33,7 +35,7 @@ from .. import dist
 from ..config import Config
 
 SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "budget", "positions",
-            "open", "reader", "gpu")
+            "open", "reader", "hf", "gpu")
 DEFAULT = SECTIONS[:-1]  # gpu: only when asked (it needs a CUDA GPU)
 
 # length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
@@ -41,11 +43,11 @@ SKEWED = ["data.builtin_num_documents=1", "data.builtin_max_documents=8", "data.
           "data.max_seq_len=1024"]
 
 
-def _worker(cmd: list[str], **env_extra) -> dict:
+def _worker(cmd: list[str], module: str = "selfaug.bench.worker", **env_extra) -> dict:
     """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
     # a fresh single-process rendezvous: never the parent's port or rank
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run([sys.executable, "-m", "selfaug.bench.worker", *cmd], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", module, *cmd], capture_output=True, text=True,
                          env={**env, "PYTHONUNBUFFERED": "1", **env_extra})
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {cmd} failed:\n{out.stderr[-4000:]}")
@@ -63,6 +65,20 @@ def bench_step(cfg_path: str, overrides: list[str], steps: int) -> dict:
         r["time_ratio"] = r["step_time_s"] / base["step_time_s"]
         r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
     return rows
+
+
+def bench_hf(cfg_path: str, overrides: list[str], steps: int) -> dict:
+    """SelfAugTrainer (stored top-k) against a plain Trainer SFT step on the same batches, and against
+    `selfaug train`'s step: median step time and peak memory, each in a fresh process."""
+    rows = {"plain_trainer": _worker(["plain", cfg_path, str(steps), *overrides], "selfaug.bench.trainers"),
+            "selfaug_trainer": _worker(["selfaug", cfg_path, str(steps), *overrides], "selfaug.bench.trainers"),
+            "selfaug_train": _worker(["step", "offline", cfg_path, str(steps), *overrides])}
+    s = rows["selfaug_trainer"]
+    ratios = {f"{k}_vs_{b}": s[k] / rows[b][k] for k in ("step_time_s", "peak_bytes")
+              for b in ("plain_trainer", "selfaug_train")}
+    for name, r in rows.items():
+        print(f"  hf[{name}]: {r['step_time_s']:.3f} s/step, peak {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    return {"rows": rows, **ratios}
 
 
 def bench_long(lengths: list[int], vocab: int, hidden: int, k: int, chunk: int) -> dict:
@@ -246,6 +262,8 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
         results["open"] = bc.bench_open(0.05 if smoke else 1.0, (1, 2) if smoke else (1, 2, 4))
     if "reader" in only:
         results["reader"] = bc.bench_reader(batches=20 if smoke else 200)
+    if "hf" in only:
+        results["hf"] = bench_hf(cfg_path, list(overrides), 2 if smoke else 6)
     if "gpu" in only:
         results["gpu"] = bench_gpu(cfg_path, list(overrides), smoke)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -333,4 +351,9 @@ def format_results(r: dict) -> str:
         for row in r["reader"]["rows"]:
             lines.append(f"reader[{row['signal']}]: {row['ms_per_micro_batch']:.3f} ms per micro-batch of "
                          f"{row['micro_batch']}, {row['positions_per_s'] / 1e6:.2f} M stored positions/s")
+    if "hf" in r:
+        h = r["hf"]
+        lines.append(f"hf: SelfAugTrainer / plain Trainer: step time x{h['step_time_s_vs_plain_trainer']:.2f} (target "
+                     f"<= 1.30), peak memory x{h['peak_bytes_vs_plain_trainer']:.2f} (<= 1.10); / selfaug train: step "
+                     f"time x{h['step_time_s_vs_selfaug_train']:.2f} (<= 1.10), peak x{h['peak_bytes_vs_selfaug_train']:.2f}")
     return "\n".join(lines)

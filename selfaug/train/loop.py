@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -61,9 +62,10 @@ def ds_config(cfg: Config, world: int, on_gpu: bool) -> dict:
         elif target == "csv":
             conf["csv_monitor"] = {"enabled": True, "output_path": logs, "job_name": "csv"}
         elif target == "wandb":
+            # selfaug's own W&B run (rank 0, `_wandb_run`), not DeepSpeed's monitor: the engine logs its
+            # Train/Samples events at the sample count as step, and W&B drops any later step below it
             os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless asked
             os.environ.setdefault("WANDB_DIR", logs)
-            conf["wandb"] = {"enabled": True, "project": "selfaug"}
     return conf
 
 
@@ -86,6 +88,7 @@ class Run:
     pack_tokens: int | None = None  # train.packing: the longest packed row
     identity: dict | None = None  # what a checkpoint's run must share with this one (checkpoint.run_identity)
     stop: Any = None  # checkpoint.StopFlag: set by train.exit_signals
+    wandb: Any = None  # the W&B run (train.report_to=wandb), rank 0
 
 
 def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
@@ -241,6 +244,8 @@ def train(cfg: Config) -> str:
     try:
         return _train(run)
     finally:
+        if run.wandb is not None:
+            run.wandb.finish(exit_code=0 if run.stop.requested or sys.exc_info()[0] is None else 1)
         if not run.stop.requested:  # a stopped run ignores further signals until it exits
             run.stop.restore()
 
@@ -256,6 +261,7 @@ def _train(run: Run) -> str:
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
         _truncate_metrics(metrics_path, start)
+    run.wandb = _wandb_run(cfg, rank)
     # the bar is closed on the way out, also by an error, so that the error starts on a line of its own
     with tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
         for step in range(start, tc.max_steps):
@@ -286,10 +292,21 @@ def _train(run: Run) -> str:
     return out
 
 
+def _wandb_run(cfg: Config, rank: int):
+    """The run's W&B run on rank 0 when train.report_to has wandb (offline unless WANDB_MODE says otherwise)."""
+    if rank != 0 or "wandb" not in {t.strip() for t in cfg.train.report_to.split(",")}:
+        return None
+    import wandb
+    return wandb.init(project="selfaug", dir=os.environ.get("WANDB_DIR"), config=cfg.to_dict(),
+                      name=os.path.basename(os.path.normpath(cfg.train.output_dir)), reinit="finish_previous")
+
+
 def _log(run: Run, path: str, row: dict) -> None:
-    """metrics.jsonl (strict JSON), and the same keys to DeepSpeed's monitors (train.report_to)."""
+    """metrics.jsonl (strict JSON), and the same keys to W&B and DeepSpeed's monitors (train.report_to)."""
     with open(path, "a") as f:
         f.write(json.dumps(row, allow_nan=False) + "\n")
+    if run.wandb is not None:
+        run.wandb.log({key: value for key, value in row.items() if key != "step"}, step=row["step"])
     monitor = getattr(run.engine, "monitor", None)
     if monitor is not None and monitor.enabled:
         monitor.write_events([(key, float(value), row["step"]) for key, value in row.items() if key != "step"])

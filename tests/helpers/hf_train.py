@@ -32,7 +32,9 @@ def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, *
                   gradient_accumulation_steps=tc.grad_accum, learning_rate=tc.lr,
                   optim="sgd" if tc.optimizer == "sgd" else "adamw_torch", lr_scheduler_type="constant",
                   weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, seed=tc.seed, logging_steps=1,
-                  report_to=[], save_strategy="no", use_cpu=True, deepspeed=tc.deepspeed if deepspeed else None,
+                  report_to=[], save_strategy="no", use_cpu=True,
+                  # under `accelerate launch` the accelerate config names the DeepSpeed file
+                  deepspeed=tc.deepspeed if deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" else None,
                   disable_tqdm=True)
     if trainer == "trl":
         from trl import SFTConfig, SFTTrainer

@@ -77,7 +77,7 @@ def test_two_ranks_with_accumulation_equal_selfaug_train(tmp_path, stores, launc
     out = str(tmp_path / "hf")
     if launcher == "accelerate":
         cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-               os.path.join(ROOT, "recipes", "hf", "accelerate_zero2.yaml"), "--num_processes", "2", "--cpu",
+               os.path.join(ROOT, "recipes", "hf", "accelerate_zero2.yaml"), "--num_processes", "2",
                "--main_process_port", str(free_port()), helper, recipe, out]
     else:
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
