@@ -2,7 +2,7 @@
 
   records.py   a data source (JSONL, Parquet, a Hugging Face dataset, the built-in set) as Arrow rows,
                each converted to the chat or RAG record
-  formats.py   one `Format` object per data format (chat, rag, CRAG, MS MARCO, HotpotQA, DPR, RAGBench)
+  formats.py   one `Format` object per data format (the published RAG layouts, chat)
   examples.py  records rendered with the chat template and tokenized (cached), validated, counted
   builtin.py   the seeded built-in RAG generator (fictional entities)
 """

@@ -67,9 +67,17 @@ def encode_prompt(tok, messages: list[dict]) -> list[int]:
 
 def encode_chat(tok, messages: list[dict], where: str) -> tuple[list[int], int]:
     """(input_ids, prompt_len): the prompt is checked to be a token prefix of the whole."""
-    prompt = encode_prompt(tok, messages[:-1])
-    full_text = tok.apply_chat_template(messages, tokenize=False)
-    full = tok(full_text, add_special_tokens=False)["input_ids"]
+    try:
+        full_text = tok.apply_chat_template(messages, tokenize=False)
+        full_text.encode("utf-8")  # the one check of valid Unicode: tokenizers fail on it each their own way
+        prompt = encode_prompt(tok, messages[:-1])
+        full = tok(full_text, add_special_tokens=False)["input_ids"]
+    except UnicodeError as e:  # a lone surrogate (a JSON "\\ud800" escape) is no text a tokenizer can encode
+        raise DataError(f"{where}: text that cannot be encoded (invalid Unicode: {e.reason}, "
+                        f"{e.object[e.start:e.end]!r}); fix or drop the record") from None
+    except Exception as e:  # the chat template or the tokenizer refused the record's content
+        raise DataError(f"{where}: the chat template or tokenizer refused the record "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if full[: len(prompt)] != prompt:
         raise DataError(f"{where}: the chat template's prompt is not a token prefix of the full conversation; "
                         "the prompt/response boundary cannot be found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 from . import builtin, formats
 from .formats import DataError
@@ -24,13 +25,19 @@ def _jsonl_lines(path: str):
     schema inference."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark at the start of the file, as some editors write it, is not data
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); "
                                 "re-encode the file as UTF-8") from None
-            if line.strip():
+            if line.strip():  # blank lines (and CRLF line ends) are what common tools write
                 yield {"_json": line, "_line": lineno}
+
+
+def _has_a_record(path: str) -> bool:
+    """Whether a JSONL file has a non-blank line, by the reader's own rule (an empty file gives no data set
+    at all; a line that is not UTF-8 raises its DataError here)."""
+    return next(_jsonl_lines(path), None) is not None
 
 
 def _builtin_rows(split: str, size: int, seed: int, num_documents: int, max_documents, extra_sentences: int):
@@ -61,6 +68,8 @@ def load_records(source: str, cfg):
             fingerprint=f"{split}-{size}-{digest[:32]}-v{TOKENIZE_VERSION}-g2")  # g2: records carry distractors
         fp = {"source": source, "sha256": digest}
     elif source.endswith((".jsonl", ".json")) and os.path.isfile(source):
+        if not _has_a_record(source):
+            raise DataError(f"data source {source!r} holds no records (the file is empty or only blank lines)")
         digest = sha256_file(source)
         try:
             ds = datasets.Dataset.from_generator(_jsonl_lines, gen_kwargs={"path": source},
@@ -113,7 +122,11 @@ def _record(row: dict, source: str, index: int) -> dict:
         try:
             return json.loads(row["_json"])
         except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{row['_line']}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{source}:{row['_line']}: malformed JSON ({e.msg} at column {e.colno}) in record "
+                            f"{index}") from None
+        except RecursionError:
+            raise DataError(f"{source}:{row['_line']}: record {index} is JSON nested too deeply to read (over "
+                            f"{sys.getrecursionlimit()} levels)") from None
     return {k: v for k, v in row.items() if v is not None}  # Arrow fills a column missing from a record with None
 
 
