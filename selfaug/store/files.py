@@ -35,7 +35,8 @@ def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
         os.replace(tmp, path)
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
-            raise
+            raise StoreError(f"could not write shard {path} ({e.strerror or e}); nothing claims it is written: "
+                             "fix the cause and run precompute again (the finished shards are kept)") from None
         free = shutil.disk_usage(os.path.dirname(path)).free
         raise StoreError(f"no space left on the device holding {os.path.dirname(path)}: this shard needs about "
                          f"{table.nbytes / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; free space and run "
@@ -53,6 +54,9 @@ def write_json_atomic(path: str, obj: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
+    except OSError as e:
+        raise StoreError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged: "
+                         "fix the cause and run the command again") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

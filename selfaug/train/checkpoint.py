@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -161,31 +162,61 @@ def load_portable(engine, path: str, meta: dict) -> None:
 # ---- save and resume ------------------------------------------------------------------------------
 
 def save(run, step: int, identity: dict) -> str:
-    """All ranks: the checkpoint of `step`, marked latest once whole."""
+    """All ranks: the checkpoint of `step`, marked latest once whole. A write that fails on any rank (a full
+    disk, a file-size limit) is one CheckpointError on every rank, and `latest` still names the one before."""
     engine, cfg = run.engine, run.cfg
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     tag = f"step-{step}"
-    engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
     path = os.path.join(root, tag)
-    torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
-    portable = None
-    if engine.zero_optimization_stage() > 0:
-        portable = save_portable(engine, os.path.join(path, PORTABLE))
-    if run.rank == 0:
-        t = cfg.train
-        meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,
-                "grad_accum": t.grad_accum, "global_batch": t.micro_batch_size * t.grad_accum * run.world,
-                "zero_stage": engine.zero_optimization_stage(), "identity": identity, "portable": portable,
-                "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
-        with open(os.path.join(path, META), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-    dist.barrier()  # every rank's files are written: now it may be named latest
+    t0 = time.time()
+    failure = None
+    try:
+        engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
+        portable = save_portable(engine, os.path.join(path, PORTABLE)) if engine.zero_optimization_stage() > 0 else None
+        if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed
+            t = cfg.train
+            meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,
+                    "grad_accum": t.grad_accum, "global_batch": t.micro_batch_size * t.grad_accum * run.world,
+                    "zero_stage": engine.zero_optimization_stage(), "identity": identity, "portable": portable,
+                    "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+            with open(os.path.join(path, META + ".tmp"), "w") as f:
+                json.dump(meta, f, indent=2, default=str)
+            os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        failure = e
+    failed = dist.all_reduce_sum([failure is not None])[0]  # every rank's files are written, or none is latest
+    if failed:
+        latest = find(cfg) if cfg.train.resume == "auto" else None
+        why = _why_not_written(failure, root)
+        raise CheckpointError(f"the checkpoint of step {step} could not be written under {path} ({why}); "
+                              f"checkpoints/latest still names {latest or 'no checkpoint'}: free space (or raise the "
+                              "file-size limit) and run the same command again to resume from it")
     if run.rank == 0:
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(tag)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        print(f"checkpoint {path} written in {time.time() - t0:.1f} s", flush=True)
     dist.barrier()
     return path
+
+
+def _why_not_written(failure, root: str) -> str:
+    """The cause of a failed checkpoint write in words (torch.save reports a full disk or a file-size limit
+    as an unhelpful '[enforce fail at inline_container.cc]')."""
+    import resource
+    import shutil
+    if failure is None:
+        return "a write failed on another rank"
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"File too large: the file-size limit (ulimit -f) is {limit} bytes; {str(failure).splitlines()[0]}"
+    free = shutil.disk_usage(root).free
+    if free < 1 << 30:
+        return f"No space left on device? {free / 1e6:.0f} MB free; {str(failure).splitlines()[0]}"
+    return str(failure).splitlines()[0]
 
 
 def find(cfg) -> str | None:

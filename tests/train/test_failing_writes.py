@@ -1,0 +1,81 @@
+"""A full disk or a failing write loses nothing: a real failing write (RLIMIT_FSIZE in the child makes
+writes fail with EFBIG) during a store shard or a checkpoint, and SIGKILL in the middle of a checkpoint,
+leave the previous state intact and named; the command exits non-zero with one line; the rerun finishes."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, tiny_config, write_recipe
+from selfaug import store, train
+
+CHILD = """
+import os, resource, signal, sys
+sys.path.insert(0, {root!r})
+limit = int(os.environ.get("FSIZE", "0"))
+if limit:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
+if os.environ.get("KILL_IN_SAVE"):  # SIGKILL once DeepSpeed's files of the checkpoint are written
+    from selfaug.train import checkpoint
+    checkpoint.rng_state = lambda: os.kill(os.getpid(), signal.SIGKILL)
+from selfaug.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _child(args, **env):
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT), *args], cwd=ROOT, capture_output=True,
+                          text=True, env=clean_env(**env), timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("selfaug: error:")]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc, errors
+
+
+def test_a_shard_that_cannot_be_written_leaves_no_complete_claim_and_the_rerun_finishes(tmp_path, tiny_store):
+    cfg = tiny_config(str(tmp_path))  # the tokenized data is cached already (tiny_store): only shards are written
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    proc, errors = _child(["precompute", "--config", recipe], FSIZE=str(20_000))
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "could not write shard" in errors[0] and "shards/shard-00000.arrow" in errors[0] and "too large" in errors[0]
+    manifest = json.load(open(os.path.join(cfg.teacher.output_dir, "manifest.json")))
+    assert manifest["status"] != "complete"
+    assert not glob.glob(os.path.join(cfg.teacher.output_dir, "shards", "*.json"))  # no shard claims it is whole
+    assert not glob.glob(os.path.join(cfg.teacher.output_dir, "**", "*.tmp"), recursive=True)
+    proc, errors = _child(["precompute", "--config", recipe])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest, problems = store.verify_store(cfg.teacher.output_dir, values=True)
+    assert manifest["status"] == "complete" and problems == []
+
+
+def test_a_failed_or_killed_checkpoint_leaves_latest_on_the_previous_one(tmp_path, tiny_store):
+    keys = {"max_steps": 4, "save_every": 1, "optimizer": "sgd", "min_lr_ratio": 1.0}
+    ref = train.train(tiny_config(str(tmp_path / "ref"), teacher={"output_dir": tiny_store.teacher.output_dir},
+                                  train=keys))  # uninterrupted
+    cfg = tiny_config(str(tmp_path), teacher={"output_dir": tiny_store.teacher.output_dir},
+                      train={**keys, "stop_after": 2})
+    train.train(cfg)  # checkpoints step-1 and step-2
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    latest = os.path.join(cfg.train.output_dir, "checkpoints", "latest")
+    # step 3's checkpoint cannot be written (the model states file is over the file-size limit)
+    proc, errors = _child(["train", "--config", recipe, "train.stop_after=null"], FSIZE=str(1_000_000))
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "checkpoint of step 3 could not be written" in errors[0] and "still names" in errors[0] \
+        and "step-2" in errors[0] and "too large" in errors[0].lower(), errors[0]
+    assert open(latest).read() == "step-2"
+    # killed with SIGKILL in the middle of step 3's checkpoint
+    proc, _ = _child(["train", "--config", recipe, "train.stop_after=null"], KILL_IN_SAVE="1")
+    assert proc.returncode == -signal.SIGKILL
+    assert open(latest).read() == "step-2" and os.path.isdir(os.path.join(os.path.dirname(latest), "step-3"))
+    # the rerun resumes from step 2 and ends where the uninterrupted run ends
+    proc, errors = _child(["train", "--config", recipe, "train.stop_after=null"])
+    assert proc.returncode == 0 and "resumed from" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    a = load_file(os.path.join(ref, "final", "adapter_model.safetensors"))
+    b = load_file(os.path.join(cfg.train.output_dir, "final", "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
