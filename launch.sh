@@ -94,8 +94,9 @@ case "$cmd" in
   setup) setup ;;
   test)
     setup; export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    echo "+ $PY -m pytest -q tests $*" >&2
-    "$PY" -m pytest -q tests "$@" ;;
+    # the 15 slowest tests in every log, so that the suite's time stays visible
+    echo "+ $PY -m pytest -q --durations=15 tests $*" >&2
+    "$PY" -m pytest -q --durations=15 tests "$@" ;;
   precompute|train) setup; distributed "$cmd" "$@" ;;
   eval) setup; single eval "$@" ;;
   all)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="section.key=value")
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
-                                                      "data,scale,packing,budget,positions,open,reader,gpu")
+                                                      "data,scale,packing,budget,positions,open,reader,hf,gpu")
             p.add_argument("--out", default="runs/bench.json")
             p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")

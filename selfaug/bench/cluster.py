@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import dist, store
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def synthetic_settings(signal, vocab: int = 49152) -> dict:

@@ -17,7 +17,7 @@ import tempfile
 
 from .. import dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SCALE = os.path.join(ROOT, "recipes", "scale")
 
 

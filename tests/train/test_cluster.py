@@ -129,7 +129,7 @@ def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_rerun_ends_as_unin
     """launch.sh train on 2 CPU ranks; SIGTERM to launch.sh after the first logged step (as SLURM sends it
     before a preemption): every rank stops at the same step boundary, one checkpoint, exit 75. The rerun
     resumes there and ends where an uninterrupted run ends."""
-    steps = 30
+    steps = 12
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                       train={**SGD, "max_steps": steps, "micro_batch_size": 2, "output_dir": str(tmp_path / "run")})
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
