@@ -94,9 +94,11 @@ case "$cmd" in
   setup) setup ;;
   test)
     setup; export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    # the 15 slowest tests in every log, so that the suite's time stays visible
-    echo "+ $PY -m pytest -q --durations=15 tests $*" >&2
-    "$PY" -m pytest -q --durations=15 tests "$@" ;;
+    # two workers (pytest-xdist; most tests run one single-threaded process, so two share 2 cores well),
+    # and the 15 slowest tests in every log, so that the suite's time stays visible
+    w=(-n "${SELFAUG_TEST_WORKERS:-2}" --dist worksteal)
+    echo "+ $PY -m pytest -q ${w[*]} --durations=15 tests $*" >&2
+    "$PY" -m pytest -q "${w[@]}" --durations=15 tests "$@" ;;
   precompute|train) setup; distributed "$cmd" "$@" ;;
   eval) setup; single eval "$@" ;;
   all)

@@ -3,35 +3,60 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, clean_env, tiny_config, write_recipe
 from selfaug import train
 
 
-def test_every_benchmark_runs_and_reports(tmp_path, tiny_store):
+GROUPS = {  # every section, in groups that run side by side (pytest -n): each group is one `selfaug bench`
+    "steps": "step,hf", "stage1": "precompute,storage,fidelity,long,data", "data": "packing,budget,positions",
+    "cluster": "scale,open,reader"}
+
+
+def test_the_groups_cover_every_default_section():
+    from selfaug.bench.command import DEFAULT
+    assert sorted(",".join(GROUPS.values()).split(",")) == sorted(DEFAULT)
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                       train={"max_steps": 3}, eval={"runs": str(tmp_path / "run")})
-    train.train(cfg)  # the fine-tuned run the fidelity benchmark compares against
+    if group == "stage1":
+        train.train(cfg)  # the fine-tuned run the fidelity benchmark compares against
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
-    out = subprocess.run([sys.executable, "-m", "selfaug", "bench", "--config", recipe, "--smoke",
-                          "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True,
-                         env=clean_env())
+    out = subprocess.run([sys.executable, "-m", "selfaug", "bench", "--config", recipe, "--smoke", "--only",
+                          GROUPS[group], "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True,
+                         text=True, env=clean_env())
     assert out.returncode == 0, out.stderr[-4000:]
     r = json.load(open(tmp_path / "bench.json"))
-    assert set(r["step"]) == {"vanilla_lora", "offline", "online", "alpha0"}
-    assert r["step"]["vanilla_lora"]["time_ratio"] == 1.0 and all(s["peak_bytes"] > 0 for s in r["step"].values())
-    assert r["precompute"]["ratio"] > 0 and r["storage"]["by_compression"]["none"]["bytes_per_entry"] > 2
-    for row in r["fidelity"]["rows"]:
-        assert 0 < row["bucket_ratio"] <= 1 + 1e-6 and -1 <= row["bucket_cos"] <= 1
-    assert [row["tokens"] for row in r["long"]["rows"]] == [128, 256]
-    for row in r["fidelity"]["sampled_rows"]:  # the sampled estimate is unbiased: near the exact KL
-        assert 0.5 < row["ratio"] < 1.5 and row["bytes_per_position"] > 0 and 1 <= row["unique_per_position"]
-    assert r["packing"]["rows"]["packed"]["padding"] <= r["packing"]["rows"]["padded"]["padding"]
-    q = {row["fraction"]: row for row in r["positions"]["rows"]}
-    assert q[0.25]["bytes_ratio"] < 0.4 and q[0.25]["kl_positions_per_step"] < q[1.0]["kl_positions_per_step"]
-    b = r["budget"]  # the same epoch cut by tokens: no micro-batch over the budget, fewer bytes saved
-    assert b["tokens"]["tokens_max"] <= b["budget"] < b["count"]["tokens_max"]
-    assert b["saved_ratio"] < 1 and b["tokens"]["micro_batches"] >= b["count"]["micro_batches"]
-    assert "bucket/exact" in out.stdout and "largest activation x" in out.stdout
+    assert set(GROUPS[group].split(",")) <= set(r)
+    if group == "steps":
+        assert set(r["step"]) == {"vanilla_lora", "offline", "online", "alpha0"}
+        assert r["step"]["vanilla_lora"]["time_ratio"] == 1.0 and all(s["peak_bytes"] > 0 for s in r["step"].values())
+        h = r["hf"]
+        assert set(h["rows"]) == {"plain_trainer", "selfaug_trainer", "selfaug_train"}
+        assert all(row["step_time_s"] > 0 and row["peak_bytes"] > 0 for row in h["rows"].values())
+        assert h["step_time_s_vs_plain_trainer"] > 0 and "SelfAugTrainer / plain Trainer" in out.stdout
+    if group == "stage1":
+        assert r["precompute"]["ratio"] > 0 and r["storage"]["by_compression"]["none"]["bytes_per_entry"] > 2
+        for row in r["fidelity"]["rows"]:
+            assert 0 < row["bucket_ratio"] <= 1 + 1e-6 and -1 <= row["bucket_cos"] <= 1
+        assert [row["tokens"] for row in r["long"]["rows"]] == [128, 256]
+        for row in r["fidelity"]["sampled_rows"]:  # the sampled estimate is unbiased: near the exact KL
+            assert 0.5 < row["ratio"] < 1.5 and row["bytes_per_position"] > 0 and 1 <= row["unique_per_position"]
+        assert "bucket/exact" in out.stdout
+    if group == "data":
+        assert r["packing"]["rows"]["packed"]["padding"] <= r["packing"]["rows"]["padded"]["padding"]
+        q = {row["fraction"]: row for row in r["positions"]["rows"]}
+        assert q[0.25]["bytes_ratio"] < 0.4 and q[0.25]["kl_positions_per_step"] < q[1.0]["kl_positions_per_step"]
+        b = r["budget"]  # the same epoch cut by tokens: no micro-batch over the budget, fewer bytes saved
+        assert b["tokens"]["tokens_max"] <= b["budget"] < b["count"]["tokens_max"]
+        assert b["saved_ratio"] < 1 and b["tokens"]["micro_batches"] >= b["count"]["micro_batches"]
+        assert "largest activation x" in out.stdout
+    if group == "cluster":
+        assert r["scale"] and r["open"] and r["reader"]["rows"]
 
 
 def test_saved_bytes_counts_what_backward_keeps_and_not_the_parameters():
