@@ -50,9 +50,11 @@ def _assert_same(ref_dir, got_dir, method, tol=1e-5):
         assert torch.allclose(ref[k].float(), got[k].float(), atol=tol, rtol=0), (k, (ref[k] - got[k]).abs().max())
 
 
-@pytest.mark.parametrize("method,signal", [("lora", "topk"), ("lora", "sampled"), ("full", "topk"), ("full", "sampled")])
-def test_one_process_selfaug_trainer_equals_selfaug_train(tmp_path, stores, method, signal):
-    cfg, recipe = _recipe(tmp_path, stores[signal], method, signal)
+@pytest.mark.parametrize("method,signal,packing", [("lora", "topk", False), ("lora", "sampled", False),
+                                                    ("full", "topk", False), ("full", "sampled", False),
+                                                    ("lora", "topk", True)])
+def test_one_process_selfaug_trainer_equals_selfaug_train(tmp_path, stores, method, signal, packing):
+    cfg, recipe = _recipe(tmp_path, stores[signal], method, signal, packing=packing, micro_batch_size=2)
     out = train.train(cfg)
     trainer = hf_run(recipe, str(tmp_path / "hf"), deepspeed=False)
     _assert_same(os.path.join(out, "final"), str(tmp_path / "hf" / "final"), method)
@@ -199,3 +201,24 @@ def test_the_readme_snippet_runs_as_written(tmp_path):
     finally:
         os.chdir(cwd)
     assert os.path.isfile(tmp_path / "out" / "final" / "adapter_model.safetensors")
+
+
+def test_group_by_length_and_remove_unused_columns_keep_the_teacher_rows_with_their_examples(tmp_path, stores):
+    """Another order (the trainer's length-grouped sampler) and remove_unused_columns=True: each example
+    still meets its own teacher rows, so the KL at the start is the same model's (~0; a misaligned row
+    would be refused by the teacher check) and the run trains."""
+    cfg, recipe = _recipe(tmp_path, stores["topk"], "lora", "topk")
+    from transformers import TrainingArguments
+    from selfaug.hf import SelfAugTrainer
+    from selfaug.models import load_model, load_tokenizer
+    from peft import get_peft_model
+    from selfaug.train import lora_config
+    model = get_peft_model(load_model("builtin:tiny-llama"), lora_config(cfg.train))
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, logging_steps=1, train_sampling_strategy="group_by_length",
+                             remove_unused_columns=True, learning_rate=1e-2)
+    t = SelfAugTrainer(model=model, args=args, teacher_store=stores["topk"],
+                       processing_class=load_tokenizer("builtin:tiny-llama"))
+    t.train()
+    logs = [r for r in t.state.log_history if "kl" in r]
+    assert len(logs) == 3 and logs[0]["kl"] < 1e-4 and all(r["nll"] > 0 for r in logs)
