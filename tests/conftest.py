@@ -9,6 +9,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/selfaug/torch_extensions"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker its own tokenization cache: no two writers of one file
+    _cache = os.environ.get("SELFAUG_CACHE", os.path.expanduser("~/.cache/selfaug"))
+    os.environ.setdefault("SELFAUG_DATA_CACHE", os.path.join(_cache, "tokenized-" + os.environ["PYTEST_XDIST_WORKER"]))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
