@@ -202,8 +202,10 @@ class SelfAugMixin:
             return output
 
         inputs = model_inputs(batch)
-        forward = (top.get_base_model() if hasattr(top, "get_base_model") else top).forward
-        if "logits_to_keep" in inspect.signature(forward).parameters:
+        if s.get("keep_one") is None:  # asked once: whether the model's forward can skip its own full head
+            forward = (top.get_base_model() if hasattr(top, "get_base_model") else top).forward
+            s["keep_one"] = "logits_to_keep" in inspect.signature(forward).parameters
+        if s["keep_one"]:
             inputs["logits_to_keep"] = 1  # the model's own head on one position; the loss applies it in chunks
         hooks = [body.register_forward_hook(keep_hidden), top.register_forward_hook(loss_at_the_end, prepend=True)]
         try:
