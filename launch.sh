@@ -53,31 +53,53 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
   args+=(--num_gpus "$n" --module selfaug "$stage" --config "$@")
   echo "+ $ROOT/.venv/bin/deepspeed ${args[*]}" >&2
+  # train stops cleanly on SIGUSR1 (train.exit_signals); precompute ends on SIGTERM and resumes by shard
+  if [ "$stage" = train ]; then STOP_SIGNAL=USR1; else STOP_SIGNAL=TERM; fi
   forwarding "$ROOT/.venv/bin/deepspeed" "${args[@]}"
 }
 
-# Preemption: SLURM / Kubernetes send SIGTERM (or SIGUSR1 with --signal) before they kill. The deepspeed
-# launcher does not pass either on safely: its runner dies of SIGTERM without forwarding it, and SIGUSR1
-# kills both of its processes outright, leaving the ranks running. So the launcher runs in the
-# background, and a SIGTERM or SIGUSR1 to this script is sent as SIGUSR1 to the ranks themselves (the
-# launcher's grandchildren): they finish the optimizer step, save a checkpoint and exit with status 75,
-# which this script returns. Run it again (train.resume=auto) to continue.
+# Preemption: SLURM / Kubernetes send SIGTERM (or SIGUSR1 with --signal) before they kill, to this
+# script alone (`--signal=B:...`) or to every process of the job at once (a time limit, `scancel`,
+# a preemption). Neither may take the ranks down before they checkpoint:
+# - the deepspeed runner runs with SIGTERM and SIGUSR1 ignored (it would die of either without passing
+#   it on, and this script would lose the ranks' status); its launch.py installs its own handler, which
+#   relays the signal and kills the ranks 30 s later, so each rank pauses launch.py until it exits
+#   (selfaug.train.checkpoint.hold_launcher);
+# - a signal to this script is sent on to the ranks (the launcher's grandchildren) as STOP_SIGNAL;
+# - the ranks finish the optimizer step, save a checkpoint, record their status in SELFAUG_EXIT_DIR and
+#   exit 75; the launchers end with their own status, so this script returns 75 when every rank did.
+# Run it again (train.resume=auto) to continue.
 forwarding() {
-  "$@" &
-  local pid=$! rc
+  local status pid rc
+  status=$(mktemp -d "${TMPDIR:-/tmp}/selfaug-exit.XXXXXX")
+  ( trap '' TERM USR1; SELFAUG_EXIT_DIR=$status exec "$@" ) &
+  pid=$!
   trap "stop_ranks $pid" TERM USR1
   while :; do
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupted wait: keep waiting
   done
   trap - TERM USR1
+  rc=$(ranks_status "$status" "$rc")
+  rm -rf "$status"
   return "$rc"
 }
 
+ranks_status() {  # ranks_status DIR LAUNCHER_RC: 75 when every rank of the world recorded 75, else LAUNCHER_RC
+  local files=("$1"/rank-*) world
+  [ -e "${files[0]}" ] || { echo "$2"; return; }
+  world=${files[0]##*-of-}
+  if [ "${#files[@]}" -eq "$world" ] && [ "$(cat "${files[@]}" | sort -u)" = 75 ]; then echo 75; else echo "$2"; fi
+}
+
 stop_ranks() {
-  echo "+ launch.sh: stop requested: the ranks checkpoint at the next optimizer step and exit (75)" >&2
-  local child
-  for child in $(pgrep -P "$1"); do pkill -USR1 -P "$child" || true; done
+  local child sig=${STOP_SIGNAL:-USR1}
+  if [ "$sig" = USR1 ]; then
+    echo "+ launch.sh: stop requested: the ranks checkpoint at the next optimizer step and exit (75)" >&2
+  else
+    echo "+ launch.sh: stop requested: SIGTERM to the ranks (finished shards are kept: run again to resume)" >&2
+  fi
+  for child in $(pgrep -P "$1"); do pkill "-$sig" -P "$child" || true; done
 }
 
 single() {  # single STAGE RECIPE [overrides]: eval generates on one device

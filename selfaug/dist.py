@@ -43,9 +43,35 @@ def _remove_shm_buffers(addr: str, port: str, local_rank: str) -> None:
             pass
 
 
+STALE_BUILD_LOCK_S = 10 * 60  # a build writes its files as it goes: none for 10 minutes is no build
+
+
+def check_build_locks() -> None:
+    """torch takes `<extensions dir>/<op>/lock` each time a process loads one of DeepSpeed's compiled ops,
+    and waits for it without end: a process killed while holding it (SIGKILL during start-up) leaves every
+    later run hanging. A lock in a folder where nothing has changed for 10 minutes is named here instead."""
+    import glob
+    import time
+    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        folder = os.path.dirname(lock)
+        try:
+            age = time.time() - max(os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder))
+            if not os.path.exists(lock):
+                continue  # released meanwhile
+        except (OSError, ValueError):
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            raise DistError(f"{lock}: nothing in its folder has changed for {age / 60:.0f} minutes, so a process "
+                            "killed while loading a compiled DeepSpeed op left it, and torch would wait for it "
+                            "forever; remove it (when no build is running) and run the command again")
+
+
 def init() -> tuple[int, int]:
     """(rank, world_size); a process group is created only when there are several ranks."""
     ensure_env()
+    check_build_locks()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not torch.cuda.is_available():
         import atexit

@@ -259,7 +259,7 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
                                                [1.0, 0.5, 0.25, 0.1], 8 if smoke else 48, 1 if smoke else 4)
     from . import cluster as bc
     if "open" in only:
-        results["open"] = bc.bench_open(0.05 if smoke else 1.0, (1, 2) if smoke else (1, 2, 4))
+        results["open"] = bc.bench_open(0.05 if smoke else 1.0, (1,) if smoke else (1, 2, 4))
     if "reader" in only:
         results["reader"] = bc.bench_reader(batches=20 if smoke else 200)
     if "hf" in only:

@@ -1,6 +1,6 @@
 """`selfaug bench --only scale` (docs/design.md, "Benchmarks"): the large-model paths on this machine, at
 a scale that shows them. Every measurement is a fresh 2-rank launch (`deepspeed --num_gpus 2`, gloo
-on a CPU) of `worker scale ...`, each rank reporting its own peak resident memory:
+on a CPU; one rank in `--smoke`) of `worker scale ...`, each rank reporting its own peak resident memory:
 
 - loading + one LoRA step of a random Llama of 1.24B parameters (fp32), ZeRO-3 against ZeRO-2;
 - loading + one full fine-tuning AdamW step of a 0.38B one, ZeRO-3 against ZeRO-2;
@@ -60,12 +60,17 @@ def _pair(name: str, a: list[dict], b: list[dict], key: str) -> dict:
     return {"variant_peak_bytes": pa, "reference_peak_bytes": pb, "ratio": pa / pb, "variant": a, "reference": b}
 
 
+# ranks per launch: the smoke runs each on one, the same code (tests/train/test_scale.py checks ZeRO-3
+# against ZeRO-2 on two)
+RANKS = {False: 2, True: 1}
+
+
 def _zero3_vs_zero2(tmp: str, model: str, method: str, label: str, smoke: bool) -> dict:
     runs = {}
     for stage in (2, 3):
         raw = _base(tmp, model, smoke)
         raw["train"].update(method=method, deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
-        runs[stage] = _launch("train", raw, tmp)
+        runs[stage] = _launch("train", raw, tmp, RANKS[smoke])
     return _pair(f"{label}, load + 1 step, ZeRO-3 vs ZeRO-2", runs[3], runs[2], "peak_bytes")
 
 
@@ -86,7 +91,7 @@ def bench_scale(smoke: bool = False) -> dict:
             raw["teacher"]["output_dir"] = os.path.join(tmp, f"teacher-{mode}")
             if mode == "partitioned":
                 raw["teacher"]["deepspeed"] = os.path.join(ROOT, "ds_configs/zero3_inference.json")
-            runs[mode] = _launch("precompute", raw, tmp)
+            runs[mode] = _launch("precompute", raw, tmp, RANKS[smoke])
         pair = _pair("stage 1 1.2B, partitioned vs whole teacher", runs["partitioned"], runs["whole"], "peak_bytes")
         tps = {m: sum(r["tokens"] for r in runs[m]) / max(r["time_s"] for r in runs[m]) for m in runs}
         pair["tokens_per_s"] = tps

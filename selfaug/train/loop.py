@@ -129,11 +129,22 @@ def _pack_tokens(cfg: Config, examples=None) -> int | None:
 
 
 def setup(cfg: Config, objective_cls=None) -> Run:
-    import deepspeed
     check_paths(cfg)
     if cfg.model.dtype == "float16":
         raise TrainError("model.dtype=float16: training in float16 needs loss scaling, which selfaug does not run; "
                          "use model.dtype=bfloat16 (GPU) or float32 (float16 is fine for `selfaug precompute`)")
+    # the stop signals are caught from here on: one during start-up stops the run after its first step,
+    # and none can kill a rank while it holds a lock (e.g. torch's build lock of DeepSpeed's compiled ops)
+    stop = checkpoint.StopFlag(cfg.train.exit_signals)
+    try:
+        return _setup(cfg, objective_cls, stop)
+    except BaseException:
+        stop.restore()
+        raise
+
+
+def _setup(cfg: Config, objective_cls, stop) -> Run:
+    import deepspeed
     rank, world = dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     device = dist.device()
@@ -188,7 +199,7 @@ def setup(cfg: Config, objective_cls=None) -> Run:
                           tc.batch_tokens, pack_tokens)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
     return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens,
-               checkpoint.run_identity(cfg, settings), checkpoint.StopFlag(tc.exit_signals))
+               checkpoint.run_identity(cfg, settings), stop)
 
 
 def step_coefficients(run: Run, step: int) -> Coefficients:
@@ -282,10 +293,9 @@ def _train(run: Run) -> str:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}", kl=f"{kl_mean:.4f}")
             done = step + 1
             if got.stop or (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
-                path = checkpoint.save(run, done, run.identity)
+                path, seconds = checkpoint.save(run, done, run.identity)
             if got.stop:
-                run.stop.ignore_further()
-                raise checkpoint.Preempted(done, path)
+                run.stop.finish(done, path, seconds)
             if done == tc.stop_after:
                 return out
     save_final(run)

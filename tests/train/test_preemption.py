@@ -1,0 +1,162 @@
+"""Preemption as clusters deliver it (docs/design.md, "Checkpoints and preemption"): the stop signal to
+launch.sh alone, to every process of its group at once (SLURM at a time limit, `scancel`), or to the
+ranks alone; under launch.sh, the `deepspeed` launcher, torchrun, or as one plain process; on 1 and 2
+ranks. Each ends with a checkpoint at a step boundary and every rank exiting 75 (launch.sh itself 75),
+and the resumed run ends where an uninterrupted one ends, with every step logged once."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, read_metrics, tiny_config, write_recipe
+from selfaug import train
+from selfaug.dist import free_port
+from selfaug.train import checkpoint
+
+SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+STEPS = 10
+SLOW_SAVE_S = 33  # longer than the launchers' grace between their SIGTERM and SIGKILL (30 s)
+
+
+def _config(tmp_path, tiny_store, run_dir, grad_accum):
+    """The same global batch of 4 on any world size: micro 2 x accum 2 on 1 rank, micro 2 on 2 ranks."""
+    return tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                       train={**SGD, "max_steps": STEPS, "micro_batch_size": 2, "grad_accum": grad_accum,
+                              "output_dir": str(run_dir)})
+
+
+def _adapter(run_dir):
+    return load_file(os.path.join(run_dir, "final", "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_store):
+    tmp = tmp_path_factory.mktemp("whole")
+    return _adapter(train.train(_config(tmp, tiny_store, tmp / "run", 2)))
+
+
+def _command(launcher, nprocs, recipe):
+    port = str(free_port())
+    return {"launch.sh": [os.path.join(ROOT, "launch.sh"), "train", recipe],
+            "deepspeed": [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs),
+                          "--master_port", port, "--module", "selfaug", "train", "--config", recipe],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                         "--master_port", port, "-m", "selfaug", "train", "--config", recipe],
+            "python": [sys.executable, "-m", "selfaug", "train", "--config", recipe]}[launcher]
+
+
+def _ranks(pid):
+    """The training processes below `pid` (launch.sh -> deepspeed runner -> launch.py -> ranks)."""
+    def is_rank(argv):
+        return "-m" in argv and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["selfaug"]
+    ranks = [p for p in psutil.Process(pid).children(recursive=True) if is_rank(p.cmdline())]
+    assert ranks
+    return ranks
+
+
+def _deliver(proc, delivery):
+    if delivery == "group":  # every process of the job at once, as SLURM and container runtimes do
+        os.killpg(proc.pid, signal.SIGTERM)
+    elif delivery == "ranks":
+        for p in _ranks(proc.pid):
+            p.send_signal(signal.SIGTERM)
+    else:  # launch.sh alone, or the one plain process
+        proc.send_signal(signal.SIGTERM)
+
+
+def _wait_for_group(pgid, timeout):
+    """Until no process of the group is left (a launcher may exit before the ranks it started)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"processes of group {pgid} still running after {timeout} s")
+
+
+CASES = {  # name: launcher, delivery, ranks, slow save (plus a second signal during the save)
+    "launch.sh-alone-2-ranks": ("launch.sh", "launcher", 2, False),
+    "launch.sh-group-2-ranks-slow-save": ("launch.sh", "group", 2, True),
+    "launch.sh-ranks-alone-2-ranks": ("launch.sh", "ranks", 2, False),
+    "launch.sh-group-1-rank": ("launch.sh", "group", 1, False),
+    "deepspeed-group-2-ranks": ("deepspeed", "group", 2, False),
+    "torchrun-group-2-ranks": ("torchrun", "group", 2, False),
+    "python-1-process": ("python", "process", 1, False),
+}
+# each command's own exit status: launch.sh reads the ranks'; the `deepspeed` runner dies of the SIGTERM,
+# torchrun's agent ends with 1 after a signal
+EXIT = {"launch.sh": checkpoint.EXIT_PREEMPTED, "python": checkpoint.EXIT_PREEMPTED, "deepspeed": -signal.SIGTERM,
+        "torchrun": 1}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_delivery_of_the_stop_checkpoints_exits_75_and_resumes_as_uninterrupted(
+        tmp_path, tiny_store, uninterrupted, case):
+    launcher, delivery, nprocs, slow = CASES[case]
+    run_dir, exits = tmp_path / "run", tmp_path / "exit"
+    exits.mkdir()
+    recipe = write_recipe(str(tmp_path / "r.yaml"), _config(tmp_path, tiny_store, run_dir, 2 // nprocs))
+    env = clean_env(NUM_PROCS=str(nprocs), MASTER_PORT=str(free_port()), SELFAUG_EXIT_DIR=str(exits))
+    if slow:  # the save takes longer than the launcher waits before its SIGKILL
+        env.update(PYTHONPATH=os.path.join(ROOT, "tests", "helpers", "slow_save"), SLOW_SAVE_S=str(SLOW_SAVE_S))
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(_command(launcher, nprocs, recipe), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    _deliver(proc, delivery)
+    stopped_at = time.time()
+    if delivery != "ranks":
+        time.sleep(2 if slow else 0.5)
+        _deliver(proc, delivery)  # a second signal while stopping (during the save, when it is slow) changes nothing
+    rc = proc.wait(timeout=240)
+    _wait_for_group(proc.pid, 120)
+    log.seek(0)
+    output = log.read()
+    assert rc == EXIT[launcher], output[-4000:]
+    if launcher != "launch.sh":  # launch.sh reads the ranks' records from a directory of its own
+        assert sorted(os.listdir(exits)) == [f"rank-{r}-of-{nprocs}" for r in range(nprocs)], output[-3000:]
+        assert all(open(exits / f).read() == "75\n" for f in os.listdir(exits))
+    if launcher != "python":  # each rank held its launcher off until its checkpoint was written
+        assert output.count("is paused until then") == nprocs, output[-3000:]
+    if slow:
+        assert time.time() - stopped_at > SLOW_SAVE_S
+    stopped = len(read_metrics(run_dir))
+    assert 1 <= stopped < STEPS and "received: finishing this optimizer step" in output
+    assert f"stopped on request after optimizer step {stopped}" in output and " written in " in output
+    assert open(run_dir / "checkpoints" / "latest").read() == f"step-{stopped}" and not (run_dir / "final").exists()
+    resumed = train.train(_config(tmp_path, tiny_store, run_dir, 2))  # the rerun, on one rank
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, STEPS + 1))
+    final = _adapter(resumed)
+    assert final.keys() == uninterrupted.keys()
+    for key in final:
+        assert (final[key] - uninterrupted[key]).abs().max().item() < 1e-5, key
+
+
+def test_a_build_lock_left_by_a_killed_process_is_one_line_instead_of_a_hang(tmp_path, monkeypatch):
+    """torch waits forever for `<op>/lock`; a process killed while loading an op leaves it behind."""
+    from selfaug import dist
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    op = tmp_path / "deepspeed_shm_comm"
+    op.mkdir()
+    (op / "shm.o").write_bytes(b"x")
+    (op / "lock").touch()
+    dist.check_build_locks()  # a build under way: its folder changes
+    old = time.time() - dist.STALE_BUILD_LOCK_S - 60
+    for f in op.iterdir():
+        os.utime(f, (old, old))
+    with pytest.raises(dist.DistError, match="deepspeed_shm_comm/lock: nothing in its folder has changed for 11 "
+                                             "minutes.*remove it"):
+        dist.check_build_locks()
+    (op / "lock").unlink()
+    dist.check_build_locks()
