@@ -111,6 +111,12 @@ class TrainConfig:
     alpha: float = opt(0.5, "weight of the KL term; 0 = plain fine-tuning", ge=0)
     alpha_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "alpha over the run, from alpha_start")
     alpha_start: float = opt(0.0, "alpha at step 0 for linear / cosine schedules", ge=0)
+    drift_budget: Optional[float] = opt(
+        None, "nats per KL position: alpha is steered so that the training KL stays near this budget, from "
+              "train.alpha (adaptive KL controller; null: alpha as set)", gt=0)
+    drift_horizon: float = opt(10.0, "drift_budget: steps over which alpha moves by up to a factor e^0.2", gt=0)
+    alpha_min: float = opt(0.01, "drift_budget: the smallest alpha the controller may set", ge=0)
+    alpha_max: float = opt(20.0, "drift_budget: the largest alpha the controller may set", gt=0)
     kl_direction: Literal["forward", "reverse"] = opt("forward", "forward KL(p||q) (reference) or reverse KL(q||p)")
     kl_tail: Literal["bucket", "renormalize"] = opt("bucket", "bucket: exact merged-tail KL; renormalize: biased")
     deepspeed: str = opt("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values come from this recipe)",
@@ -324,6 +330,16 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.teacher_mode=none is plain fine-tuning without a teacher, but train.alpha={t.alpha}"
                           f" (alpha_start={t.alpha_start}): set train.alpha=0, or teacher_mode=offline (a store) or "
                           "online")
+    if t.drift_budget is not None:
+        if t.alpha_min > t.alpha_max:
+            raise ConfigError(f"train.alpha_min={t.alpha_min} is above train.alpha_max={t.alpha_max}: the drift "
+                              "controller's alpha must fit between them")
+        if t.alpha_schedule != "constant":
+            raise ConfigError(f"train.drift_budget steers alpha itself: drop train.alpha_schedule={t.alpha_schedule} "
+                              "(or drift_budget)")
+        if t.alpha <= 0:
+            raise ConfigError("train.drift_budget starts from train.alpha and multiplies it: set train.alpha > 0 "
+                              "(e.g. 0.5)")
     import signal
     for name in (n.strip().upper() for n in t.exit_signals.split(",") if n.strip()):
         if not isinstance(getattr(signal, name if name.startswith("SIG") else "SIG" + name, None), signal.Signals):

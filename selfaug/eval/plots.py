@@ -21,22 +21,32 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
         paths.append(plot_tradeoff(points, out_dir))
     runs = {name: r for name, r in report.get("runs", {}).items()}
     if runs:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        for name, run_dir in runs.items():
-            path = os.path.join(run_dir, "metrics.jsonl")
-            if not os.path.exists(path):
-                continue
-            rows = [json.loads(line) for line in open(path)]
-            steps = [r["step"] for r in rows]
-            for ax, key in zip(axes, ("loss", "nll", "kl")):
-                ax.plot(steps, [r[key] for r in rows], label=name)
-        for ax, key in zip(axes, ("loss", "NLL (response)", "KL (prompt, stored teacher)")):
-            ax.set_title(key)
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        paths.append(_save(fig, out_dir, "curves.png"))
+        paths.append(plot_curves(runs, out_dir))
     return paths
+
+
+def plot_curves(runs: dict, out_dir: str, name: str = "curves.png") -> str:
+    """The runs' training curves (metrics.jsonl): loss, NLL, KL with each run's drift budget as a dashed
+    line of its colour, and alpha (steered by the controller under a budget)."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for label, run_dir in runs.items():
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        rows = [json.loads(line) for line in open(path)]
+        steps = [r["step"] for r in rows]
+        for ax, key in zip(axes, ("loss", "nll", "kl", "alpha")):
+            line, = ax.plot(steps, [r[key] for r in rows], label=label)
+            if key == "kl" and rows and rows[-1].get("drift_budget"):
+                ax.axhline(rows[-1]["drift_budget"], color=line.get_color(), linestyle="--",
+                           label=f"{label}: budget")
+    for ax, key in zip(axes, ("loss", "NLL (response)", "KL (prompt, stored teacher)", "alpha")):
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _save(fig, out_dir, name)
 
 
 def plot_tradeoff(points: list[dict], out_dir: str, name: str = "tradeoff.png") -> str:

@@ -5,7 +5,9 @@
 The mixin is glue only; what it runs is selfaug's own: the store (`TeacherStore`, verified), the
 collation and the teacher rows (`StoredSignal.batch`), the chunked loss (`objective.micro_batch_sums`),
 the step's normalization (`objective.coefficients`, from the whole step's counts over all ranks, computed
-once per optimizer step in `get_batch_samples`) and alpha's schedule (`objective.alpha_at`). It never
+once per optimizer step in `get_batch_samples`) and alpha (`train.alpha`: the schedule, or the drift
+controller of `drift_budget`, its state in the trainer's checkpoints under
+`TrainerState.stateful_callbacks["selfaug_alpha"]`). It never
 relies on the parent's rule for scaling: `compute_loss` returns world x (NLL_sum / N_nll + alpha x
 KL_sum / N_kl) for the micro-batch, already scaled for accumulation (`loss_is_scaled_for_ga`).
 
@@ -33,12 +35,14 @@ from ..data import DataError, tokenizer_fingerprint
 from ..models import decoder_and_head, vocab_size
 from ..train import TrainError
 from ..train.batches import model_inputs
-from ..train.objective import alpha_at, coefficients, micro_batch_sums
+from ..train.alpha import alpha_control
+from ..train.objective import coefficients, micro_batch_sums
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
 
 # the options of the recipe's train section that the mixin takes as keywords, with their defaults there
-OPTIONS = ("alpha", "alpha_schedule", "alpha_start", "kl_direction", "kl_tail", "loss_chunk_rows", "packing",
-           "pack_tokens", "verify_store")
+OPTIONS = ("alpha", "alpha_schedule", "alpha_start", "drift_budget", "drift_horizon", "alpha_min", "alpha_max",
+           "kl_direction", "kl_tail", "loss_chunk_rows", "packing", "pack_tokens", "verify_store")
+ALPHA_STATE = "selfaug_alpha"  # the drift controller's state in TrainerState.stateful_callbacks (checkpointed)
 TEACHER_TOLERANCE = 0.01  # nats per KL position at step 0 (the same model: ~1e-8 with float16 values, ~1e-3 in bf16)
 
 
@@ -86,7 +90,8 @@ class SelfAugMixin:
     """SelfAug for a `transformers.Trainer` subclass: `class T(SelfAugMixin, SFTTrainer)`.
 
     Keywords (the rest go to the trainer): `teacher_store` (a `selfaug precompute` store, required),
-    `alpha`, `alpha_schedule`, `alpha_start`, `kl_direction`, `kl_tail`, `loss_chunk_rows`, `packing`,
+    `alpha`, `alpha_schedule`, `alpha_start`, `drift_budget`, `drift_horizon`, `alpha_min`, `alpha_max`,
+    `kl_direction`, `kl_tail`, `loss_chunk_rows`, `packing`,
     `pack_tokens`, `verify_store` (as in a recipe's `train` section), `check_teacher` (the KL at step 0
     must be ~0: the model is the store's teacher). `train_dataset` is optional: without it the store's
     own examples are trained on; with it, it must be the tokenized data the store was made from.
@@ -122,6 +127,7 @@ class SelfAugMixin:
             args = copy.copy(args)
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         self._selfaug = {"tc": tc, "store": teacher, "world": world, "co": None, "check": check_teacher,
+                         "alpha": alpha_control(tc),
                          "step_sums": None, "log_sums": None, "log_steps": 0, "zero3_head": False}
         super().__init__(model=model, args=args, train_dataset=dataset,
                          data_collator=data_collator or SelfAugCollator(teacher, pad_id, pack_tokens), **kwargs)
@@ -161,15 +167,28 @@ class SelfAugMixin:
         counts = [sum(int(b["labels"].ne(-100).sum()) for b in batches), sum(int(b["rows_b"].numel()) for b in batches)]
         n_nll, n_kl = (int(c) for c in dist.all_reduce_sum(counts))
         s = self._selfaug
-        s["co"] = coefficients(s["world"], alpha_at(self.state.global_step, s["tc"]), n_nll, n_kl)
+        s["co"] = coefficients(s["world"], self._selfaug_alpha(), n_nll, n_kl)
         return batches, torch.tensor(n_nll, device=device)
+
+    def _selfaug_alpha(self) -> float:
+        """alpha of the step about to run; after a resume, the drift controller's state from the checkpoint's
+        trainer state."""
+        s, step = self._selfaug, self.state.global_step
+        control = s["alpha"]
+        if s["tc"].drift_budget is not None and control.steps != step:
+            saved = (self.state.stateful_callbacks or {}).get(ALPHA_STATE)
+            if saved is None or saved.get("steps") != step:
+                raise TrainError(f"resuming at step {step} with drift_budget, but the checkpoint holds no drift "
+                                 "controller state for that step (it was written without drift_budget)")
+            control.load_state_dict(saved)
+        return control.at(step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         s = self._selfaug
         co = s["co"]
         if co is None or not model.training:  # evaluation: this batch alone
             n_nll, n_kl = int(inputs["labels"].ne(-100).sum()), int(inputs["rows_b"].numel())
-            co = coefficients(1, alpha_at(self.state.global_step, s["tc"]), n_nll, n_kl)
+            co = coefficients(1, s["co"].alpha if s["co"] is not None else s["tc"].alpha, n_nll, n_kl)
         loss, nll, kl, output = self._selfaug_forward(model, inputs, co)
         if model.training:
             if s["check"] and self.state.global_step == 0:
@@ -244,6 +263,9 @@ class SelfAugMixin:
                              "and the data")
         s["log_sums"] = total if s["log_sums"] is None else s["log_sums"] + total
         s["log_steps"] += 1
+        s["alpha"].observe(float(total[1]))  # the step's KL mean over all ranks: the same next alpha everywhere
+        if s["alpha"].state_dict() is not None:  # saved with every checkpoint of the trainer
+            self.state.stateful_callbacks[ALPHA_STATE] = s["alpha"].state_dict()
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """The trainer's logs, and beside a training `loss` the step means of `nll` and `kl` since the last

@@ -3,6 +3,7 @@ loss = NLL(response) + alpha(step) * KL(prompt).
 
   loop.py        setup -> train -> save_final on `deepspeed.initialize`; the run's state in one `Run`
   objective.py   the module the engine runs per micro-batch, the step's coefficients, alpha and lr schedules
+  alpha.py       alpha at each step: the recipe's schedule, or steered by a drift budget (train.drift_budget)
   sources.py     the teacher source, chosen once (stored signal, live model, plain data)
   batches.py     which examples form each step and micro-batch (by count or by tokens); collation
   checkpoint.py  checkpoints, resume at any world size, preemption (exit 75)

@@ -68,7 +68,8 @@ def run_identity(cfg, store_settings: dict | None) -> dict:
             "lora": [t.lora_r, t.lora_alpha, t.lora_target_modules] if t.method == "lora" else None,
             "freeze_lm_head": t.freeze_lm_head, "teacher_mode": t.teacher_mode, "optimizer": t.optimizer,
             "store": config_digest(store_settings) if store_settings else None,
-            "data": cfg.data.train, "seed": t.seed}
+            "data": cfg.data.train, "seed": t.seed,
+            "drift_budget": [t.drift_budget, t.drift_horizon, t.alpha_min, t.alpha_max] if t.drift_budget else None}
 
 
 # ---- RNG ------------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
             meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,
                     "grad_accum": t.grad_accum, "global_batch": t.micro_batch_size * t.grad_accum * run.world,
                     "zero_stage": engine.zero_optimization_stage(), "identity": identity, "portable": portable,
+                    "alpha_control": run.alpha.state_dict(),
                     "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
             with open(os.path.join(path, META + ".tmp"), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
@@ -276,6 +278,8 @@ def resume(run, identity: dict) -> int:
     if path is None:
         return 0
     meta = read_meta(path, run.cfg, run.world, identity)
+    if run.cfg.train.drift_budget is not None:
+        run.alpha.load_state_dict(meta.get("alpha_control"))  # the same alpha trajectory, at any world size
     engine = run.engine
     if meta["world_size"] == run.world or meta["zero_stage"] == 0:
         loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))

@@ -34,7 +34,8 @@ from ..errors import SelfAugError
 from ..models import load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
 from . import checkpoint
 from .batches import StepSampler, step_counts
-from .objective import Coefficients, Objective, alpha_at, coefficients, lora_config, lr_factor
+from .alpha import DriftBudget, Schedule, alpha_control
+from .objective import Coefficients, Objective, coefficients, lora_config, lr_factor
 from .sources import DataExamples, LiveModel, PlainData, StoredSignal, TeacherSource
 
 
@@ -88,6 +89,7 @@ class Run:
     pack_tokens: int | None = None  # train.packing: the longest packed row
     identity: dict | None = None  # what a checkpoint's run must share with this one (checkpoint.run_identity)
     stop: Any = None  # checkpoint.StopFlag: set by train.exit_signals
+    alpha: Schedule | DriftBudget | None = None  # alpha at each step (alpha.alpha_control); checkpointed
     wandb: Any = None  # the W&B run (train.report_to=wandb), rank 0
 
 
@@ -199,13 +201,13 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
                           tc.batch_tokens, pack_tokens)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
     return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens,
-               checkpoint.run_identity(cfg, settings), stop)
+               checkpoint.run_identity(cfg, settings), stop, alpha_control(tc))
 
 
 def step_coefficients(run: Run, step: int) -> Coefficients:
     """The step's coefficients from the global batch's counts (`objective.coefficients`)."""
     n_nll, n_kl = step_counts(run.lengths, run.sampler.global_batch(step))
-    return coefficients(run.world, alpha_at(step, run.cfg.train), n_nll, n_kl)
+    return coefficients(run.world, run.alpha.at(step), n_nll, n_kl)
 
 
 class StepTotals(NamedTuple):
@@ -286,6 +288,9 @@ def _train(run: Run) -> str:
                    "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": got.tokens / dt,
                    "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl,
                    "padding": 1 - got.tokens / max(got.processed, 1), **run.sampler.plan_stats(plan)}
+            if tc.drift_budget is not None:
+                row["drift_budget"] = tc.drift_budget
+            run.alpha.observe(kl_mean)  # every rank: the same all-reduced KL, the same next alpha
             if rank == 0:
                 if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
                     _log(run, metrics_path, row)

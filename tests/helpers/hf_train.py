@@ -11,7 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 
-def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, **extra):
+def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, args_extra=None, resume=None,
+           **extra):
+    """args_extra: more TrainingArguments; resume: a checkpoint to resume from; extra: the trainer's keywords."""
     import torch
     from transformers import TrainingArguments
 
@@ -36,6 +38,7 @@ def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, *
                   # under `accelerate launch` the accelerate config names the DeepSpeed file
                   deepspeed=tc.deepspeed if deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" else None,
                   disable_tqdm=True)
+    kwargs.update(args_extra or {})
     if trainer == "trl":
         from trl import SFTConfig, SFTTrainer
 
@@ -48,7 +51,7 @@ def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, *
     t = cls(model=model, args=args, teacher_store=cfg.teacher.output_dir, alpha=tc.alpha,
             processing_class=load_tokenizer_for(cfg.model), packing=tc.packing, pack_tokens=tc.pack_tokens,
             loss_chunk_rows=tc.loss_chunk_rows, **extra)
-    t.train()
+    t.train(resume_from_checkpoint=resume)
     t.save_model(os.path.join(out, "final"))
     return t
 

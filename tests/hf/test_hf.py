@@ -66,6 +66,28 @@ def test_one_process_selfaug_trainer_equals_selfaug_train(tmp_path, stores, meth
         assert r["alpha"] == 0.5 and r["loss"] == pytest.approx(m["loss"], rel=1e-5)
 
 
+def test_a_drift_budget_steers_alpha_and_resumes_from_a_trainer_checkpoint(tmp_path, stores):
+    """drift_budget in SelfAugTrainer: the logged alpha follows the controller on the logged KL (the step's
+    mean over all ranks), and a run resumed from checkpoint-2 continues the uninterrupted trajectory."""
+    from selfaug.train.alpha import DriftBudget
+    budget = 1e-8  # under the KL of the first steps of this tiny run (5e-9 at step 1, 1e-6 at step 5)
+    cfg, recipe = _recipe(tmp_path, stores["topk"], "lora", "topk", max_steps=5, micro_batch_size=2)
+    keys = {"drift_budget": budget, "drift_horizon": 2.0}
+    save = {"save_strategy": "steps", "save_steps": 2}
+    whole = hf_run(recipe, str(tmp_path / "whole"), deepspeed=False, args_extra=save, **keys)
+    logs = [r for r in whole.state.log_history if "kl" in r]
+    control = DriftBudget(budget, 0.5, 2.0, 0.01, 20.0)
+    for step, r in enumerate(logs):
+        assert r["alpha"] == pytest.approx(control.at(step), rel=1e-12)
+        control.observe(r["kl"])
+    assert logs[-1]["alpha"] > logs[0]["alpha"]
+    resumed = hf_run(recipe, str(tmp_path / "whole"), deepspeed=False, args_extra=save,
+                     resume=str(tmp_path / "whole" / "checkpoint-2"), **keys)
+    again = [r for r in resumed.state.log_history if "kl" in r and r["step"] > 2]
+    assert [r["step"] for r in again] == [3, 4, 5]
+    assert [r["alpha"] for r in again] == pytest.approx([r["alpha"] for r in logs[2:]], rel=1e-9)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,method,signal,zero", [("accelerate", "lora", "topk", "zero2"),
                                                          ("deepspeed", "full", "sampled", "zero3")])

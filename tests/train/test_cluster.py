@@ -66,16 +66,17 @@ def full_model_store(tmp_path_factory):
     return cfg
 
 
-# LoRA on ZeRO-2 from 2 ranks to 1 is every case of test_preemption.py: here it goes from 1 to 2
-CASES = {"lora-zero2": ("lora", "ds_configs/zero2.json", ("one-two",)),
-         "full-zero3": ("full", "ds_configs/zero3.json", ("two-one", "one-two"))}
+# LoRA on ZeRO-2 from 2 ranks to 1 is every case of test_preemption.py: here it goes from 1 to 2, with
+# alpha steered by a drift budget (the controller's state travels in the checkpoint)
+CASES = {"lora-zero2": ("lora", "ds_configs/zero2.json", ("one-two",), {"drift_budget": 1e-7, "drift_horizon": 2.0}),
+         "full-zero3": ("full", "ds_configs/zero3.json", ("two-one", "one-two"), {})}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tiny_store, full_model_store, case):
     """Global batch 4 = micro 2 x accum 1 x 2 ranks = micro 2 x accum 2 x 1 rank. 4 SGD steps: stopped after
     2 on one world size and finished on the other, the parameters equal an uninterrupted run's."""
-    method, ds, directions = CASES[case]
+    method, ds, directions, extra = CASES[case]
     base_cfg = tiny_store if method == "lora" else full_model_store
     model = {"name_or_path": base_cfg.model.name_or_path, "init": base_cfg.model.init, "seed": base_cfg.model.seed}
 
@@ -84,7 +85,7 @@ def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tin
                            teacher={"value_dtype": "float32", "output_dir": base_cfg.teacher.output_dir},
                            train={**SGD, "method": method, "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4,
                                   "micro_batch_size": 2, "deepspeed": os.path.join(ROOT, ds),
-                                  "output_dir": str(tmp_path / name), **train_keys})
+                                  "output_dir": str(tmp_path / name), **extra, **train_keys})
 
     whole = train.train(cfg("whole", grad_accum=2))  # uninterrupted, 1 rank
     if "two-one" in directions:  # two ranks stop after step 2; one rank with grad_accum 2 finishes
@@ -103,8 +104,12 @@ def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tin
     reference = _final(whole, method)
     for name in directions:
         _close(_final(tmp_path / name, method), reference)
-        assert [r["loss"] for r in read_metrics(tmp_path / name)] == pytest.approx(
-            [r["loss"] for r in read_metrics(whole)], rel=1e-5)
+        for key in ("loss", "alpha"):
+            assert [r[key] for r in read_metrics(tmp_path / name)] == pytest.approx(
+                [r[key] for r in read_metrics(whole)], rel=1e-5)
+    if extra:
+        alphas = [r["alpha"] for r in read_metrics(whole)]
+        assert alphas[-1] > alphas[0]
 
 
 def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(tmp_path, tiny_store):
