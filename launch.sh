@@ -3,7 +3,9 @@
 #   ./launch.sh demo                          set up, then the end-to-end demo on SmolLM2-135M (CPU ok)
 #   ./launch.sh test                          set up, then the test suite
 #   ./launch.sh {precompute|train|eval|all} RECIPE [section.key=value ...]
-#   ./launch.sh sweep [RECIPE]                alpha in SWEEP_ALPHAS and KL positions in SWEEP_POSITIONS, one eval
+#   ./launch.sh sweep [RECIPE]                alpha in SWEEP_ALPHAS, drift budgets in SWEEP_BUDGETS and KL positions in
+#                                             SWEEP_POSITIONS, one eval (tradeoff.png: drift against RAG accuracy)
+#   ./launch.sh study RECIPE [overrides]      every arm (LoRA, SelfAug, study.arms) under study.seeds seeds: study.json/md/png
 #   ./launch.sh bench [RECIPE] [--only ...]   performance benchmarks (runs/bench.json)
 #   ./launch.sh gpu-check [RECIPE]            one GPU, ~5 min: stage 1, SelfAug step and memory, packing at the
 #                                             7B shape with 4 layers, random weights (runs/gpu_check.json)
@@ -110,7 +112,7 @@ single() {  # single STAGE RECIPE [overrides]: eval generates on one device
 }
 
 cmd=${1:-}
-[ -n "$cmd" ] || { sed -n '2,16p' "$0"; exit 2; }
+[ -n "$cmd" ] || { sed -n '2,17p' "$0"; exit 2; }
 shift
 case "$cmd" in
   setup) setup ;;
@@ -151,8 +153,20 @@ case "$cmd" in
           train.alpha="$a" train.output_dir="$out" "$@"
         runs+=("$out")
       done
+      if [ "$pos" = prompt ]; then  # the same trade-off steered by a drift budget (train.drift_budget)
+        for b in ${SWEEP_BUDGETS:-}; do
+          out="$d/budget$b-prompt"
+          [ -d "$out/final" ] || distributed train "$recipe" teacher.positions=prompt teacher.output_dir="$d/teacher-prompt" \
+            train.drift_budget="$b" train.output_dir="$out" "$@"
+          runs+=("$out")
+        done
+      fi
     done
     single eval "$recipe" eval.runs="$(IFS=,; echo "${runs[*]}")" eval.output_dir="$d" "$@" ;;
+  study)  # every arm under several seeds, one evaluation, spreads and paired CIs (study section of the recipe)
+    setup
+    export SELFAUG_LAUNCHER="$ROOT/launch.sh"  # each stage through this script: the deepspeed launcher, every GPU
+    single study "$@" ;;
   ablate)  # ABLATE_DIR (default runs/ablate): vanilla LoRA, then alpha=0.5 per teacher variant (signal-fraction)
     setup
     recipe=${1:-recipes/smollm2_long.yaml}; [ $# -gt 0 ] && shift

@@ -68,6 +68,9 @@ def _run(args) -> int:
     elif args.command == "eval":
         from .eval.evaluate import run
         run(cfg)
+    elif args.command == "study":
+        from .eval.study import run
+        run(cfg, args.config, args.overrides)
     elif args.command == "bench":
         from .bench.command import run
         run(cfg, [s for s in args.only.split(",") if s], args.out, args.config, args.overrides, args.smoke)
@@ -78,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfaug", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("precompute", "stage 1: the teacher store"), ("train", "stage 2: DeepSpeed training"),
-                       ("eval", "stage 3: base vs fine-tuned"), ("bench", "performance benchmarks"),
+                       ("eval", "stage 3: base vs fine-tuned"),
+                       ("study", "every arm under several seeds, evaluated, with confidence intervals"),
+                       ("bench", "performance benchmarks"),
                        ("config", "print the resolved recipe with each key's help")):
         p = sub.add_parser(name, help=text)
         if name == "config":

@@ -178,6 +178,17 @@ class EvalConfig:
     batch_size: int = opt(8, "generation batch size", ge=1)
 
 
+@dataclass
+class StudyConfig:
+    output_dir: str = opt("runs/study", "the study's stores, runs, evaluation, and study.json / study.md / study.png")
+    seeds: int = opt(3, "seeds per arm (train.seed + 0, 1, ...: each changes the adapters' init and the order of "
+                        "examples)", ge=1)
+    arms: Optional[dict] = opt(None, "arms beside lora (train.alpha=0) and selfaug (the recipe as it is): "
+                                     "{name: {section.key: value}}, e.g. {budget: {train.drift_budget: 0.02}}")
+    resamples: int = opt(2000, "bootstrap resamples of each confidence interval", ge=2000)
+    bootstrap_seed: int = opt(0, "the bootstrap's generator seed")
+
+
 REPORT_TO = ("none", "tensorboard", "wandb", "csv")
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # what each logger imports (csv: nothing)
 
@@ -189,6 +200,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

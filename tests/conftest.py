@@ -29,6 +29,7 @@ def tiny_config(tmp, **sections):
         "train": {"output_dir": os.path.join(tmp, "run"), "deepspeed": os.path.join(ROOT, "ds_configs/zero2.json"),
                   "max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "loss_chunk_rows": 256},
         "eval": {"output_dir": os.path.join(tmp, "eval")},
+        "study": {"output_dir": os.path.join(tmp, "study")},
     }
     for section, values in sections.items():
         raw[section].update(values)

@@ -79,9 +79,10 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_si
 
 
 @torch.no_grad()
-def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> float:
-    """Mean per-token KL(base || model) over every position of the sequences (full vocabulary)."""
-    total, count = 0.0, 0
+def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> tuple[float, list]:
+    """Mean per-token KL(base || model) over every position of the sequences (full vocabulary), and each
+    sequence's [KL sum, positions]."""
+    total, count, per = 0.0, 0, []
     b_body, b_head = decoder_and_head(base)
     m_body, m_head = decoder_and_head(model)
     device = next(model.parameters()).device
@@ -94,7 +95,8 @@ def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> flo
         teacher = LiveTeacher(hb[rows_b, rows_t], b_head.weight, b_head.bias)
         s, n = kl_sum(hm, m_head.weight, m_head.bias, rows_b, rows_t, teacher, chunk_rows=chunk_rows)
         total, count = total + s.item(), count + n
-    return total / max(count, 1)
+        per.append([s.item(), n])
+    return total / max(count, 1), per
 
 
 def load_run_model(cfg: Config, run_dir: str, dtype, device):
@@ -121,6 +123,12 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
         return PeftModel.from_pretrained(base, where).merge_and_unload().to(device).eval(), alpha
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval(), alpha
+
+
+def _drift_budget(run_dir: str) -> float | None:
+    """The run's train.drift_budget (a `selfaug train` run; None otherwise)."""
+    saved = os.path.join(run_dir, "final", "selfaug_config.yaml")
+    return load_config(saved).train.drift_budget if os.path.isfile(saved) else None
 
 
 class RagSet(NamedTuple):
@@ -163,6 +171,14 @@ def evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts) -> dict:
     responses = generate(model, tok, if_prompts, ec.max_new_tokens, ec.batch_size, f"{name}: IFEval")
     scores = ifeval.score(if_rows, responses)
     res["ifeval"] = {k: v for k, v in scores.items() if k != "per_prompt"}
+    # every metric per evaluated item, as [numerator, denominator] (the metric is their sums' ratio): what a
+    # study resamples for its confidence intervals
+    res["items"] = {f"ifeval_{mode}_{level}": [[int(all(p[mode])) if level == "prompt" else sum(p[mode]),
+                                                  1 if level == "prompt" else len(p[mode])]
+                                                 for p in scores["per_prompt"]]
+                    for mode in ("strict", "loose") for level in ("prompt", "instruction")}
+    if rag.prompts:
+        res["items"].update(rag_accuracy=[[int(h), 1] for h in hits], rag_strict_accuracy=[[int(x), 1] for x in strict])
     # a plain sign of format collapse: fine-tuning on short answers shortens every answer
     res["ifeval"]["mean_response_words"] = sum(len(t.split()) for t in responses) / max(len(responses), 1)
     res["ifeval_samples"] = [{"prompt": r["prompt"], "response": t} for r, t in list(zip(if_rows, responses))[:3]]
@@ -186,14 +202,15 @@ def run(cfg: Config) -> dict:
     # drift prompts: IFEval prompts followed by the base model's own responses
     n = min(ec.max_drift_prompts, len(if_rows))
     drift_seqs = [p + tok(r, add_special_tokens=False)["input_ids"] for p, r in zip(if_prompts[:n], base_responses[:n])]
-    report["models"]["base"]["drift_kl"] = drift(base, base, drift_seqs)
+    report["models"]["base"]["drift_kl"], report["models"]["base"]["items"]["drift_kl"] = drift(base, base, drift_seqs)
     for run_dir in [r.strip() for r in ec.runs.split(",") if r.strip()]:
         name = os.path.basename(os.path.normpath(run_dir))
         model, alpha = load_run_model(cfg, run_dir, dtype, device)
         res, _ = evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts)
-        res["drift_kl"] = drift(base, model, drift_seqs)
+        res["drift_kl"], res["items"]["drift_kl"] = drift(base, model, drift_seqs)
         res["run_dir"] = run_dir
         res["alpha"] = alpha
+        res["drift_budget"] = _drift_budget(run_dir)
         report["models"][name] = res
         report["runs"][name] = run_dir
         del model

@@ -66,6 +66,8 @@ def score(prompts: list[dict], responses: list[str]) -> dict:
             followed += res.follow_instruction_list
             if mode == "strict":
                 per_prompt.append({"key": inp.key, "strict": res.follow_instruction_list})
+            else:
+                per_prompt[i]["loose"] = res.follow_instruction_list
         out[f"{mode}_prompt_acc"] = sum(followed_all) / max(len(followed_all), 1)
         out[f"{mode}_instruction_acc"] = sum(followed) / max(len(followed), 1)
     out["per_prompt"] = per_prompt

@@ -15,7 +15,8 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     curves.png (the runs' training curves)."""
     paths = []
     points = [{"label": name, "accuracy": r.get("rag_strict_accuracy", r["rag_accuracy"]), "drift_kl": r["drift_kl"],
-               "instruction": r["ifeval"]["strict_instruction_acc"]}
+               "instruction": r["ifeval"]["strict_instruction_acc"], "alpha": r.get("alpha"),
+               "drift_budget": r.get("drift_budget")}
               for name, r in report["models"].items() if "rag_accuracy" in r]
     if points:
         paths.append(plot_tradeoff(points, out_dir))
@@ -50,13 +51,25 @@ def plot_curves(runs: dict, out_dir: str, name: str = "curves.png") -> str:
 
 
 def plot_tradeoff(points: list[dict], out_dir: str, name: str = "tradeoff.png") -> str:
-    """points: {"label", "accuracy" (strict RAG), "drift_kl", "instruction" (IFEval strict, instruction level)}:
-    task accuracy against drift and against instruction following."""
+    """points: {"label", "accuracy" (strict RAG), "drift_kl", "instruction" (IFEval strict, instruction level),
+    optionally "alpha" and "drift_budget"}: task accuracy against drift and against instruction following.
+    Runs at a fixed alpha (ordered by alpha) and runs under a drift budget (ordered by budget) are each
+    joined by a line where there are two or more: the trade-off curve each knob traces."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for p in points:
         for ax, x in zip(axes, (p["drift_kl"], p["instruction"])):
             ax.scatter(x, p["accuracy"], s=50)
             ax.annotate(p["label"], (x, p["accuracy"]), textcoords="offset points", xytext=(4, 4))
+    knobs = {"fixed alpha": sorted((p for p in points if p.get("alpha") is not None and not p.get("drift_budget")),
+                                   key=lambda p: p["alpha"]),
+             "drift budget": sorted((p for p in points if p.get("drift_budget")), key=lambda p: p["drift_budget"])}
+    for knob, line in knobs.items():
+        if len(line) >= 2:
+            for ax, x in zip(axes, ("drift_kl", "instruction")):
+                ax.plot([p[x] for p in line], [p["accuracy"] for p in line], linestyle="-" if knob == "fixed alpha"
+                        else "--", alpha=0.7, label=knob)
+    if any(len(line) >= 2 for line in knobs.values()):
+        axes[0].legend()
     axes[0].set_xlabel("drift: KL(base || fine-tuned) per token (lower keeps more)")
     axes[1].set_xlabel("IFEval strict instruction-level accuracy")
     for ax in axes:
@@ -73,3 +86,28 @@ def _save(fig, out_dir: str, name: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_study(result: dict, out_dir: str, name: str = "study.png") -> str:
+    """study.png: each metric per arm, every seed's value as a dot and the mean with its standard deviation;
+    the base model as a dashed line."""
+    metrics = result["metrics"]
+    arms = list(result["by_arm"])
+    cols = min(4, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, metrics.items()):
+        for x, arm in enumerate(arms):
+            s = result["by_arm"][arm][key]
+            ax.scatter([x] * len(s["values"]), s["values"], s=18, alpha=0.6)
+            ax.errorbar(x + 0.15, s["mean"], yerr=s["sd"], fmt="o", color="black", capsize=4)
+        ax.axhline(result["base"][key], color="grey", linestyle="--", label="base")
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, rotation=20)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"{result['seeds']} seeds per arm: each seed (dots), mean ± sd (black), base model (dashed)")
+    return _save(fig, out_dir, name)

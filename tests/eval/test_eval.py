@@ -95,11 +95,12 @@ def test_strict_accuracy_on_fixed_strings_and_the_rule_for_data_without_distract
 def test_drift_of_a_model_against_itself_is_zero_and_positive_otherwise():
     model = load_model("builtin:tiny-llama")
     seqs = [[1, 5, 9, 200, 7], [3, 4, 5]]
-    assert abs(evaluate.drift(model, model, seqs)) < 1e-7
+    assert abs(evaluate.drift(model, model, seqs)[0]) < 1e-7
     other = load_model("builtin:tiny-llama")
     with torch.no_grad():
         other.model.layers[0].mlp.down_proj.weight.add_(0.5)
-    assert evaluate.drift(model, other, seqs) > 1e-4
+    mean, per = evaluate.drift(model, other, seqs)
+    assert mean > 1e-4 and len(per) == len(seqs) and sum(s for s, _ in per) / sum(n for _, n in per) == pytest.approx(mean)
 
 
 def test_eval_writes_report_and_plots(tmp_path, tiny_store):

@@ -1,0 +1,49 @@
+"""The statistics of a study (docs/design.md, "Studies over seeds"): per arm and metric every seed's value,
+the mean and the standard deviation; for each arm against the reference arm the mean paired difference
+with a percentile bootstrap confidence interval.
+
+Every metric is a ratio of sums over evaluation items, `sum(num) / sum(den)` with one `[num, den]` per
+item (`[1, 1]` for a correct RAG answer, `[followed, instructions]` for an IFEval prompt at instruction
+level, `[KL sum, positions]` for a drift sequence). The bootstrap resamples the items within each seed,
+with the same draw for both arms (the same item and seed are paired across arms), takes each seed's
+difference and averages over the seeds: a fixed generator seed, `resamples` draws.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def metric(items) -> float:
+    """sum(num) / sum(den) of `[[num, den], ...]`."""
+    a = np.asarray(items, dtype=np.float64).reshape(-1, 2)
+    return float(a[:, 0].sum() / max(a[:, 1].sum(), 1e-300))
+
+
+def summary(values: list[float]) -> dict:
+    """The seeds' values, their mean and standard deviation (n - 1; 0 for one seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"values": [float(x) for x in v], "mean": float(v.mean()),
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def paired_difference(arm: list, reference: list, resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """arm, reference: per seed, the items `[[num, den], ...]` of one metric, item i of a seed in both the
+    same evaluation item. The mean over seeds of (arm - reference), and its bootstrap interval."""
+    if len(arm) != len(reference) or not arm:
+        raise ValueError(f"paired difference: {len(arm)} seeds against {len(reference)}")
+    rng = np.random.default_rng(seed)
+    diffs, draws = [], np.zeros(resamples)
+    for a, r in zip(arm, reference):
+        a, r = np.asarray(a, np.float64).reshape(-1, 2), np.asarray(r, np.float64).reshape(-1, 2)
+        if a.shape != r.shape:
+            raise ValueError(f"paired difference: {len(a)} items against {len(r)} in one seed")
+        diffs.append(metric(a) - metric(r))
+        idx = rng.integers(0, len(a), size=(resamples, len(a)))  # the same items for both arms
+        draws += (a[idx, 0].sum(1) / np.maximum(a[idx, 1].sum(1), 1e-300)
+                  - r[idx, 0].sum(1) / np.maximum(r[idx, 1].sum(1), 1e-300))
+    draws /= len(arm)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return {"mean": float(np.mean(diffs)), "ci": [float(low), float(high)], "level": level,
+            "resamples": resamples, "excludes_zero": bool(low > 0 or high < 0)}

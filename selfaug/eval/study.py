@@ -1,0 +1,206 @@
+"""`selfaug study` / `launch.sh study RECIPE` (docs/design.md, "Studies over seeds"): every arm under every
+seed, evaluated once, with spreads and paired confidence intervals.
+
+Arms: `lora` (the recipe at train.alpha=0), `selfaug` (the recipe as it is) and `study.arms`
+({name: {section.key: value}}, e.g. a drift budget or a sampled store). Seed i sets train.seed to the
+recipe's + i. Under `study.output_dir`:
+
+  recipes/<arm>-seed<i>.yaml   each run's whole recipe (built first: a bad arm is one line before any work)
+  teacher[-<arm>]/             one store per distinct teacher setting (arms that change none share it)
+  runs/<arm>-seed<i>/          each training run
+  eval/report.json             one `selfaug eval` of the base and every run (per-item scores included)
+  study.json, study.md, study.png
+
+It resumes: a finished store is reused, a run with its final model is not trained again (one with a
+checkpoint continues from it), and the evaluation is kept when it covers every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import yaml
+
+from ..config import Config, ConfigError, build_config
+from . import stats
+
+REFERENCE = "lora"
+# metric key in a report's per-item scores: its label
+METRICS = {"rag_accuracy": "RAG accuracy", "rag_strict_accuracy": "RAG accuracy, strict",
+           "ifeval_strict_prompt": "IFEval strict, prompt", "ifeval_strict_instruction": "IFEval strict, instruction",
+           "ifeval_loose_prompt": "IFEval loose, prompt", "ifeval_loose_instruction": "IFEval loose, instruction",
+           "drift_kl": "drift KL(base || model)"}
+
+
+def arms(cfg: Config) -> dict[str, dict]:
+    """{name: overrides}: lora, selfaug, then study.arms in their order."""
+    out = {REFERENCE: {"train.alpha": 0.0}, "selfaug": {}}
+    extra = cfg.study.arms or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"study.arms must be a mapping {{name: {{section.key: value}}}}, got {extra!r}")
+    for name, overrides in extra.items():
+        if name in out:
+            raise ConfigError(f"study.arms: {name!r} is always an arm; give the extra arm another name")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"study.arms: the arm name {name!r} must be letters, digits, - and _")
+        if not isinstance(overrides, dict) or any(not isinstance(k, str) or "." not in k for k in overrides):
+            raise ConfigError(f"study.arms.{name} must be a mapping of section.key: value, got {overrides!r}")
+        out[name] = dict(overrides)
+    return out
+
+
+def plan(cfg: Config, raw: dict) -> dict[tuple[str, int], Config]:
+    """Every run's recipe, keyed by (arm, seed index), from the recipe's own mapping plus the arm's keys."""
+    root = cfg.study.output_dir
+    runs = {}
+    for name, overrides in arms(cfg).items():
+        teacher = "teacher" if not any(k.startswith("teacher.") for k in overrides) else f"teacher-{name}"
+        for i in range(cfg.study.seeds):
+            items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+            items += [f"teacher.output_dir={os.path.join(root, teacher)}",
+                      f"train.output_dir={os.path.join(root, 'runs', f'{name}-seed{i}')}",
+                      f"train.seed={cfg.train.seed + i}", f"eval.output_dir={os.path.join(root, 'eval')}"]
+            try:
+                runs[(name, i)] = build_config(raw, items)
+            except ConfigError as e:
+                raise ConfigError(f"study arm {name!r}: {e}") from None
+    return runs
+
+
+def _launcher() -> list[str]:
+    """How a stage is started: $SELFAUG_LAUNCHER (launch.sh sets itself: `launch.sh STAGE RECIPE`, through
+    the deepspeed launcher on every GPU), else one process of this Python."""
+    launcher = os.environ.get("SELFAUG_LAUNCHER")
+    return shlex.split(launcher) if launcher else [sys.executable, "-m", "selfaug"]
+
+
+def _stage(stage: str, recipe: str, times: dict, label: str) -> None:
+    cmd = _launcher()
+    cmd += [stage, recipe] if os.path.basename(cmd[0]) == "launch.sh" else [stage, "--config", recipe]
+    print(f"study: {label}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    code = subprocess.run(cmd).returncode
+    times[label] = time.time() - t0
+    if code != 0:
+        raise StudyError(f"{label} failed (exit status {code}); fix it and run the study again: finished stores, "
+                         "runs and checkpoints are kept")
+
+
+class StudyError(ConfigError):
+    """A stage of the study failed (the message names it)."""
+
+
+def _trained(cfg: Config) -> bool:
+    """The run has its final model, trained from this recipe (another run in the directory is an error)."""
+    saved = os.path.join(cfg.train.output_dir, "final", "selfaug_config.yaml")
+    if not os.path.isfile(saved):
+        return False
+    with open(saved) as f:
+        old = yaml.safe_load(f)
+    new = cfg.to_dict()
+    same = all(old.get(s) == new[s] for s in ("model", "data")) and all(
+        {k: v for k, v in (old.get(s) or {}).items() if k != "output_dir"} ==
+        {k: v for k, v in new[s].items() if k != "output_dir"} for s in ("teacher", "train"))
+    if not same:
+        raise StudyError(f"{cfg.train.output_dir} holds a run of another recipe: remove it, or choose another "
+                         "study.output_dir")
+    return True
+
+
+def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
+    with open(recipe_path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw = build_config(raw, overrides).to_dict()  # the recipe with the command line's keys
+    runs = plan(cfg, raw)
+    root = cfg.study.output_dir
+    for (name, i), run_cfg in runs.items():
+        run_cfg.save(os.path.join(root, "recipes", f"{name}-seed{i}.yaml"))
+    times, t0 = {}, time.time()
+    stores = {}
+    for key, run_cfg in runs.items():  # one store per teacher directory, made by its first run's recipe
+        stores.setdefault(run_cfg.teacher.output_dir, key)
+    for where, (name, i) in stores.items():
+        _stage("precompute", os.path.join(root, "recipes", f"{name}-seed{i}.yaml"), times, f"store {where}")
+    for n, ((name, i), run_cfg) in enumerate(runs.items(), 1):
+        if _trained(run_cfg):
+            print(f"study: [{n}/{len(runs)}] {name} seed {i}: trained already", flush=True)
+            continue
+        _stage("train", os.path.join(root, "recipes", f"{name}-seed{i}.yaml"), times,
+               f"[{n}/{len(runs)}] train {name} seed {i}")
+    report_path = os.path.join(root, "eval", "report.json")
+    names = [os.path.basename(c.train.output_dir) for c in runs.values()]
+    if not _evaluated(report_path, names):
+        first = next(iter(runs.values()))
+        every = ",".join(c.train.output_dir for c in runs.values())
+        eval_recipe = os.path.join(root, "recipes", "eval.yaml")
+        build_config(first.to_dict(), [f"eval.runs={every}"]).save(eval_recipe)
+        _stage("eval", eval_recipe, times, "evaluate the base and every run")
+    with open(report_path) as f:
+        report = json.load(f)
+    result = summarize(report, {k: os.path.basename(c.train.output_dir) for k, c in runs.items()}, cfg.study)
+    result["seconds"] = {"total_this_invocation": time.time() - t0, **times}
+    result["arms"] = arms(cfg)
+    write(result, root)
+    print(format_markdown(result), flush=True)
+    return result
+
+
+def _evaluated(path: str, names: list[str]) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        models = json.load(f).get("models", {})
+    return all(n in models and "items" in models[n] for n in names) and "items" in models.get("base", {})
+
+
+def summarize(report: dict, names: dict, sc) -> dict:
+    """study.json's content from a report: names maps (arm, seed index) to the report's model name."""
+    models = report["models"]
+    arm_names = list(dict.fromkeys(a for a, _ in names))
+    seeds = sorted({i for _, i in names})
+    items = {(a, i): models[n]["items"] for (a, i), n in names.items()}
+    present = [m for m in METRICS if m in models["base"]["items"]]
+    out = {"seeds": len(seeds), "reference": REFERENCE, "metrics": {m: METRICS[m] for m in present},
+           "base": {m: stats.metric(models["base"]["items"][m]) for m in present}, "by_arm": {}, "vs_reference": {}}
+    for a in arm_names:
+        out["by_arm"][a] = {m: stats.summary([stats.metric(items[(a, i)][m]) for i in seeds]) for m in present}
+        if a != REFERENCE:
+            out["vs_reference"][a] = {m: stats.paired_difference([items[(a, i)][m] for i in seeds],
+                                                                 [items[(REFERENCE, i)][m] for i in seeds],
+                                                                 sc.resamples, sc.bootstrap_seed) for m in present}
+    return out
+
+
+def format_markdown(result: dict) -> str:
+    metrics = result["metrics"]
+    lines = [f"Over {result['seeds']} seeds per arm: mean ± standard deviation of the seeds' values.", "",
+             "| arm | " + " | ".join(metrics.values()) + " |", "|---|" + "---|" * len(metrics),
+             "| base | " + " | ".join(f"{result['base'][m]:.3f}" for m in metrics) + " |"]
+    for a, row in result["by_arm"].items():
+        lines.append(f"| {a} | " + " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['sd']:.3f}" for m in metrics) + " |")
+    lines += ["", f"Difference from {result['reference']}, paired by seed and evaluation item, with its 95 % "
+                  f"bootstrap interval:", "", "| arm | " + " | ".join(metrics.values()) + " |",
+              "|---|" + "---|" * len(metrics)]
+    words = []
+    for a, row in result["vs_reference"].items():
+        lines.append(f"| {a} − {result['reference']} | " + " | ".join(
+            f"{row[m]['mean']:+.3f} [{row[m]['ci'][0]:+.3f}, {row[m]['ci'][1]:+.3f}]" for m in metrics) + " |")
+        zero = [metrics[m] for m in metrics if not row[m]["excludes_zero"]]
+        if zero:
+            words.append(f"- {a}: the interval contains 0 for {', '.join(zero)}: no difference from "
+                         f"{result['reference']} is shown there at this number of seeds and items.")
+    return "\n".join(lines + ([""] + words if words else []))
+
+
+def write(result: dict, root: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "study.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(root, "study.md"), "w") as f:
+        f.write(format_markdown(result) + "\n")
+    from .plots import plot_study
+    plot_study(result, root)
