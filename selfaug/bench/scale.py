@@ -45,8 +45,12 @@ def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                SELFAUG_BENCH_OUT=out)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs), "--master_port",
-           str(dist.free_port()), "--module", "selfaug.bench.worker", "scale", kind, recipe]
+    worker = ["--module", "selfaug.bench.worker", "scale", kind, recipe]
+    if nprocs == 1:  # one process needs no launcher (the worker sets up a world of one)
+        cmd = [sys.executable, "-m", *worker[1:]]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs), "--master_port",
+               str(dist.free_port()), *worker]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"scale benchmark {kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
