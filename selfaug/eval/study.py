@@ -11,7 +11,7 @@ recipe's + i. Under `study.output_dir`:
   eval/report.json             one `selfaug eval` of the base and every run (per-item scores included)
   study.json, study.md, study.png
 
-It resumes: a finished store is reused, a run with its final model is not trained again (one with a
+It resumes: a store it finished is not computed again, a run with its final model is not trained again (one with a
 checkpoint continues from it), and the evaluation is kept when it covers every run.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ import time
 
 import yaml
 
-from ..config import Config, ConfigError, build_config
+from .. import store
+from ..config import Config, ConfigError, build_config, config_digest
 from . import stats
 
 REFERENCE = "lora"
@@ -123,8 +124,18 @@ def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     stores = {}
     for key, run_cfg in runs.items():  # one store per teacher directory, made by its first run's recipe
         stores.setdefault(run_cfg.teacher.output_dir, key)
-    for where, (name, i) in stores.items():
-        _stage("precompute", os.path.join(root, "recipes", f"{name}-seed{i}.yaml"), times, f"store {where}")
+    made_path = os.path.join(root, "stores.json")  # the stores this study finished, by their recipe's digest
+    made = json.load(open(made_path)) if os.path.isfile(made_path) else {}
+    for where, key in stores.items():
+        run_cfg = runs[key]
+        digest = config_digest({s: run_cfg.to_dict()[s] for s in ("model", "data", "teacher")})
+        if made.get(where) == digest and _complete(where):
+            print(f"study: store {where}: made already", flush=True)
+            continue
+        _stage("precompute", os.path.join(root, "recipes", f"{key[0]}-seed{key[1]}.yaml"), times, f"store {where}")
+        made[where] = digest
+        with open(made_path, "w") as f:
+            json.dump(made, f, indent=2)
     for n, ((name, i), run_cfg) in enumerate(runs.items(), 1):
         if _trained(run_cfg):
             print(f"study: [{n}/{len(runs)}] {name} seed {i}: trained already", flush=True)
@@ -147,6 +158,13 @@ def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     write(result, root)
     print(format_markdown(result), flush=True)
     return result
+
+
+def _complete(store_dir: str) -> bool:
+    try:
+        return store.read_manifest(store_dir).get("status") == "complete"
+    except store.StoreError:
+        return False
 
 
 def _evaluated(path: str, names: list[str]) -> bool:

@@ -121,3 +121,18 @@ def test_eval_writes_report_and_plots(tmp_path, tiny_store):
     for png in ("tradeoff.png", "curves.png"):
         with open(tmp_path / "eval" / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_tradeoff_plot_joins_fixed_alpha_runs_and_budget_runs_into_one_curve_each(tmp_path, monkeypatch):
+    from selfaug.eval import plots
+    drawn = []
+    real = plots.plt.Axes.plot
+    monkeypatch.setattr(plots.plt.Axes, "plot", lambda ax, *a, **k: drawn.append(k.get("label")) or real(ax, *a, **k))
+    points = [{"label": f"alpha{a}", "accuracy": 0.5 + a / 4, "drift_kl": 0.3 - a / 5, "instruction": 0.2,
+               "alpha": a, "drift_budget": None} for a in (0.0, 0.5, 1.0)]
+    points += [{"label": f"budget{b}", "accuracy": 0.7, "drift_kl": b, "instruction": 0.25, "alpha": 0.5,
+                "drift_budget": b} for b in (0.02, 0.04)]
+    points.append({"label": "base", "accuracy": 0.4, "drift_kl": 0.0, "instruction": 0.3})
+    path = plots.plot_tradeoff(points, str(tmp_path))
+    assert os.path.getsize(path) > 1000
+    assert drawn == ["fixed alpha", "fixed alpha", "drift budget", "drift budget"]  # both panels, each knob
