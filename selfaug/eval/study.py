@@ -34,7 +34,7 @@ REFERENCE = "lora"
 METRICS = {"rag_accuracy": "RAG accuracy", "rag_strict_accuracy": "RAG accuracy, strict",
            "ifeval_strict_prompt": "IFEval strict, prompt", "ifeval_strict_instruction": "IFEval strict, instruction",
            "ifeval_loose_prompt": "IFEval loose, prompt", "ifeval_loose_instruction": "IFEval loose, instruction",
-           "drift_kl": "drift KL(base || model)"}
+           "drift_kl": "drift KL(base ‖ model)"}
 
 
 def arms(cfg: Config) -> dict[str, dict]:
