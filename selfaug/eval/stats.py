@@ -13,10 +13,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def _ratio(num, den):
+    """sum(num) / sum(den) along the last axis (a den of 0 gives 0 for a num of 0)."""
+    return num.sum(-1) / np.maximum(den.sum(-1), 1e-300)
+
+
 def metric(items) -> float:
     """sum(num) / sum(den) of `[[num, den], ...]`."""
     a = np.asarray(items, dtype=np.float64).reshape(-1, 2)
-    return float(a[:, 0].sum() / max(a[:, 1].sum(), 1e-300))
+    return float(_ratio(a[:, 0], a[:, 1]))
 
 
 def summary(values: list[float]) -> dict:
@@ -40,8 +45,7 @@ def paired_difference(arm: list, reference: list, resamples: int = 2000, seed: i
             raise ValueError(f"paired difference: {len(a)} items against {len(r)} in one seed")
         diffs.append(metric(a) - metric(r))
         idx = rng.integers(0, len(a), size=(resamples, len(a)))  # the same items for both arms
-        draws += (a[idx, 0].sum(1) / np.maximum(a[idx, 1].sum(1), 1e-300)
-                  - r[idx, 0].sum(1) / np.maximum(r[idx, 1].sum(1), 1e-300))
+        draws += _ratio(a[idx, 0], a[idx, 1]) - _ratio(r[idx, 0], r[idx, 1])
     draws /= len(arm)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
