@@ -43,8 +43,16 @@ SKEWED = ["data.builtin_num_documents=1", "data.builtin_max_documents=8", "data.
           "data.max_seq_len=1024"]
 
 
+# --smoke: measurements that need no environment of their own run in this process (the same code, read
+# as a check that it runs: a smoke's figures mean nothing), saving a fresh interpreter and its imports each
+IN_PROCESS = False
+
+
 def _worker(cmd: list[str], module: str = "selfaug.bench.worker", **env_extra) -> dict:
     """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
+    if IN_PROCESS and not env_extra:
+        import importlib
+        return importlib.import_module(module).main(cmd)
     # a fresh single-process rendezvous: never the parent's port or rank
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-m", module, *cmd], capture_output=True, text=True,
@@ -228,6 +236,8 @@ def bench_gpu(cfg_path: str, overrides: list[str], smoke: bool = False) -> dict:
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
     from . import worker as bw
+    global IN_PROCESS
+    IN_PROCESS = smoke
     only = only or list(DEFAULT)
     unknown = set(only) - set(SECTIONS)
     if unknown:

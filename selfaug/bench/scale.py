@@ -1,6 +1,6 @@
 """`selfaug bench --only scale` (docs/design.md, "Benchmarks"): the large-model paths on this machine, at
 a scale that shows them. Every measurement is a fresh 2-rank launch (`deepspeed --num_gpus 2`, gloo
-on a CPU; one rank in `--smoke`) of `worker scale ...`, each rank reporting its own peak resident memory:
+on a CPU; in `--smoke` one rank, in this process) of `worker scale ...`, each rank reporting its own peak resident memory:
 
 - loading + one LoRA step of a random Llama of 1.24B parameters (fp32), ZeRO-3 against ZeRO-2;
 - loading + one full fine-tuning AdamW step of a 0.38B one, ZeRO-3 against ZeRO-2;
@@ -34,8 +34,9 @@ def _base(tmp: str, model_dir: str, smoke: bool) -> dict:
     }
 
 
-def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2) -> list[dict]:
-    """One measurement: `nprocs` ranks of bench.worker; the reports of every rank."""
+def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2, in_process: bool = False) -> list[dict]:
+    """One measurement: `nprocs` ranks of bench.worker; the reports of every rank. `in_process` (the
+    smoke, one rank): the worker runs in this process."""
     import yaml
     recipe = os.path.join(tmp, f"{kind}-{len(os.listdir(tmp))}.yaml")
     with open(recipe, "w") as f:
@@ -46,6 +47,14 @@ def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2) -> list[dict]:
     env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                SELFAUG_BENCH_OUT=out)
     worker = ["--module", "selfaug.bench.worker", "scale", kind, recipe]
+    if in_process and nprocs == 1:
+        from .worker import scale
+        before = os.environ.get("SELFAUG_BENCH_OUT")
+        os.environ["SELFAUG_BENCH_OUT"] = out
+        try:
+            return [scale(kind, recipe)]
+        finally:
+            os.environ.pop("SELFAUG_BENCH_OUT") if before is None else os.environ.update(SELFAUG_BENCH_OUT=before)
     if nprocs == 1:  # one process needs no launcher (the worker sets up a world of one)
         cmd = [sys.executable, "-m", *worker[1:]]
     else:
@@ -74,7 +83,7 @@ def _zero3_vs_zero2(tmp: str, model: str, method: str, label: str, smoke: bool) 
     for stage in (2, 3):
         raw = _base(tmp, model, smoke)
         raw["train"].update(method=method, deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
-        runs[stage] = _launch("train", raw, tmp, RANKS[smoke])
+        runs[stage] = _launch("train", raw, tmp, RANKS[smoke], smoke)
     return _pair(f"{label}, load + 1 step, ZeRO-3 vs ZeRO-2", runs[3], runs[2], "peak_bytes")
 
 
@@ -95,7 +104,7 @@ def bench_scale(smoke: bool = False) -> dict:
             raw["teacher"]["output_dir"] = os.path.join(tmp, f"teacher-{mode}")
             if mode == "partitioned":
                 raw["teacher"]["deepspeed"] = os.path.join(ROOT, "ds_configs/zero3_inference.json")
-            runs[mode] = _launch("precompute", raw, tmp, RANKS[smoke])
+            runs[mode] = _launch("precompute", raw, tmp, RANKS[smoke], smoke)
         pair = _pair("stage 1 1.2B, partitioned vs whole teacher", runs["partitioned"], runs["whole"], "peak_bytes")
         tps = {m: sum(r["tokens"] for r in runs[m]) / max(r["time_s"] for r in runs[m]) for m in runs}
         pair["tokens_per_s"] = tps
@@ -110,7 +119,7 @@ def bench_scale(smoke: bool = False) -> dict:
             raw["model"]["init"] = "pretrained"
             raw["data"].update(builtin_num_documents=38 if not smoke else 4, max_seq_len=4096)
             raw["train"].update(method="lora", gradient_checkpointing=gc, deepspeed=os.path.join(ROOT, "ds_configs/zero0.json"))
-            runs[gc] = _launch("train", raw, tmp, nprocs=1)
+            runs[gc] = _launch("train", raw, tmp, 1, smoke)
         pair = _pair("one step at 2K tokens, checkpointing vs not", runs[True], runs[False], "step_peak_bytes")
         pair["tokens"] = runs[True][0]["tokens"]
         growth = {gc: runs[gc][0]["step_peak_bytes"] - runs[gc][0]["rss_before_step_bytes"] for gc in runs}

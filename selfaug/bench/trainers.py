@@ -94,11 +94,15 @@ def hf_step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> di
             "steps": steps, "alpha": alpha if variant == "selfaug" else 0.0, "pid": os.getpid()}
 
 
+def main(argv: list[str]) -> dict:
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    return hf_step(argv[0], argv[1], int(argv[2]), argv[3:])
+
+
 if __name__ == "__main__":
     import json
     import sys
 
     from .. import dist
     dist.ensure_env()
-    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    print(json.dumps(hf_step(argv[0], argv[1], int(argv[2]), argv[3:])))
+    print(json.dumps(main(sys.argv[1:])))

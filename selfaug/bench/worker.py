@@ -1,6 +1,7 @@
 """The measurements behind `selfaug bench` (docs/design.md, "Benchmarks"). bench.py drives; this
 module never imports it. Where peak memory is measured, bench.py runs these in a fresh process:
-python -m selfaug.bench.worker {step|long|scale|data|budget} ARGS, which prints one JSON line."""
+python -m selfaug.bench.worker {step|long|scale|data|budget} ARGS, which prints one JSON line (`main`;
+`--smoke` calls it in its own process)."""
 from __future__ import annotations
 
 import json
@@ -368,20 +369,23 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    dist.ensure_env()
-    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+def main(argv: list[str]) -> dict:
+    """One measurement from its arguments: {step|long|scale|budget|data} ARGS."""
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     what, args = argv[0], argv[1:]
     if what == "step":
-        res = step(args[0], args[1], int(args[2]), args[3:])
-    elif what == "long":
-        res = long(*(int(a) for a in args))
-    elif what == "scale":
-        res = scale(args[0], args[1])
-    elif what == "budget":
-        res = budget(args[0], args[1:])
-    elif what == "data":
-        res = data(args[0], args[1], int(args[2]), int(args[3]), args[4:])
-    else:
-        raise SystemExit(f"unknown benchmark worker {what!r}")
-    print(json.dumps(res))
+        return step(args[0], args[1], int(args[2]), args[3:])
+    if what == "long":
+        return long(*(int(a) for a in args))
+    if what == "scale":
+        return scale(args[0], args[1])
+    if what == "budget":
+        return budget(args[0], args[1:])
+    if what == "data":
+        return data(args[0], args[1], int(args[2]), int(args[3]), args[4:])
+    raise SystemExit(f"unknown benchmark worker {what!r}")
+
+
+if __name__ == "__main__":
+    dist.ensure_env()
+    print(json.dumps(main(sys.argv[1:])))
