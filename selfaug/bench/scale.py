@@ -48,13 +48,11 @@ def _launch(kind: str, raw: dict, tmp: str, nprocs: int = 2, in_process: bool = 
                SELFAUG_BENCH_OUT=out)
     worker = ["--module", "selfaug.bench.worker", "scale", kind, recipe]
     if in_process and nprocs == 1:
+        from unittest import mock
+
         from .worker import scale
-        before = os.environ.get("SELFAUG_BENCH_OUT")
-        os.environ["SELFAUG_BENCH_OUT"] = out
-        try:
+        with mock.patch.dict(os.environ, SELFAUG_BENCH_OUT=out):
             return [scale(kind, recipe)]
-        finally:
-            os.environ.pop("SELFAUG_BENCH_OUT") if before is None else os.environ.update(SELFAUG_BENCH_OUT=before)
     if nprocs == 1:  # one process needs no launcher (the worker sets up a world of one)
         cmd = [sys.executable, "-m", *worker[1:]]
     else:

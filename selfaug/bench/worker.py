@@ -1,7 +1,7 @@
 """The measurements behind `selfaug bench` (docs/design.md, "Benchmarks"). bench.py drives; this
 module never imports it. Where peak memory is measured, bench.py runs these in a fresh process:
 python -m selfaug.bench.worker {step|long|scale|data|budget} ARGS, which prints one JSON line (`main`;
-`--smoke` calls it in its own process)."""
+`--smoke` calls it in the bench's own process)."""
 from __future__ import annotations
 
 import json

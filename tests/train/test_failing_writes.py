@@ -18,7 +18,9 @@ CHILD = """
 import os, resource, signal, sys
 sys.path.insert(0, {root!r})
 limit = int(os.environ.get("FSIZE", "0"))
-if limit:
+if limit:  # DeepSpeed's CPU comm op is built (or loaded from the cache) first: the compiler is not what fails
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
 if os.environ.get("KILL_IN_SAVE"):  # SIGKILL once DeepSpeed's files of the checkpoint are written
     from selfaug.train import checkpoint
