@@ -2,6 +2,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -50,12 +52,44 @@ def clean_env(**extra):
 
 
 def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600):
-    """Run `selfaug STAGE` under the deepspeed launcher with nprocs CPU processes."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nprocs),
-           "--master_port", str(free_port()), "--module", "selfaug", stage, "--config", recipe, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    """Run `selfaug STAGE` on nprocs CPU ranks, started here with the variables a launcher gives each rank
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the ranks the `deepspeed` launcher would
+    start, without its two extra interpreters (each ~5 s of CPU). The launchers themselves are tested in
+    train/test_preemption.py, hf/test_hf.py and the demo. A rank that fails takes the others down. The
+    result is a CompletedProcess (the ranks' output in rank order) with the rendezvous `.master_port`."""
+    cmd = [sys.executable, "-m", "selfaug", stage, "--config", recipe, *overrides]
+    port, procs = str(free_port()), []
+    for rank in range(nprocs):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True), out, err))
+    deadline, failed_at, timed_out = time.time() + timeout, None, False
+    try:
+        while any(p.poll() is None for p, _, _ in procs):
+            if failed_at is None and any(p.poll() not in (None, 0) for p, _, _ in procs):
+                failed_at = time.time()  # the others wait for it in a collective: a moment, then stop them
+            timed_out = timed_out or time.time() > deadline
+            if timed_out or (failed_at is not None and time.time() > failed_at + 10):
+                break
+            time.sleep(0.1)
+    finally:  # nothing left running, whatever ended the wait
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    codes = [p.returncode for p, _, _ in procs]
+    text = []
+    for _, *files in procs:
+        text.append([(f.seek(0), f.read(), f.close())[1] for f in files])
+    proc = subprocess.CompletedProcess(cmd, next((c for c in codes if c != 0), 0),
+                                       "".join(t[0] for t in text), "".join(t[1] for t in text))
+    proc.master_port = port
+    if timed_out:
+        raise AssertionError(f"{' '.join(cmd)} on {nprocs} ranks ran past {timeout} s:\n{proc.stderr[-5000:]}")
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} on {nprocs} ranks failed (exit status {codes}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
