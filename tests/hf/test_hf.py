@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
+from conftest import ROOT, clean_env, tiny_config, write_recipe
 from selfaug import precompute, train
+from selfaug.config import build_config
 from selfaug.dist import free_port
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
@@ -93,10 +94,12 @@ def test_a_drift_budget_steers_alpha_and_resumes_from_a_trainer_checkpoint(tmp_p
                                                          ("deepspeed", "full", "sampled", "zero3")])
 def test_two_ranks_with_accumulation_equal_selfaug_train(tmp_path, stores, launcher, method, signal, zero):
     """2 CPU ranks, grad_accum 2: LoRA under ZeRO-2 through `accelerate launch`, and full fine-tuning with a
-    trainable head under ZeRO-3 through the deepspeed launcher (the head registered as in selfaug train)."""
+    trainable head under ZeRO-3 through the deepspeed launcher (the head registered as in selfaug train),
+    against `selfaug train` on one rank with the same global batch (micro 1 x accum 4; selfaug train on 2
+    ranks equals that: train/test_cluster.py, train/test_train.py)."""
     cfg, recipe = _recipe(tmp_path, stores[signal], method, signal,
                           deepspeed=os.path.join(ROOT, "ds_configs", f"{zero}.json"))
-    launch("train", recipe, nprocs=2)
+    train.train(build_config(cfg.to_dict(), ["train.grad_accum=4"]))
     helper = os.path.join(ROOT, "tests", "helpers", "hf_train.py")
     out = str(tmp_path / "hf")
     if launcher == "accelerate":
