@@ -43,16 +43,19 @@ SKEWED = ["data.builtin_num_documents=1", "data.builtin_max_documents=8", "data.
           "data.max_seq_len=1024"]
 
 
-# --smoke: measurements that need no environment of their own run in this process (the same code, read
-# as a check that it runs: a smoke's figures mean nothing), saving a fresh interpreter and its imports each
+# --smoke: every measurement runs in this process (the same code, read as a check that it runs: a smoke's
+# figures mean nothing), saving a fresh interpreter and its imports each; a worker's own environment is set
+# around it, where a variable read at import (HF_DATASETS_CACHE) keeps this process's value
 IN_PROCESS = False
 
 
 def _worker(cmd: list[str], module: str = "selfaug.bench.worker", **env_extra) -> dict:
     """Run one measurement in a fresh process (peak memory of a process is not resettable downwards)."""
-    if IN_PROCESS and not env_extra:
+    if IN_PROCESS:
         import importlib
-        return importlib.import_module(module).main(cmd)
+        from unittest import mock
+        with mock.patch.dict(os.environ, env_extra):
+            return importlib.import_module(module).main(cmd)
     # a fresh single-process rendezvous: never the parent's port or rank
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-m", module, *cmd], capture_output=True, text=True,
@@ -250,7 +253,7 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "step" in only:
         results["step"] = bench_step(cfg_path, list(overrides), 2 if smoke else 5)
     if "fidelity" in only:
-        results["fidelity"] = bw.bench_fidelity(cfg, [2, 4] if smoke else [8, 16, 32, 64, 128])
+        results["fidelity"] = bw.bench_fidelity(cfg, [2, 4] if smoke else [8, 16, 32, 64, 128], 3 if smoke else 8)
     if "long" in only:
         lengths = [128, 256] if smoke else [512, 1024, 2048, 4096, 8192]
         results["long"] = bench_long(lengths, 4096 if smoke else 49152, 64 if smoke else 576, 64 if not smoke else 8,
