@@ -144,6 +144,8 @@ def teacher_ds_config(cfg: Config, device) -> dict | None:
 def run(cfg: Config) -> dict | None:
     check_paths(cfg)
     rank, world = dist.init()
+    # a precompute already writing this store: one line now, not after loading the model
+    dist.decide(store.StoreLock(cfg.teacher.output_dir).check_free)
     device = dist.device()
     teacher_cfg = cfg.teacher
     ds_conf = teacher_ds_config(cfg, device)

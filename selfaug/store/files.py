@@ -101,10 +101,7 @@ class StoreLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreError(f"another precompute is writing {os.path.dirname(self.path)} ({holder}); wait for it "
-                             "to finish, or stop it, then run this one again (it resumes from the finished shards)")
+            self._busy(fd)
         old = os.read(fd, 4096).decode(errors="replace").strip()
         if old:
             print(f"taking over the stale lock of {os.path.dirname(self.path)} left by a precompute that is gone "
@@ -115,6 +112,26 @@ class StoreLock:
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         os.fsync(fd)
         self.fd = fd
+
+    def check_free(self) -> None:
+        """Refuse at once when another precompute holds the lock (called before the model loads; the lock is
+        taken when the directory is prepared). It only reads: a probe with a shared flock."""
+        import fcntl
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._busy(fd)
+        os.close(fd)  # closing drops the probe's flock
+
+    def _busy(self, fd: int) -> None:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(f"another precompute is writing {os.path.dirname(self.path)} ({holder}); wait for it "
+                         "to finish, or stop it, then run this one again (it resumes from the finished shards)")
 
     def release(self) -> None:
         if self.fd is not None:

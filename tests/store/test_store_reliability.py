@@ -41,8 +41,9 @@ def _one_line(capsys, argv, match):
 
 # 1. two precomputes into the same directory
 
-def test_a_second_concurrent_precompute_refuses_and_the_first_completes(tmp_path):
-    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), data={"builtin_train_size": 160},
+def test_a_second_concurrent_precompute_refuses_before_its_model_loads_and_the_first_completes(
+        tmp_path, capsys, monkeypatch):
+    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), data={"builtin_train_size": 24},
                                                                   teacher={"shard_size": 2}))
     store = os.path.join(str(tmp_path), "teacher")
     cmd = [sys.executable, "-m", "selfaug", "precompute", "--config", recipe]
@@ -50,11 +51,15 @@ def test_a_second_concurrent_precompute_refuses_and_the_first_completes(tmp_path
     deadline = time.time() + 300
     while not glob.glob(os.path.join(store, "shards", "*.json")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=clean_env())
+    assert first.poll() is None  # still writing (11 shards to go)
+
+    def no_model(*a, **k):
+        raise AssertionError("the second precompute loaded its model before it looked at the lock")
+    monkeypatch.setattr(precompute, "load_all", no_model)
+    line = _one_line(capsys, ["precompute", "--config", recipe], "another precompute is writing")  # in this process
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 2 and "another precompute is writing" in second.stderr, second.stderr[-2000:]
-    assert f"pid {first.pid}" in second.stderr
+    assert f"pid {first.pid}" in line
     assert ts.verify_store(store, values=True)[1] == [] and not glob.glob(os.path.join(store, "**", "*.tmp"), recursive=True)
 
 
