@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import subprocess
@@ -51,12 +52,11 @@ def clean_env(**extra):
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600):
-    """Run `selfaug STAGE` on nprocs CPU ranks, started here with the variables a launcher gives each rank
-    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the ranks the `deepspeed` launcher would
-    start, without its two extra interpreters (each ~5 s of CPU). The launchers themselves are tested in
-    train/test_preemption.py, hf/test_hf.py and the demo. A rank that fails takes the others down. The
-    result is a CompletedProcess (the ranks' output in rank order) with the rendezvous `.master_port`."""
+def spawn(stage, recipe, overrides=(), nprocs=1):
+    """Start `selfaug STAGE` on nprocs CPU ranks with the variables a launcher gives each rank (RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the ranks the `deepspeed` launcher would start,
+    without its two extra interpreters (each ~5 s of CPU). The launchers themselves are tested in
+    train/test_preemption.py, hf/test_hf.py and the demo. [(Popen, stdout file, stderr file)], the port."""
     cmd = [sys.executable, "-m", "selfaug", stage, "--config", recipe, *overrides]
     port, procs = str(free_port()), []
     for rank in range(nprocs):
@@ -64,6 +64,25 @@ def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600):
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True), out, err))
+    return procs, port
+
+
+def kill_ranks(procs, port):
+    """SIGKILL every rank, and remove the shared-memory buffers they can no longer unlink."""
+    for p, *files in procs:
+        p.kill()
+        p.wait()
+        for f in files:
+            f.close()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.remove(path)
+
+
+def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600):
+    """Run `selfaug STAGE` on nprocs ranks (spawn) to the end; a rank that fails takes the others down. A
+    CompletedProcess (the ranks' output in rank order) with the rendezvous `.master_port`."""
+    procs, port = spawn(stage, recipe, overrides, nprocs)
+    cmd = procs[0][0].args
     deadline, failed_at, timed_out = time.time() + timeout, None, False
     try:
         while any(p.poll() is None for p, _, _ in procs):

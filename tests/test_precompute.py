@@ -4,18 +4,16 @@ import glob
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import datasets
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
+from conftest import kill_ranks, launch, spawn, tiny_config, write_recipe
 from selfaug import precompute
 from selfaug import store as ts
+from selfaug.config import build_config
 from selfaug.hashing import sha256_file
 from selfaug.models import load_model
 
@@ -68,31 +66,29 @@ def _shard_hashes(store_dir):
     return {os.path.basename(p): sha256_file(p) for p in sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow")))}
 
 
-def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_store):
+def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_store, capsys):
     one = _shard_hashes(tiny_store.teacher.output_dir)
     assert len(one) == 3  # 12 records / 5 per shard
     # two processes, real torch.distributed over gloo
     two_dir = str(tmp_path / "two")
-    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), teacher={
-        "value_dtype": "float32", "output_dir": two_dir}))
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": two_dir})
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
     launch("precompute", recipe, nprocs=2)
     assert _shard_hashes(two_dir) == one
-    # killed after its first shard, then restarted (with one rank)
+    # one rank killed after its first shard, then restarted (in this process)
     killed_dir = str(tmp_path / "killed")
-    cmd = [sys.executable, "-m", "selfaug", "precompute", "--config", recipe, f"teacher.output_dir={killed_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    procs, port = spawn("precompute", recipe, [f"teacher.output_dir={killed_dir}"], nprocs=1)
     first = os.path.join(killed_dir, "shards", "shard-00000.json")
     deadline = time.time() + 300
-    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(first) and procs[0][0].poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_ranks(procs, port)
     assert os.path.exists(first)
     assert json.load(open(os.path.join(killed_dir, "manifest.json")))["status"] == "incomplete"
     assert len(_shard_hashes(killed_dir)) < 3
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=clean_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "reused" in out.stdout and _shard_hashes(killed_dir) == one
+    capsys.readouterr()
+    precompute.run(build_config(cfg.to_dict(), [f"teacher.output_dir={killed_dir}"]))
+    assert "reused" in capsys.readouterr().out and _shard_hashes(killed_dir) == one
 
 
 def test_restart_rewrites_a_corrupted_shard(tmp_path, tiny_store):

@@ -4,9 +4,6 @@ shapes, and their bad inputs."""
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -14,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
+from conftest import ROOT, kill_ranks, launch, read_metrics, spawn, tiny_config, write_recipe
 from selfaug import precompute, train
 from selfaug import store as ts
 from selfaug.config import ModelConfig
-from selfaug.dist import free_port
 from selfaug.models import load_model
 
 INFERENCE = os.path.join(ROOT, "ds_configs", "zero3_inference.json")
@@ -77,17 +73,12 @@ def test_zero3_partitioned_teacher_store_equals_one_process_and_resumes(tmp_path
     assert manifest["computed_with"] == {"teacher": "zero3-partitioned", "world_size": 2, "deepspeed": INFERENCE}
     # killed after its first shard, then resumed: still the same store
     killed = str(tmp_path / "killed")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(free_port()), "--module", "selfaug", "precompute",
-           "--config", recipe, f"teacher.output_dir={killed}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
-                            start_new_session=True)
+    procs, port = spawn("precompute", recipe, [f"teacher.output_dir={killed}"], nprocs=2)
     first = os.path.join(killed, "shards", "shard-00000.json")
     deadline = time.time() + 300
-    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(first) and all(p.poll() is None for p, _, _ in procs) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_ranks(procs, port)
     assert os.path.exists(first) and ts.read_manifest(killed)["status"] == "incomplete"
     out = launch("precompute", recipe, [f"teacher.output_dir={killed}"], nprocs=2)
     assert "reused" in out.stdout
