@@ -9,6 +9,7 @@ shapes (`model.init: random`), and the two built-ins; `load_all`, the one loader
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -47,14 +48,26 @@ def _gguf_path() -> str:
     return path
 
 
+def _smollm2_target(gguf: str) -> str:
+    key = hashlib.sha256(f"{os.path.getsize(gguf)}".encode()).hexdigest()[:8]
+    return os.path.join(cache_dir(), f"smollm2-135m-instruct-{key}")
+
+
 def _smollm2_dir() -> str:
     """The de-quantized SmolLM2 in Hugging Face form, converted from the GGUF file on first use."""
     gguf = _gguf_path()
-    stat = os.stat(gguf)
-    key = hashlib.sha256(f"{stat.st_size}".encode()).hexdigest()[:8]
-    target = os.path.join(cache_dir(), f"smollm2-135m-instruct-{key}")
+    target = _smollm2_target(gguf)
     if os.path.exists(os.path.join(target, "selfaug_source.json")):
         return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(target + ".lock", "a") as lock:  # one process converts; the others (ranks, test workers) wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(target, "selfaug_source.json")):
+            _convert_smollm2(gguf, target)
+    return target
+
+
+def _convert_smollm2(gguf: str, target: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = os.path.dirname(gguf)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
@@ -65,17 +78,15 @@ def _smollm2_dir() -> str:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".convert-")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "selfaug_source.json"), "w") as f:
-        json.dump({"gguf": GGUF_NAME, "gguf_sha256": sha256_file(gguf), "size": stat.st_size}, f)
+        json.dump({"gguf": GGUF_NAME, "gguf_sha256": sha256_file(gguf), "size": os.path.getsize(gguf)}, f)
     try:
         os.rename(tmp, target)
-    except OSError:  # another rank converted it first
+    except OSError:  # converted meanwhile by a process that does not take the lock (an older selfaug)
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_source(name_or_path: str) -> tuple[str, dict]:

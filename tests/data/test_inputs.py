@@ -161,6 +161,28 @@ def test_missing_embedded_model_package_says_how_to_install(monkeypatch):
         models._gguf_path()
 
 
+def test_a_process_waits_for_the_embedded_model_another_is_converting(tmp_path, monkeypatch):
+    """Ranks or test workers starting together on a fresh cache convert SmolLM2 once: the others wait
+    for the lock and read the result (before, each converted it: ~15 s of CPU and the model's memory)."""
+    import fcntl
+    import threading
+    from selfaug import models
+    monkeypatch.setenv("SELFAUG_CACHE", str(tmp_path))
+    converted, got = [], []
+    monkeypatch.setattr(models, "_convert_smollm2", lambda gguf, target: converted.append(target))
+    target = models._smollm2_target(models._gguf_path())
+    with open(target + ".lock", "a") as lock:  # another process is converting
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: got.append(models._smollm2_dir()))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and got == []  # this one waits ...
+        os.makedirs(target)
+        open(os.path.join(target, "selfaug_source.json"), "w").write("{}")  # ... while the other finishes
+    waiter.join(10)
+    assert got == [target] and converted == []  # and reads its result: no second conversion
+
+
 def test_inspect_verifies_a_store_and_summarizes_a_run(tmp_path, tiny_store, capsys):
     import shutil
     from selfaug.cli import main
