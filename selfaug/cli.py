@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    from .train.checkpoint import record_exit
+    from .train.preemption import record_exit
     code = _handled(args)
     record_exit(code)
     return code
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _handled(args) -> int:
     """The command's exit status: 0, EXIT_PREEMPTED (75) or 2 with one line for a user's error."""
-    from .train.checkpoint import EXIT_PREEMPTED, Preempted
+    from .train.preemption import EXIT_PREEMPTED, Preempted
     try:
         return _run(args)
     except Preempted as e:

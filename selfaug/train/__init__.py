@@ -6,9 +6,11 @@ loss = NLL(response) + alpha(step) * KL(prompt).
   alpha.py       alpha at each step: the recipe's schedule, or steered by a drift budget (train.drift_budget)
   sources.py     the teacher source, chosen once (stored signal, live model, plain data)
   batches.py     which examples form each step and micro-batch (by count or by tokens); collation
-  checkpoint.py  checkpoints, resume at any world size, preemption (exit 75)
+  checkpoint.py  checkpoints, resume at any world size
+  preemption.py  a stop on a signal: a checkpoint at the step boundary, exit 75
 """
-from .checkpoint import EXIT_PREEMPTED, CheckpointError, Preempted
+from .checkpoint import CheckpointError
+from .preemption import EXIT_PREEMPTED, Preempted
 from .loop import Run, TrainError, ds_config, save_final, setup, step_coefficients, train, train_step, zero_stage
 from .objective import Coefficients, Objective, alpha_at, coefficients, lora_config, lr_factor
 

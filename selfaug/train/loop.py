@@ -32,7 +32,7 @@ from .. import dist, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
 from ..models import load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
-from . import checkpoint
+from . import checkpoint, preemption
 from .batches import StepSampler, step_counts
 from .alpha import DriftBudget, Schedule, alpha_control
 from .objective import Coefficients, Objective, coefficients, lora_config, lr_factor
@@ -88,7 +88,7 @@ class Run:
     device: torch.device
     pack_tokens: int | None = None  # train.packing: the longest packed row
     identity: dict | None = None  # what a checkpoint's run must share with this one (checkpoint.run_identity)
-    stop: Any = None  # checkpoint.StopFlag: set by train.exit_signals
+    stop: Any = None  # preemption.StopFlag: set by train.exit_signals
     alpha: Schedule | DriftBudget | None = None  # alpha at each step (alpha.alpha_control); checkpointed
     wandb: Any = None  # the W&B run (train.report_to=wandb), rank 0
 
@@ -137,7 +137,7 @@ def setup(cfg: Config, objective_cls=None) -> Run:
                          "use model.dtype=bfloat16 (GPU) or float32 (float16 is fine for `selfaug precompute`)")
     # the stop signals are caught from here on: one during start-up stops the run after its first step,
     # and none can kill a rank while it holds a lock (e.g. torch's build lock of DeepSpeed's compiled ops)
-    stop = checkpoint.StopFlag(cfg.train.exit_signals)
+    stop = preemption.StopFlag(cfg.train.exit_signals)
     try:
         return _setup(cfg, objective_cls, stop)
     except BaseException:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, clean_env, read_metrics, tiny_config, write_recipe
 from selfaug import train
 from selfaug.dist import free_port
-from selfaug.train import checkpoint
+from selfaug.train import preemption
 
 SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
 STEPS = 10
@@ -93,7 +93,7 @@ CASES = {  # name: launcher, delivery, ranks, slow save (plus a second signal du
 }
 # each command's own exit status: launch.sh reads the ranks'; the `deepspeed` runner dies of the SIGTERM,
 # torchrun's agent ends with 1 after a signal
-EXIT = {"launch.sh": checkpoint.EXIT_PREEMPTED, "python": checkpoint.EXIT_PREEMPTED, "deepspeed": -signal.SIGTERM,
+EXIT = {"launch.sh": preemption.EXIT_PREEMPTED, "python": preemption.EXIT_PREEMPTED, "deepspeed": -signal.SIGTERM,
         "torchrun": 1}
 
 

@@ -1,0 +1,105 @@
+"""Preemption (docs/design.md, "Checkpoints and preemption"): a stop requested by a signal ends every rank
+at the same optimizer-step boundary with a checkpoint and exit status 75 (`EXIT_PREEMPTED`).
+
+`StopFlag` turns the signals of `train.exit_signals` into a flag; the flag rides on the one all-reduce of
+each optimizer step, so all ranks see a stop at the same step boundary, save a checkpoint there and exit
+with 75. A second signal while stopping is ignored. A cluster delivers the stop to every process at once,
+the launcher included, and the launchers (DeepSpeed's `launch.py`, torchrun's agent) then relay it and
+kill their ranks 30 s later, however far the save has got: a rank whose parent is such a launcher pauses
+it (SIGSTOP) at the first signal and lets it go (SIGCONT) on its way out, once the checkpoint is written.
+`record_exit` leaves each rank's exit status where `launch.sh` reads it (`SELFAUG_EXIT_DIR`), since the
+launchers do not pass 75 on.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+
+from .. import dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
+
+
+class Preempted(Exception):
+    """The run stopped on a signal of train.exit_signals, with a checkpoint at `step` (exit status 75)."""
+
+    def __init__(self, step: int, path: str, seconds: float):
+        super().__init__(f"stopped on request after optimizer step {step}, checkpoint {path} (written in "
+                         f"{seconds:.1f} s: the grace a scheduler gives must cover one optimizer step plus that); "
+                         "run the same command again to resume (train.resume=auto)")
+        self.step, self.path, self.seconds = step, path, seconds
+
+
+# the launchers that relay a stop to their ranks and kill them after a fixed grace (both 30 s)
+LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torch.distributed.launch", "/torchrun")
+
+
+class StopFlag:
+    """Set by the signals of train.exit_signals; read at each optimizer-step boundary (in the step's
+    all-reduce, so every rank stops at the same step). The first signal also holds the launcher off
+    (`hold_launcher`) until this process exits."""
+
+    def __init__(self, names: str):
+        self.requested = False
+        self.signal = None
+        self.held = None  # the launcher's pid while it is paused
+        self.signums = [getattr(signal, n if n.startswith("SIG") else "SIG" + n)
+                        for n in (n.strip().upper() for n in names.split(",")) if n]
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.signums}
+
+    def restore(self) -> None:
+        """The handlers from before this run (a run in a longer-lived process, e.g. tests, leaves none behind)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def finish(self, step: int, path: str, seconds: float) -> None:
+        """All ranks, once the checkpoint is saved: ignore late signals (the exit status would become the
+        signal's instead of 75), record 75, and wait until every rank has (the first to let its launcher go
+        may be followed by the launcher's kill of the others), then raise Preempted."""
+        for signum in self.signums:
+            signal.signal(signum, signal.SIG_IGN)
+        record_exit(EXIT_PREEMPTED)
+        dist.barrier()
+        raise Preempted(step, path, seconds)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"selfaug: {name} again: already stopping (a checkpoint is being saved at the next step "
+                  "boundary, then the run exits)", file=sys.stderr, flush=True)
+            return
+        self.requested, self.signal = True, name
+        self.held = hold_launcher()
+        held = f"; its launcher (pid {self.held}) is paused until then" if self.held else ""
+        print(f"selfaug: {name} received: finishing this optimizer step, then saving a checkpoint and exiting "
+              f"({EXIT_PREEMPTED}){held}", file=sys.stderr, flush=True)
+
+
+def hold_launcher() -> int | None:
+    """Pause this process's parent when it is a launcher that would kill it before the checkpoint is written
+    (DeepSpeed's launch.py, torchrun: SIGTERM to the ranks, SIGKILL 30 s later); it is let go when this
+    process exits. None when the parent is anything else (a shell, launch.sh, a scheduler's task)."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if parent <= 1 or not any(m in a for a in argv[:4] for m in LAUNCHERS):
+        return None
+    os.kill(parent, signal.SIGSTOP)
+    atexit.register(os.kill, parent, signal.SIGCONT)  # the last thing this process does, whatever ends it
+    return parent
+
+
+def record_exit(code: int) -> None:
+    """This rank's exit status in $SELFAUG_EXIT_DIR (set by launch.sh): `rank-R-of-W` holding the code. The
+    launchers end with their own status (1 when they were signalled), so launch.sh reads the ranks'."""
+    where = os.environ.get("SELFAUG_EXIT_DIR")
+    if not where or not os.path.isdir(where):
+        return
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    with open(os.path.join(where, f"rank-{rank}-of-{world}"), "w") as f:
+        f.write(f"{code}\n")
