@@ -42,7 +42,10 @@ class ModelConfig:
     name_or_path: str = opt(REQUIRED, "HF hub id, local directory, builtin:smollm2-135m-instruct or builtin:tiny-llama")
     revision: Optional[str] = opt(None, "hub revision (ignored for local paths and built-ins)")
     dtype: DTYPES = opt("auto", "weights' dtype: auto = bf16 on GPU, fp32 on CPU")
-    attn_implementation: str = opt("sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2)")
+    attn_implementation: str = opt(
+        "sdpa", "transformers' attention implementation: sdpa, eager, flex_attention, flash_attention_2/3, a Hub "
+                "kernel (org/repo) or a name registered with transformers.AttentionInterface; it decides how packed "
+                "micro-batches are laid out (train.packing)")
     init: Literal["pretrained", "random"] = opt(
         "pretrained", "random: seeded random weights from name_or_path/config.json (shape studies; no weights read)")
     seed: int = opt(0, "seed of the random weights with model.init=random")
@@ -131,9 +134,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW / SGD weight decay", ge=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0)
     seed: int = opt(42, "seed of the sampler, the adapters' init and the run")
-    packing: bool = opt(False, "pack each micro-batch's examples into as few rows of <= pack_tokens as fit "
-                               "(block-diagonal attention; the same loss and gradients, less padding)")
-    pack_tokens: Optional[int] = opt(None, "longest packed row (null: data.max_seq_len)", ge=2)
+    packing: bool = opt(False, "pack each micro-batch's examples, with the same loss and gradients and less padding: "
+                               "under sdpa/eager into the cheapest rows of <= pack_tokens (block-diagonal mask), "
+                               "under flash-attention and other kernels into one varlen row (cu_seq_lens)")
+    pack_tokens: Optional[int] = opt(None, "longest packed row under sdpa/eager (null: data.max_seq_len)", ge=2)
     batch_tokens: Optional[int] = opt(
         None, "cut each rank's share of a step's examples into micro-batches of at most this many processed tokens "
               "(padded rows, or packed rows with packing), balanced over the ranks; the same step, the same gradient "

@@ -122,10 +122,15 @@ def full_kl_value_and_grad(logits, logp):
 
 @dataclass
 class StoredTeacher:
-    """Per KL row: the teacher's top-k ids and log-probs and the log of the remaining mass."""
-    topk_ids: torch.Tensor  # (N, K) int64
-    topk_logprobs: torch.Tensor  # (N, K) fp32, normalized over the full vocabulary
+    """Per KL row: the teacher's top-k ids and log-probs and the log of the remaining mass. On the host they
+    keep the stored widths (int32 ids, float16 or float32 values); `to_device` widens them where they are used."""
+    topk_ids: torch.Tensor  # (N, K) int64 (int32 on the host)
+    topk_logprobs: torch.Tensor  # (N, K) fp32 (as stored on the host), normalized over the full vocabulary
     tail_logprob: torch.Tensor  # (N,) fp32
+
+    def to_device(self, device, non_blocking: bool = False) -> "StoredTeacher":
+        move = lambda t: t.to(device, non_blocking=non_blocking)
+        return StoredTeacher(move(self.topk_ids).long(), move(self.topk_logprobs).float(), move(self.tail_logprob).float())
 
     def kl(self, logq, rows: slice, reverse: bool, tail: str):
         return kl_from_topk(logq, self.topk_ids[rows], self.topk_logprobs[rows].float(),
@@ -142,9 +147,13 @@ class StoredTeacher:
 class SampledTeacher:
     """Per KL row: the unique ids of N draws from the teacher, their weights c/N and exact log-probs,
     padded to the row with the most unique ids (weight 0 on padding)."""
-    ids: torch.Tensor  # (N, M) int64
+    ids: torch.Tensor  # (N, M) int64 (int32 on the host)
     weights: torch.Tensor  # (N, M) fp32
     logprobs: torch.Tensor  # (N, M) fp32
+
+    def to_device(self, device, non_blocking: bool = False) -> "SampledTeacher":
+        move = lambda t: t.to(device, non_blocking=non_blocking)
+        return SampledTeacher(move(self.ids).long(), move(self.weights).float(), move(self.logprobs).float())
 
     def kl(self, logq, rows: slice, reverse: bool, tail: str):
         if reverse:

@@ -274,6 +274,43 @@ def load_tokenizer_for(mc):
     return load_tokenizer(mc.name_or_path, mc.revision)
 
 
+def attention_width(config) -> float:
+    """The row width W at which a masked row's attention costs what its linear layers cost: per layer a row
+    of W tokens costs 2 W P (the layer's P weights) + 4 W^2 d (the scores and their weighted sum, d = heads x
+    head dim, over the whole row under a mask), so W = P / (2 d). About 3K tokens for SmolLM2-135M, 27K for
+    Llama-3-8B."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    d = heads * head_dim
+    per_layer = 2 * c.hidden_size * d + 2 * c.hidden_size * kv * head_dim + 3 * c.hidden_size * c.intermediate_size
+    return per_layer / (2 * d)
+
+
+def check_attention(name: str) -> None:
+    """An attention implementation transformers can run here, or one ModelError line (before any model loads):
+    a name registered with `transformers.AttentionInterface` (sdpa, eager, flex_attention, flash_attention_2/3,
+    or one a program registered), or a Hub kernel ("org/repo")."""
+    from transformers import AttentionInterface
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    known = ["eager", *AttentionInterface._global_mapping]
+    if "/" in name:  # a Hub kernel (kernels-community/flash-attn3): transformers loads it through `kernels`
+        if importlib.util.find_spec("kernels") is None:
+            raise ModelError(f"model.attn_implementation={name} is a Hub kernel, which needs the kernels package: "
+                             "pip install kernels (or choose one of " + ", ".join(known) + ")")
+        return
+    if name not in known:
+        raise ModelError(f"model.attn_implementation={name!r} is not an attention implementation transformers knows "
+                         f"({', '.join(known)}, a Hub kernel \"org/repo\", or a function registered with "
+                         "transformers.AttentionInterface.register)")
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if name in available and not available[name]():
+        raise ModelError(f"model.attn_implementation={name} needs the flash-attn package and a CUDA GPU "
+                         f"(pip install flash-attn), which are not available here: use sdpa, or a Hub kernel "
+                         "(kernels-community/flash-attn2 with pip install kernels)")
+
+
 def vocab_size(model) -> int:
     """Rows of the lm_head, also when ZeRO-3 has partitioned it (its local shape is then empty)."""
     w = model.get_output_embeddings().weight
@@ -330,6 +367,7 @@ def load_all(cfg, device, *, model: bool = True, ds_config: dict | None = None, 
     loads), then `check(examples)` (what else needs the data, before the model), then the model
     (partitioned under a ZeRO-3 `ds_config`). Used by every stage and the bench."""
     from .data import load_examples
+    check_attention(cfg.model.attn_implementation)
     tok = load_tokenizer_for(cfg.model)
     examples = load_examples(cfg.data.train, tok, cfg.data)
     if check is not None:

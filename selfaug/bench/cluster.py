@@ -105,6 +105,7 @@ def bench_reader(micro: int = 4, batches: int = 200) -> dict:
     """ms per collated micro-batch (with its teacher object) and stored positions per second, from an
     open store, for a k = 64 and a sampled N = 16 store: the production StoredSignal.batch."""
     import torch
+    from ..train.batches import to_device
     from ..train.sources import StoredSignal
     tmp = tempfile.mkdtemp(prefix="selfaug-bench-reader-")
     rows = []
@@ -119,7 +120,7 @@ def bench_reader(micro: int = 4, batches: int = 200) -> dict:
             positions = 0
             t0 = time.perf_counter()
             for idx in order:
-                batch = source.batch([source.examples.example(int(i)) for i in idx], 0, torch.device("cpu"))
+                batch = to_device(source.batch([source.examples.example(int(i)) for i in idx], 0), torch.device("cpu"))
                 positions += batch["rows_b"].numel()
             dt = time.perf_counter() - t0
             rows.append({"signal": name, "micro_batch": micro, "ms_per_micro_batch": 1e3 * dt / batches,

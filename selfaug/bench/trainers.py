@@ -45,9 +45,9 @@ def _plain_collator(collator):
     """The same collated rows as the model's own loss wants them: unshifted labels (the model shifts)."""
     def collate(features):
         b = collator(features)
-        labels = torch.full_like(b["labels"], -100)
+        labels = torch.full_like(b["labels"], -100, dtype=torch.long)
         labels[:, 1:] = b["labels"][:, :-1]
-        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+        return {"input_ids": b["input_ids"].long(), "attention_mask": b["attention_mask"].long(), "labels": labels}
     return collate
 
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from .. import dist
 from ..config import Config, load_config
 from ..loss import StoredTeacher, kl_sum
-from ..train.batches import processed_tokens
 
 
 def peak_rss_reset() -> None:
@@ -226,7 +225,7 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
             sig = signal_rows(signal, logp, e)
             arrays[key].append(sig)
             for mode in ("bucket", "renormalize") if key[0] == "k" else ("bucket",):
-                s, g = kl_and_grad(signal.teacher([sig], device), mode)
+                s, g = kl_and_grad(signal.teacher([sig]).to_device(device), mode)
                 kl[(key, mode)][0] += s
                 kl[(key, mode)][1].append(g)
     ge = torch.cat(exact_grads)
@@ -341,7 +340,7 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
     count, so the two run about as many), at the same global batch: processed tokens per micro-batch
     (largest, median) and the bytes saved for backward by the largest micro-batches of each."""
     from .. import train as tr
-    from ..train.batches import StepSampler
+    from ..train.batches import StepSampler, to_device
     cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never"])
     run = tr.setup(cfg)
     tc, tokens = cfg.train, run.lengths.tokens
@@ -349,20 +348,20 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
 
     def sizes(sampler):
         mbs = [mb for t in range(steps) for p in sampler.plan(t) for mb in p if mb is not None]
-        return mbs, np.array([processed_tokens(tokens[mb], run.pack_tokens) for mb in mbs])
+        return mbs, np.array([run.layout.processed_tokens(list(tokens[mb])) for mb in mbs])
 
     args = (len(tokens), tc.micro_batch_size, tc.grad_accum, 1, tc.seed, tokens)
-    count_mbs, count_sizes = sizes(StepSampler(*args, None, run.pack_tokens))
+    count_mbs, count_sizes = sizes(StepSampler(*args, None, run.layout))
     budget_tokens = tc.batch_tokens or max(int(np.median(count_sizes)), int(tokens.max()))
-    budget_mbs, budget_sizes = sizes(StepSampler(*args, budget_tokens, run.pack_tokens))
+    budget_mbs, budget_sizes = sizes(StepSampler(*args, budget_tokens, run.layout))
     objective = run.engine.module
     params = list(objective.parameters())
-    out = {"budget": budget_tokens, "steps": steps, "examples": len(tokens), "pack_tokens": run.pack_tokens}
+    out = {"budget": budget_tokens, "steps": steps, "examples": len(tokens), "layout": run.layout.name}
     for name, mbs, sz in (("count", count_mbs, count_sizes), ("tokens", budget_mbs, budget_sizes)):
         largest = []
         for j in np.argsort(-sz)[:2]:  # activation memory grows with the processed tokens: the two largest
             rows = [run.source.examples.example(int(i)) for i in mbs[j]]
-            batch = run.source.batch(rows, run.tok.pad_token_id, run.device, run.pack_tokens)
+            batch = to_device(run.source.batch(rows, run.tok.pad_token_id, run.layout), run.device)
             largest.append(saved_bytes(lambda: objective(batch, 1.0, 0.0)[0], params))
         out[name] = {"micro_batches": len(mbs), "tokens_max": int(sz.max()), "tokens_median": float(np.median(sz)),
                      "tokens_mean": float(sz.mean()), "saved_bytes_max": max(largest)}

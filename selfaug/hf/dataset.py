@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data import DataError
-from ..train.batches import StepSampler
+from ..train.batches import PADDED, Layout, StepSampler
 from ..train.sources import StoredSignal
 
 ROW = "selfaug_row"
@@ -87,14 +87,14 @@ class StepOrder(torch.utils.data.Sampler):
 
 
 class SelfAugCollator:
-    """features (rows of `store_dataset`) -> the collated micro-batch of `selfaug train`: input_ids,
-    labels (B, T) already shifted, an attention mask (padded) or position_ids (packed), the KL rows
-    rows_b and rows_t (N,), and `teacher`, the loss's teacher object for those N rows (on the CPU; the
-    trainer moves it)."""
+    """features (rows of `store_dataset`) -> the collated micro-batch of `selfaug train` in its layout
+    (`batches.layout_for`: padded, packed rows under a mask, or one varlen row under flash-attention):
+    input_ids, labels (B, T) already shifted, the layout's inputs, the KL rows rows_b and rows_t (N,), and
+    `teacher`, the loss's teacher object for those N rows (on the CPU; moved with the batch)."""
 
-    def __init__(self, teacher_store, pad_id: int, pack_tokens: int | None = None):
-        self.source, self.pad_id, self.pack_tokens = StoredSignal(teacher_store), pad_id, pack_tokens
+    def __init__(self, teacher_store, pad_id: int, layout: Layout = PADDED):
+        self.source, self.pad_id, self.layout = StoredSignal(teacher_store), pad_id, layout
 
     def __call__(self, features: list[dict]) -> dict:
         rows = [self.source.examples.example(int(f[ROW])) for f in features]
-        return self.source.batch(rows, self.pad_id, "cpu", self.pack_tokens)
+        return self.source.batch(rows, self.pad_id, self.layout)

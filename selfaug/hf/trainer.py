@@ -20,7 +20,6 @@ objective), and the model's own head runs on one position only (`logits_to_keep=
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import json
 import math
@@ -32,9 +31,9 @@ from transformers import Trainer
 from .. import dist, store
 from ..config import build_section
 from ..data import DataError, tokenizer_fingerprint
-from ..models import decoder_and_head, vocab_size
+from ..models import attention_width, decoder_and_head, vocab_size
 from ..train import TrainError
-from ..train.batches import model_inputs
+from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
 from ..train.objective import coefficients, micro_batch_sums
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
@@ -44,13 +43,6 @@ OPTIONS = ("alpha", "alpha_schedule", "alpha_start", "drift_budget", "drift_hori
            "kl_direction", "kl_tail", "loss_chunk_rows", "packing", "pack_tokens", "verify_store")
 ALPHA_STATE = "selfaug_alpha"  # the drift controller's state in TrainerState.stateful_callbacks (checkpointed)
 TEACHER_TOLERANCE = 0.01  # nats per KL position at step 0 (the same model: ~1e-8 with float16 values, ~1e-3 in bf16)
-
-
-def _on(teacher, device):
-    """The loss's teacher object with its tensors on `device` (the trainer moves only the batch's tensors)."""
-    return dataclasses.replace(teacher, **{f.name: getattr(teacher, f.name).to(device)
-                                           for f in dataclasses.fields(teacher)
-                                           if torch.is_tensor(getattr(teacher, f.name))})
 
 
 def check_store_for(teacher_store, model, tokenizer) -> None:
@@ -120,6 +112,7 @@ class SelfAugMixin:
         pack_tokens = (tc.pack_tokens or longest) if tc.packing else None
         if pack_tokens is not None and pack_tokens < longest:
             raise TrainError(f"pack_tokens={pack_tokens} is smaller than the longest example ({longest} tokens)")
+        layout = layout_for(model.config._attn_implementation, tc.packing, pack_tokens, attention_width(model.config))
         pad_id = getattr(tokenizer, "pad_token_id", None)
         if pad_id is None:
             pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -130,7 +123,7 @@ class SelfAugMixin:
                          "alpha": alpha_control(tc),
                          "step_sums": None, "log_sums": None, "log_steps": 0, "zero3_head": False}
         super().__init__(model=model, args=args, train_dataset=dataset,
-                         data_collator=data_collator or SelfAugCollator(teacher, pad_id, pack_tokens), **kwargs)
+                         data_collator=data_collator or SelfAugCollator(teacher, pad_id, layout), **kwargs)
         self.add_callback(_StepGuard(self))
 
     # ---- the data: every setting keeps the teacher rows with their example -------------------------
@@ -208,7 +201,8 @@ class SelfAugMixin:
                 if p is not None:
                     deepspeed.zero.register_external_parameter(top, p)
             s["zero3_head"] = True
-        teacher = _on(batch["teacher"], batch["input_ids"].device)
+        batch = to_device(batch, batch["input_ids"].device)  # the trainer moved the tensors; ids widened, teacher moved
+        teacher = batch["teacher"]
         seen = {}
 
         def keep_hidden(module, args, output):

@@ -169,11 +169,12 @@ class TopK(_Signal):
         return problems
 
     # ---- stage 2 ----
-    def teacher(self, rows: list[dict], device) -> StoredTeacher:
+    def teacher(self, rows: list[dict]) -> StoredTeacher:
+        """The loss's teacher for these examples' rows, on the host in the stored widths (ids as int32, values
+        as stored): `StoredTeacher.to_device` widens them on the device."""
         cat = lambda name: np.concatenate([r[name] for r in rows])
-        return StoredTeacher(torch.as_tensor(cat("topk_ids").astype(np.int64), device=device),
-                             torch.as_tensor(cat("topk_logprobs"), device=device).float(),
-                             torch.as_tensor(cat("tail_logprob"), device=device).float())
+        return StoredTeacher(torch.from_numpy(cat("topk_ids").astype(np.int32)), torch.from_numpy(cat("topk_logprobs")),
+                             torch.from_numpy(cat("tail_logprob").astype(np.float32)))
 
 
 def sample_uniforms(seed: int, example_id: int, positions: int, samples: int) -> np.ndarray:
@@ -324,22 +325,23 @@ class Sampled(_Signal):
         return problems
 
     # ---- stage 2 ----
-    def teacher(self, rows: list[dict], device) -> SampledTeacher:
+    def teacher(self, rows: list[dict]) -> SampledTeacher:
+        """The loss's teacher for these examples' rows, on the host (`SampledTeacher.to_device` moves it)."""
         cat = lambda name: np.concatenate([r[name] for r in rows])
         return sampled_teacher(cat("sample_len"), cat("sample_ids"), cat("sample_counts"), cat("sample_logprobs"),
-                               self.samples, device)
+                               self.samples)
 
 
-def sampled_teacher(sample_len, ids, counts, logprobs, samples: int, device) -> SampledTeacher:
+def sampled_teacher(sample_len, ids, counts, logprobs, samples: int) -> SampledTeacher:
     """The flat unique ids of the stored positions (sample_len per position) as a SampledTeacher:
     (positions, most unique ids) matrices, weight counts / N, 0 on padding."""
     n_len = np.asarray(sample_len, dtype=np.int64)
     row = np.repeat(np.arange(len(n_len)), n_len)
     col = np.arange(len(row)) - np.repeat(np.cumsum(n_len) - n_len, n_len)
     width = int(n_len.max()) if len(n_len) else 1
-    out_ids, weights, logp = (np.zeros((len(n_len), width), dt) for dt in (np.int64, np.float32, np.float32))
+    out_ids, weights, logp = (np.zeros((len(n_len), width), dt) for dt in (np.int32, np.float32, np.float32))
     out_ids[row, col], weights[row, col], logp[row, col] = ids, np.asarray(counts) / samples, logprobs
-    return SampledTeacher(*(torch.from_numpy(a).to(device) for a in (out_ids, weights, logp)))
+    return SampledTeacher(*(torch.from_numpy(a) for a in (out_ids, weights, logp)))
 
 
 def signal_of(settings: dict) -> TopK | Sampled:

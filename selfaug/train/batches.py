@@ -13,10 +13,10 @@ import torch
 from .. import store
 
 
-def pack(lengths: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, offset) of each sequence: the layout that processes the fewest tokens (rows x widest row)
-    among those that place the sequences longest first onto the emptiest of R rows, R = 1..n, no row
-    over `capacity`. R = n is one sequence per row, so packing never processes more than padding."""
+def pack(lengths: list[int], capacity: int, cost=lambda rows, width: rows * width) -> tuple[np.ndarray, np.ndarray]:
+    """(row, offset) of each sequence: the layout of least `cost(rows, widest row)` among those that place the
+    sequences longest first onto the emptiest of R rows, R = 1..n, no row over `capacity`. R = n is one
+    sequence per row, so packing never costs more than padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     best = None
     for n_rows in range(1, len(lengths) + 1):
@@ -26,74 +26,159 @@ def pack(lengths: list[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
             r = int(fill.argmin())
             row[i], offset[i] = r, fill[r]
             fill[r] += lengths[i]
-        cost = n_rows * int(fill.max())
-        if fill.max() <= capacity and (best is None or cost < best[0]):
-            best = (cost, row, offset)
+        price = cost(n_rows, int(fill.max()))
+        if fill.max() <= capacity and (best is None or price < best[0]):
+            best = (price, row, offset)
     return best[1], best[2]
 
 
-def collate(rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-    """The tensors of a micro-batch. Unpacked: one right-padded row per example with an attention mask.
-    Packed (`pack_tokens`): the examples placed by `pack`, with position_ids restarting at each one and
-    no attention mask (transformers then masks attention block-diagonally, one block per example; the
-    trailing padding of a row is a block of its own). Either way `labels` (the response tokens
-    predicted at each position, else -100) and the KL rows (rows_b, rows_t, in example order: the
-    teacher's order) are mapped to the layout."""
+# ---- layouts: how a micro-batch's examples become the decoder's rows ----------------------------------
+
+class Padded:
+    """One right-padded row per example, with an attention mask: right under every attention
+    implementation (flash-attention unpads by the mask; right padding is causal-safe everywhere)."""
+    name = "padded"
+    packed = False
+
+    def place(self, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(len(lengths)), np.zeros(len(lengths), np.int64)
+
+    def processed_tokens(self, lengths) -> int:
+        return len(lengths) * int(max(lengths)) if len(lengths) else 0
+
+
+class MaskedPacking:
+    """sdpa, eager, flex_attention: rows of at most `capacity` tokens, position_ids restarting at each example
+    and no attention mask; transformers builds a block-diagonal causal mask from the position ids
+    (`masking_utils.find_packed_sequence_indices`), one block per example (a row's trailing padding a block of
+    its own). The mask and the attention work grow with a row's width squared, so each micro-batch takes the
+    layout of R = 1..n rows of least estimated cost R * W * (1 + W / attention_width) (`models.attention_width`:
+    the width at which a masked row's attention costs what its linear layers cost); R = n is padding's cost."""
+    name = "packed rows, block-diagonal mask"
+    packed = True
+
+    def __init__(self, capacity: int, attention_width: float):
+        self.capacity, self.attention_width = capacity, attention_width
+
+    def cost(self, rows: int, width: int) -> float:
+        return rows * width * (1 + width / self.attention_width)
+
+    def place(self, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return pack(lengths, self.capacity, self.cost)
+
+    def processed_tokens(self, lengths) -> int:
+        if len(lengths) == 0:
+            return 0
+        row, offset = self.place([int(n) for n in lengths])
+        return (int(row.max()) + 1) * int(max(offset + np.asarray(lengths)))
+
+
+class VarlenPacking:
+    """flash-attention (2, 3, hub kernels) and any other attention function registered with transformers: they
+    separate packed examples only in a batch of one row (restarting position_ids) or with explicit varlen
+    arguments (`_is_packed_sequence`, `_flash_attention_forward`); a multi-row packed batch would attend across
+    examples. So a micro-batch is one flat row of all its examples, position_ids restarting at each, and
+    `cu_seq_lens_q/k`, `max_length_q/k` passed to the model: each example attends only to itself, no token is
+    padding, and the attention work is each example's own."""
+    name = "one packed row, varlen (cu_seq_lens)"
+    packed = True
+
+    def place(self, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(len(lengths), np.int64), np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+    def processed_tokens(self, lengths) -> int:
+        return int(np.sum(lengths))
+
+
+Layout = Padded | MaskedPacking | VarlenPacking
+PADDED = Padded()
+MASK_BUILDERS = ("sdpa", "eager", "flex_attention")  # transformers masks packed position_ids apart for these
+
+
+def layout_for(attn_implementation: str, packing: bool, capacity: int | None = None,
+               attention_width: float | None = None) -> Layout:
+    """The one decision of how micro-batches are laid out (train.packing and the model's attention)."""
+    if not packing:
+        return PADDED
+    if attn_implementation in MASK_BUILDERS:
+        return MaskedPacking(capacity, attention_width)
+    return VarlenPacking()
+
+
+def collate(rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
+    """The host tensors of a micro-batch in the layout's rows (ids as int32: `to_device` widens them there):
+    input_ids, `labels` (the response token predicted at each position, else -100), the KL rows rows_b and
+    rows_t (in example order: the teacher's order), and the layout's own inputs (an attention mask, restarting
+    position_ids, varlen arguments); `tokens` (the examples') and `padded_tokens` (what the model processes)."""
     lens = [len(r["input_ids"]) for r in rows]
-    if pack_tokens is None:
-        where_row, where_off = np.arange(len(rows)), np.zeros(len(rows), np.int64)
-    else:
-        where_row, where_off = pack(lens, pack_tokens)
+    where_row, where_off = layout.place(lens)
     n_rows = int(where_row.max()) + 1
     width = max(int(where_off[i] + lens[i]) for i in range(len(rows)))
-    input_ids = np.full((n_rows, width), pad_id, dtype=np.int64)
-    labels = np.full((n_rows, width), -100, dtype=np.int64)
+    input_ids = np.full((n_rows, width), pad_id, dtype=np.int32)
+    labels = np.full((n_rows, width), -100, dtype=np.int32)
     for r, ex in enumerate(rows):
         b, o, n, p = where_row[r], where_off[r], lens[r], ex["prompt_len"]
-        ids = np.asarray(ex["input_ids"], dtype=np.int64)
+        ids = np.asarray(ex["input_ids"], dtype=np.int32)
         input_ids[b, o:o + n] = ids
         labels[b, o + p - 1:o + n - 1] = ids[p:]  # position t predicts token t + 1: the response tokens
-    rows_b = np.concatenate([np.full(len(r["positions"]), where_row[i]) for i, r in enumerate(rows)])
-    rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int64) + where_off[i] for i, r in enumerate(rows)])
-    batch = {"input_ids": torch.from_numpy(input_ids).to(device), "labels": torch.from_numpy(labels).to(device),
-             "rows_b": torch.as_tensor(rows_b, dtype=torch.long, device=device),
-             "rows_t": torch.as_tensor(rows_t, dtype=torch.long, device=device),
+    rows_b = np.concatenate([np.full(len(r["positions"]), where_row[i], dtype=np.int32) for i, r in enumerate(rows)])
+    rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int32) + where_off[i] for i, r in enumerate(rows)])
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+             "rows_b": torch.from_numpy(rows_b), "rows_t": torch.from_numpy(rows_t.astype(np.int32)),
              "tokens": sum(lens), "padded_tokens": n_rows * width}
-    if pack_tokens is None:
+    if not layout.packed:
         mask = np.arange(width)[None, :] < np.asarray(lens)[:, None]
-        batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64)).to(device)
-    else:  # restarting at every example, and at the padding after a row's last one (a block of its own)
-        position_ids = np.zeros((n_rows, width), dtype=np.int64)
-        fill = np.zeros(n_rows, np.int64)
-        for r in range(len(rows)):
-            b, o, n = where_row[r], where_off[r], lens[r]
-            position_ids[b, o:o + n] = np.arange(n)
-            fill[b] = max(fill[b], o + n)
-        for b in range(n_rows):
-            position_ids[b, fill[b]:] = np.arange(width - fill[b])
-        batch["position_ids"] = torch.from_numpy(position_ids).to(device)
+        batch["attention_mask"] = torch.from_numpy(mask.astype(np.int32))
+        return batch
+    # restarting at every example, and at the padding after a row's last one (a block of its own)
+    position_ids = np.zeros((n_rows, width), dtype=np.int32)
+    fill = np.zeros(n_rows, np.int64)
+    for r in range(len(rows)):
+        b, o, n = where_row[r], where_off[r], lens[r]
+        position_ids[b, o:o + n] = np.arange(n)
+        fill[b] = max(fill[b], o + n)
+    for b in range(n_rows):
+        position_ids[b, fill[b]:] = np.arange(width - fill[b])
+    batch["position_ids"] = torch.from_numpy(position_ids)
+    if isinstance(layout, VarlenPacking):  # one row, no padding: the examples' boundaries in order
+        cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
     return batch
 
 
+WIDE = ("input_ids", "labels", "rows_b", "rows_t", "attention_mask", "position_ids")  # int64 on the device
+
+
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """The batch's tensors on `device` (from pinned memory when the host side is pinned), the token ids, labels,
+    KL rows, mask and position ids widened to int64 there (transferred in their int32 width); the varlen
+    boundaries stay int32, as flash-attention takes them; the teacher object moves itself."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=non_blocking)
+            out[key] = value.long() if key in WIDE else value
+        elif hasattr(value, "to_device"):
+            out[key] = value.to_device(device, non_blocking)
+        else:
+            out[key] = value
+    return out
+
+
+VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def model_inputs(batch: dict) -> dict:
-    """The decoder's inputs of a collated batch (an attention mask, or packed position_ids). No KV cache:
-    transformers 5 masks packed sequences apart only when there is none (with one, the packed
-    examples would silently attend to each other; tests/test_long_rag.py checks both)."""
-    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
+    """The decoder's inputs of a collated batch: ids and the layout's own (an attention mask, packed
+    position_ids, varlen arguments). No KV cache: transformers 5 masks packed sequences apart only when there
+    is none (with one, the packed examples would silently attend to each other; tests/test_long_rag.py)."""
+    keys = ("input_ids", "attention_mask", "position_ids") + VARLEN
+    return {"use_cache": False, **{k: batch[k] for k in keys if k in batch}}
 
 
-def processed_tokens(lengths, pack_tokens: int | None = None) -> int:
-    """Tokens a micro-batch of these example lengths occupies as the model sees it: n x the longest
-    (padded rows), or rows x widest row of the layout `pack` picks (train.packing)."""
-    if len(lengths) == 0:
-        return 0
-    if pack_tokens is None:
-        return len(lengths) * int(max(lengths))
-    total = int(sum(lengths))
-    if total <= pack_tokens:  # one row holds them all: no layout processes fewer
-        return total
-    row, offset = pack(list(lengths), pack_tokens)
-    return (int(row.max()) + 1) * int(max(offset + np.asarray(lengths)))
+def processed_tokens(lengths, layout: Layout = PADDED) -> int:
+    """Tokens a micro-batch of these example lengths occupies as the model sees it, in the layout."""
+    return layout.processed_tokens(list(lengths))
 
 
 class StepSampler:
@@ -108,12 +193,12 @@ class StepSampler:
     ZeRO's collectives stay matched. Either way every rank computes the whole plan, with no communication."""
 
     def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, tokens: np.ndarray | None = None,
-                 batch_tokens: int | None = None, pack_tokens: int | None = None):
+                 batch_tokens: int | None = None, layout: Layout = PADDED):
         if n < micro * accum * world:
             raise ValueError(f"{n} examples cannot fill one global batch of {micro * accum * world} "
                              "(micro_batch_size x grad_accum x world size)")
         self.n, self.micro, self.accum, self.world, self.seed = n, micro, accum, world, seed
-        self.tokens, self.batch_tokens, self.pack_tokens = tokens, batch_tokens, pack_tokens
+        self.tokens, self.batch_tokens, self.layout = tokens, batch_tokens, layout
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if getattr(self, "_epoch", None) != epoch:  # drawn once per epoch, not once per micro-batch
@@ -147,7 +232,7 @@ class StepSampler:
                 for j, (mb, mb_lens) in enumerate(zip(cut, cut_lens)):
                     # the tokens themselves bound any layout from below: most misfits are found without one
                     if cut_sums[j] + lens[i] <= self.batch_tokens and \
-                            processed_tokens(mb_lens + [lens[i]], self.pack_tokens) <= self.batch_tokens:
+                            self.layout.processed_tokens(mb_lens + [lens[i]]) <= self.batch_tokens:
                         mb.append(i), mb_lens.append(lens[i])
                         cut_sums[j] += lens[i]
                         break
@@ -160,7 +245,7 @@ class StepSampler:
     def plan_stats(self, plan) -> dict:
         """What a step's plan processes: micro-batches per rank, empty ones over all ranks, and the
         processed tokens per (non-empty) micro-batch, largest and mean."""
-        sizes = [processed_tokens(self.tokens[mb], self.pack_tokens) for p in plan for mb in p if mb is not None]
+        sizes = [self.layout.processed_tokens(list(self.tokens[mb])) for p in plan for mb in p if mb is not None]
         return {"micro_batches": len(plan[0]), "empty_micro_batches": sum(mb is None for p in plan for mb in p),
                 "mb_tokens_max": max(sizes), "mb_tokens_mean": float(np.mean(sizes))}
 

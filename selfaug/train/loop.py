@@ -31,9 +31,9 @@ from tqdm import tqdm
 from .. import dist, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
-from ..models import load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
+from ..models import attention_width, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
 from . import checkpoint, preemption
-from .batches import StepSampler, step_counts
+from .batches import Layout, StepSampler, layout_for, step_counts, to_device
 from .alpha import DriftBudget, Schedule, alpha_control
 from .objective import Coefficients, Objective, coefficients, lora_config, lr_factor
 from .sources import DataExamples, LiveModel, PlainData, StoredSignal, TeacherSource
@@ -86,7 +86,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    pack_tokens: int | None = None  # train.packing: the longest packed row
+    layout: Layout | None = None  # how micro-batches become rows (train.packing, the model's attention)
     identity: dict | None = None  # what a checkpoint's run must share with this one (checkpoint.run_identity)
     stop: Any = None  # preemption.StopFlag: set by train.exit_signals
     alpha: Schedule | DriftBudget | None = None  # alpha at each step (alpha.alpha_control); checkpointed
@@ -164,7 +164,10 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
         print(line, flush=True)
     source = _teacher_source(cfg, loaded, model, device)
     lengths = source.examples.lengths()
-    pack_tokens = _pack_tokens(cfg)
+    layout = layout_for(model.config._attn_implementation, tc.packing, _pack_tokens(cfg),
+                        attention_width(model.config))
+    if tc.packing and rank == 0:
+        print(f"packing under {model.config._attn_implementation}: {layout.name}", flush=True)
 
     if tc.gradient_checkpointing:
         # non-reentrant: no input that requires grad is needed, and it works under ZeRO-3's hooks
@@ -198,9 +201,9 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
         objective.setup_zero3_head()
     examples = source.examples
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed, lengths.tokens,
-                          tc.batch_tokens, pack_tokens)
+                          tc.batch_tokens, layout)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
-    return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, pack_tokens,
+    return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, layout,
                checkpoint.run_identity(cfg, settings), stop, alpha_control(tc))
 
 
@@ -230,7 +233,7 @@ def train_step(run: Run, step: int, co: Coefficients, plan=None) -> StepTotals:
     for m, indices in enumerate(mine):
         weight = 0.0 if indices is None else 1.0
         rows = [run.source.examples.example(int(i)) for i in ([shortest] if indices is None else indices)]
-        batch = run.source.batch(rows, run.tok.pad_token_id, device, run.pack_tokens)
+        batch = to_device(run.source.batch(rows, run.tok.pad_token_id, run.layout), device)
         engine.set_gradient_accumulation_boundary(m == len(mine) - 1)  # the micro-batch count varies by step
         loss, nll, kl = engine(batch, weight * co.c_nll, weight * co.c_kl)
         engine.backward(loss, scale_wrt_gas=False)

@@ -18,7 +18,7 @@ import torch
 from .. import store
 from ..data import DataError, Examples
 from ..loss import LiveTeacher, SampledTeacher, StoredTeacher
-from .batches import collate, model_inputs
+from .batches import PADDED, Layout, collate, model_inputs
 
 
 class ExampleSet(Protocol):
@@ -61,11 +61,12 @@ class DataExamples:
 
 class TeacherSource(Protocol):
     """Where the examples and each micro-batch's teacher come from; chosen once, in `train.setup`.
+    `batch(rows, pad_id, layout)` is a micro-batch on the host (`batches.to_device` moves it);
     `signal(batch, student)` is the one call between a source and the objective: a source that needs
     the original model's hidden states asks `student.original_hidden(batch)` for them."""
     examples: ExampleSet
 
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict: ...
+    def batch(self, rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict: ...
 
     def signal(self, batch: dict, student) -> StoredTeacher | SampledTeacher | LiveTeacher | None: ...
 
@@ -76,8 +77,8 @@ class PlainData:
     def __init__(self, examples: ExampleSet):
         self.examples = examples
 
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        return collate(rows, pad_id, device, pack_tokens)
+    def batch(self, rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
+        return collate(rows, pad_id, layout)
 
     def signal(self, batch: dict, student) -> None:
         return None
@@ -90,9 +91,9 @@ class StoredSignal:
     def __init__(self, teacher_store: store.TeacherStore):
         self.examples = teacher_store
 
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        batch = collate(rows, pad_id, device, pack_tokens)
-        batch["teacher"] = self.examples.signal.teacher(rows, device)
+    def batch(self, rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
+        batch = collate(rows, pad_id, layout)
+        batch["teacher"] = self.examples.signal.teacher(rows)  # on the host, in the stored widths
         return batch
 
     def signal(self, batch: dict, student):
@@ -107,8 +108,8 @@ class LiveModel:
     def __init__(self, examples: ExampleSet, frozen=None):
         self.examples, self.frozen = examples, frozen
 
-    def batch(self, rows: list[dict], pad_id: int, device, pack_tokens: int | None = None) -> dict:
-        return collate(rows, pad_id, device, pack_tokens)
+    def batch(self, rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
+        return collate(rows, pad_id, layout)
 
     @torch.no_grad()
     def signal(self, batch: dict, student) -> LiveTeacher:

@@ -24,7 +24,7 @@ def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, a
     cfg = load_config(recipe)
     tc = cfg.train
     assert tc.warmup_steps == 0 and tc.min_lr_ratio == 1.0, "the comparison runs at a constant lr"
-    model = load_model(cfg.model.name_or_path)
+    model = load_model(cfg.model)  # its attention implementation included
     if tc.method == "lora":
         from peft import get_peft_model
         model.requires_grad_(False)

@@ -67,6 +67,19 @@ def test_one_process_selfaug_trainer_equals_selfaug_train(tmp_path, stores, meth
         assert r["alpha"] == 0.5 and r["loss"] == pytest.approx(m["loss"], rel=1e-5)
 
 
+def test_packing_under_flash_attentions_contract_equals_selfaug_train_padded(tmp_path, stores):
+    """SelfAugTrainer packing under a CPU kernel with flash-attention's contract (tests/helpers/cpu_flash.py): one
+    varlen row per micro-batch, whose examples never see each other, so 3 steps end at the padded run's adapters."""
+    import cpu_flash
+    cfg, _ = _recipe(tmp_path, stores["topk"], "lora", "topk", micro_batch_size=2)
+    ref = train.train(cfg)  # padded, sdpa
+    packed = build_config(cfg.to_dict(), [f"model.attn_implementation={cpu_flash.NAME}", "train.packing=true"])
+    calls = cpu_flash.CALLS["varlen"]
+    hf_run(write_recipe(str(tmp_path / "packed.yaml"), packed), str(tmp_path / "hf"), deepspeed=False)
+    assert cpu_flash.CALLS["varlen"] > calls
+    _assert_same(os.path.join(ref, "final"), str(tmp_path / "hf" / "final"), "lora")
+
+
 def test_a_drift_budget_steers_alpha_and_resumes_from_a_trainer_checkpoint(tmp_path, stores):
     """drift_budget in SelfAugTrainer: the logged alpha follows the controller on the logged KL (the step's
     mean over all ranks), and a run resumed from checkpoint-2 continues the uninterrupted trajectory."""

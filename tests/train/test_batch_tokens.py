@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute, train
-from selfaug.train.batches import StepSampler, pack, processed_tokens
+from selfaug.train.batches import PADDED, MaskedPacking, StepSampler, VarlenPacking, pack, processed_tokens
 
 SKEWED = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra_sentences": 3,
           "builtin_train_size": 16}
 SGD = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 2, "alpha": 0.5}
 
 
-def _reference_plan(batch, tokens, world, budget, pack_tokens):
+def _reference_plan(batch, tokens, world, budget, layout):
     """The plan written plainly: longest first onto the least-loaded rank, then first fit, longest first,
     asking the layout itself for every micro-batch tried; empty ones (None) to equal counts."""
     order = sorted(range(len(batch)), key=lambda i: -tokens[batch[i]])
@@ -29,22 +29,22 @@ def _reference_plan(batch, tokens, world, budget, pack_tokens):
     for share in shares:
         cut = []
         for i in share:
-            fit = [mb for mb in cut if processed_tokens([tokens[batch[j]] for j in mb + [i]], pack_tokens) <= budget]
+            fit = [mb for mb in cut if processed_tokens([tokens[batch[j]] for j in mb + [i]], layout) <= budget]
             fit[0].append(i) if fit else cut.append([i])
         plan.append([[int(batch[j]) for j in mb] for mb in cut])
     most = max(len(p) for p in plan)
     return [p + [None] * (most - len(p)) for p in plan]
 
 
-@pytest.mark.parametrize("pack_tokens", [None, 300, 2000])
+@pytest.mark.parametrize("layout", [PADDED, MaskedPacking(300, 1e9), MaskedPacking(2000, 500),
+                                    VarlenPacking()], ids=["padded", "masked-300", "masked-2000", "varlen"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_counts(world, pack_tokens):
+def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_counts(world, layout):
     rng = np.random.default_rng(world)
     tokens = rng.integers(20, 300, size=60)
     budget = 700
-    s = StepSampler(60, micro=4, accum=3, world=world, seed=1, tokens=tokens, batch_tokens=budget,
-                    pack_tokens=pack_tokens)
-    by_count = StepSampler(60, micro=4, accum=3, world=world, seed=1, tokens=tokens, pack_tokens=pack_tokens)
+    s = StepSampler(60, micro=4, accum=3, world=world, seed=1, tokens=tokens, batch_tokens=budget, layout=layout)
+    by_count = StepSampler(60, micro=4, accum=3, world=world, seed=1, tokens=tokens, layout=layout)
     for step in range(5):
         plan = s.plan(step)
         assert len({len(p) for p in plan}) == 1  # every rank runs as many micro-batches
@@ -53,18 +53,18 @@ def test_the_plan_covers_the_global_batch_once_within_the_budget_with_equal_coun
         for p in plan:
             for mb in p:
                 if mb is not None:
-                    assert 0 < processed_tokens(tokens[mb], pack_tokens) <= budget
+                    assert 0 < processed_tokens(tokens[mb], layout) <= budget
         loads = [sum(int(tokens[mb].sum()) for mb in p if mb is not None) for p in plan]
         assert max(loads) - min(loads) <= tokens.max()  # balanced to within one example
         assert [[None if mb is None else mb.tolist() for mb in p] for p in plan] == _reference_plan(
-            s.global_batch(step), tokens, world, budget, pack_tokens)
+            s.global_batch(step), tokens, world, budget, layout)
         stats, count = s.plan_stats(plan), by_count.plan_stats(by_count.plan(step))
         assert stats["mb_tokens_max"] <= budget < count["mb_tokens_max"] or count["mb_tokens_max"] <= budget
     for lens in ([90, 40, 30, 10], [5], [60, 60, 60], list(rng.integers(1, 90, size=9))):
         for cap in (90, 100, 170, 1000):  # against the layout pack itself picks
             row, off = pack(lens, cap)
-            assert processed_tokens(lens, cap) == (row.max() + 1) * max(off + np.array(lens))
-        assert processed_tokens(lens) == len(lens) * max(lens)
+            assert processed_tokens(lens, MaskedPacking(cap, float("inf"))) == (row.max() + 1) * max(off + np.array(lens))
+        assert processed_tokens(lens) == len(lens) * max(lens) and processed_tokens(lens, VarlenPacking()) == sum(lens)
 
 
 @pytest.fixture(scope="module")

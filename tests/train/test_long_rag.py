@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -20,11 +21,13 @@ from selfaug import store as ts
 from selfaug.config import ConfigError
 from selfaug.data import load_examples
 from selfaug.models import load_model, load_tokenizer
-from selfaug.train.batches import StepSampler, collate, model_inputs
+from selfaug.train.batches import PADDED, MaskedPacking, StepSampler, VarlenPacking, collate, model_inputs, to_device
 from selfaug.train.sources import DataExamples, LiveModel, PlainData, StoredSignal
 from selfaug.store import signals
 
 SAMPLES = 16
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers"))
+import cpu_flash  # noqa: E402  registers the CPU attention function with flash-attention's contract
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +83,7 @@ def test_packed_logits_equal_per_example_logits(tiny_store):
     store, _ = _examples(tiny_store)
     rows = [store.example(i) for i in range(6)]
     lens = [len(r["input_ids"]) for r in rows]
-    batch = collate(rows, 0, "cpu", pack_tokens=sum(lens))  # one row (alike lengths pack no better in 2)
+    batch = to_device(collate(rows, 0, MaskedPacking(sum(lens), float("inf"))), "cpu")  # one row: fewest tokens
     assert batch["input_ids"].shape[0] < len(rows) and "attention_mask" not in batch  # really packed
     with torch.no_grad():
         packed = model(**model_inputs(batch)).logits
@@ -136,8 +139,8 @@ def test_a_packed_step_has_the_loss_and_gradients_of_the_padded_step(tiny_store,
     c_kl = 0.0 if kind == "none" else 0.5 / n_kl
     out = {}
     lens = [len(r["input_ids"]) for r in rows]
-    for layout, cap in (("padded", None), ("packed", sum(lens))):  # packed: the layout `pack` picks
-        batch = source.batch(rows, 0, "cpu", cap)
+    for layout, how in (("padded", PADDED), ("packed", MaskedPacking(sum(lens), float("inf")))):  # one row
+        batch = to_device(source.batch(rows, 0, how), "cpu")
         loss, nll, kl = objective(batch, 1.0 / n_nll, c_kl)
         out[layout] = (loss.detach(), nll, kl, torch.autograd.grad(loss, params), batch)
     (lp, np_, kp, gp, bp), (lu, nu, ku, gu, bu) = out["packed"], out["padded"]
@@ -151,17 +154,20 @@ def test_a_packed_step_has_the_loss_and_gradients_of_the_padded_step(tiny_store,
     assert any(g.abs().max() > 0 for g in gu)
 
 
-def test_packed_training_run_equals_the_padded_one(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", cpu_flash.NAME])
+def test_packed_training_run_equals_the_padded_one(tmp_path, attention):
     """Through the engine on length-skewed data (SGD, so that a wrong scale would show): the same adapters
-    after 3 steps, with less padding."""
+    after 3 steps, with less padding; under sdpa (packed rows, block-diagonal mask) and under a kernel with
+    flash-attention's contract (one varlen row)."""
     from safetensors.torch import load_file
     skewed = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra_sentences": 3}
     store = tiny_config(str(tmp_path), data=skewed, teacher={"value_dtype": "float32"})
     precompute.run(store)
     common = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 4}
     got = {}
+    calls = cpu_flash.CALLS["varlen"]
     for packing in (False, True):
-        cfg = tiny_config(str(tmp_path / str(packing)), data=skewed,
+        cfg = tiny_config(str(tmp_path / str(packing)), data=skewed, model={"attn_implementation": attention},
                           teacher={"value_dtype": "float32", "output_dir": store.teacher.output_dir},
                           train={**common, "packing": packing, "pack_tokens": 1024})
         train.train(cfg)
@@ -171,6 +177,75 @@ def test_packed_training_run_equals_the_padded_one(tmp_path):
     for k in got[False]:
         assert torch.allclose(got[True][k], got[False][k], atol=1e-5, rtol=1e-4), k
     assert got[(True, "padding")] < got[(False, "padding")]
+    if attention == cpu_flash.NAME:  # the packed run's every layer ran the varlen branch, with no padding
+        assert cpu_flash.CALLS["varlen"] > calls and got[(True, "padding")] == 0
+
+
+def _flash_student(tc):
+    """The tiny model under the CPU kernel with flash-attention's contract, LoRA B moved off 0 (a KL gradient)."""
+    from peft import get_peft_model
+    from selfaug.config import ModelConfig
+    model = load_model(ModelConfig(name_or_path="builtin:tiny-llama", attn_implementation=cpu_flash.NAME))
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, train.lora_config(tc)).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["offline", "sampled", "online"])
+def test_under_flash_attentions_contract_packing_is_one_varlen_row_with_the_padded_step(tiny_store, sampled_store,
+                                                                                        kind):
+    """transformers' flash-attention path separates packed examples only in a batch of one row or with varlen
+    arguments. Under a CPU kernel with that contract, the layout `layout_for` picks (one row, cu_seq_lens) has the
+    padded step's loss, NLL, KL and gradients; the multi-row layout that is right under sdpa is not (the check can
+    fail: each row's examples attend to each other)."""
+    from selfaug.models import attention_width
+    from selfaug.train.batches import layout_for
+    model = _flash_student(tiny_store.train)
+    source = _source(kind, "lora", model, tiny_store, sampled_store)
+    objective = train.Objective(model, tiny_store.train, source)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    rows = [source.examples.example(i) for i in (0, 5, 9, 3)]
+    lens = [len(r["input_ids"]) for r in rows]
+    n_nll, n_kl = sum(n - r["prompt_len"] for n, r in zip(lens, rows)), sum(len(r["positions"]) for r in rows)
+    varlen = layout_for(cpu_flash.NAME, True, 4096, attention_width(model.config))
+    assert isinstance(varlen, VarlenPacking) and isinstance(layout_for("sdpa", True, 4096, 1e3), MaskedPacking)
+    out = {}
+    for name, layout in (("padded", PADDED), ("varlen", varlen), ("rows", MaskedPacking(2 * max(lens), 1e9))):
+        batch = to_device(source.batch(rows, 0, layout), "cpu")
+        before = dict(cpu_flash.CALLS)
+        loss, nll, kl = objective(batch, 1.0 / n_nll, 0.5 / n_kl)
+        out[name] = (loss.detach(), nll, kl, torch.autograd.grad(loss, params), batch, before)
+    lp, np_, kp, gp, bp, before = out["varlen"]
+    lu, nu, ku, gu, _, _ = out["padded"]
+    assert bp["input_ids"].shape == (1, sum(lens)) and bp["cu_seq_lens_q"].tolist() == np.cumsum([0] + lens).tolist()
+    forwards = 2 if kind == "online" else 1  # the live teacher (LoRA disabled) runs the same rows
+    assert cpu_flash.CALLS["varlen"] - before.get("varlen", 0) == 2 * forwards  # each layer, the varlen branch
+    assert torch.allclose(lp, lu, atol=1e-5, rtol=1e-5) and torch.allclose(np_, nu, rtol=1e-5)
+    assert torch.allclose(kp, ku, atol=1e-7 * n_kl, rtol=1e-5) and ku.abs() > 1e-4
+    for a, b in zip(gp, gu):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), (a - b).abs().max()
+    lr, nr, kr, _, br, _ = out["rows"]
+    assert br["input_ids"].shape[0] >= 2  # several packed rows: under this kernel, attention crosses examples
+    assert abs(nr - nu) > 1e-3 * nu or abs(kr - ku) > 1e-2 * ku
+
+
+def test_an_attention_name_transformers_does_not_know_is_one_line_before_the_model_loads(tmp_path, tiny_store):
+    from selfaug.models import ModelError, check_attention
+    check_attention(cpu_flash.NAME)  # registered by a program: accepted
+    with pytest.raises(ModelError, match="model.attn_implementation='flash_attn_9' is not an attention implementation"):
+        check_attention("flash_attn_9")
+    with pytest.raises(ModelError, match="flash_attention_2 needs the flash-attn package"):
+        check_attention("flash_attention_2")
+    cfg = tiny_config(str(tmp_path), model={"attn_implementation": "sdpa2"},
+                      teacher={"output_dir": tiny_store.teacher.output_dir})
+    with pytest.raises(ModelError, match="'sdpa2' is not an attention implementation"):
+        train.train(cfg)
 
 
 def test_pack_tokens_below_the_longest_example_is_refused_before_the_model_loads(tmp_path, tiny_store):

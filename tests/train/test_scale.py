@@ -137,7 +137,7 @@ def test_gradient_checkpointing_gives_the_same_parameters(tmp_path, tiny_store, 
                           train={"method": method, "gradient_checkpointing": gc, "output_dir": str(tmp_path / "s")})
         run = train.setup(cfg)
         rows = [run.source.examples.example(i) for i in range(2)]
-        batch = run.source.batch(rows, run.tok.pad_token_id, run.device)
+        batch = to_device(run.source.batch(rows, run.tok.pad_token_id), run.device)
         total = [0]
         head = (49152, 64)  # the loss saves its closed-form lm_head gradient (full method): not an activation
 

@@ -14,7 +14,7 @@ from selfaug import store as ts
 from selfaug import train
 from selfaug.loss import shifted_labels
 from selfaug.models import load_model, load_tokenizer
-from selfaug.train.batches import StepSampler, collate
+from selfaug.train.batches import StepSampler, collate, to_device
 
 
 def _adapter(run_dir):
@@ -62,7 +62,7 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     sampler = StepSampler(len(store), tc.micro_batch_size, 1, 1, tc.seed)
     for step in range(tc.max_steps):
         rows = [store.example(int(i)) for i in sampler.global_batch(step)]
-        b = collate(rows, tok.pad_token_id, "cpu")
+        b = to_device(collate(rows, tok.pad_token_id), "cpu")
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         labels = shifted_labels(b["input_ids"], torch.tensor([r["prompt_len"] for r in rows]),
                                 torch.tensor([len(r["input_ids"]) for r in rows]))
