@@ -1,12 +1,16 @@
 """The SelfAug loss: NLL on response tokens plus alpha * KL on prompt positions (docs/design.md, "The loss").
 
-Pure functions of tensors returning (sum, count); the caller divides once by the token counts of the
+Pure functions of tensors returning sums (and counts); the caller divides once by the token counts of the
 whole optimizer step. The lm_head is applied here, `chunk_rows` positions at a time, from the final
-hidden states, so no (tokens x vocabulary) fp32 tensor is ever whole: each chunk's gradient with
-respect to the hidden states (and the head weight, when it trains) is computed in the forward pass
-and the chunk's logits are freed at once (the Liger-Kernel scheme). The common cases (NLL, forward
-bucket KL, forward full KL) use closed-form gradients over one (n, V) buffer; the others, and the
-tests' twin of every fast path (`fused=False`), use autograd per chunk.
+hidden states, so no (tokens x vocabulary) fp32 tensor is ever whole: one pass (`_HeadLoss`) takes the
+NLL and KL terms of a micro-batch with their coefficients, computes each chunk's gradient with respect
+to the hidden states (and the head weight, when it trains) in the forward, and frees the chunk's
+logits at once (the Liger-Kernel scheme). What lives from forward to backward is one hidden-state
+gradient shared by the terms and, only when the head trains, one weight gradient in the weight's dtype,
+accumulated with addmm. With grad disabled, or nothing to differentiate, only the sums are computed.
+The common cases (NLL, forward bucket KL, forward full KL, sampled KL) use closed-form gradients over
+one (n, V) buffer; the others, and the tests' twin of every fast path (`fused=False`), use autograd
+per chunk.
 
 The teacher signal is one of three small typed objects:
 - `StoredTeacher`: top-k log-probs and the tail log-mass from the teacher store (offline mode);
@@ -23,7 +27,7 @@ KL variants (all through `kl_categorical`, the only place that handles zero mass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -187,85 +191,158 @@ class LiveTeacher:
         return lambda logits, rows: full_kl_value_and_grad(logits, self.logprobs(rows))
 
 
-class _ChunkedHeadSum(torch.autograd.Function):
-    """sum_rows row_fn(log_softmax(hidden @ W^T + b), rows), chunk by chunk, gradients in forward.
-    With `fused(logits, rows) -> (values, dvalues/dlogits)` the chunk needs no autograd graph."""
+class _Term(NamedTuple):
+    """One summed loss term over rows of the flattened hidden states: its rows (N,) into (B * T), and either a
+    closed form `fused(logits (n, V) fp32, rows slice) -> (values (n,), dvalues/dlogits (n, V) fp32)` or, for
+    the autograd path, `row_fn(logq (n, V) fp32 log-probs, rows slice) -> values (n,)`."""
+    rows: torch.Tensor
+    row_fn: Callable
+    fused: Callable | None
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, row_fn, chunk_rows, fused=None):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+
+def _nll_term(labels, ignore_index: int, fused: bool) -> _Term:
+    flat = labels.reshape(-1)
+    rows = (flat != ignore_index).nonzero().squeeze(1)  # (N,): the head runs only where a label is
+    targets = flat[rows].long()
+    row_fn = lambda logq, sl: -logq.gather(1, targets[sl, None]).squeeze(1)
+    fast = (lambda logits, sl: nll_value_and_grad(logits, targets[sl])) if fused else None
+    return _Term(rows, row_fn, fast)
+
+
+def _kl_term(rows_b, rows_t, width: int, teacher, reverse: bool, tail: str, fused: bool) -> _Term:
+    rows = rows_b.long() * width + rows_t.long()  # (N,) in the teacher's row order
+    return _Term(rows, lambda logq, sl: teacher.kl(logq, sl, reverse, tail), teacher.fused(reverse, tail) if fused else None)
+
+
+def _head_pass(hidden, weight, bias, terms, coefs, chunk_rows: int, need: tuple):
+    """The terms' sums and, where `need` (hidden, weight, bias) asks, the gradient of sum_t coef_t * term_t:
+    every term's rows `chunk_rows` at a time through the head, each chunk's (n, V) logits made, used and freed
+    at once. One hidden-state gradient for all terms (B * T, H) in the hidden states' dtype, and, only when
+    the head trains, one weight gradient (V, H) in the weight's dtype, accumulated by addmm (the matmul sums
+    in fp32 inside). A term with coefficient 0 is summed without gradient work."""
+    need_h, need_w, need_b = need
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B * T, H)
+    grad_h = torch.zeros_like(flat) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_b = torch.zeros_like(bias) if need_b else None
+    sums = []
+    for term, coef in zip(terms, coefs):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            if fused is not None:
+        grads = any(need) and coef != 0
+        for start in range(0, term.rows.numel(), chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            idx = term.rows[sl]
+            h = flat.index_select(0, idx)  # (n, H)
+            if term.fused is not None or not grads:
                 with torch.no_grad():
-                    h = hidden[rows]
-                    values, g = fused(F.linear(h, weight, bias).float(), rows)  # (n,), (n, V) fp32
+                    logits = F.linear(h, weight, bias).float()  # (n, V) fp32, this chunk only
+                    if term.fused is None:
+                        total += term.row_fn(torch.log_softmax(logits, dim=-1), sl).sum()
+                        continue
+                    values, g = term.fused(logits, sl)  # g (n, V) fp32, d values / d logits
                     total += values.sum()
+                    if not grads:
+                        continue
+                    g = g.mul_(coef).to(weight.dtype)
                     if need_h:
-                        grad_h[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)  # (n, H)
+                        grad_h.index_add_(0, idx, (g @ weight).to(grad_h.dtype))  # rows shared by terms add up
                     if need_w:
-                        grad_w += g.t() @ h.float()
+                        grad_w.addmm_(g.t(), h.to(weight.dtype))
                     if need_b:
-                        grad_b += g.sum(0)
+                        grad_b += g.float().sum(0).to(grad_b.dtype)
                 continue
-            h = hidden[rows].detach().requires_grad_(need_h)
-            w = weight.detach().requires_grad_(need_w)
-            b = bias.detach().requires_grad_(need_b) if bias is not None else None
+            h_ = h.detach().requires_grad_(need_h)  # the autograd twin (and reverse / renormalized KL)
+            w_ = weight.detach().requires_grad_(need_w)
+            b_ = bias.detach().requires_grad_(need_b) if bias is not None else None
             with torch.enable_grad():
-                logq = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)  # (n, V) fp32, this chunk only
-                chunk = row_fn(logq, rows).sum()
-            wrt = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
-            if wrt:
-                grads = list(torch.autograd.grad(chunk, wrt))
-                if need_h:
-                    grad_h[rows] = grads.pop(0)
-                if need_w:
-                    grad_w += grads.pop(0)
-                if need_b:
-                    grad_b += grads.pop(0)
+                chunk = term.row_fn(torch.log_softmax(F.linear(h_, w_, b_).float(), dim=-1), sl).sum()
+                wrt = [t for t, n in ((h_, need_h), (w_, need_w), (b_, need_b)) if n]
+                got = list(torch.autograd.grad(chunk * coef, wrt))
+            if need_h:
+                grad_h.index_add_(0, idx, got.pop(0).to(grad_h.dtype))
+            if need_w:
+                grad_w.add_(got.pop(0).to(grad_w.dtype))
+            if need_b:
+                grad_b.add_(got.pop(0).to(grad_b.dtype))
             total += chunk.detach()
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
-        ctx.needs = (need_h, need_w, need_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total
+        sums.append(total)
+    return sums, (grad_h, grad_w, grad_b)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """loss = sum_t coef_t * term_t, with every term's gradient computed in the forward (`_head_pass`) and
+    kept until backward: the saved tensors are the one hidden-state gradient and, when the head trains, the
+    weight's (and bias's). Returns (loss, *the terms' sums), the sums without gradient."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        out = []
-        for need, dtype in zip(ctx.needs, ctx.dtypes):
-            out.append((saved.pop(0) * grad_out).to(dtype) if need else None)
+    def forward(ctx, hidden, weight, bias, terms, coefs, chunk_rows):
+        need = tuple(ctx.needs_input_grad[:3])
+        sums, grads = _head_pass(hidden, weight, bias, terms, coefs, chunk_rows, need)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.need, ctx.shape = need, hidden.shape
+        loss = sum((c * s for c, s in zip(coefs, sums)), torch.zeros((), device=hidden.device))
+        ctx.mark_non_differentiable(*sums)
+        return (loss, *sums)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        saved, out = iter(ctx.saved_tensors), []
+        for i, need in enumerate(ctx.need):
+            g = next(saved) if need else None
+            out.append(None if g is None else (g.view(ctx.shape) if i == 0 else g) * grad_loss.to(g.dtype))
         return (*out, None, None, None)
 
 
-def chunked_head_sum(hidden, weight, bias, row_fn: Callable, chunk_rows: int, fused: Callable | None = None):
-    return _ChunkedHeadSum.apply(hidden, weight, bias, row_fn, chunk_rows, fused)
+def head_loss(hidden, weight, bias, terms: list, coefs: list[float], chunk_rows: int):
+    """(loss, [each term's sum]): the Function when a gradient is wanted (grad mode on and an input that
+    requires it), else the sums alone with no gradient work (`ctx.needs_input_grad` follows requires_grad,
+    not the grad mode: checked here)."""
+    need = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if torch.is_grad_enabled() and any(need):
+        loss, *sums = _HeadLoss.apply(hidden, weight, bias, terms, coefs, chunk_rows)
+        return loss, sums
+    sums, _ = _head_pass(hidden, weight, bias, terms, coefs, chunk_rows, (False, False, False))
+    return sum((c * s for c, s in zip(coefs, sums)), torch.zeros((), device=hidden.device)), sums
+
+
+def selfaug_loss(hidden, weight, bias, labels, rows_b, rows_t, teacher, c_nll: float, c_kl: float, *,
+                 reverse: bool = False, tail: str = "bucket", chunk_rows: int = 1024, fused: bool = True,
+                 ignore_index: int = -100):
+    """c_nll * NLL_sum + c_kl * KL_sum of one micro-batch through one chunked pass of the head, and the two
+    sums (without gradient). No teacher: the NLL alone (KL sum 0).
+
+    Args:
+        hidden: (B, T, H) the decoder's final hidden states.
+        weight, bias: (V, H), (V,) or None: the lm_head.
+        labels: (B, T) already shifted: labels[b, t] is the token predicted after position t, or ignore_index.
+        rows_b, rows_t: (N,) the KL positions, in the teacher's row order.
+        teacher: StoredTeacher | SampledTeacher | LiveTeacher with N rows, or None.
+    Returns: loss (scalar), nll_sum, kl_sum (scalars, detached)."""
+    terms, coefs = [_nll_term(labels, ignore_index, fused)], [c_nll]
+    if teacher is not None:
+        terms.append(_kl_term(rows_b, rows_t, hidden.shape[1], teacher, reverse, tail, fused))
+        coefs.append(c_kl)
+    loss, sums = head_loss(hidden, weight, bias, terms, coefs, chunk_rows)
+    kl = sums[1] if teacher is not None else torch.zeros((), device=hidden.device)
+    return loss, sums[0], kl
 
 
 def nll_sum(hidden, weight, bias, labels, ignore_index: int = -100, chunk_rows: int = 1024, fused: bool = True):
     """Summed next-token NLL and its token count. hidden (B, T, H); labels (B, T) already shifted:
     labels[b, t] is the token predicted after position t, or ignore_index."""
-    keep = labels != ignore_index  # (B, T)
-    h = hidden[keep]  # (N, H): the head runs only where a label is
-    targets = labels[keep]  # (N,)
-    row_fn = lambda logq, rows: -logq.gather(1, targets[rows, None]).squeeze(1)
-    fast = (lambda logits, rows: nll_value_and_grad(logits, targets[rows])) if fused else None
-    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows, fast), targets.numel()
+    term = _nll_term(labels, ignore_index, fused)
+    loss, _ = head_loss(hidden, weight, bias, [term], [1.0], chunk_rows)
+    return loss, term.rows.numel()
 
 
 def kl_sum(hidden, weight, bias, rows_b, rows_t, teacher, reverse: bool = False, tail: str = "bucket",
            chunk_rows: int = 1024, fused: bool = True):
     """Summed per-position KL between the teacher and the model, and the position count.
-    hidden (B, T, H); rows_b, rows_t (N,): the KL positions; teacher: StoredTeacher | LiveTeacher
-    with N rows in the same order."""
-    h = hidden[rows_b, rows_t]  # (N, H)
-    row_fn = lambda logq, rows: teacher.kl(logq, rows, reverse, tail)
-    fast = teacher.fused(reverse, tail) if fused else None
-    return chunked_head_sum(h, weight, bias, row_fn, chunk_rows, fast), rows_b.numel()
+    hidden (B, T, H); rows_b, rows_t (N,): the KL positions; teacher: StoredTeacher | SampledTeacher |
+    LiveTeacher with N rows in the same order."""
+    term = _kl_term(rows_b, rows_t, hidden.shape[1], teacher, reverse, tail, fused)
+    loss, _ = head_loss(hidden, weight, bias, [term], [1.0], chunk_rows)
+    return loss, term.rows.numel()
 
 
 def shifted_labels(input_ids: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor,

@@ -242,3 +242,102 @@ def test_sampled_kl_is_unbiased_for_the_exact_kl_and_its_gradient():
     tail = logp[:1].scatter(1, ids, float("-inf")).logsumexp(-1)
     bucket = kl_from_topk(logq[None], ids, logp[:1].gather(1, ids), tail)
     assert bucket.item() < exact.item() - 10 * se
+
+
+# ---- one pass for NLL and KL: against the naive loss, the buffers it keeps, no gradient work without grad ----
+
+def _teacher_of(kind, rows_b, rows_t, hidden, weight, g):
+    """A teacher for the rows: stored top-k, sampled draws or live, from a perturbed copy of the model."""
+    th = hidden.detach().float()[rows_b, rows_t] + 0.5 * torch.randn(len(rows_b), H, generator=g)
+    logp = torch.log_softmax(F.linear(th, weight.detach().float()), -1)
+    if kind == "topk":
+        vals, ids = logp.topk(9, -1)
+        return StoredTeacher(ids, vals, logp.scatter(1, ids, float("-inf")).logsumexp(-1)), logp
+    if kind == "sampled":
+        return _draws(logp, 16, g), logp
+    return LiveTeacher(th, weight.detach().float()), logp
+
+
+def _naive(hidden, weight, bias, labels, rows_b, rows_t, teacher, logp, c_nll, c_kl, kind, ignore_index):
+    """The whole (B, T, V) log-softmax, the formulas written out: the loss, the NLL sum, the KL sum."""
+    logq = torch.log_softmax(F.linear(hidden, weight, bias).float(), -1)
+    keep = labels != ignore_index
+    nll = -logq[keep].gather(1, labels[keep][:, None]).sum()
+    q = logq[rows_b, rows_t]
+    if kind == "topk":
+        kl = _ref_bucket_kl(logp, q, teacher.topk_ids).sum().float()
+    elif kind == "sampled":
+        w = teacher.weights
+        kl = (w * torch.where(w > 0, teacher.logprobs - q.gather(1, teacher.ids), 0.0)).sum()
+    else:
+        kl = F.kl_div(q, logp, log_target=True, reduction="sum")
+    return c_nll * nll + c_kl * kl, nll, kl
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("kind", ["topk", "sampled", "live"])
+@pytest.mark.parametrize("chunk", [5, 1024])
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_pass_equals_the_naive_loss_on_values_and_gradients(dtype, tol, kind, chunk, fused):
+    """NLL and KL through one chunked pass (KL rows overlapping NLL rows, as positions=all makes them; an
+    ignore_index other than -100; a bias) against the naive loss, per dtype with its own tolerance."""
+    from selfaug.loss import selfaug_loss
+    hidden, weight, bias = _setup(dtype, seed=9, bias=True)
+    g = torch.Generator().manual_seed(9)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[labels == 7] = 0
+    labels[:, :20] = 7  # ignore_index 7: the prompt
+    rows_b = torch.arange(B).repeat_interleave(25)
+    rows_t = torch.arange(15, 40).repeat(B)  # overlaps the NLL rows from t = 20 on
+    teacher, logp = _teacher_of(kind, rows_b, rows_t, hidden, weight, g)
+    c_nll, c_kl = 2 / 81, 0.5 / 75
+    loss, nll, kl = selfaug_loss(hidden, weight, bias, labels, rows_b, rows_t, teacher, c_nll, c_kl,
+                                 chunk_rows=chunk, fused=fused, ignore_index=7)
+    ref_loss, ref_nll, ref_kl = _naive(hidden, weight, bias, labels, rows_b, rows_t, teacher, logp, c_nll, c_kl,
+                                       kind, 7)
+    assert not nll.requires_grad and not kl.requires_grad and kl > 0
+    for a, r in ((loss, ref_loss), (nll, ref_nll), (kl, ref_kl)):
+        assert torch.allclose(a.float(), r.float().detach(), rtol=tol, atol=tol), (a, r)
+    got, want = _grads(loss, (hidden, weight, bias)), _grads(ref_loss, (hidden, weight, bias))
+    for a, r in zip(got, want):
+        assert a.dtype == r.dtype == dtype  # each gradient in its parameter's dtype
+        scale = r.float().abs().max()
+        assert (a.float() - r.float()).abs().max() <= tol * scale + 1e-7, ((a.float() - r.float()).abs().max(), scale)
+
+
+def _saved(fn):
+    """The tensors autograd keeps for backward while fn runs: (shape, dtype) of each."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        out = fn()
+    return out, kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_head_gradient_buffer_exists_only_when_the_head_trains_and_in_its_dtype(dtype):
+    from selfaug.loss import selfaug_loss
+    hidden, weight, _ = _setup(dtype, seed=10)
+    labels = torch.randint(0, V, (B, T))
+    rows_b, rows_t = torch.zeros(6, dtype=torch.long), torch.arange(6)
+    teacher, _ = _teacher_of("topk", rows_b, rows_t, hidden, weight, torch.Generator().manual_seed(1))
+    run = lambda w: selfaug_loss(hidden, w, None, labels, rows_b, rows_t, teacher, 1.0, 1.0, chunk_rows=8)[0]
+    _, trained = _saved(lambda: run(weight))
+    _, frozen = _saved(lambda: run(weight.detach()))  # LoRA: the head is frozen
+    assert trained == [((B * T, H), dtype), ((V, H), dtype)]  # one hidden gradient for both terms, one head's
+    assert frozen == [((B * T, H), dtype)]  # no (V, H) buffer at all
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    """Under no_grad (eval's drift, a trainer's evaluation) nothing is saved and the head pass is asked for no
+    gradient, although the inputs require grad (ctx.needs_input_grad would say they do)."""
+    from selfaug import loss
+    hidden, weight, _ = _setup(seed=11)
+    labels = torch.randint(0, V, (B, T))
+    asked = []
+    real = loss._head_pass
+    monkeypatch.setattr(loss, "_head_pass", lambda *a: asked.append(a[-1]) or real(*a))
+    with torch.no_grad():
+        (s, _), kept = _saved(lambda: loss.nll_sum(hidden, weight, None, labels))
+    assert asked == [(False, False, False)] and kept == [] and not s.requires_grad
+    with_grad, _ = loss.nll_sum(hidden, weight, None, labels)
+    assert asked[-1] == (True, True, False) and torch.allclose(s, with_grad.detach())

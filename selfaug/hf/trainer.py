@@ -3,7 +3,7 @@
 `Trainer` itself.
 
 The mixin is glue only; what it runs is selfaug's own: the store (`TeacherStore`, verified), the
-collation and the teacher rows (`StoredSignal.batch`), the chunked loss (`objective.micro_batch_sums`),
+collation and the teacher rows (`StoredSignal.batch`), the chunked loss (`objective.micro_batch_loss`),
 the step's normalization (`objective.coefficients`, from the whole step's counts over all ranks, computed
 once per optimizer step in `get_batch_samples`) and alpha (`train.alpha`: the schedule, or the drift
 controller of `drift_budget`, its state in the trainer's checkpoints under
@@ -35,7 +35,7 @@ from ..models import attention_width, decoder_and_head, vocab_size
 from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
-from ..train.objective import coefficients, micro_batch_sums
+from ..train.objective import coefficients, micro_batch_loss
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
 
 # the options of the recipe's train section that the mixin takes as keywords, with their defaults there
@@ -60,6 +60,21 @@ def check_store_for(teacher_store, model, tokenizer) -> None:
                                + "; ".join(d.replace("recipe:", "given:") for d in diff)
                                + f". It was computed with {settings['model'].get('name_or_path')}: train that model "
                                  "(with its tokenizer), or precompute a store with this one")
+
+
+def refuse_fp16(args, model) -> None:
+    """fp16 in any form, one line: the chunked head computes its gradients in the forward, before a loss scale
+    applies, so fp16 would flush the KL's small gradients (~1e-6 and below) to zero. bf16 and fp32 are fine."""
+    ds = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    head = decoder_and_head(model)[1].weight
+    why = ("args.fp16=True" if getattr(args, "fp16", False) else
+           "args.fp16_full_eval=True" if getattr(args, "fp16_full_eval", False) else
+           "the DeepSpeed config enables fp16" if ds.get("fp16", {}).get("enabled") is True else
+           "the model's weights are float16" if head.dtype == torch.float16 else None)
+    if why:
+        raise TrainError(f"{why}: SelfAug's loss computes the head's gradients before any loss scale, so float16 "
+                         "would flush the KL's small gradients to zero; train in bf16 (args.bf16=True, a bfloat16 or "
+                         "float32 model) or float32")
 
 
 class _StepGuard:
@@ -103,6 +118,7 @@ class SelfAugMixin:
         if data_collator is not None and not isinstance(data_collator, SelfAugCollator):
             raise DataError("data_collator must be a selfaug.hf.SelfAugCollator (it carries the teacher rows to the "
                             "loss); leave it out for the default, with packing=True to pack")
+        refuse_fp16(args, model)
         world = args.world_size  # sets up the process group (accelerate) before the store is opened by every rank
         teacher = store.TeacherStore(teacher_store, verify=tc.verify_store)
         tokenizer = kwargs.get("processing_class")
@@ -209,9 +225,8 @@ class SelfAugMixin:
             seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
         def loss_at_the_end(module, args, output):
-            nll, kl = micro_batch_sums(seen.pop("hidden"), (head.weight, head.bias), batch, teacher, s["tc"])
-            seen["sums"] = (nll.detach(), kl.detach())
-            output["loss"] = co.c_nll * nll + co.c_kl * kl
+            output["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
+                                                             teacher, s["tc"], co.c_nll, co.c_kl)
             return output
 
         inputs = model_inputs(batch)

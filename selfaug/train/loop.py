@@ -47,12 +47,24 @@ def ds_config(cfg: Config, world: int, on_gpu: bool) -> dict:
     """The JSON of train.deepspeed with its "auto" values filled from the recipe, and the monitors
     of train.report_to."""
     tc = cfg.train
+    device = "cuda" if on_gpu else "cpu"
+    bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16
     conf = dist.deepspeed_config(tc.deepspeed, {
         "train_micro_batch_size_per_gpu": tc.micro_batch_size, "gradient_accumulation_steps": tc.grad_accum,
         "train_batch_size": tc.micro_batch_size * tc.grad_accum * world, "gradient_clipping": tc.max_grad_norm,
-        "bf16.enabled": on_gpu and resolve_dtype(cfg.model.dtype, "cuda") == torch.bfloat16,
-        "fp16.enabled": False, "optimizer.params.lr": tc.lr, "optimizer.params.weight_decay": tc.weight_decay,
+        "bf16.enabled": bf16, "fp16.enabled": False,
+        "optimizer.params.lr": tc.lr, "optimizer.params.weight_decay": tc.weight_decay,
     })
+    # bf16 weights train with DeepSpeed's bf16 section (fp32 master weights and optimizer state), on a GPU or
+    # a CPU alike; a config that says otherwise about the dtypes is refused here, before any model loads
+    if conf.get("fp16", {}).get("enabled"):
+        raise TrainError(f"{tc.deepspeed} enables fp16: selfaug computes the head's gradients in the forward, before "
+                         "DeepSpeed's loss scale applies, so fp16 would flush the small KL gradients to zero; use bf16 "
+                         "(model.dtype=bfloat16, \"bf16\": {\"enabled\": \"auto\"}) or float32")
+    if conf.get("bf16", {}).get("enabled") and not bf16:
+        raise TrainError(f"{tc.deepspeed} enables bf16 but model.dtype={cfg.model.dtype} resolves to "
+                         f"{resolve_dtype(cfg.model.dtype, device)}: set model.dtype=bfloat16, or \"bf16\": "
+                         "{\"enabled\": \"auto\"}")
     if not on_gpu and "optimizer" in conf:
         conf["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's CPU Adam compiles for ~40 s
         conf["zero_force_ds_cpu_optimizer"] = False
@@ -133,8 +145,9 @@ def _pack_tokens(cfg: Config, examples=None) -> int | None:
 def setup(cfg: Config, objective_cls=None) -> Run:
     check_paths(cfg)
     if cfg.model.dtype == "float16":
-        raise TrainError("model.dtype=float16: training in float16 needs loss scaling, which selfaug does not run; "
-                         "use model.dtype=bfloat16 (GPU) or float32 (float16 is fine for `selfaug precompute`)")
+        raise TrainError("model.dtype=float16: the head's gradients are computed in the forward, before any loss "
+                         "scale, so float16 would flush the small KL gradients to zero; use model.dtype=bfloat16 or "
+                         "float32 (float16 is fine for `selfaug precompute`)")
     # the stop signals are caught from here on: one during start-up stops the run after its first step,
     # and none can kill a rank while it holds a lock (e.g. torch's build lock of DeepSpeed's compiled ops)
     stop = preemption.StopFlag(cfg.train.exit_signals)
@@ -151,7 +164,11 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     device = dist.device()
     tc = cfg.train
+    if device.type == "cuda" and tc.tf32:  # fp32 matmuls on TF32 tensor cores (about 8x an fp32 matmul on H100)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     conf = ds_config(cfg, world, device.type == "cuda")
+    conf = checkpoint.ds_config_for_resume(conf, cfg, world)  # a resume at another world size loads universal
     zero3 = conf.get("zero_optimization", {}).get("stage") == 3
     if zero3 and tc.method == "full" and tc.teacher_mode == "online" and tc.kl_ever_on():
         raise TrainError("teacher_mode=online with method=full keeps a whole frozen copy of the model on every "

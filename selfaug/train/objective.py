@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..loss import kl_sum, nll_sum
+from ..loss import selfaug_loss
 from ..models import decoder_and_head
 from .batches import model_inputs
 from .sources import TeacherSource
@@ -95,25 +95,20 @@ class Objective(torch.nn.Module):
     def forward(self, batch: dict, c_nll: float, c_kl: float):
         body, _ = decoder_and_head(self.model)
         hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
-        nll, kl = micro_batch_sums(hidden, self.head(), batch, self.source.signal(batch, self), self.tc)
-        return c_nll * nll + c_kl * kl, nll.detach(), kl.detach()
+        return micro_batch_loss(hidden, self.head(), batch, self.source.signal(batch, self), self.tc, c_nll, c_kl)
 
 
-def micro_batch_sums(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL sum, KL sum) of one micro-batch, each chunked through the head (never a whole logits tensor).
+def micro_batch_loss(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc, c_nll: float, c_kl: float):
+    """(c_nll * NLL_sum + c_kl * KL_sum, NLL_sum, KL_sum) of one micro-batch, through one chunked pass of the
+    head (`loss.selfaug_loss`: never a whole logits tensor).
 
     Args:
         hidden: (B, T, H) the decoder's final hidden states of the collated rows.
         head: (weight (V, H), bias (V,) or None) of the lm_head.
-        batch: the collated micro-batch (`batches.collate`): labels (B, T), rows_b and rows_t (N,).
+        batch: the collated micro-batch on its device (`batches.to_device`): labels (B, T), rows_b and rows_t (N,).
         teacher: the loss's teacher object for the N KL rows, or None (plain fine-tuning: KL sum 0).
         tc: the train options read here: kl_direction, kl_tail, loss_chunk_rows.
     """
     weight, bias = head
-    if teacher is None:
-        kl = torch.zeros((), device=hidden.device)
-    else:
-        kl, _ = kl_sum(hidden, weight, bias, batch["rows_b"], batch["rows_t"], teacher,
-                       reverse=tc.kl_direction == "reverse", tail=tc.kl_tail, chunk_rows=tc.loss_chunk_rows)
-    nll, _ = nll_sum(hidden, weight, bias, batch["labels"], chunk_rows=tc.loss_chunk_rows)
-    return nll, kl
+    return selfaug_loss(hidden, weight, bias, batch["labels"], batch["rows_b"], batch["rows_t"], teacher, c_nll, c_kl,
+                        reverse=tc.kl_direction == "reverse", tail=tc.kl_tail, chunk_rows=tc.loss_chunk_rows)
