@@ -1,4 +1,5 @@
-"""selfaug {precompute|train|eval|bench|inspect|config}: the command line (docs/design.md, "Command line").
+"""selfaug {precompute|train|eval|study|bench|config|inspect|recipes}: the command line (docs/design.md,
+"Command line").
 
 A user's mistake (a config, data, store, model or DeepSpeed-config error, a full disk) ends the
 command with one line `selfaug: error: ...` and exit status 2; SELFAUG_DEBUG=1 shows the traceback.
@@ -52,9 +53,32 @@ def user_errors() -> tuple:
     return CheckpointError, ConfigError, DataError, DistError, ModelError, StoreError, TrainError
 
 
+def _recipes(args) -> int:
+    from . import shipped
+    if args.action == "copy":
+        if not args.name:
+            print("selfaug: error: selfaug recipes copy NAME [DEST]: name a recipe (selfaug recipes lists them)",
+                  file=sys.stderr)
+            return 2
+        try:
+            print(f"copied to {shipped.copy(args.name, args.dest)}")
+        except (FileNotFoundError, FileExistsError) as e:
+            print(f"selfaug: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    for name, about in shipped.recipes():
+        print(f"{name:<44} {about}")
+    print(f"\nDeepSpeed configs: {', '.join(sorted(os.listdir(shipped.root('ds_configs'))))} (ds_configs/NAME)\n"
+          "Use one as it is (--config recipes/NAME.yaml works from any directory) or copy it to edit: "
+          "selfaug recipes copy NAME [DEST]")
+    return 0
+
+
 def _run(args) -> int:
     if args.command == "inspect":
         return _inspect(args.path)
+    if args.command == "recipes":
+        return _recipes(args)
     from .config import describe, load_config
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
@@ -78,7 +102,10 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selfaug", description=__doc__.split("\n")[0])
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="selfaug", description="SelfAug fine-tuning with a stored teacher on "
+                                     "DeepSpeed ZeRO: precompute, train, eval")
+    parser.add_argument("--version", action="version", version=f"selfaug {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("precompute", "stage 1: the teacher store"), ("train", "stage 2: DeepSpeed training"),
                        ("eval", "stage 3: base vs fine-tuned"),
@@ -86,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("bench", "performance benchmarks"),
                        ("config", "print the resolved recipe with each key's help")):
         p = sub.add_parser(name, help=text)
-        if name == "config":
-            p.add_argument("config", help="recipe YAML")
-        else:
-            p.add_argument("--config", required=True, help="recipe YAML")
+        p.add_argument("--config", required=True, help="recipe YAML (a path, or a shipped one: recipes/tiny.yaml)")
         p.add_argument("overrides", nargs="*", help="section.key=value")
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
@@ -98,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")
     p.add_argument("path")
+    p = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit")
+    p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    p.add_argument("name", nargs="?", help="copy: the recipe (e.g. tiny.yaml, scale/llama3-8b/recipe.yaml)")
+    p.add_argument("dest", nargs="?", help="copy: where to (default: the same path under this directory)")
     # the deepspeed launcher appends --local_rank=N
     args, unknown = parser.parse_known_args(argv)
     unknown = [u for u in unknown if not u.startswith("--local_rank")]

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from . import shipped
 from .errors import SelfAugError
 
 REQUIRED = "<required>"
@@ -156,9 +157,16 @@ class TrainConfig:
                               "differ if micro_batch_size x grad_accum x world size (the global batch) is kept")
     exit_signals: str = opt("SIGTERM,SIGUSR1", "comma-separated signals that stop the run at the next optimizer step "
                                                "with a checkpoint and exit status 75 (preemption); empty: none")
+    ddp_timeout: int = opt(3600, "seconds a collective waits for the other ranks before the run fails (NCCL and gloo; "
+                                 "torch's NCCL default is 600): longer than the longest normal wait, rank 0 writing "
+                                 "final/ or merging the adapter alone; `selfaug precompute` uses it too (its ranks "
+                                 "meet only at the end)", ge=1)
     freeze_lm_head: bool = opt(False, "method=full: keep the lm_head (and tied embeddings) frozen")
     merge_adapter: bool = opt(False, "also save the merged model under final/merged")
     verify_store: Literal["sha256", "size"] = opt("sha256", "how the store's shards are verified before training")
+    check_teacher: bool = opt(True, "a fresh run with a store checks that its first micro-batch's KL to the stored "
+                                    "teacher is ~0 (the model is the store's teacher); false: start elsewhere on "
+                                    "purpose (e.g. from an earlier fine-tune)")
     report_to: str = opt("none", "comma-separated: none | tensorboard | wandb | csv (DeepSpeed's monitors, rank 0); "
                                  "metrics.jsonl is always written")
     log_every: int = opt(1, "write metrics every N optimizer steps", ge=1)
@@ -379,16 +387,19 @@ def check_paths(cfg: Config) -> None:
     for section, (_, keys) in section_fields().items():
         for key, (_, f) in keys.items():
             value = getattr(getattr(cfg, section), key)
-            if f.metadata.get("path") and value is not None and not os.path.isfile(value):
+            if f.metadata.get("path") and value is not None and not os.path.isfile(shipped.resolve(value)):
                 raise ConfigError(f"{section}.{key}: file {value!r} not found (paths are relative to "
-                                  f"{os.getcwd()}); point it at an existing file, e.g. one of ds_configs/")
+                                  f"{os.getcwd()}, then the shipped ds_configs/ and recipes/); point it at an "
+                                  "existing file, e.g. ds_configs/zero2.json")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """A recipe file (under the current directory, else a shipped one: `recipes/tiny.yaml` works anywhere)."""
+    path = shipped.resolve(path)
     if os.path.isdir(path):
         raise ConfigError(f"recipe {path!r} is a directory; pass a YAML file, e.g. recipes/tiny.yaml")
     if not os.path.exists(path):
-        raise ConfigError(f"recipe {path!r} not found")
+        raise ConfigError(f"recipe {path!r} not found (`selfaug recipes` lists the shipped ones)")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from . import shipped
+from .config import TrainConfig
 from .errors import SelfAugError
 
 
@@ -68,8 +71,11 @@ def check_build_locks() -> None:
                             "forever; remove it (when no build is running) and run the command again")
 
 
-def init() -> tuple[int, int]:
-    """(rank, world_size); a process group is created only when there are several ranks."""
+def init(timeout_s: float = TrainConfig.ddp_timeout) -> tuple[int, int]:
+    """(rank, world_size); a process group is created only when there are several ranks. Its collectives wait
+    up to `timeout_s` (train.ddp_timeout) for the other ranks before the run fails: torch's default for NCCL,
+    10 minutes, is shorter than waits that are normal here (rank 0 writing final/ or merging the adapter while
+    the others wait at a barrier; precompute's ranks meeting only at the end)."""
     ensure_env()
     check_build_locks()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -80,8 +86,27 @@ def init() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world
+
+
+def timeout(cfg) -> timedelta:
+    """The recipe's collective timeout (train.ddp_timeout, which `selfaug precompute` reads too), as
+    `deepspeed.init_distributed(timeout=...)` takes it."""
+    return timedelta(seconds=cfg.train.ddp_timeout)
+
+
+def alone(what: str, timeout_s: float) -> str | None:
+    """Before a phase that rank 0 runs alone while the other ranks wait at a barrier: one line, printed on
+    rank 0, saying so and how long they wait before their collective fails (train.ddp_timeout), so that a
+    phase longer than that is seen in the log for what it is. None with one rank."""
+    rank, world = rank_world()
+    if world == 1:
+        return None
+    line = f"rank 0 {what}; the other ranks wait at a barrier (up to train.ddp_timeout = {timeout_s / 60:g} min)"
+    if rank == 0:
+        print(line, flush=True)
+    return line
 
 
 def barrier() -> None:
@@ -148,7 +173,7 @@ class DistError(SelfAugError, ValueError):
 def deepspeed_config(path: str, fill: dict) -> dict:
     """A DeepSpeed JSON config with its "auto" values filled from `fill` (dotted keys from the recipe)."""
     try:
-        with open(path) as f:
+        with open(shipped.resolve(path)) as f:
             conf = json.load(f)
     except OSError as e:
         raise DistError(f"DeepSpeed config {path!r} cannot be read ({e.strerror})") from None

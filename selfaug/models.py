@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import shipped
 from .errors import SelfAugError
 from .data import cache_dir  # one cache root for converted models and tokenized data
 from .hashing import sha256_file
@@ -129,6 +130,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 def random_init_config(name_or_path: str):
     """The transformers config of a `model.init: random` directory, with one clear error if it cannot be built."""
     from transformers import AutoConfig
+    name_or_path = shipped.resolve(name_or_path)  # recipes/scale/... from any directory
     path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(path):
         raise ModelError(f"model.init=random needs model.name_or_path to be a directory holding a config.json; "
@@ -262,9 +264,9 @@ def load_tokenizer_for(mc):
     """The tokenizer of a ModelConfig; with init=random, the directory's own if it has one, else the
     SmolLM2 tokenizer (the model's vocabulary must hold it)."""
     if mc.init == "random" and mc.name_or_path != TINY_LLAMA:
-        has_own = any(os.path.exists(os.path.join(mc.name_or_path, f))
+        has_own = any(os.path.exists(os.path.join(shipped.resolve(mc.name_or_path), f))
                       for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        tok = load_tokenizer(mc.name_or_path if has_own else SMOLLM2)
+        tok = load_tokenizer(shipped.resolve(mc.name_or_path) if has_own else SMOLLM2)
         vocab = random_init_config(mc.name_or_path).vocab_size
         if len(tok) > vocab:
             raise ModelError(f"model.name_or_path={mc.name_or_path}: its config.json has vocab_size={vocab}, smaller "
@@ -323,7 +325,7 @@ def model_fingerprint(mc) -> dict:
     if name_or_path == TINY_LLAMA:
         content = hashlib.sha256((tiny_llama_config().to_json_string() + f"{TINY_SEED}:{INIT_VERSION}").encode()).hexdigest()
     elif mc.init == "random":
-        config = open(os.path.join(name_or_path, "config.json"), "rb").read()
+        config = open(os.path.join(shipped.resolve(name_or_path), "config.json"), "rb").read()
         content = "random:" + hashlib.sha256(config + f"seed={mc.seed}:{INIT_VERSION}".encode()).hexdigest()
     elif name_or_path == SMOLLM2:
         with open(os.path.join(_smollm2_dir(), "selfaug_source.json")) as f:
@@ -339,8 +341,25 @@ def model_fingerprint(mc) -> dict:
                 h.update(f"{name}:{os.path.getsize(path)}:{sha256_file(path, 1 << 20)}".encode())
         content = h.hexdigest()
     else:
-        content = f"hub:{name_or_path}@{revision or 'main'}"
+        content = f"hub:{name_or_path}@{hub_commit(name_or_path, revision)}"
     return {"name_or_path": name_or_path, "revision": revision, "content_hash": content}
+
+
+def hub_commit(name: str, revision: str | None) -> str:
+    """The commit a hub model's revision resolves to (a branch such as main moves; a commit does not): asked of
+    the hub, or read from the local Hugging Face cache offline (HF_HUB_OFFLINE=1, or no network)."""
+    import re
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import hf_hub_download
+    try:
+        path = hf_hub_download(name, "config.json", revision=revision)  # .../snapshots/<commit>/config.json
+    except Exception as e:  # no network and not cached, a gated model without HF_TOKEN, a wrong name
+        raise ModelError(f"model.name_or_path={name}: the revision {revision or 'main'} cannot be resolved to a "
+                         f"commit ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the name, set HF_TOKEN "
+                         "for a gated model, or, offline, download it first (huggingface-cli download) or pass a "
+                         "local directory") from None
+    return os.path.basename(os.path.dirname(path))
 
 
 def decoder_and_head(model):

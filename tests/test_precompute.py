@@ -130,3 +130,26 @@ def test_rerun_on_a_complete_store_changes_nothing_on_disk(tmp_path, tiny_store)
     assert summary["shards_computed"] == 0 and summary["examples"] == 12
     after = {p: (os.path.getmtime(p), open(p, "rb").read()) for p in before}
     assert after == before
+
+
+def test_a_hub_models_fingerprint_names_the_commit_its_revision_resolved_to(tmp_path, monkeypatch):
+    """A branch moves: a store made from last month's main must not pass for this month's. Offline, from a Hugging
+    Face cache laid out as the hub writes it (refs/main -> snapshots/<commit>)."""
+    from huggingface_hub import constants
+    from selfaug.config import ModelConfig
+    from selfaug.models import ModelError, model_fingerprint
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fp = lambda **kw: model_fingerprint(ModelConfig(name_or_path="org/tiny", **kw))["content_hash"]
+    (repo / "refs" / "main").write_text("a" * 40)
+    last_month = fp()
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert last_month == "hub:org/tiny@" + "a" * 40 and fp() == "hub:org/tiny@" + "b" * 40
+    assert fp(revision="c" * 40) == "hub:org/tiny@" + "c" * 40  # a commit is its own answer
+    with pytest.raises(ModelError, match="model.name_or_path=org/absent: the revision main cannot be resolved"):
+        model_fingerprint(ModelConfig(name_or_path="org/absent"))

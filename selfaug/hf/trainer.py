@@ -36,18 +36,21 @@ from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
 from ..train.objective import coefficients, micro_batch_loss
+from ..train.sources import StoredSignal
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
 
 # the options of the recipe's train section that the mixin takes as keywords, with their defaults there
 OPTIONS = ("alpha", "alpha_schedule", "alpha_start", "drift_budget", "drift_horizon", "alpha_min", "alpha_max",
            "kl_direction", "kl_tail", "loss_chunk_rows", "packing", "pack_tokens", "verify_store")
 ALPHA_STATE = "selfaug_alpha"  # the drift controller's state in TrainerState.stateful_callbacks (checkpointed)
-TEACHER_TOLERANCE = 0.01  # nats per KL position at step 0 (the same model: ~1e-8 with float16 values, ~1e-3 in bf16)
+# the transformers releases whose Trainer internals the mixin is checked against (tests/hf/test_hf.py pins the
+# signatures and call order of the methods it overrides); pyproject.toml's bound is the same
+TRANSFORMERS = (">=5.25", "<6")
 
 
 def check_store_for(teacher_store, model, tokenizer) -> None:
     """Refuse a store made with another vocabulary or tokenizer (the settings of `selfaug train`'s check),
-    naming each differing field. The weights are checked at the first step (`TEACHER_TOLERANCE`)."""
+    naming each differing field. The weights are checked at the first step (`StoredSignal.check_start`)."""
     settings = teacher_store.manifest["settings"]
     found = {"model": {"vocab_size": vocab_size(model)}}
     keys = ["model.vocab_size"]
@@ -60,6 +63,21 @@ def check_store_for(teacher_store, model, tokenizer) -> None:
                                + "; ".join(d.replace("recipe:", "given:") for d in diff)
                                + f". It was computed with {settings['model'].get('name_or_path')}: train that model "
                                  "(with its tokenizer), or precompute a store with this one")
+
+
+def check_transformers(version: str | None = None) -> None:
+    """One line when the installed transformers is outside the range the mixin is tested with: it overrides
+    private Trainer methods (`_remove_unused_columns`, `_get_collator_with_removed_columns`,
+    `_get_train_sampler`, `get_batch_samples`'s return) and sets `loss_is_scaled_for_ga`, so another release
+    could misalign the teacher rows or divide the loss twice by the accumulation steps."""
+    import transformers
+    from packaging.version import Version
+    found = Version(version or transformers.__version__)
+    low, high = (Version(b.lstrip("<>=")) for b in TRANSFORMERS)
+    if not (low <= found < high):
+        raise TrainError(f"selfaug.hf supports transformers {','.join(TRANSFORMERS)} (it overrides private Trainer "
+                         f"methods checked against those releases); found {found}: pip install "
+                         f"'transformers{','.join(TRANSFORMERS)}'")
 
 
 def refuse_fp16(args, model) -> None:
@@ -118,6 +136,7 @@ class SelfAugMixin:
         if data_collator is not None and not isinstance(data_collator, SelfAugCollator):
             raise DataError("data_collator must be a selfaug.hf.SelfAugCollator (it carries the teacher rows to the "
                             "loss); leave it out for the default, with packing=True to pack")
+        check_transformers()
         refuse_fp16(args, model)
         world = args.world_size  # sets up the process group (accelerate) before the store is opened by every rank
         teacher = store.TeacherStore(teacher_store, verify=tc.verify_store)
@@ -246,19 +265,10 @@ class SelfAugMixin:
     # ---- checks and logs -----------------------------------------------------------------------------
 
     def _selfaug_check_teacher(self, kl_sum, positions: int) -> None:
-        """At the first micro-batch of a fresh run the model is the store's teacher, so the KL is ~0 (float16
-        rounding of the stored values); any other model is refused before its first optimizer step."""
+        """The first micro-batch of a fresh run: the model must be the store's teacher (`check_start`)."""
         total, count = dist.all_reduce_sum([float(kl_sum), positions])
-        mean = total / max(count, 1)
         self._selfaug["check"] = False
-        if not math.isfinite(mean) or mean > TEACHER_TOLERANCE:
-            settings = self._selfaug["store"].manifest["settings"]["model"]
-            raise store.StoreError(
-                f"the model given is not the teacher of store {self._selfaug['store'].dir}: before any training its "
-                f"KL to the stored teacher is {mean:.4g} nats per position (at most {TEACHER_TOLERANCE} for the same "
-                f"model). The store was computed with {settings.get('name_or_path')} (content hash "
-                f"{str(settings.get('content_hash'))[:16]}): train that model, precompute a store for this one, or "
-                "pass check_teacher=False if it starts elsewhere on purpose")
+        StoredSignal(self._selfaug["store"]).check_start(total, count, "check_teacher=False")
 
     def _selfaug_check_step(self, step: int) -> None:
         s = self._selfaug

@@ -103,6 +103,7 @@ class Run:
     stop: Any = None  # preemption.StopFlag: set by train.exit_signals
     alpha: Schedule | DriftBudget | None = None  # alpha at each step (alpha.alpha_control); checkpointed
     wandb: Any = None  # the W&B run (train.report_to=wandb), rank 0
+    check_start: bool = False  # a fresh run with a stored teacher: its first micro-batch's KL must be ~0
 
 
 def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
@@ -160,8 +161,8 @@ def setup(cfg: Config, objective_cls=None) -> Run:
 
 def _setup(cfg: Config, objective_cls, stop) -> Run:
     import deepspeed
-    rank, world = dist.init()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.init(cfg.train.ddp_timeout)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=dist.timeout(cfg))
     device = dist.device()
     tc = cfg.train
     if device.type == "cuda" and tc.tf32:  # fp32 matmuls on TF32 tensor cores (about 8x an fp32 matmul on H100)
@@ -253,6 +254,10 @@ def train_step(run: Run, step: int, co: Coefficients, plan=None) -> StepTotals:
         batch = to_device(run.source.batch(rows, run.tok.pad_token_id, run.layout), device)
         engine.set_gradient_accumulation_boundary(m == len(mine) - 1)  # the micro-batch count varies by step
         loss, nll, kl = engine(batch, weight * co.c_nll, weight * co.c_kl)
+        if run.check_start:  # before any update: the model is the store's teacher (one all-reduce, at step 0)
+            run.check_start = False
+            run.source.check_start(*dist.all_reduce_sum([weight * float(kl), weight * batch["rows_b"].numel()]),
+                                   "train.check_teacher=false")
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         counts = torch.tensor([weight * batch["tokens"], batch["padded_tokens"]], dtype=torch.float64, device=device)
@@ -291,6 +296,7 @@ def _train(run: Run) -> str:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
     start = checkpoint.resume(run, run.identity)
+    run.check_start = start == 0 and tc.check_teacher and isinstance(run.source, StoredSignal)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
         _truncate_metrics(metrics_path, start)
@@ -386,6 +392,7 @@ def save_final(run: Run) -> str:
     else:
         state = model.state_dict()
     if run.rank == 0:
+        dist.alone(f"writes {final} (the model in Hugging Face form)", cfg.train.ddp_timeout)
         shutil.rmtree(final, ignore_errors=True)
         if lora and zero_stage(engine) == 3:
             _save_adapter(model, state, final)
@@ -394,6 +401,7 @@ def save_final(run: Run) -> str:
         run.tok.save_pretrained(final)
         cfg.save(os.path.join(final, "selfaug_config.yaml"))
         if lora and cfg.train.merge_adapter:
+            dist.alone("merges the adapter into the model (final/merged)", cfg.train.ddp_timeout)
             merge_adapter(cfg, final)
     dist.barrier()
     return final

@@ -10,6 +10,7 @@ branches on a flag).
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -84,12 +85,30 @@ class PlainData:
         return None
 
 
+TEACHER_TOLERANCE = 0.01  # nats per KL position at step 0 (the same model: ~1e-8 with float16 values, ~1e-3 in bf16)
+
+
 class StoredSignal:
     """The teacher store: each micro-batch carries its rows' stored signal, made into the loss's teacher
     object by the store's signal (`store.signals`: top-k, sampled, ...)."""
 
     def __init__(self, teacher_store: store.TeacherStore):
         self.examples = teacher_store
+
+    def check_start(self, kl_sum: float, positions: int, option: str) -> None:
+        """At the first micro-batch of a fresh run the model is the store's teacher, so its KL over all ranks is
+        ~0 (the stored values' rounding); any other model is refused before its first optimizer step. `option`:
+        how the caller turns the check off (a recipe key or a keyword)."""
+        mean = kl_sum / max(positions, 1)
+        if math.isfinite(mean) and mean <= TEACHER_TOLERANCE:
+            return
+        model = self.examples.manifest["settings"]["model"]
+        raise store.StoreError(
+            f"the model being trained is not the teacher of store {self.examples.dir}: before any training its KL "
+            f"to the stored teacher is {mean:.4g} nats per position (at most {TEACHER_TOLERANCE} for the same model). "
+            f"The store was computed with {model.get('name_or_path')} (content hash "
+            f"{str(model.get('content_hash'))[:16]}): train that model, precompute a store for this one, or set "
+            f"{option} if it starts elsewhere on purpose")
 
     def batch(self, rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
         batch = collate(rows, pad_id, layout)

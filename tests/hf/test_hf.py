@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from peft import get_peft_model
 from safetensors.torch import load_file
 
 from conftest import ROOT, clean_env, tiny_config, write_recipe
@@ -288,3 +289,50 @@ def test_bf16_autocast_stays_finite_and_near_fp32_and_fp16_is_one_line(tmp_path,
     with pytest.raises(train.TrainError, match="the model's weights are float16: SelfAug's loss computes"):
         SelfAugTrainer(model=model, args=args, teacher_store=stores["topk"], processing_class=load_tokenizer(
             "builtin:tiny-llama"))
+
+
+def test_the_trainer_internals_the_mixin_relies_on_are_the_tested_ones(tmp_path, stores):
+    """The private Trainer methods the mixin overrides keep their signatures, and one optimizer step calls
+    get_batch_samples once (with the accumulation's micro-batches) before the compute_loss of each, then the
+    step's end: a transformers release that changes either fails here, loudly. The range is pyproject's, and a
+    transformers outside it is one line."""
+    import inspect
+    from transformers import Trainer, TrainingArguments
+    from selfaug.hf import SelfAugTrainer
+    from selfaug.hf.trainer import TRANSFORMERS, check_transformers
+    from selfaug.models import load_model, load_tokenizer
+    signatures = {"_remove_unused_columns": ["self", "dataset", "description"],
+                  "_get_collator_with_removed_columns": ["self", "data_collator", "description"],
+                  "_get_train_sampler": ["self", "train_dataset"],
+                  "get_batch_samples": ["self", "epoch_iterator", "num_batches", "device"],
+                  "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+                  "log": ["self", "logs", "start_time"], "save_model": ["self", "output_dir", "_internal_call"]}
+    for name, params in signatures.items():
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == params, name
+    calls = []
+
+    class Recording(SelfAugTrainer):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, n = super().get_batch_samples(epoch_iterator, num_batches, device)
+            calls.append(("batches", len(batches)))
+            return batches, n
+
+        def compute_loss(self, *a, **k):
+            calls.append(("loss", self.state.global_step))
+            return super().compute_loss(*a, **k)
+
+        def _get_train_sampler(self, *a, **k):
+            calls.append(("sampler",))
+            return super()._get_train_sampler(*a, **k)
+
+    model = get_peft_model(load_model("builtin:tiny-llama"), lora_config(tiny_config(str(tmp_path)).train))
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, report_to=[], use_cpu=True, save_strategy="no")
+    Recording(model=model, args=args, teacher_store=stores["topk"], processing_class=load_tokenizer(
+        "builtin:tiny-llama")).train()
+    assert calls == [("sampler",), ("batches", 2), ("loss", 0), ("loss", 0), ("batches", 2), ("loss", 1), ("loss", 1)]
+    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+    assert f'"transformers{",".join(TRANSFORMERS)}"' in pyproject
+    check_transformers()
+    with pytest.raises(train.TrainError, match=r"selfaug.hf supports transformers >=5.25,<6 .* found 4.56.0: pip"):
+        check_transformers("4.56.0")

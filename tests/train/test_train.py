@@ -13,6 +13,7 @@ from conftest import ROOT, launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute
 from selfaug import store as ts
 from selfaug import train
+from selfaug.config import build_config
 from selfaug.loss import shifted_labels
 from selfaug.models import load_model, load_tokenizer
 from selfaug.train.batches import StepSampler, collate, to_device
@@ -200,3 +201,25 @@ def test_float16_is_refused_in_one_line_before_the_model_loads(tmp_path, tiny_st
     with pytest.raises(train.TrainError, match="fp16.json enables fp16: selfaug computes the head's gradients"):
         train.train(_cfg(tmp_path, tiny_store, train={"deepspeed": str(path)}))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_model_that_is_not_the_stores_teacher_is_refused_at_its_first_micro_batch(tmp_path):
+    """Weights the fingerprint cannot see (a local directory's fingerprint reads each file's first MiB; the final
+    norm is stored at the end): the store is accepted, and the first micro-batch's KL stops the run before any
+    update, with the option that starts elsewhere on purpose."""
+    from safetensors.torch import load_file as load, save_file
+    from selfaug.models import load_model, load_tokenizer
+    model_dir = tmp_path / "model"
+    load_model("builtin:tiny-llama").save_pretrained(model_dir)
+    load_tokenizer("builtin:tiny-llama").save_pretrained(model_dir)
+    cfg = tiny_config(str(tmp_path), model={"name_or_path": str(model_dir)}, train={"max_steps": 1})
+    precompute.run(cfg)
+    weights = load(model_dir / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 100  # a tiny random model is near uniform
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ts.StoreError, match=r"not the teacher of store .* KL to the stored teacher is .* set "
+                                            r"train.check_teacher=false if it starts elsewhere on purpose"):
+        train.train(cfg)
+    assert not os.path.exists(os.path.join(cfg.train.output_dir, "metrics.jsonl"))
+    out = train.train(build_config(cfg.to_dict(), ["train.check_teacher=false"]))
+    assert read_metrics(out)[0]["kl"] > 0.01
