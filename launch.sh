@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
-# selfaug launcher.
-#   ./launch.sh demo                          set up, then the end-to-end demo on SmolLM2-135M (CPU ok)
-#   ./launch.sh test                          set up, then the test suite
-#   ./launch.sh {precompute|train|eval|all} RECIPE [section.key=value ...]
-#   ./launch.sh sweep [RECIPE]                alpha in SWEEP_ALPHAS, drift budgets in SWEEP_BUDGETS and KL positions in
-#                                             SWEEP_POSITIONS, one eval (tradeoff.png: drift against RAG accuracy)
+# selfaug launcher: the distributed stages through the `deepspeed` launcher (every GPU, or CPU processes), with
+# the stop signals of a cluster turned into a checkpoint and exit status 75.
+#   ./launch.sh demo [RECIPE]                 set up, then the end-to-end demo on SmolLM2-135M (CPU ok): runs/demo/
+#   ./launch.sh test [pytest args]            set up, then the test suite
+#   ./launch.sh all RECIPE [section.key=value ...]          precompute, train, eval
+#   ./launch.sh {precompute|train|eval} RECIPE [overrides]  one stage
 #   ./launch.sh study RECIPE [overrides]      every arm (LoRA, SelfAug, study.arms) under study.seeds seeds: study.json/md/png
+#   ./launch.sh sweep [RECIPE]                alpha in SWEEP_ALPHAS, drift budgets in SWEEP_BUDGETS, KL positions in
+#                                             SWEEP_POSITIONS, one eval (tradeoff.png: drift against RAG accuracy)
+#   ./launch.sh ablate [RECIPE]               LoRA, then SelfAug per teacher variant in ABLATE_VARIANTS (signal-fraction)
 #   ./launch.sh bench [RECIPE] [--only ...]   performance benchmarks (runs/bench.json)
-#   ./launch.sh gpu-check [RECIPE]            one GPU, ~5 min: stage 1, SelfAug step and memory, packing at the
-#                                             7B shape with 4 layers, random weights (runs/gpu_check.json)
+#   ./launch.sh gpu-check [RECIPE]            one GPU: every GPU check, figures in $OUT or runs/gpu_check/
 #   ./launch.sh setup                         only create .venv and install
+#   ./launch.sh help                          this list
 # Distributed stages go through the `deepspeed` launcher: NUM_GPUS (default: all visible GPUs) and
 # HOSTFILE (multi-node) choose the workers; without GPUs it runs NUM_PROCS (default 1) CPU processes
 # (DS_ACCELERATOR=cpu, OMP_NUM_THREADS = cores / processes). MASTER_PORT defaults to a free port.
-# Setup: SELFAUG_TORCH is the pip requirement for torch (default torch==2.13.0, a CPU build here);
-# GPU users install their CUDA torch into .venv first, or set SELFAUG_TORCH (see README).
+# Python: SELFAUG_PYTHON=/path/to/python uses that interpreter (a conda env, a container's) with selfaug
+# installed in it (pip install "selfaug[eval]"), and sets nothing up; otherwise .venv in this directory is
+# created and installed on first use. SELFAUG_TORCH is the pip requirement for torch there (default
+# torch==2.13.0, a CPU build here); GPU users install their CUDA torch into .venv first (docs/install.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
-PY="$ROOT/.venv/bin/python"
+PY=${SELFAUG_PYTHON:-$ROOT/.venv/bin/python}
+BIN=$(dirname "$PY")  # the deepspeed launcher beside the interpreter
+[ -x "$BIN/deepspeed" ] || BIN=$(dirname "$(command -v deepspeed 2>/dev/null || echo "$PY")")
 
 setup() {
+  if [ -n "${SELFAUG_PYTHON:-}" ]; then  # the user's own environment: nothing to install, only to check
+    "$PY" -c "import selfaug" 2>/dev/null || { echo "launch.sh: SELFAUG_PYTHON=$PY cannot import selfaug: pip install \"selfaug[eval]\" into it (or pip install -e \".[dev]\" from this checkout)" >&2; exit 2; }
+    return 0
+  fi
   local stamp=.venv/.selfaug-setup
   if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then return 0; fi
   echo "+ setting up .venv (torch: ${SELFAUG_TORCH:-torch==2.13.0})" >&2
   [ -x "$PY" ] || python3 -m venv .venv
+  BIN=$ROOT/.venv/bin
   "$PY" -m pip install -q --upgrade pip
   # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q ${SELFAUG_TORCH:-torch==2.13.0}
@@ -61,10 +73,10 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   fi
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
   args+=(--num_gpus "$n" --module selfaug "$stage" --config "$@")
-  echo "+ $ROOT/.venv/bin/deepspeed ${args[*]}" >&2
+  echo "+ $BIN/deepspeed ${args[*]}" >&2
   # train stops cleanly on SIGUSR1 (train.exit_signals); precompute ends on SIGTERM and resumes by shard
   if [ "$stage" = train ]; then STOP_SIGNAL=USR1; else STOP_SIGNAL=TERM; fi
-  forwarding "$ROOT/.venv/bin/deepspeed" "${args[@]}"
+  forwarding "$BIN/deepspeed" "${args[@]}"
 }
 
 # Preemption: SLURM / Kubernetes send SIGTERM (or SIGUSR1 with --signal) before they kill, to this
@@ -118,8 +130,9 @@ single() {  # single STAGE RECIPE [overrides]: eval generates on one device
   "$PY" -m selfaug "$stage" --config "$@"
 }
 
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 cmd=${1:-}
-[ -n "$cmd" ] || { sed -n '2,17p' "$0"; exit 2; }
+[ -n "$cmd" ] || { usage; exit 2; }
 shift
 case "$cmd" in
   setup) setup ;;
@@ -196,6 +209,7 @@ case "$cmd" in
     setup
     recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
     "$PY" -m selfaug bench --config "$recipe" --only gpu --out "${GPU_CHECK_OUT:-runs/gpu_check.json}" "$@" ;;
-  *) echo "unknown command $cmd; expected setup|test|precompute|train|eval|all|demo|sweep|ablate|bench|gpu-check" >&2
+  help|-h|--help) usage ;;
+  *) echo "launch.sh: unknown command $cmd" >&2; usage >&2
      exit 2 ;;
 esac
