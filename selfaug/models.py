@@ -163,9 +163,12 @@ def zero3_context(ds_config: dict | None):
 
 
 def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str | None = None,
-               attn_implementation: str = "sdpa", ds_config: dict | None = None):
+               attn_implementation: str = "sdpa", ds_config: dict | None = None, device=None,
+               device_map: str | dict | None = None):
     """A causal LM from a ModelConfig (or a name): pretrained weights, a built-in, or seeded random
-    weights (`model.init: random`). Under a ZeRO-3 `ds_config` it is created already partitioned."""
+    weights (`model.init: random`). Under a ZeRO-3 `ds_config` it is created already partitioned; otherwise
+    straight onto `device` (no whole copy in host memory first), or spread by `device_map` ("auto": every
+    visible GPU, through accelerate)."""
     from transformers import AutoModelForCausalLM
     from .config import ModelConfig
     mc = name_or_path if isinstance(name_or_path, ModelConfig) else \
@@ -175,7 +178,7 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str |
         config._attn_implementation = mc.attn_implementation
         cpu_rng = torch.random.get_rng_state()
         try:
-            model = _create(config, dtype, ds_config)
+            model = _create(config, dtype, ds_config, device)
         finally:
             torch.random.set_rng_state(cpu_rng)  # building a model never moves the caller's RNG
         seeded_init(model, TINY_SEED if mc.name_or_path == TINY_LLAMA else mc.seed,
@@ -186,6 +189,8 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, revision: str |
         kwargs = dict(dtype=dtype, attn_implementation=mc.attn_implementation, **kw)
         if not mc.name_or_path.startswith("builtin:") and mc.revision:
             kwargs["revision"] = mc.revision
+        if not _zero3(ds_config) and (device_map is not None or device is not None):
+            kwargs["device_map"] = device_map or {"": torch.device(device)}  # loaded onto the device, shard by shard
         return AutoModelForCausalLM.from_pretrained(src, **kwargs)
 
 
@@ -230,7 +235,23 @@ def seeded_init(model, seed: int, std: float) -> None:
             _fill_normal(local, 0, local.numel(), seed, name, std)
 
 
-def _create(config, dtype: torch.dtype, ds_config: dict | None):
+def _zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def config_of(mc):
+    """The transformers config of a ModelConfig without loading weights (its vocabulary, its shape)."""
+    from transformers import AutoConfig
+    if mc.name_or_path == TINY_LLAMA:
+        return tiny_llama_config()
+    if mc.init == "random":
+        return random_init_config(mc.name_or_path)
+    src, kw = resolve_source(mc.name_or_path)
+    revision = None if mc.name_or_path.startswith("builtin:") else mc.revision
+    return AutoConfig.from_pretrained(src, revision=revision, **kw)
+
+
+def _create(config, dtype: torch.dtype, ds_config: dict | None, device=None):
     """A model of `config` with its weights left to seeded_init: under a ZeRO-3 config, created inside
     deepspeed.zero.Init, partitioned module by module as it is built (transformers' own ZeRO-3 init,
     which gathers every module to initialize it, is not used: seeded_init needs no gather)."""
@@ -239,11 +260,13 @@ def _create(config, dtype: torch.dtype, ds_config: dict | None):
     from transformers import initialization as hf_init
     ctx = contextlib.ExitStack()
     ctx.enter_context(hf_init.no_init_weights())  # seeded_init writes every parameter
-    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if _zero3(ds_config):
         import deepspeed
         from transformers.integrations.deepspeed import prevent_arange_dtype_change
         ctx.enter_context(prevent_arange_dtype_change())  # RoPE buffers keep their dtype
         ctx.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
+    elif device is not None:
+        ctx.enter_context(torch.device(device))  # created on the device: no whole copy in host memory
     with ctx:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # no_init_weights also skips init_weights, which ties a tied head to the embeddings
@@ -392,5 +415,5 @@ def load_all(cfg, device, *, model: bool = True, ds_config: dict | None = None, 
     if check is not None:
         check(examples)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    net = load_model(cfg.model, dtype, ds_config=ds_config) if model else None
+    net = load_model(cfg.model, dtype, ds_config=ds_config, device=device) if model else None
     return Loaded(tok, examples, net, dtype)

@@ -41,7 +41,7 @@ def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal
         partitioned: the head is ZeRO-3 partitioned: gather it once for this batch (a collective).
     Returns {name: (N, ...) tensor} on the CPU. The lm_head runs only on the N rows, `chunk_rows` at a
     time, so no (N, V) fp32 tensor is ever whole."""
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     h = hidden[rows_b, rows_t]  # (N, H)
     parts = []
     params = [p for p in (head.weight, head.bias) if p is not None]

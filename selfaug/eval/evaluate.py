@@ -1,7 +1,11 @@
 """Stage 3 (docs/design.md, "Stage 3"): the base model against fine-tuned runs: RAG task accuracy (plain, and
 strict: an answer that also names another document's answer is wrong), IFEval instruction following,
-and distribution drift (mean per-token KL(base || fine-tuned) on held-out general prompts).
-Writes report.json and PNG plots, and prints a table.
+and distribution drift (mean per-token KL(base || fine-tuned) on held-out general prompts, `drift.py`).
+
+One model is in memory at a time: the base is evaluated first and leaves its signal on the drift texts in a
+teacher store; each run is then loaded, evaluated, compared against that store, and freed. Each model's scores
+are kept under `<eval.output_dir>/models/` as soon as it is done, so an interrupted evaluation resumes with the
+models not yet scored. Writes report.json and PNG plots, and prints a table.
 """
 from __future__ import annotations
 
@@ -17,11 +21,11 @@ from tqdm import tqdm
 
 from .. import dist
 from . import ifeval
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, config_digest, load_config
 from ..data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
 from ..data.formats import to_messages
-from ..loss import LiveTeacher, kl_sum
-from ..models import decoder_and_head, load_model, load_tokenizer_for, resolve_dtype
+from ..models import load_model, load_tokenizer_for, model_fingerprint, resolve_dtype
+from . import drift as drifts
 
 
 def normalize(text: str) -> str:
@@ -78,27 +82,6 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_si
     return out
 
 
-@torch.no_grad()
-def drift(base, model, sequences: list[list[int]], chunk_rows: int = 512) -> tuple[float, list]:
-    """Mean per-token KL(base || model) over every position of the sequences (full vocabulary), and each
-    sequence's [KL sum, positions]."""
-    total, count, per = 0.0, 0, []
-    b_body, b_head = decoder_and_head(base)
-    m_body, m_head = decoder_and_head(model)
-    device = next(model.parameters()).device
-    for seq in sequences:
-        ids = torch.tensor([seq], device=device)
-        hb = b_body(input_ids=ids).last_hidden_state  # (1, T, H)
-        hm = m_body(input_ids=ids).last_hidden_state
-        rows_t = torch.arange(len(seq), device=device)  # every position, on the model's device
-        rows_b = torch.zeros_like(rows_t)
-        teacher = LiveTeacher(hb[rows_b, rows_t], b_head.weight, b_head.bias)
-        s, n = kl_sum(hm, m_head.weight, m_head.bias, rows_b, rows_t, teacher, chunk_rows=chunk_rows)
-        total, count = total + s.item(), count + n
-        per.append([s.item(), n])
-    return total / max(count, 1), per
-
-
 def load_run_model(cfg: Config, run_dir: str, dtype, device):
     """(model, alpha) of one entry of eval.runs: a `selfaug train` run (its final/), or any Hugging Face
     model directory or peft adapter directory (`SelfAugTrainer.save_model`, another trainer's output). An
@@ -117,12 +100,13 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
     else:
         raise ConfigError(f"eval.runs: {run_dir} is neither a selfaug run with a final/ model nor a Hugging Face model or "
                                 "peft adapter directory (config.json or adapter_config.json)")
+    device_map = cfg.eval.device_map
     if os.path.exists(os.path.join(where, "adapter_config.json")):
         from peft import PeftModel
-        base = load_model(base_cfg, dtype)
-        return PeftModel.from_pretrained(base, where).merge_and_unload().to(device).eval(), alpha
+        base = load_model(base_cfg, dtype, device_map=device_map, device=device)
+        return PeftModel.from_pretrained(base, where).merge_and_unload().eval(), alpha
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval(), alpha
+    return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map or {"": device}).eval(), alpha
 
 
 def _drift_budget(run_dir: str) -> float | None:
@@ -186,6 +170,46 @@ def evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts) -> dict:
     return res, responses
 
 
+class Kept:
+    """Each model's scores under `<eval.output_dir>/models/<name>.json`, written as soon as the model is done and
+    read back when its key (the evaluation's settings, the model's weights) is the same: an interrupted
+    evaluation resumes with the models it has not scored."""
+
+    def __init__(self, out_dir: str, settings: str):
+        self.dir, self.settings = os.path.join(out_dir, "models"), settings
+
+    def get(self, name: str, weights: str) -> dict | None:
+        path = os.path.join(self.dir, f"{name}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            kept = json.load(f)
+        return kept["scores"] if kept.get("key") == [self.settings, weights] else None
+
+    def put(self, name: str, weights: str, scores: dict) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"{name}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"key": [self.settings, weights], "scores": scores}, f)
+        os.replace(path + ".tmp", path)
+
+
+def _weights(run_dir: str) -> str:
+    """What identifies a run's weights: the content fingerprint of the directory its model loads from."""
+    from ..config import ModelConfig
+    final = os.path.join(run_dir, "final")
+    where = final if os.path.isdir(final) else run_dir
+    return model_fingerprint(ModelConfig(name_or_path=where))["content_hash"]
+
+
+def _release() -> None:
+    """Memory of the model the caller has just dropped, back before the next one loads."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run(cfg: Config) -> dict:
     dist.ensure_env()
     device = dist.device()
@@ -196,24 +220,49 @@ def run(cfg: Config) -> dict:
     rag = _rag_set(cfg, tok)
     if_rows = ifeval.load_prompts(ec.ifeval_path, ec.max_ifeval_prompts)
     if_prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in if_rows]
-    base = load_model(cfg.model, dtype).to(device).eval()
+    settings = config_digest({"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("output_dir", "runs")},
+                              "data": cfg.to_dict()["data"], "dtype": str(dtype), "device": device.type})
+    kept = Kept(ec.output_dir, settings)
+    base_weights = model_fingerprint(cfg.model)["content_hash"]
+    load_base = lambda: load_model(cfg.model, dtype, device_map=ec.device_map, device=device).eval()
     report = {"models": {}, "config": cfg.to_dict(), "runs": {}}
-    report["models"]["base"], base_responses = evaluate_model("base", base, tok, ec, rag, if_rows, if_prompts)
-    # drift prompts: IFEval prompts followed by the base model's own responses
+    # the base first, alone in memory: its scores, its responses to the drift prompts, its signal on them (a store)
+    base_scores, base = kept.get("base", base_weights), None
+    if base_scores is None:
+        base = load_base()
+        base_scores, responses = evaluate_model("base", base, tok, ec, rag, if_rows, if_prompts)
+        base_scores["drift_responses"] = responses[:ec.max_drift_prompts]
     n = min(ec.max_drift_prompts, len(if_rows))
-    drift_seqs = [p + tok(r, add_special_tokens=False)["input_ids"] for p, r in zip(if_prompts[:n], base_responses[:n])]
-    report["models"]["base"]["drift_kl"], report["models"]["base"]["items"]["drift_kl"] = drift(base, base, drift_seqs)
-    for run_dir in [r.strip() for r in ec.runs.split(",") if r.strip()]:
-        name = os.path.basename(os.path.normpath(run_dir))
-        model, alpha = load_run_model(cfg, run_dir, dtype, device)
-        res, _ = evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts)
-        res["drift_kl"], res["items"]["drift_kl"] = drift(base, model, drift_seqs)
-        res["run_dir"] = run_dir
-        res["alpha"] = alpha
-        res["drift_budget"] = _drift_budget(run_dir)
+    texts = [drifts.DriftText(i, p + tok(r, add_special_tokens=False)["input_ids"], len(p))
+             for i, (p, r) in enumerate(zip(if_prompts[:n], base_scores["drift_responses"][:n]))]
+    drift_store = drifts.cached_store(cfg, tok, texts, dtype)
+    if drift_store is None:
+        base = base if base is not None else load_base()
+        drift_store = drifts.base_store(cfg, base, tok, texts, dtype, device)
+    if "drift_kl" not in base_scores:
+        base_scores["drift_kl"], base_scores["items"]["drift_kl"] = drifts.drift(base, drift_store)
+        kept.put("base", base_weights, base_scores)
+    base = None  # gone before any run loads
+    _release()
+    report["models"]["base"] = {k: v for k, v in base_scores.items() if k != "drift_responses"}
+    for run_dir in [r.strip() for r in ec.runs.split(",") if r.strip()]:  # then each run, one at a time
+        name, weights = os.path.basename(os.path.normpath(run_dir)), _weights(run_dir)
+        res = kept.get(name, weights)
+        if res is None:
+            model, alpha = load_run_model(cfg, run_dir, dtype, device)
+            res, _ = evaluate_model(name, model, tok, ec, rag, if_rows, if_prompts)
+            res["drift_kl"], res["items"]["drift_kl"] = drifts.drift(model, drift_store)
+            res.update(run_dir=run_dir, alpha=alpha, drift_budget=_drift_budget(run_dir))
+            model = None
+            _release()
+            kept.put(name, weights, res)
+        else:
+            print(f"eval: {name}: scored already ({os.path.join(kept.dir, name + '.json')})", flush=True)
         report["models"][name] = res
         report["runs"][name] = run_dir
-        del model
+    report["sizes"] = {"ifeval_prompts": len(if_rows), "rag_questions": len(rag.prompts), "drift_texts": len(texts),
+                       "drift_positions": int(drift_store.lengths().kl.sum()),
+                       "drift_k": drift_store.manifest["settings"]["k"]}
     os.makedirs(ec.output_dir, exist_ok=True)
     with open(os.path.join(ec.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_config
 from selfaug import train
+from selfaug.config import build_config
 from selfaug.eval import evaluate, ifeval
 from selfaug.models import load_model
 
@@ -92,15 +93,85 @@ def test_strict_accuracy_on_fixed_strings_and_the_rule_for_data_without_distract
     assert evaluate.rivals(records) == [["1871", "Antwerp"], [], ["Rotterdam"], ["Antwerp"]]
 
 
-def test_drift_of_a_model_against_itself_is_zero_and_positive_otherwise():
-    model = load_model("builtin:tiny-llama")
-    seqs = [[1, 5, 9, 200, 7], [3, 4, 5]]
-    assert abs(evaluate.drift(model, model, seqs)[0]) < 1e-7
+def _live_drift(base, model, texts):
+    """The reference: both models live, full vocabulary, every position (what eval computed before the store)."""
+    from selfaug.loss import LiveTeacher, kl_sum
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([t.input_ids])
+            hb, hm = base.model(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state
+            rows = torch.arange(len(t.input_ids))
+            s, n = kl_sum(hm, model.lm_head.weight, None, rows * 0, rows, LiveTeacher(hb[0], base.lm_head.weight))
+            total, count = total + s.item(), count + n
+    return total / count
+
+
+@pytest.mark.parametrize("k", [49152, 1024, 16])
+def test_drift_from_the_base_store_equals_the_live_drift_at_full_k_and_never_exceeds_it(tmp_path, k):
+    """The base's signal stored with stage 1's code (every position, top-k): at k = |V| the drift is the live
+    full-vocabulary one; below, the bucket KL, never above it."""
+    from selfaug.eval import drift
+    from selfaug.models import load_tokenizer
+    base, tok = load_model("builtin:tiny-llama"), load_tokenizer("builtin:tiny-llama")
     other = load_model("builtin:tiny-llama")
     with torch.no_grad():
         other.model.layers[0].mlp.down_proj.weight.add_(0.5)
-    mean, per = evaluate.drift(model, other, seqs)
-    assert mean > 1e-4 and len(per) == len(seqs) and sum(s for s, _ in per) / sum(n for _, n in per) == pytest.approx(mean)
+    texts = [drift.DriftText(0, [1, 5, 9, 200, 7, 30], 2), drift.DriftText(1, [3, 4, 5, 6], 1)]
+    cfg = tiny_config(str(tmp_path), eval={"drift_k": k})
+    teacher_store = drift.base_store(cfg, base, tok, texts, torch.float32, torch.device("cpu"))
+    assert teacher_store.lengths().kl.tolist() == [6, 4]  # every position
+    assert abs(drift.drift(base, teacher_store)[0]) < 1e-6
+    live = _live_drift(base, other, texts)
+    mean, per = drift.drift(other, teacher_store)
+    assert len(per) == 2 and sum(s for s, _ in per) / sum(n for _, n in per) == pytest.approx(mean)
+    if k == 49152:
+        assert mean == pytest.approx(live, rel=1e-4)
+    else:
+        assert 0 < mean <= live * (1 + 1e-5)
+
+
+def test_eval_holds_one_model_at_a_time_and_resumes_with_the_models_not_yet_scored(tmp_path, tiny_store, monkeypatch):
+    """Every model loaded is gone before the next one loads (weak references), and an evaluation stopped at its
+    second run keeps the base's and the first run's scores: the rerun evaluates only the second."""
+    import gc
+    import weakref
+    cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
+                      train={"max_steps": 1},
+                      eval={"max_ifeval_prompts": 2, "max_rag_examples": 2, "max_drift_prompts": 2, "max_new_tokens": 4,
+                            "rag_max_new_tokens": 4})
+    runs = []
+    for name, seed in (("one", 1), ("two", 2)):
+        runs.append(train.train(build_config(cfg.to_dict(), [f"train.output_dir={tmp_path / name}",
+                                                             f"train.seed={seed}"])))
+    cfg = build_config(cfg.to_dict(), [f"eval.runs={','.join(runs)}"])
+    alive, scored = [], []
+    real_model, real_run, real_score = evaluate.load_model, evaluate.load_run_model, evaluate.evaluate_model
+
+    def track(model):
+        gc.collect()
+        if any(r() is model for r in alive):  # an adapter's base, merged: the same model
+            return model
+        assert all(r() is None for r in alive), "a model was loaded while another was in memory"
+        alive.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: track(real_model(*a, **k)))
+    monkeypatch.setattr(evaluate, "load_run_model", lambda *a, **k: (lambda m, a_: (track(m), a_))(*real_run(*a, **k)))
+
+    def score(name, *a):
+        if name == "two" and not scored.count("stop"):
+            scored.append("stop")
+            raise KeyboardInterrupt  # the evaluation is stopped during its last model
+        scored.append(name)
+        return real_score(name, *a)
+    monkeypatch.setattr(evaluate, "evaluate_model", score)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(cfg)
+    assert scored == ["base", "one", "stop"] and len(alive) == 3
+    report = evaluate.run(cfg)
+    assert scored == ["base", "one", "stop", "two"] and len(alive) == 4  # only the second run was loaded again
+    assert set(report["models"]) == {"base", "one", "two"} and report["sizes"]["drift_texts"] == 2
+    assert report["models"]["one"]["drift_kl"] > 0
 
 
 def test_eval_writes_report_and_plots(tmp_path, tiny_store):
