@@ -144,6 +144,8 @@ class TrainConfig:
               "(padded rows, or packed rows with packing), balanced over the ranks; the same step, the same gradient "
               "(null: micro_batch_size examples per micro-batch)", ge=2)
     loss_chunk_rows: int = opt(1024, "positions per lm_head/loss chunk: bounds the (rows x vocabulary) buffer", ge=1)
+    prefetch: int = opt(2, "micro-batches read from the store, collated and pinned ahead of the step on a background "
+                           "thread (0: made on the training thread when the step needs them)", ge=0)
     tf32: bool = opt(True, "on a CUDA GPU, fp32 matmuls (an fp32 model, fp32 parts of a bf16 one) run on TF32 tensor "
                            "cores (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision('high'))")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, about 1.3x time)")

@@ -153,3 +153,18 @@ def test_a_hub_models_fingerprint_names_the_commit_its_revision_resolved_to(tmp_
     assert fp(revision="c" * 40) == "hub:org/tiny@" + "c" * 40  # a commit is its own answer
     with pytest.raises(ModelError, match="model.name_or_path=org/absent: the revision main cannot be resolved"):
         model_fingerprint(ModelConfig(name_or_path="org/absent"))
+
+
+def test_stage_1_builds_no_kv_cache(tmp_path, monkeypatch):
+    """Counted: transformers 5 allocates a KV cache on every forward unless told not to (~8.6 GB for a 64K-token
+    batch of an 8B model); stage 1's forward never generates, so it builds none."""
+    from transformers import cache_utils
+    built = []
+    real = cache_utils.DynamicCache.__init__
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", lambda self, *a, **k: built.append(1) or real(self, *a, **k))
+    from selfaug import precompute
+    precompute.run(tiny_config(str(tmp_path)))
+    assert built == []
+    from selfaug.models import load_model
+    load_model("builtin:tiny-llama")(input_ids=torch.tensor([[1, 2, 3]]))  # the instrument sees a default forward
+    assert built == [1]

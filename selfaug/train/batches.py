@@ -201,9 +201,11 @@ class StepSampler:
         self.tokens, self.batch_tokens, self.layout = tokens, batch_tokens, layout
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if getattr(self, "_epoch", None) != epoch:  # drawn once per epoch, not once per micro-batch
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perm
+        cached = getattr(self, "_cache", None)  # one (epoch, permutation) pair, replaced whole: the prefetch
+        if cached is None or cached[0] != epoch:  # thread and the loop may ask for different epochs at once
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+            self._cache = cached
+        return cached[1]
 
     def global_batch(self, step: int) -> np.ndarray:
         g = self.micro * self.accum * self.world

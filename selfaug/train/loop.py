@@ -34,6 +34,7 @@ from ..errors import SelfAugError
 from ..models import attention_width, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
 from . import checkpoint, preemption
 from .batches import Layout, StepSampler, layout_for, step_counts, to_device
+from .prefetch import Prefetcher
 from .alpha import DriftBudget, Schedule, alpha_control
 from .objective import Coefficients, Objective, coefficients, lora_config, lr_factor
 from .sources import DataExamples, LiveModel, PlainData, StoredSignal, TeacherSource
@@ -240,19 +241,16 @@ class StepTotals(NamedTuple):
     stop: bool = False
 
 
-def train_step(run: Run, step: int, co: Coefficients, plan=None) -> StepTotals:
-    """One optimizer step over this rank's micro-batches of the step's plan (`StepSampler.plan`). An
-    empty micro-batch (train.batch_tokens: this rank has fewer than another) runs the share's shortest
-    example with zero weight, so that every rank takes part in the same collectives and adds nothing."""
+def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = None) -> StepTotals:
+    """One optimizer step over this rank's micro-batches of the step's plan (`prefetch.micro_batches`: an
+    empty one, where this rank has fewer than another, runs with weight 0), made by `data` (a background thread
+    ahead of the step, or now)."""
     engine, device = run.engine, run.device
-    mine = (plan or run.sampler.plan(step))[run.rank]
-    shortest = min((int(i) for mb in mine if mb is not None for i in mb), key=lambda i: run.lengths.tokens[i])
+    data = data or Prefetcher(run, step, 0)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, kl, tokens, processed: no sync per micro-step
-    for m, indices in enumerate(mine):
-        weight = 0.0 if indices is None else 1.0
-        rows = [run.source.examples.example(int(i)) for i in ([shortest] if indices is None else indices)]
-        batch = to_device(run.source.batch(rows, run.tok.pad_token_id, run.layout), device)
-        engine.set_gradient_accumulation_boundary(m == len(mine) - 1)  # the micro-batch count varies by step
+    for host, weight, last in data.get(step):
+        batch = to_device(host, device, non_blocking=True)  # from pinned memory on a GPU: the host does not wait
+        engine.set_gradient_accumulation_boundary(last)  # the micro-batch count varies by step
         loss, nll, kl = engine(batch, weight * co.c_nll, weight * co.c_kl)
         if run.check_start:  # before any update: the model is the store's teacher (one all-reduce, at step 0)
             run.check_start = False
@@ -301,19 +299,29 @@ def _train(run: Run) -> str:
     if rank == 0:
         _truncate_metrics(metrics_path, start)
     run.wandb = _wandb_run(cfg, rank)
+    data = Prefetcher(run, start, tc.prefetch)  # the micro-batches, made ahead on a thread
+    try:
+        return _loop(run, start, data, metrics_path)
+    finally:
+        data.close()
+
+
+def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
+    tc, rank, out = run.cfg.train, run.rank, run.cfg.train.output_dir
     # the bar is closed on the way out, also by an error, so that the error starts on a line of its own
     with tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
         for step in range(start, tc.max_steps):
-            t0 = time.time()
+            t0, waited = time.time(), data.waited
             co = step_coefficients(run, step)
             plan = run.sampler.plan(step)
-            got = train_step(run, step, co, plan)
+            got = train_step(run, step, co, data)
             dt = time.time() - t0
             nll_mean, kl_mean = got.sums[0].item() / max(co.n_nll, 1), got.sums[1].item() / max(co.n_kl, 1)
             row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
                    "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": got.tokens / dt,
                    "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl,
-                   "padding": 1 - got.tokens / max(got.processed, 1), **run.sampler.plan_stats(plan)}
+                   "data_wait_s": data.waited - waited, "padding": 1 - got.tokens / max(got.processed, 1),
+                   **run.sampler.plan_stats(plan)}
             if tc.drift_budget is not None:
                 row["drift_budget"] = tc.drift_budget
             run.alpha.observe(kl_mean)  # every rank: the same all-reduced KL, the same next alpha

@@ -223,3 +223,28 @@ def test_a_model_that_is_not_the_stores_teacher_is_refused_at_its_first_micro_ba
     assert not os.path.exists(os.path.join(cfg.train.output_dir, "metrics.jsonl"))
     out = train.train(build_config(cfg.to_dict(), ["train.check_teacher=false"]))
     assert read_metrics(out)[0]["kl"] > 0.01
+
+
+def test_prefetched_micro_batches_train_exactly_as_made_on_the_step(tmp_path, tiny_store, monkeypatch):
+    """train.prefetch: the micro-batches made ahead on a thread are the ones the step would make: the same losses
+    and parameters, bit for bit; each step logs how long it waited for them; a failure on the thread is raised on
+    the training thread, at the micro-batch that needed it, with no hang."""
+    from selfaug.train import prefetch
+    keys = {**SGD, "max_steps": 4, "micro_batch_size": 2, "grad_accum": 2}
+    got = {depth: _train(_cfg(tmp_path / str(depth), tiny_store, train={**keys, "prefetch": depth})) for depth in (0, 3)}
+    (a0, m0), (a3, m3) = got[0], got[3]
+    assert all(torch.equal(a0[k], a3[k]) for k in a0)
+    assert [(r["nll"], r["kl"]) for r in m0] == [(r["nll"], r["kl"]) for r in m3]
+    assert all(0 <= r["data_wait_s"] < r["step_time_s"] for r in m0 + m3)
+    real = prefetch.host_batch
+    calls = []
+
+    def failing(run, indices):
+        calls.append(1)
+        if len(calls) == 5:  # step 3's first micro-batch
+            raise OSError("a shard could not be read")
+        return real(run, indices)
+    monkeypatch.setattr(prefetch, "host_batch", failing)
+    with pytest.raises(OSError, match="a shard could not be read"):
+        train.train(_cfg(tmp_path / "failing", tiny_store, train={**keys, "prefetch": 2}))
+    assert len(read_metrics(str(tmp_path / "failing" / "run"))) == 2
