@@ -174,3 +174,20 @@ def test_scale_recipes_are_real_shapes_and_bad_inputs_get_one_line(tmp_path, cap
     small = _random_dir(tmp_path / "small", vocab_size=1000)
     one_line([f"model.name_or_path={small}", "model.init=random"], "vocab_size=1000, smaller than the tokenizer's")
     one_line(["teacher.deepspeed=ds_configs/nope.json"], "teacher.deepspeed: file 'ds_configs/nope.json' not found")
+
+
+def test_zero3_configs_keep_the_largest_matrix_and_the_head_of_every_scale_shape_live():
+    """stage3_max_live_parameters and stage3_max_reuse_distance below one matrix make ZeRO-3 release and gather
+    it again within a step; the head (gathered whole for the chunked loss) and a layer's largest matrix must fit
+    together (docs/distributed.md: the arithmetic)."""
+    import json as _json
+    need = 0
+    for name in ("qwen2.5-7b", "llama3-8b", "llama3-70b"):
+        c = _json.load(open(os.path.join(ROOT, "recipes", "scale", name, "config.json")))
+        head = c["vocab_size"] * c["hidden_size"]
+        largest = max(c["hidden_size"] * c["intermediate_size"], c["hidden_size"] * c["hidden_size"])
+        need = max(need, head + largest)
+    assert need == 128256 * 8192 + 8192 * 28672  # Llama-3-70B: 1.05e9 + 0.235e9
+    for path in ("zero3.json", "zero3_inference.json", "zero3_offload.json"):
+        z = _json.load(open(os.path.join(ROOT, "ds_configs", path)))["zero_optimization"]
+        assert z["stage3_max_live_parameters"] >= need and z["stage3_max_reuse_distance"] >= need, path
