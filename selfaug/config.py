@@ -118,9 +118,15 @@ class TrainConfig:
     drift_budget: Optional[float] = opt(
         None, "nats per KL position: alpha is steered so that the training KL stays near this budget, from "
               "train.alpha (adaptive KL controller; null: alpha as set)", gt=0)
-    drift_horizon: float = opt(10.0, "drift_budget: steps over which alpha moves by up to a factor e^0.2", gt=0)
+    drift_horizon: str = opt("auto", "drift_budget: steps over which alpha moves by up to a factor e^0.2; auto: a "
+                                     "twentieth of the run's optimizer steps (at least 1), so that alpha can move "
+                                     "e^4-fold over a run of any length")
     alpha_min: float = opt(0.01, "drift_budget: the smallest alpha the controller may set", ge=0)
     alpha_max: float = opt(20.0, "drift_budget: the largest alpha the controller may set", gt=0)
+    monitor_kl_every: int = opt(5, "alpha = 0 with a store: measure the KL to the stored teacher without gradient "
+                                   "every N optimizer steps (and at the first), so that the curves show the drift "
+                                   "plain fine-tuning causes; 0: never (no kl is logged where it is not measured)",
+                                ge=0)
     kl_direction: Literal["forward", "reverse"] = opt("forward", "forward KL(p||q) (reference) or reverse KL(q||p)")
     kl_tail: Literal["bucket", "renormalize"] = opt("bucket", "bucket: exact merged-tail KL; renormalize: biased")
     deepspeed: str = opt("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values come from this recipe)",
@@ -372,6 +378,13 @@ def _check(cfg: Config) -> None:
         if t.alpha <= 0:
             raise ConfigError("train.drift_budget starts from train.alpha and multiplies it: set train.alpha > 0 "
                               "(e.g. 0.5)")
+    if t.drift_horizon != "auto":
+        try:
+            ok = float(t.drift_horizon) > 0 and math.isfinite(float(t.drift_horizon))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"train.drift_horizon={t.drift_horizon!r} must be auto or a number of steps > 0")
     import signal
     for name in (n.strip().upper() for n in t.exit_signals.split(",") if n.strip()):
         if not isinstance(getattr(signal, name if name.startswith("SIG") else "SIG" + name, None), signal.Signals):

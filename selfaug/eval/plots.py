@@ -28,16 +28,19 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
 
 def plot_curves(runs: dict, out_dir: str, name: str = "curves.png") -> str:
     """The runs' training curves (metrics.jsonl): loss, NLL, KL with each run's drift budget as a dashed
-    line of its colour, and alpha (steered by the controller under a budget)."""
+    line of its colour (a run at alpha = 0: its monitored KL, as points), and alpha (steered by the controller
+    under a budget)."""
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for label, run_dir in runs.items():
         path = os.path.join(run_dir, "metrics.jsonl")
         if not os.path.exists(path):
             continue
         rows = [json.loads(line) for line in open(path)]
-        steps = [r["step"] for r in rows]
         for ax, key in zip(axes, ("loss", "nll", "kl", "alpha")):
-            line, = ax.plot(steps, [r[key] for r in rows], label=label)
+            have = [r for r in rows if key in r]  # the KL only where it was measured (alpha = 0: the monitor's steps)
+            sparse = 0 < len(have) < len(rows)
+            line, = ax.plot([r["step"] for r in have], [r[key] for r in have], label=label,
+                            marker="o" if sparse else None, markersize=3)
             if key == "kl" and rows and rows[-1].get("drift_budget"):
                 ax.axhline(rows[-1]["drift_budget"], color=line.get_color(), linestyle="--",
                            label=f"{label}: budget")

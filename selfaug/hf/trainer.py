@@ -65,6 +65,14 @@ def check_store_for(teacher_store, model, tokenizer) -> None:
                                  "(with its tokenizer), or precompute a store with this one")
 
 
+def _optimizer_steps(args, examples: int, world: int) -> int:
+    """The run's optimizer steps: args.max_steps, or the epochs' (what drift_horizon auto divides)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(math.ceil(examples / (args.per_device_train_batch_size * world)) // args.gradient_accumulation_steps, 1)
+    return max(int(math.ceil(args.num_train_epochs * per_epoch)), 1)
+
+
 def check_transformers(version: str | None = None) -> None:
     """One line when the installed transformers is outside the range the mixin is tested with: it overrides
     private Trainer methods (`_remove_unused_columns`, `_get_collator_with_removed_columns`,
@@ -155,7 +163,7 @@ class SelfAugMixin:
             args = copy.copy(args)
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         self._selfaug = {"tc": tc, "store": teacher, "world": world, "co": None, "check": check_teacher,
-                         "alpha": alpha_control(tc),
+                         "alpha": alpha_control(tc, _optimizer_steps(args, len(dataset), world)),
                          "step_sums": None, "log_sums": None, "log_steps": 0, "zero3_head": False}
         super().__init__(model=model, args=args, train_dataset=dataset,
                          data_collator=data_collator or SelfAugCollator(teacher, pad_id, layout), **kwargs)

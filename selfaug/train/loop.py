@@ -118,7 +118,8 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
         teacher_store = store.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
         expected = store.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
         store.check_store(cfg.teacher.output_dir, teacher_store.manifest, expected)
-        return StoredSignal(teacher_store) if tc.kl_ever_on() else PlainData(teacher_store)
+        # alpha = 0 with a store: the teacher rows still come along when the KL is monitored (train.monitor_kl_every)
+        return StoredSignal(teacher_store) if tc.kl_ever_on() or tc.monitor_kl_every else PlainData(teacher_store)
     examples = DataExamples(loaded.examples, store.PositionRule.of(cfg.teacher))
     if not tc.kl_ever_on():
         return PlainData(examples)
@@ -223,7 +224,17 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
                           tc.batch_tokens, layout)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
     return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, layout,
-               checkpoint.run_identity(cfg, settings), stop, alpha_control(tc))
+               checkpoint.run_identity(cfg, settings), stop, _alpha(cfg, rank))
+
+
+def _alpha(cfg: Config, rank: int):
+    """alpha at each step (`alpha.alpha_control`), with a line saying how a drift budget will steer it."""
+    control = alpha_control(cfg.train)
+    if isinstance(control, DriftBudget) and rank == 0:
+        how = "auto: a twentieth of the run's " if cfg.train.drift_horizon == "auto" else ""
+        print(f"drift budget {control.budget:g} nats per KL position: alpha from {control.alpha:g}, horizon "
+              f"{control.horizon:g} steps ({how}{cfg.train.max_steps} steps)", flush=True)
+    return control
 
 
 def step_coefficients(run: Run, step: int) -> Coefficients:
@@ -239,6 +250,18 @@ class StepTotals(NamedTuple):
     tokens: int
     processed: int
     stop: bool = False
+    kl_measured: bool = True  # False: the step computed no KL (alpha = 0 between monitor steps)
+
+
+def kl_measured(run: Run, step: int) -> bool:
+    """Whether the step computes the KL: always when the loss has a KL term; with alpha = 0 and a store, at the
+    first step of a fresh run (the teacher check) and every train.monitor_kl_every steps, without gradient."""
+    tc = run.cfg.train
+    if tc.kl_ever_on():
+        return True
+    if not isinstance(run.source, StoredSignal):
+        return False
+    return run.check_start or (tc.monitor_kl_every > 0 and (step + 1) % tc.monitor_kl_every == 0)
 
 
 def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = None) -> StepTotals:
@@ -248,10 +271,11 @@ def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = 
     engine, device = run.engine, run.device
     data = data or Prefetcher(run, step, 0)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, kl, tokens, processed: no sync per micro-step
+    with_kl = kl_measured(run, step)
     for host, weight, last in data.get(step):
         batch = to_device(host, device, non_blocking=True)  # from pinned memory on a GPU: the host does not wait
         engine.set_gradient_accumulation_boundary(last)  # the micro-batch count varies by step
-        loss, nll, kl = engine(batch, weight * co.c_nll, weight * co.c_kl)
+        loss, nll, kl = engine(batch, weight * co.c_nll, weight * co.c_kl, with_kl)
         if run.check_start:  # before any update: the model is the store's teacher (one all-reduce, at step 0)
             run.check_start = False
             run.source.check_start(*dist.all_reduce_sum([weight * float(kl), weight * batch["rows_b"].numel()]),
@@ -272,7 +296,7 @@ def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = 
                          "not finite "
                          f"(nll sum {totals[0].item()}, kl sum {totals[1].item()}); check the teacher store "
                          "(`selfaug inspect`), train.lr and the data")
-    return StepTotals(totals[:2], int(totals[2].item()), int(totals[3].item()), bool(totals[4].item() > 0))
+    return StepTotals(totals[:2], int(totals[2].item()), int(totals[3].item()), bool(totals[4].item() > 0), with_kl)
 
 
 def train(cfg: Config) -> str:
@@ -317,9 +341,11 @@ def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
             got = train_step(run, step, co, data)
             dt = time.time() - t0
             nll_mean, kl_mean = got.sums[0].item() / max(co.n_nll, 1), got.sums[1].item() / max(co.n_kl, 1)
-            row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean, "kl": kl_mean,
+            row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean,
+                   # the KL and its positions only where the step measured it: never a 0 that was not computed
+                   **({"kl": kl_mean, "kl_positions": co.n_kl} if got.kl_measured else {}),
                    "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": got.tokens / dt,
-                   "step_time_s": dt, "nll_tokens": co.n_nll, "kl_positions": co.n_kl,
+                   "step_time_s": dt, "nll_tokens": co.n_nll,
                    "data_wait_s": data.waited - waited, "padding": 1 - got.tokens / max(got.processed, 1),
                    **run.sampler.plan_stats(plan)}
             if tc.drift_budget is not None:
@@ -329,7 +355,8 @@ def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
                 if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
                     _log(run, metrics_path, row)
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}", kl=f"{kl_mean:.4f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}",
+                                **({"kl": f"{kl_mean:.4f}"} if got.kl_measured else {}))
             done = step + 1
             if got.stop or (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
                 path, seconds = checkpoint.save(run, done, run.identity)

@@ -92,10 +92,12 @@ class Objective(torch.nn.Module):
         with self.model.disable_adapter():
             return body(**model_inputs(batch)).last_hidden_state, weight, bias
 
-    def forward(self, batch: dict, c_nll: float, c_kl: float):
+    def forward(self, batch: dict, c_nll: float, c_kl: float, with_kl: bool = True):
+        """with_kl=False: the NLL alone (KL sum 0); with c_kl = 0 the KL is measured without gradient work."""
         body, _ = decoder_and_head(self.model)
         hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
-        return micro_batch_loss(hidden, self.head(), batch, self.source.signal(batch, self), self.tc, c_nll, c_kl)
+        teacher = self.source.signal(batch, self) if with_kl else None
+        return micro_batch_loss(hidden, self.head(), batch, teacher, self.tc, c_nll, c_kl)
 
 
 def micro_batch_loss(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc, c_nll: float, c_kl: float):

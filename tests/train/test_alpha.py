@@ -124,3 +124,21 @@ def test_the_loop_steers_alpha_by_the_measured_kl_with_every_teacher_and_resumes
         with pytest.raises(train.CheckpointError, match="another recipe: drift_budget"):
             train.train(tiny_config(str(tmp_path), teacher=teacher, train={**train_keys, "output_dir": run,
                                                                            "max_steps": 8, "drift_budget": 0.5}))
+
+
+def test_the_default_horizon_is_a_twentieth_of_the_run_and_a_number_still_wins():
+    from selfaug.train.alpha import horizon
+    tc = lambda **kw: tiny_config("/tmp/x", train={"drift_budget": 0.02, **kw}).train
+    assert tc().drift_horizon == "auto"
+    assert [alpha_control(tc(max_steps=n)).horizon for n in (60, 240, 10, 1)] == [3.0, 12.0, 1.0, 1.0]
+    assert alpha_control(tc(max_steps=60, drift_horizon=7)).horizon == 7.0
+    assert alpha_control(tc(max_steps=60), total_steps=400).horizon == 20.0  # the run's steps, however counted
+    assert horizon("auto", 100) == 5.0 and horizon(2.5, 100) == 2.5
+    for bad in ("0", "-1", "fast", "nan"):
+        with pytest.raises(ConfigError, match="train.drift_horizon=.* must be auto or a number of steps > 0"):
+            tc(drift_horizon=bad)
+    # over a run of n steps, auto lets alpha move e^(0.2 n / (n / 20)) = e^4-fold, at any n
+    for n in (60, 240, 1000):
+        control = alpha_control(tc(max_steps=n, alpha_max=1000.0))
+        assert _run(control, [1.0] * n)[-1] == pytest.approx(0.5 * (1 + ERROR_CLIP / (n / 20)) ** n)
+        assert 40 < (1 + ERROR_CLIP / (n / 20)) ** n < math.exp(4)

@@ -248,3 +248,28 @@ def test_prefetched_micro_batches_train_exactly_as_made_on_the_step(tmp_path, ti
     with pytest.raises(OSError, match="a shard could not be read"):
         train.train(_cfg(tmp_path / "failing", tiny_store, train={**keys, "prefetch": 2}))
     assert len(read_metrics(str(tmp_path / "failing" / "run"))) == 2
+
+
+def test_an_alpha_0_run_measures_its_drift_every_n_steps_and_logs_no_kl_where_it_does_not(tmp_path, tiny_store):
+    """train.monitor_kl_every with alpha = 0 and a store: the KL at step 1 (the teacher check: ~0) and every N
+    steps, equal to an independent computation on the same step's positions (the model after the steps before
+    it, against the stored rows); without the monitor, no kl and no kl_positions at all."""
+    from peft import PeftModel
+    from selfaug.loss import kl_sum
+    keys = {**SGD, "alpha": 0.0, "max_steps": 3, "monitor_kl_every": 3, "micro_batch_size": 2, "min_lr_ratio": 1.0}
+    _, rows = _train(_cfg(tmp_path / "mon", tiny_store, train=keys))
+    assert [("kl" in r, "kl_positions" in r) for r in rows] == [(True, True), (False, False), (True, True)]
+    assert abs(rows[0]["kl"]) < 1e-7 < 1e-6 < rows[2]["kl"]  # plain fine-tuning drifts
+    two = train.train(_cfg(tmp_path / "two", tiny_store, train={**keys, "max_steps": 2}))  # the weights step 3 saw
+    model = PeftModel.from_pretrained(load_model("builtin:tiny-llama"), os.path.join(two, "final")).eval()
+    store = ts.TeacherStore(tiny_store.teacher.output_dir)
+    examples = [store.example(int(i)) for i in StepSampler(len(store), 2, 1, 1, 42).global_batch(2)]
+    batch = to_device(collate(examples, load_tokenizer("builtin:tiny-llama").pad_token_id), "cpu")
+    with torch.no_grad():
+        hidden = model.base_model.model.model(input_ids=batch["input_ids"],
+                                              attention_mask=batch["attention_mask"]).last_hidden_state
+        s, n = kl_sum(hidden, model.base_model.model.lm_head.weight, None, batch["rows_b"], batch["rows_t"],
+                      store.signal.teacher(examples).to_device("cpu"))
+    assert rows[2]["kl_positions"] == n and rows[2]["kl"] == pytest.approx(s.item() / n, rel=1e-4)
+    _, off = _train(_cfg(tmp_path / "off", tiny_store, train={**keys, "monitor_kl_every": 0}))
+    assert all("kl" not in r and "kl_positions" not in r for r in off)
