@@ -1,26 +1,32 @@
-"""Checkpoints and resume at any world size (docs/design.md, "Checkpoints and preemption").
+"""Checkpoints and resume at any world size (docs/design.md, "Checkpoints and preemption"; docs/checkpoints.md).
 
-A checkpoint `<output_dir>/checkpoints/step-N/` holds DeepSpeed's own files, each rank's RNG state, and
-`selfaug.json` (the step, the batch geometry, what the run must match) plus, under ZeRO 1-3,
-`portable.safetensors`: every trainable parameter's fp32 value and its optimizer state, whole, in
-name order. `checkpoints/latest` names it only once every file of every rank is written (an atomic
-rename on rank 0 after a barrier), so a run killed while saving resumes from the one before.
+A checkpoint `<output_dir>/checkpoints/step-N/` holds DeepSpeed's own files, each rank's RNG state and
+`selfaug.json` (the step, the batch geometry, what the run must match). Under ZeRO 1-3 every rank writes
+its own partition of the fp32 weights and of the optimizer state, and nothing else of them: no rank
+gathers, holds or writes another's; frozen parameters (a LoRA base, a frozen head) are not written, the
+run re-creates them. `checkpoints/latest` names a checkpoint only once every file of every rank is
+written (an atomic rename on rank 0 after a barrier), so a run killed while saving resumes from the one
+before.
 
-Resume (`train.resume`): at the checkpoint's world size DeepSpeed loads its own files; at another
-world size with the same global batch (micro x accum x world), the portable state is loaded into the
-freshly partitioned engine (DeepSpeed's `safe_set_full_fp32_param` / `safe_set_full_optimizer_state`),
-the lr scheduler and step counters are restored, and the sampler, which depends only on the global
-batch, gives every step the same examples. Another global batch is refused in one line naming the
-grad_accum that keeps it.
+Resume (`train.resume`): at the checkpoint's world size (or under ZeRO-0) DeepSpeed loads its own files.
+At another world size with the same global batch (micro x accum x world) the checkpoint is converted
+once, by all ranks together, into DeepSpeed's universal checkpoint (`step-N/universal/`: each
+parameter's full fp32 value and optimizer state in files of its own) and loaded with
+`checkpoint.load_universal`, each rank reading one parameter at a time and keeping its new partition;
+the sampler, which depends only on the global batch, gives every step the same examples. Another global
+batch is refused in one line naming the grad_accum that keeps it.
 
 Preemption (a stop on a signal, exit 75) is `preemption.py`.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shutil
 import time
+import types
 
 import numpy as np
 import torch
@@ -30,7 +36,7 @@ from ..config import config_digest
 from ..errors import SelfAugError
 
 META = "selfaug.json"
-PORTABLE = "portable.safetensors"
+UNIVERSAL = "universal"  # step-N/universal/: the checkpoint in DeepSpeed's universal form, written at need
 
 
 class CheckpointError(SelfAugError, RuntimeError):
@@ -66,92 +72,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---- the portable trainable state -----------------------------------------------------------------
-
-def _trainable(engine) -> list:
-    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
-
-
-def _inner_optimizer(engine):
-    """The torch optimizer that holds the (flat, partitioned) fp32 state under ZeRO 1-3."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def _state_keys(engine) -> tuple[list[str], dict]:
-    """(tensor state keys, scalar state values) of the optimizer, e.g. (['exp_avg', 'exp_avg_sq'], {'step': 3})."""
-    tensors, scalars = [], {}
-    for state in _inner_optimizer(engine).state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                tensors.append(key)
-            elif value is not None:
-                scalars[key] = float(value)
-        break
-    return tensors, scalars
-
-
-def save_portable(engine, path: str) -> dict:
-    """All ranks (the gathers are collectives): each trainable parameter's fp32 value and optimizer state,
-    whole, written by rank 0 to `path`. Returns the scalar optimizer state and the keys, for the meta."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    keys, scalars = _state_keys(engine)
-    rank = dist.rank_world()[0]
-    tensors = {}
-    for name, p in _trainable(engine):
-        value = safe_get_full_fp32_param(p)
-        states = {key: safe_get_full_optimizer_state(p, key) for key in keys}
-        if rank == 0:
-            tensors[f"param/{name}"] = value.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape")
-                                                                            else p.shape).contiguous()
-            for key, v in states.items():
-                tensors[f"{key}/{name}"] = v.detach().float().cpu().reshape(tensors[f"param/{name}"].shape).contiguous()
-    if rank == 0:
-        from safetensors.torch import save_file
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return {"state_keys": keys, "scalars": scalars}
-
-
-def load_portable(engine, path: str, meta: dict) -> None:
-    """Every rank: the portable state into this (differently partitioned) engine."""
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from safetensors import safe_open
-    inner = _inner_optimizer(engine)
-    keys, scalars = meta["state_keys"], meta["scalars"]
-    for group in inner.param_groups:  # the optimizer's state exists only after a first step: create it
-        for flat in group["params"]:
-            state = inner.state[flat]
-            for key in keys:
-                state.setdefault(key, torch.zeros_like(flat))
-            for key, value in scalars.items():
-                state[key] = torch.tensor(value) if key == "step" else value
-    with safe_open(path, framework="pt") as f:
-        names = {k.split("/", 1)[1] for k in f.keys() if k.startswith("param/")}
-        trainable = _trainable(engine)
-        if names != {n for n, _ in trainable}:
-            missing = sorted({n for n, _ in trainable} - names)[:3]
-            raise CheckpointError(f"{path} holds other trainable parameters than this run (e.g. {missing}); "
-                                  "resume with the recipe that wrote it, or train.resume=never")
-        for name, p in trainable:
-            value = f.get_tensor(f"param/{name}").to(p.device)
-            if hasattr(p, "ds_id"):  # ZeRO-3: the module's partitions, through a gather written by rank 0
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if dist.rank_world()[0] == 0:
-                        p.data.copy_(value.to(p.dtype))
-            else:
-                p.data.copy_(value.to(p.dtype))
-            safe_set_full_fp32_param(p, value)
-            for key in keys:
-                safe_set_full_optimizer_state(p, f.get_tensor(f"{key}/{name}").to(p.device), key)
-
-
 # ---- save and resume ------------------------------------------------------------------------------
 
 def save(run, step: int, identity: dict) -> tuple[str, float]:
-    """All ranks: the checkpoint of `step`, marked latest once whole, and the seconds it took. A write that
-    fails on any rank (a full disk, a file-size limit) is one CheckpointError on every rank, and `latest`
-    still names the one before."""
+    """All ranks: the checkpoint of `step`, marked latest once whole, and the seconds it took. Each rank
+    writes its own partition of the trainable state and no more. A write that fails on any rank (a full
+    disk, a file-size limit) is one CheckpointError on every rank, and `latest` still names the one before."""
     engine, cfg = run.engine, run.cfg
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     tag = f"step-{step}"
@@ -159,14 +85,15 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
     t0 = time.time()
     failure = None
     try:
-        engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
+        # each rank its own partition (ZeRO 1-3); frozen parameters are the model's as loaded: not written
+        engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
         torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
-        portable = save_portable(engine, os.path.join(path, PORTABLE)) if engine.zero_optimization_stage() > 0 else None
         if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed
             t = cfg.train
             meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,
                     "grad_accum": t.grad_accum, "global_batch": t.micro_batch_size * t.grad_accum * run.world,
-                    "zero_stage": engine.zero_optimization_stage(), "identity": identity, "portable": portable,
+                    "zero_stage": engine.zero_optimization_stage(), "identity": identity,
                     "alpha_control": run.alpha.state_dict(),
                     "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
             with open(os.path.join(path, META + ".tmp"), "w") as f:
@@ -251,6 +178,194 @@ def read_meta(path: str, cfg, world: int, identity: dict) -> dict:
     return meta
 
 
+# ---- resume at another world size: DeepSpeed's universal checkpoint --------------------------------
+#
+# The files are DeepSpeed's universal layout (`universal/zero/<parameter>/{fp32,exp_avg,...}.pt`, each the
+# parameter's full value, `zero/optimizer_state.pt`, the model-states files beside), read by DeepSpeed's
+# own loader. They are written here, not by deepspeed/checkpoint/ds_to_universal.py, whose functions do
+# not fit this setup in DeepSpeed 0.19: `extract_zero_shards` / `extract_zero_shards_stage3` /
+# `merge_zero3_slices` read exactly Adam's `exp_avg` and `exp_avg_sq` (SGD keeps no state: KeyError),
+# `main` refuses a ZeRO-1/2 checkpoint without Megatron's `universal_checkpoint_info`, and each worker
+# loads an old rank's whole file. Here the ranks share the parameters (the largest first, to the rank
+# with the fewest values so far) and each writes its own, one tensor at a time, reading only their pieces
+# of the old files (memory-mapped).
+
+
+def ds_config_for_resume(conf: dict, cfg, world: int) -> dict:
+    """The engine's config (`loop.ds_config`) with `checkpoint.load_universal` set when the run resumes
+    a ZeRO 1-3 checkpoint written at another world size: DeepSpeed reads the flag at load time, from the
+    config it was created with. Called before `deepspeed.initialize`, on every rank (rank 0 reads)."""
+    path = find(cfg)
+    stage = conf.get("zero_optimization", {}).get("stage", 0)
+    if path is None or stage == 0:
+        return conf
+
+    def written_on():
+        if not os.path.isfile(os.path.join(path, META)):
+            return None
+        with open(os.path.join(path, META)) as f:
+            return json.load(f)["world_size"]
+    old = dist.decide(written_on)  # an unfinished checkpoint: resume() names it
+    if old in (None, world):
+        return conf
+    return {**conf, "checkpoint": {**conf.get("checkpoint", {}), "load_universal": True}}
+
+
+class _Shard:
+    """One old rank's optimizer file, memory-mapped (a piece is read when asked for): where each trainable
+    parameter's piece lies in the rank's flat groups, and the groups' tensors (fp32 and the optimizer's)."""
+
+    def __init__(self, path: str, dp_rank: int, dp_world: int, shapes: list[dict]):
+        from deepspeed.checkpoint import (BASE_OPTIMIZER_STATE, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT,
+                                          PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+        from deepspeed.checkpoint.ds_to_universal import _zero_partitioned_param_info
+        self.sd = sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+        if FP32_FLAT_GROUPS in sd:  # ZeRO-3: each parameter padded to a multiple of the world, rank r's slice
+            flats, self.inner = sd[FP32_FLAT_GROUPS], sd[OPTIMIZER_STATE_DICT]
+            self.pieces = {}
+            for g, group in enumerate(shapes):
+                offset = 0
+                for name, shape in group.items():
+                    numel = math.prod(shape)
+                    part, _ = _zero_partitioned_param_info(numel, dp_world)
+                    self.pieces[name] = (g, offset, max(0, min(part, numel - dp_rank * part)))
+                    offset += part
+        else:  # ZeRO-1/2: the fragments DeepSpeed recorded
+            flats, self.inner = sd[SINGLE_PARTITION_OF_FP32_GROUPS], sd[BASE_OPTIMIZER_STATE]
+            self.pieces = {name: (g, a.start, a.numel) for g, m in enumerate(sd[PARAM_SLICE_MAPPINGS])
+                           for name, a in m.items()}
+        states = self.inner["state"]
+        self.groups = [{"fp32": flat, **{k: v for k, v in states.get(g, {}).items() if torch.is_tensor(v) and v.dim()}}
+                       for g, flat in enumerate(flats)]
+        self.step = next((s["step"] for s in states.values() if "step" in s), None)  # Adam's; SGD has none
+
+    def piece(self, name: str, key: str) -> torch.Tensor:
+        g, start, numel = self.pieces[name]
+        return self.groups[g][key].narrow(0, start, numel)
+
+    def optimizer_state(self) -> dict:
+        """`zero/optimizer_state.pt`: the global state and the param groups, the step of any state."""
+        from deepspeed.checkpoint import (BASE_OPTIMIZER_STATE, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM_GROUPS,
+                                          PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+        sharded = {BASE_OPTIMIZER_STATE, SINGLE_PARTITION_OF_FP32_GROUPS, PARAM_SLICE_MAPPINGS, FP32_FLAT_GROUPS,
+                   OPTIMIZER_STATE_DICT}
+        scalars = {0: {"step": self.step}} if self.step is not None else {}
+        return {**{k: v for k, v in self.sd.items() if k not in sharded}, PARAM_GROUPS: self.inner["param_groups"],
+                OPTIMIZER_STATE_DICT: {"state": scalars, "param_groups": self.inner["param_groups"]}}
+
+
+def _write_universal(path: str, out: str, rank: int, world: int) -> None:
+    """This rank's share of the universal form of checkpoint `path` under `out`."""
+    from deepspeed.checkpoint import PARAM, PARAM_SHAPES
+    from deepspeed.checkpoint.ds_to_universal import _build_zero3_rank_grid, _get_model_state_files, _get_optim_files
+    grid, _, old_world = _build_zero3_rank_grid(_get_optim_files(path))  # [tensor-parallel rank][data-parallel rank]
+    model_files = _get_model_state_files(path)
+    shapes = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)[PARAM_SHAPES]
+    shards = [_Shard(f, r, old_world, shapes) for r, f in enumerate(grid[0])]
+    load, mine = [0] * world, []
+    for name, shape in sorted(((n, s) for group in shapes for n, s in group.items()), key=lambda x: -math.prod(x[1])):
+        r = load.index(min(load))  # the largest parameter first, to the rank with the least so far
+        load[r] += math.prod(shape)
+        if r == rank:
+            mine.append((name, shape))
+    for name, shape in mine:
+        folder = os.path.join(out, "zero", name)
+        os.makedirs(folder, exist_ok=True)
+        for key in shards[0].groups[0]:  # one parameter's full value of one key at a time
+            full = torch.cat([s.piece(name, key) for s in shards if name in s.pieces])
+            if full.numel() != math.prod(shape):
+                raise CheckpointError(f"{path}: the pieces of {name} hold {full.numel()} values, not {tuple(shape)}")
+            torch.save({PARAM: full.view(shape)}, os.path.join(folder, f"{key}.pt"))
+        if shards[0].step is not None:  # DeepSpeed's ZeRO-1/2 loader reads each parameter's step
+            torch.save(shards[0].step, os.path.join(folder, "step.pt"))
+    if rank == 0:
+        torch.save(shards[0].optimizer_state(), os.path.join(out, "zero", "optimizer_state.pt"))
+        for f in model_files:  # the lr scheduler, the step counters: DeepSpeed reads them from here
+            target = os.path.join(out, os.path.basename(f))
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+
+
+def universal(path: str) -> tuple[str, float]:
+    """All ranks: `path`/universal, the universal form of checkpoint `path` (written by all ranks together,
+    or found from an earlier resume), and the seconds it took. Renamed into place once whole."""
+    target = os.path.join(path, UNIVERSAL)
+    t0 = time.time()
+    if dist.decide(lambda: os.path.isdir(target)):
+        return target, 0.0
+    rank, world = dist.rank_world()
+    tmp = target + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion that was killed
+        os.makedirs(os.path.join(tmp, "zero"))
+    dist.barrier()
+    failure = None
+    try:
+        _write_universal(path, tmp, rank, world)
+    except (OSError, RuntimeError) as e:
+        failure = e
+    if dist.all_reduce_sum([failure is not None])[0]:
+        raise CheckpointError(f"the universal form of {path} could not be written under {tmp} "
+                              f"({_why_not_written(failure, path)}): free space and run the same command again")
+    if rank == 0:
+        os.replace(tmp, target)
+    dist.barrier()
+    return target, time.time() - t0
+
+
+def _partition(folder: str, key: str, rank: int, world: int) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of one parameter's universal file `key`.pt, padded as ZeRO-3 pads it;
+    the file is memory-mapped, so only the partition is read."""
+    from deepspeed.checkpoint import PARAM
+    value = torch.load(os.path.join(folder, f"{key}.pt"), map_location="cpu", mmap=True, weights_only=False)
+    flat = (value[PARAM] if isinstance(value, dict) else value).view(-1)
+    part = math.ceil(flat.numel() / world)
+    piece = flat[rank * part:(rank + 1) * part]
+    out = torch.zeros(part, dtype=flat.dtype)  # (part,): the last rank's ends in padding
+    out[:piece.numel()].copy_(piece)
+    return out
+
+
+def _load_zero3_universal(self, checkpoint_dir: str) -> None:
+    """DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 for any torch
+    optimizer, bound to the engine's optimizer. DeepSpeed 0.19's reads exactly `fp32`, `exp_avg` and
+    `exp_avg_sq` and the step of `state[0]` (Adam's), so SGD's state (the fp32 value alone, no step) fails
+    with FileNotFoundError; and each rank reads every parameter's files whole (`load_hp_checkpoint_state`),
+    the whole state per rank. The same steps, over the keys the universal checkpoint holds, each rank
+    reading its partitions only (no NVMe swapping, no tensor or expert parallelism: selfaug has neither)."""
+    from deepspeed.checkpoint import OPTIMIZER_STATE_DICT
+    zero_dir = os.path.join(checkpoint_dir, "zero")
+    optim_sd = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), weights_only=False)
+    self._load_global_state_stage3(optim_sd)
+    inner = optim_sd[OPTIMIZER_STATE_DICT]
+    scalars, param_groups = inner["state"].get(0, {}), inner["param_groups"]  # the step (Adam's), lr and the rest
+    first = os.path.join(zero_dir, self.param_names[self.fp16_groups[0][0]])
+    keys = [f[:-3] for f in sorted(os.listdir(first)) if f.endswith(".pt") and f != "step.pt"]
+    for g, params in enumerate(self.fp16_groups):
+        fp32 = self.fp32_partitioned_groups_flat[g]
+        for key in keys:
+            flat, offset = torch.zeros_like(fp32), 0
+            for p in params:  # one parameter at a time
+                part = _partition(os.path.join(zero_dir, self.param_names[p]), key, self._get_param_partition_rank(p),
+                                  self._get_param_partition_world_size(p))
+                flat.narrow(0, offset, part.numel()).copy_(part)
+                offset += part.numel()
+            if key == "fp32":
+                fp32.data.copy_(flat)
+            else:
+                self.optimizer.state[fp32][key] = flat
+        self.optimizer.state[fp32].update(scalars)
+        if fp32.numel() > 0:
+            self.fp16_partitioned_groups_flat[g].data.copy_(fp32.data)
+        updated = self.unflatten(self.fp16_partitioned_groups_flat[g], self.fp16_partitioned_groups[g])
+        for partitioned, q in zip(self.fp16_partitioned_groups[g], updated):
+            partitioned.data = q.data
+    for group in self.optimizer.param_groups:
+        group.update({k: v for k, v in param_groups[0].items() if k != "params"})
+
+
 def resume(run, identity: dict) -> int:
     """All ranks: the optimizer step to start from (0, or the checkpoint's), the engine restored."""
     path = find(run.cfg)
@@ -260,23 +375,23 @@ def resume(run, identity: dict) -> int:
     if run.cfg.train.drift_budget is not None:
         run.alpha.load_state_dict(meta.get("alpha_control"))  # the same alpha trajectory, at any world size
     engine = run.engine
-    if meta["world_size"] == run.world or meta["zero_stage"] == 0:
-        loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}; pass train.resume=never")
-    else:
-        load_portable(engine, os.path.join(path, PORTABLE), meta["portable"])
-        if meta["lr_scheduler"] is not None:
-            sched = engine.lr_scheduler
-            sched.load_state_dict(meta["lr_scheduler"])
-            for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-                group["lr"] = lr  # load_state_dict leaves the optimizer at the initial lr until its next step
-        engine.global_steps, engine.global_samples = meta["step"], meta["step"] * meta["global_batch"]
-        engine.micro_steps = meta["step"] * engine.gradient_accumulation_steps()
+    how = ""
+    if engine.load_universal_checkpoint():  # another world size under ZeRO 1-3 (ds_config_for_resume)
+        folder, seconds = universal(path)
+        if engine.zero_optimization_stage() == 3:
+            engine.optimizer.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = types.MethodType(
+                _load_zero3_universal, engine.optimizer)
+        loaded, _ = engine.load_checkpoint(path, tag=UNIVERSAL, load_module_strict=False)
+        how = f" (written on {meta['world_size']} ranks, now {run.world}: universal form in {seconds:.1f} s)"
+    else:  # DeepSpeed's own files: the same world size, or ZeRO-0 (whole on every rank)
+        loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path), load_module_strict=False)
+        if meta["world_size"] != run.world:
+            how = f" (written on {meta['world_size']} ranks, now {run.world})"
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}; pass train.resume=never")
     rng = os.path.join(path, f"rng_rank{run.rank % meta['world_size']}.pt")
     if os.path.exists(rng):
         set_rng_state(torch.load(rng, weights_only=False))
     if run.rank == 0:
-        how = "" if meta["world_size"] == run.world else f" (written on {meta['world_size']} ranks, now {run.world})"
         print(f"resumed from {path} at step {meta['step']}{how}", flush=True)
     return int(meta["step"])

@@ -1,5 +1,6 @@
 """A cluster's ordinary life at a small scale (2 ranks, gloo): a store opened with 1/world of the checks
 per rank, and resume at another world size with the same global batch (preemption: test_preemption.py)."""
+import glob
 import json
 import os
 import shutil
@@ -66,6 +67,29 @@ def full_model_store(tmp_path_factory):
     return cfg
 
 
+def _optimizer_files(step_dir):
+    return [os.path.getsize(f) for f in sorted(glob.glob(os.path.join(step_dir, "*_optim_states.pt")))]
+
+
+def _check_sharded(step_dir, method):
+    """A checkpoint holds DeepSpeed's per-rank files and no whole copy of anything: no frozen parameter
+    (a LoRA base), no file of the gathered state; `universal/` is the form a resume at another world
+    size wrote, each trainable parameter in files of its own."""
+    names = set(os.listdir(step_dir))
+    assert names - {checkpoint.META, checkpoint.UNIVERSAL} == {
+        f for f in names if f.endswith(("_model_states.pt", "_optim_states.pt")) or f.startswith("rng_rank")}
+    model_states = [f for f in names if f.endswith("_model_states.pt")]
+    for f in model_states:
+        module = torch.load(os.path.join(step_dir, f), weights_only=False)["module"]
+        assert method != "lora" or module and all("lora_" in k for k in module), sorted(module)[:3]
+    universal = os.path.join(step_dir, checkpoint.UNIVERSAL)
+    params = sorted(os.listdir(os.path.join(universal, "zero")))
+    assert "optimizer_state.pt" in params and model_states[0] in os.listdir(universal)
+    assert method != "lora" or all("lora_" in p for p in params if p != "optimizer_state.pt")
+    assert all(os.listdir(os.path.join(universal, "zero", p)) == ["fp32.pt"]  # SGD: the value alone
+               for p in params if p != "optimizer_state.pt")
+
+
 # LoRA on ZeRO-2 from 2 ranks to 1 is every case of test_preemption.py: here it goes from 1 to 2, with
 # alpha steered by a drift budget (the controller's state travels in the checkpoint)
 CASES = {"lora-zero2": ("lora", "ds_configs/zero2.json", ("one-two",), {"drift_budget": 1e-7, "drift_horizon": 2.0}),
@@ -100,7 +124,12 @@ def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tin
     # 1 -> 2
     train.train(cfg("one-two", grad_accum=2, stop_after=2))
     out = launch("train", write_recipe(str(tmp_path / "one.yaml"), cfg("one-two", grad_accum=1)), nprocs=2)
-    assert "written on 1 ranks, now 2" in out.stdout + out.stderr
+    assert "written on 1 ranks, now 2: universal form in" in out.stdout + out.stderr
+    for name in directions:  # DeepSpeed's files, each rank's own, and the universal form the resume wrote
+        _check_sharded(tmp_path / name / "checkpoints" / "step-2", method)
+    if "two-one" in directions:  # each of 2 ranks wrote half of what one rank writes
+        one, two = (_optimizer_files(tmp_path / name / "checkpoints" / "step-2") for name in ("one-two", "two-one"))
+        assert len(one) == 1 and len(two) == 2 and all(0.45 < b / one[0] < 0.55 for b in two), (one, two)
     reference = _final(whole, method)
     for name in directions:
         _close(_final(tmp_path / name, method), reference)
