@@ -1,6 +1,7 @@
 """A full disk or a failing write loses nothing: a real failing write (RLIMIT_FSIZE in the child makes
-writes fail with EFBIG) during a store shard or a checkpoint, and SIGKILL in the middle of a checkpoint,
-leave the previous state intact and named; the command exits non-zero with one line; the rerun finishes."""
+writes fail with EFBIG) during a store shard, a checkpoint or a checkpoint's universal form, and SIGKILL in
+the middle of a checkpoint, leave the previous state intact and named; the command exits non-zero with one
+line; the rerun finishes."""
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, clean_env, tiny_config, write_recipe
 from selfaug import precompute, store, train
 from selfaug.config import build_config
+from selfaug.train import checkpoint
 
 CHILD = """
 import os, resource, signal, sys
@@ -63,8 +65,9 @@ def test_a_failed_or_killed_checkpoint_leaves_latest_on_the_previous_one(tmp_pat
     train.train(cfg)  # checkpoints step-1 and step-2
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
     latest = os.path.join(cfg.train.output_dir, "checkpoints", "latest")
-    # step 3's checkpoint cannot be written (the model states file is over the file-size limit)
-    proc, errors = _child(["train", "--config", recipe, "train.stop_after=null"], FSIZE=str(1_000_000))
+    # step 3's checkpoint cannot be written: each of DeepSpeed's files (the adapter's fp32 weights, about 150 KB;
+    # the frozen base is not written) is over the file-size limit
+    proc, errors = _child(["train", "--config", recipe, "train.stop_after=null"], FSIZE=str(100_000))
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "checkpoint of step 3 could not be written" in errors[0] and "still names" in errors[0] \
         and "step-2" in errors[0] and "too large" in errors[0].lower(), errors[0]
@@ -82,3 +85,18 @@ def test_a_failed_or_killed_checkpoint_leaves_latest_on_the_previous_one(tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     steps = [json.loads(line)["step"] for line in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]
+    # the universal form a resume at another world size writes cannot be written: one line, no `universal/`
+    step2 = os.path.join(cfg.train.output_dir, "checkpoints", "step-2")
+    code = (f"import resource, sys; sys.path.insert(0, {ROOT!r}); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "  # under one parameter's file
+            "from selfaug.train import checkpoint; checkpoint.universal(sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, step2], cwd=ROOT, capture_output=True, text=True,
+                          env=clean_env())
+    assert proc.returncode == 1 and "CheckpointError: the universal form of" in proc.stderr, proc.stderr[-3000:]
+    assert "too large" in proc.stderr.lower() and not os.path.exists(os.path.join(step2, "universal"))
+    folder, _ = checkpoint.universal(step2)  # the rerun, in this process: each parameter's value, whole
+    sd = torch.load(os.path.join(step2, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), weights_only=False)
+    flat = sd["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    for name, at in sd["optimizer_state_dict"]["param_slice_mappings"][0].items():
+        value = torch.load(os.path.join(folder, "zero", name, "fp32.pt"), weights_only=False)["param"]
+        assert "lora_" in name and torch.equal(value.flatten(), flat.narrow(0, at.start, at.numel))
