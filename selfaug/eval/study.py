@@ -9,10 +9,15 @@ recipe's + i. Under `study.output_dir`:
   teacher[-<arm>]/             one store per distinct teacher setting (arms that change none share it)
   runs/<arm>-seed<i>/          each training run
   eval/report.json             one `selfaug eval` of the base and every run (per-item scores included)
+  eval/models/<name>.json      each model's scores, kept as soon as it is evaluated
+  times.json                   wall and CPU seconds of every stage, added up over sittings
   study.json, study.md, study.png
 
 It resumes: a store it finished is not computed again, a run with its final model is not trained again (one with a
-checkpoint continues from it), and the evaluation is kept when it covers every run.
+checkpoint continues from it), and the evaluation scores only the models it has not scored (`selfaug eval` keeps
+each model's scores), so a study can run over several sittings. study.md gives, beside each difference from LoRA,
+the share of what LoRA lost from the base that the arm recovers, and where an interval contains 0 how many more
+evaluated items a power calculation from the observed spread says would show the difference.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from ..config import Config, ConfigError, build_config, config_digest
 from . import stats
 
 REFERENCE = "lora"
+LOWER_IS_BETTER = ("drift_kl",)
 # metric key in a report's per-item scores: its label
 METRICS = {"rag_accuracy": "RAG accuracy", "rag_strict_accuracy": "RAG accuracy, strict",
            "ifeval_strict_prompt": "IFEval strict, prompt", "ifeval_strict_instruction": "IFEval strict, instruction",
@@ -79,16 +85,35 @@ def _launcher() -> list[str]:
     return shlex.split(launcher) if launcher else [sys.executable, "-m", "selfaug"]
 
 
+def _cpu() -> float:
+    """CPU seconds of every finished child process (and theirs: each waits for its own)."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _stage(stage: str, recipe: str, times: dict, label: str) -> None:
+    """One stage as its own process; its wall and CPU seconds kept in `times` (saved by the caller, so that a
+    study run over several sittings adds them up)."""
     cmd = _launcher()
     cmd += [stage, recipe] if os.path.basename(cmd[0]) == "launch.sh" else [stage, "--config", recipe]
     print(f"study: {label}: {' '.join(cmd)}", flush=True)
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu()
     code = subprocess.run(cmd).returncode
-    times[label] = time.time() - t0
+    wall, cpu = times.get(label, [0.0, 0.0])  # an interrupted stage run again: both attempts count
+    times[label] = [wall + time.time() - t0, cpu + _cpu() - c0]
+    _save_times(times)
     if code != 0:
         raise StudyError(f"{label} failed (exit status {code}); fix it and run the study again: finished stores, "
                          "runs and checkpoints are kept")
+
+
+def _save_times(times: dict) -> None:
+    path = times.get("_path")
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in times.items() if k != "_path"}, f, indent=2)
 
 
 class StudyError(ConfigError):
@@ -120,7 +145,10 @@ def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     root = cfg.study.output_dir
     for (name, i), run_cfg in runs.items():
         run_cfg.save(os.path.join(root, "recipes", f"{name}-seed{i}.yaml"))
-    times, t0 = {}, time.time()
+    times_path = os.path.join(root, "times.json")  # wall and CPU seconds of each stage, over every sitting
+    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    times["_path"] = times_path
+    t0 = time.time()
     stores = {}
     for key, run_cfg in runs.items():  # one store per teacher directory, made by its first run's recipe
         stores.setdefault(run_cfg.teacher.output_dir, key)
@@ -153,7 +181,10 @@ def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     with open(report_path) as f:
         report = json.load(f)
     result = summarize(report, {k: os.path.basename(c.train.output_dir) for k, c in runs.items()}, cfg.study)
-    result["seconds"] = {"total_this_invocation": time.time() - t0, **times}
+    stages = {k: v for k, v in times.items() if k != "_path"}
+    result["seconds"] = {"total_this_invocation": time.time() - t0,
+                         "wall_all_sittings": sum(w for w, _ in stages.values()),
+                         "cpu_all_sittings": sum(c for _, c in stages.values()), "stages": stages}
     result["arms"] = arms(cfg)
     write(result, root)
     print(format_markdown(result), flush=True)
@@ -183,13 +214,22 @@ def summarize(report: dict, names: dict, sc) -> dict:
     items = {(a, i): models[n]["items"] for (a, i), n in names.items()}
     present = [m for m in METRICS if m in models["base"]["items"]]
     out = {"seeds": len(seeds), "reference": REFERENCE, "metrics": {m: METRICS[m] for m in present},
-           "base": {m: stats.metric(models["base"]["items"][m]) for m in present}, "by_arm": {}, "vs_reference": {}}
+           "sizes": report.get("sizes", {}),
+           "base": {m: stats.metric(models["base"]["items"][m]) for m in present}, "by_arm": {}, "vs_reference": {},
+           "recovered": {}, "items_needed": {}}
     for a in arm_names:
         out["by_arm"][a] = {m: stats.summary([stats.metric(items[(a, i)][m]) for i in seeds]) for m in present}
-        if a != REFERENCE:
-            out["vs_reference"][a] = {m: stats.paired_difference([items[(a, i)][m] for i in seeds],
-                                                                 [items[(REFERENCE, i)][m] for i in seeds],
-                                                                 sc.resamples, sc.bootstrap_seed) for m in present}
+        if a == REFERENCE:
+            continue
+        arm_items = {m: [items[(a, i)][m] for i in seeds] for m in present}
+        ref_items = {m: [items[(REFERENCE, i)][m] for i in seeds] for m in present}
+        out["vs_reference"][a] = {m: stats.paired_difference(arm_items[m], ref_items[m], sc.resamples,
+                                                             sc.bootstrap_seed) for m in present}
+        out["recovered"][a] = {m: stats.recovered_share(arm_items[m], ref_items[m], models["base"]["items"][m],
+                                                        sc.resamples, sc.bootstrap_seed,
+                                                        higher_is_better=m not in LOWER_IS_BETTER) for m in present}
+        out["items_needed"][a] = {m: stats.items_needed(d) for m, d in out["vs_reference"][a].items()
+                                  if not d["excludes_zero"]}
     return out
 
 
@@ -211,6 +251,26 @@ def format_markdown(result: dict) -> str:
         if zero:
             words.append(f"- {a}: the interval contains 0 for {', '.join(zero)}: no difference from "
                          f"{result['reference']} is shown there at this number of seeds and items.")
+        for m, times in result.get("items_needed", {}).get(a, {}).items():
+            if times is not None:
+                words.append(f"  - {metrics[m]}: at the observed difference ({row[m]['mean']:+.3f}) and spread, about "
+                             f"{times:.1f}× the evaluated items (prompts × seeds) would give a two-sided 5 % test "
+                             "80 % power (the items' standard error only; seed-to-seed variance adds to it).")
+    recovered = result.get("recovered", {})
+    if recovered:
+        lines += ["", f"Share of what {result['reference']} lost from the base that the arm recovers, "
+                      f"(arm − {result['reference']}) / (base − {result['reference']}), with its 95 % bootstrap "
+                      f"interval (– where {result['reference']} did not lose):", "",
+                  "| arm | " + " | ".join(metrics.values()) + " |", "|---|" + "---|" * len(metrics)]
+        for a, row in recovered.items():
+            cells = ["–" if row.get(m) is None else
+                     f"{row[m]['share']:.0%} [{row[m]['ci'][0]:.0%}, {row[m]['ci'][1]:.0%}]" for m in metrics]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    sizes = result.get("sizes") or {}
+    if sizes:
+        lines += ["", f"Evaluated on {sizes.get('ifeval_prompts')} IFEval prompts, {sizes.get('rag_questions')} RAG "
+                      f"questions and {sizes.get('drift_texts')} drift texts ({sizes.get('drift_positions')} positions, "
+                      f"the base's top {sizes.get('drift_k')} stored), {result['seeds']} seeds per arm."]
     return "\n".join(lines + ([""] + words if words else []))
 
 

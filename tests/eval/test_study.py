@@ -106,7 +106,12 @@ def test_a_small_study_of_the_tiny_recipe_end_to_end_and_resumed(tmp_path):
             assert d["mean"] == pytest.approx(np.mean(np.subtract(values, ref)), abs=1e-12)
             assert d["ci"][0] <= d["mean"] + 1e-12 and d["mean"] <= d["ci"][1] + 1e-12 and d["resamples"] == 2000
     md = open(root / "study.md").read()
-    assert "| selfaug − lora |" in md and "| base |" in md and " ± " in md
+    assert "| selfaug − lora |" in md and "| base |" in md and " ± " in md and "recovers" in md
+    assert result["sizes"]["ifeval_prompts"] == 3 and result["sizes"]["drift_texts"] == 2
+    assert "Evaluated on 3 IFEval prompts, 4 RAG questions and 2 drift texts" in md
+    assert set(result["recovered"]) == {"selfaug", "budget"} and set(result["items_needed"]) == {"selfaug", "budget"}
+    times = result["seconds"]
+    assert times["cpu_all_sittings"] > 0 and times["wall_all_sittings"] > 0 and len(times["stages"]) == 8
     assert os.path.getsize(root / "study.png") > 5000
     budget_alpha = [json.loads(line)["alpha"] for line in open(root / "runs" / "budget-seed0" / "metrics.jsonl")]
     assert len(budget_alpha) == 2 and budget_alpha[0] == 0.5  # the budget arm's alpha is steered from 0.5
@@ -115,3 +120,25 @@ def test_a_small_study_of_the_tiny_recipe_end_to_end_and_resumed(tmp_path):
     assert again.returncode == 0 and again.stdout.count("trained already") == 6
     assert "evaluate the base" not in again.stdout and "made already" in again.stdout
     assert json.load(open(root / "study.json"))["by_arm"] == result["by_arm"]
+
+
+def test_the_recovered_share_and_the_power_calculation_on_known_values():
+    """base 0.5, LoRA 0.3 (it lost 0.2), the arm 0.45: it recovers 75 % of the loss; where LoRA gained there is
+    nothing to recover; and a difference measured with a standard error of half of it needs (2.8 / 2)^2 = 1.96x
+    the items for 80 % power."""
+    n = 400
+    items = lambda p: [[int(i < p * n), 1] for i in range(n)]  # noqa: E731
+    got = stats.recovered_share([items(0.45)], [items(0.3)], items(0.5), resamples=2000, seed=0)
+    assert got["share"] == pytest.approx(0.75) and got["ci"][0] < 0.75 < got["ci"][1] and got["lost"] == pytest.approx(0.2)
+    assert stats.recovered_share([items(0.45)], [items(0.6)], items(0.5)) is None  # LoRA above the base
+    se = 0.05
+    assert stats.items_needed({"mean": 0.1, "ci": [0.1 - 1.959964 * se, 0.1 + 1.959964 * se]}) == pytest.approx(1.96)
+    assert stats.items_needed({"mean": 0.0, "ci": [-0.1, 0.1]}) is None
+
+
+def test_the_recovered_share_of_a_metric_where_lower_is_better():
+    """Drift: the base is 0, LoRA drifted to 0.4 and the arm to 0.1: it recovers 75 %."""
+    kl = lambda v: [[v, 1]] * 50  # noqa: E731
+    got = stats.recovered_share([kl(0.1)], [kl(0.4)], kl(0.0), higher_is_better=False)
+    assert got["share"] == pytest.approx(0.75)
+    assert stats.recovered_share([kl(0.1)], [kl(0.4)], kl(0.0)) is None  # read as a gain, had it been accuracy
