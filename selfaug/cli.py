@@ -74,6 +74,11 @@ def _recipes(args) -> int:
     return 0
 
 
+def _visible_gpus() -> int:
+    import torch
+    return max(torch.cuda.device_count(), 1)
+
+
 def _run(args) -> int:
     if args.command == "inspect":
         return _inspect(args.path)
@@ -92,6 +97,9 @@ def _run(args) -> int:
     elif args.command == "eval":
         from .eval.evaluate import run
         run(cfg)
+    elif args.command == "estimate":
+        from .estimate import run
+        run(cfg, args.gpus or int(os.environ.get("NUM_GPUS", 0)) or _visible_gpus())
     elif args.command == "study":
         from .eval.study import run
         run(cfg, args.config, args.overrides)
@@ -111,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                        ("eval", "stage 3: base vs fine-tuned"),
                        ("study", "every arm under several seeds, evaluated, with confidence intervals"),
                        ("bench", "performance benchmarks"),
+                       ("estimate", "before anything runs: the store's size, steps, tokens and memory per GPU"),
                        ("config", "print the resolved recipe with each key's help")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="recipe YAML (a path, or a shipped one: recipes/tiny.yaml)")
         p.add_argument("overrides", nargs="*", help="section.key=value")
+        if name == "estimate":
+            p.add_argument("--gpus", type=int, default=0, help="GPUs (data-parallel ranks) to plan for (default: "
+                                                               "$NUM_GPUS, else the visible GPUs, else 1)")
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
                                                       "data,scale,packing,budget,positions,open,reader,hf,gpu")

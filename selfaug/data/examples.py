@@ -141,6 +141,12 @@ class Examples:
         kept = self._lengths[np.isin(self._status, (OK, TRUNCATED))]
         return int(kept.max()) if len(kept) else 0
 
+    def kept_lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(record index, tokens, prompt tokens) of every kept example, without reading the tokens."""
+        kept = np.flatnonzero(np.isin(self._status, (OK, TRUNCATED)))
+        prompt = self.ds.data.table.column("prompt_len").to_numpy()
+        return kept, self._lengths[kept].astype(np.int64), np.asarray(prompt)[kept].astype(np.int64)
+
     def left_out(self) -> str:
         """One line on the records left out or cut (empty if none), with the first numbers of each kind."""
         parts = []

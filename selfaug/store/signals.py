@@ -36,6 +36,36 @@ class _Signal:
     def __init__(self, id_dtype: str = "uint16", value_dtype: str = "float16"):
         self.id_dtype, self.value_dtype = id_dtype, value_dtype
 
+    def shard_bytes(self, examples: int, tokens: int, positions: int, compression: str = "none") -> float:
+        """Bytes of a shard of this many examples, tokens and stored positions, as the store writes it (without
+        compression): a shard of one example, token and position, written, plus what each more of them adds
+        (measured the same way), so the Arrow metadata and offsets are counted, not guessed. A sampled signal
+        counts N unique ids per position: an upper bound."""
+        n = 4096
+        base = self._written(1, 1, 1, compression)
+        per_token = (self._written(1, 1 + n, 1, compression) - base) / n
+        per_position = (self._written(1, 1, 1 + n, compression) - base) / n
+        per_example = (self._written(1 + n, 1 + n, 1 + n, compression) - base) / n - per_token - per_position
+        return base + per_example * (examples - 1) + per_token * (tokens - 1) + per_position * (positions - 1)
+
+    def widest_rows(self, positions: int, rng) -> dict:
+        """Valid arrays of one example as large as this signal's rows can be (what `shard_bytes` writes)."""
+        return self.random_rows(positions, rng)
+
+    def _written(self, examples: int, tokens: int, positions: int, compression: str) -> int:
+        from .files import write_shard
+        rng = np.random.default_rng(0)
+        counts = [positions - (examples - 1)] + [1] * (examples - 1)  # the positions over the examples
+        sig = self.concat([self.widest_rows(c, rng) for c in counts])
+        toks = [np.zeros(tokens - (examples - 1), np.int32)] + [np.zeros(1, np.int32)] * (examples - 1)
+        rows = ShardRows(np.arange(examples), toks, np.ones(examples, np.int32),
+                         [np.arange(c, dtype=np.int32) for c in counts], sig)
+        tmp = tempfile.mkdtemp(prefix="selfaug-bytes-")
+        try:
+            return write_shard(os.path.join(tmp, "s.arrow"), rows.table(self), compression)["bytes"]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def bytes_per_position(self, sig: dict, compression: str = "none") -> float:
         """Shard bytes per stored position of these arrays, written exactly as the store writes them."""
         from .files import write_shard
@@ -250,6 +280,11 @@ class Sampled(_Signal):
         """Valid arrays of one example (draws from a uniform teacher over 64 ids), for benchmarks and tests."""
         draws = np.sort(rng.integers(0, 64, size=(positions, self.samples)), axis=1)
         return dedupe_samples(draws, np.full(draws.shape, -np.log(64.0)))
+
+    def widest_rows(self, positions: int, rng) -> dict:
+        """N distinct ids at every position (the most a position can store)."""
+        draws = np.tile(np.arange(self.samples), (positions, 1))
+        return dedupe_samples(draws, np.full(draws.shape, -np.log(self.samples)))
 
     def concat(self, parts: list[dict]) -> dict:
         """One shard's arrays: sample_len (N,) unique ids per position, and sample_ids, sample_counts

@@ -46,3 +46,14 @@ def test_smollm2_store_equals_full_vocabulary_reference(demo):
     assert problems == [] and manifest["settings"]["k"] == 64 and manifest["settings"]["model"]["vocab_size"] == 49152
     assert manifest["totals"]["examples"] == 6 and manifest["totals"]["mean_tail_mass"] < 0.5
     _check_against_reference(store, load_model("builtin:smollm2-135m-instruct"), "prompt", value_tol=2e-2)
+
+
+def test_the_estimated_store_size_of_the_demo_recipe_is_within_5_percent(demo):
+    from selfaug import estimate
+    from selfaug.config import load_config
+    d, _ = demo
+    cfg = load_config(os.path.join(ROOT, "recipes", "smollm2_demo.yaml"), SMALL + [f"teacher.output_dir={d}/teacher"])
+    got = estimate.run(cfg, gpus=1)
+    written = ts.read_manifest(os.path.join(d, "teacher"))["totals"]
+    assert got["positions"] == written["positions"]
+    assert abs(got["store_bytes"] / written["bytes"] - 1) < 0.05, (got["store_bytes"], written["bytes"])

@@ -1,0 +1,134 @@
+"""`selfaug estimate --config RECIPE [--gpus N]` (docs/design.md, "Command line"): before anything runs, what a
+recipe will cost: the teacher store's size on disk, steps per epoch and tokens per step from the tokenized data,
+and the memory per GPU of stage 1 and stage 2 for the recipe's model shape and ZeRO stage.
+
+The data is read and tokenized (cached, as the stages would); the model is built on the meta device (its shape,
+no weights). Store bytes are the Arrow shards' (`signals.shard_bytes`: a written shard's metadata and offsets
+included; a sampled store counts N unique ids per position, an upper bound). Memory follows the memory plan
+of docs/distributed.md, term by term, in the dtype the recipe trains in on a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import store
+from .config import Config
+from .models import config_of, load_tokenizer_for, resolve_dtype
+
+ACTIVATION_FACTOR = 1.2  # measured saved-for-backward / the per-layer formula (docs/results.md, micro-batches by tokens)
+GiB = 2 ** 30
+
+
+def _shape(mc, tc) -> dict:
+    """Parameter counts of the model (on the meta device: no memory) and of what trains."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = config_of(mc)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight
+    tied = head is model.get_input_embeddings().weight
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) if hasattr(model, "model") else 0
+    largest = max((p.numel() for p in model.parameters() if p is not head), default=0)
+    if tc.method == "lora":
+        targets = [t.strip() for t in tc.lora_target_modules.split(",")]
+        trainable = sum(tc.lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
+                        and ("all-linear" in targets or name.split(".")[-1] in targets))
+    else:
+        trainable = params - (head.numel() if tc.freeze_lm_head and not tied else 0)
+    return {"params": params, "trainable": trainable, "layers": text.num_hidden_layers, "hidden": text.hidden_size,
+            "intermediate": text.intermediate_size, "vocab": head.shape[0], "head": head.numel(),
+            "head_trains": tc.method == "full" and not tc.freeze_lm_head, "layer": layer, "largest": largest,
+            "kv": getattr(text, "num_key_value_heads", text.num_attention_heads) * (
+                getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)}
+
+
+def _zero_stage(path: str) -> int:
+    """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section)."""
+    import json
+    from . import shipped
+    with open(shipped.resolve(path)) as f:
+        return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+
+
+def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int) -> dict:
+    """Stage 2 per GPU in bytes, term by term (b: bytes per weight, 2 in bf16)."""
+    shard = gpus if zero == 3 else 1
+    weights = b * s["params"] / shard
+    per_state = b + (4 if b == 2 else 0) + 8  # gradient, fp32 master (bf16 weights), Adam m and v
+    states = s["trainable"] * (b / (gpus if zero >= 2 else 1) + (per_state - b) / (gpus if zero >= 1 else 1))
+    per_token_layer = b * (7 * s["hidden"] + 2 * s["kv"] + 4 * s["intermediate"])  # docs/distributed.md
+    activations = ACTIVATION_FACTOR * tokens * s["layers"] * per_token_layer
+    checkpointed = tokens * s["layers"] * b * s["hidden"] + ACTIVATION_FACTOR * tokens * per_token_layer
+    rows = min(tc.loss_chunk_rows, tokens)
+    loss = rows * s["vocab"] * (b + 4 + b) + tokens * s["hidden"] * b + (s["head"] * b if s["head_trains"] else 0)
+    working = (s["head"] + 2 * s["layer"]) * b if zero == 3 else 0  # the head for the loss, a layer and the next
+    kept = weights + states + working + loss
+    return {"weights": weights, "trainable_state": states, "zero3_working_set": working, "loss_buffers": loss,
+            "activations": checkpointed if tc.gradient_checkpointing else activations,
+            "activations_without_checkpointing": activations, "activations_with_checkpointing": checkpointed,
+            "total": kept + (checkpointed if tc.gradient_checkpointing else activations)}
+
+
+def run(cfg: Config, gpus: int) -> dict:
+    from .data import load_examples
+    tok = load_tokenizer_for(cfg.model)
+    examples = load_examples(cfg.data.train, tok, cfg.data)
+    records, tokens, prompt = examples.kept_lengths()
+    if len(records) == 0:
+        raise store.StoreError(f"no example is kept: {examples.left_out()}")
+    rule = store.PositionRule.of(cfg.teacher)
+    lo, hi = rule.candidates(tokens, prompt)
+    positions = rule.count(hi - lo)
+    s = _shape(cfg.model, cfg.train)
+    signal = store.signal_for(cfg.teacher, s["vocab"])
+    size = cfg.teacher.shard_size
+    chunk = records // size
+    store_bytes = sum(signal.shard_bytes(int((chunk == j).sum()), int(tokens[chunk == j].sum()),
+                                         int(positions[chunk == j].sum())) for j in np.unique(chunk))
+    tc = cfg.train
+    global_batch = tc.micro_batch_size * tc.grad_accum * gpus
+    micro_tokens = tc.batch_tokens or tc.micro_batch_size * int(tokens.max())
+    b = 2 if resolve_dtype(cfg.model.dtype, "cuda").itemsize == 2 else 4
+    zero = _zero_stage(tc.deepspeed)
+    mem = memory(s, tc, zero, gpus, micro_tokens, b)
+    partitioned = cfg.teacher.deepspeed is not None
+    teacher_weights = b * s["params"] / (gpus if partitioned else 1) + (b * (s["head"] + s["layer"]) if partitioned else 0)
+    stage1 = teacher_weights + cfg.teacher.batch_tokens * s["hidden"] * b * 8 + \
+        cfg.teacher.vocab_chunk_rows * s["vocab"] * 4
+    out = {"gpus": gpus, "zero_stage": zero, "dtype_bytes": b, "examples": int(len(records)),
+           "records": len(examples), "tokens": int(tokens.sum()), "positions": int(positions.sum()),
+           "store_bytes": float(store_bytes), "store_is_upper_bound": signal.draws,
+           "steps_per_epoch": int(len(records) // global_batch), "global_batch": global_batch,
+           "tokens_per_step": float(tokens.mean() * global_batch), "micro_batch_tokens_max": micro_tokens,
+           "model": s, "stage2_bytes_per_gpu": mem, "stage1_bytes_per_gpu": stage1}
+    print(format_estimate(out, cfg))
+    return out
+
+
+def format_estimate(e: dict, cfg: Config) -> str:
+    s, m = e["model"], e["stage2_bytes_per_gpu"]
+    mb = e["store_bytes"] / 2 ** 20
+    lines = [f"data: {e['examples']} examples kept of {e['records']} records, {e['tokens']:,} tokens, "
+             f"{e['positions']:,} KL positions",
+             f"teacher store: {mb:,.1f} MiB on disk ({'at most; ' if e['store_is_upper_bound'] else ''}"
+             f"{e['store_bytes'] / max(e['positions'], 1):.1f} bytes per position, uncompressed)",
+             f"steps: {e['steps_per_epoch']} per epoch at a global batch of {e['global_batch']} "
+             f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {e['gpus']} GPUs); "
+             f"{e['tokens_per_step']:,.0f} tokens per step on average; train.max_steps={cfg.train.max_steps} is "
+             f"{cfg.train.max_steps / max(e['steps_per_epoch'], 1):.2f} epochs",
+             f"model: {s['params'] / 1e9:.2f}B parameters ({s['trainable'] / 1e6:,.2f}M trained), {s['layers']} layers, "
+             f"hidden {s['hidden']}, vocabulary {s['vocab']}; ZeRO stage {max(e['zero_stage'], 0)}, "
+             f"{'bf16' if e['dtype_bytes'] == 2 else 'fp32'} on a GPU",
+             f"memory per GPU, stage 2 (micro-batches of up to {e['micro_batch_tokens_max']:,} tokens):"]
+    for key in ("weights", "trainable_state", "zero3_working_set", "loss_buffers", "activations_with_checkpointing",
+                "activations_without_checkpointing"):
+        lines.append(f"  {key.replace('_', ' '):<36}{m[key] / GiB:>9.2f} GiB")
+    lines.append(f"  {'total (' + ('with' if cfg.train.gradient_checkpointing else 'without') + ' checkpointing)':<36}"
+                 f"{m['total'] / GiB:>9.2f} GiB  (+ the CUDA context and allocator slack, about 2 GiB)")
+    lines.append(f"memory per GPU, stage 1 ({'partitioned' if cfg.teacher.deepspeed else 'whole'} teacher): "
+                 f"{e['stage1_bytes_per_gpu'] / GiB:.2f} GiB")
+    return "\n".join(lines)
