@@ -75,7 +75,9 @@ def init(timeout_s: float = TrainConfig.ddp_timeout) -> tuple[int, int]:
     """(rank, world_size); a process group is created only when there are several ranks. Its collectives wait
     up to `timeout_s` (train.ddp_timeout) for the other ranks before the run fails: torch's default for NCCL,
     10 minutes, is shorter than waits that are normal here (rank 0 writing final/ or merging the adapter while
-    the others wait at a barrier; precompute's ranks meeting only at the end)."""
+    the others wait at a barrier; precompute's ranks meeting only at the end). DeepSpeed's own subgroups
+    (`new_group`, e.g. its copy of the world group for ZeRO's gathers) keep torch's default: their waits are
+    in lockstep, never a phase one rank runs alone."""
     ensure_env()
     check_build_locks()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

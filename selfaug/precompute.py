@@ -4,8 +4,11 @@ the top-k log-probabilities and the log of the remaining mass, or N draws from t
 What a signal computes from the full-vocabulary log-probs is its own (`store.signals`); this module runs
 the model, hands each chunk of log-probs to the signal and the rows to `store.StoreWriter`.
 
-Work is cut into fixed chunks of `teacher.shard_size` source records, one shard each; chunk j runs
-on rank j mod world_size, so a store can be resumed with any number of ranks and comes out identical.
+Work is cut into fixed chunks of `teacher.shard_size` source records, one shard each, whose content depends
+only on the chunk's index; the chunks still to compute are dealt round-robin over the ranks
+(`StoreWriter.open`), so a store can be resumed with any number of ranks, each rank gets its share of what
+is left, and the store comes out identical. The ranks run their chunks independently and meet at the end
+(`writer.close`): a rank done first waits there, up to train.ddp_timeout.
 
 The teacher is either whole on every rank (`teacher.deepspeed: null`) or partitioned over all ranks
 with ZeRO-3 (`teacher.deepspeed: ds_configs/zero3_inference.json`): parameters are gathered layer by
@@ -143,7 +146,7 @@ def teacher_ds_config(cfg: Config, device) -> dict | None:
 
 def run(cfg: Config) -> dict | None:
     check_paths(cfg)
-    rank, world = dist.init()
+    rank, world = dist.init(cfg.train.ddp_timeout)
     # a precompute already writing this store: one line now, not after loading the model
     dist.decide(store.StoreLock(cfg.teacher.output_dir).check_free)
     device = dist.device()
@@ -151,7 +154,8 @@ def run(cfg: Config) -> dict | None:
     ds_conf = teacher_ds_config(cfg, device)
     if ds_conf is not None:
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=dist.timeout(cfg))
         ds_conf["train_batch_size"] = world
     loaded = load_all(cfg, device, ds_config=ds_conf)  # created partitioned under ZeRO-3
     model = loaded.model

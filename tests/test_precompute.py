@@ -1,5 +1,6 @@
 """Stage 1: the stored top-k equals an independent full-vocabulary log_softmax + topk, at exactly
-the positions of each mode; the store is the same from 1 or 2 ranks and after a kill and restart."""
+the positions of each mode; the store is the same from 1 or 2 ranks (which share the chunks left of a
+resumed store) and after a kill and restart."""
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ from selfaug import store as ts
 from selfaug.config import build_config
 from selfaug.hashing import sha256_file
 from selfaug.models import load_model
+from selfaug.store.writer import share_chunks
 
 
 def _reference(model, input_ids):
@@ -66,14 +68,29 @@ def _shard_hashes(store_dir):
     return {os.path.basename(p): sha256_file(p) for p in sorted(glob.glob(os.path.join(store_dir, "shards", "*.arrow")))}
 
 
+def test_the_chunks_left_are_dealt_round_robin_over_the_ranks():
+    """A store resumed after the chunks of one residue class were done (rank 1's of an earlier run on 2 ranks):
+    each rank gets half of what is left, not rank 0 all of it, on any number of ranks."""
+    left = [j for j in range(10) if j % 2 == 0]
+    assert share_chunks(left, 2) == [[0, 4, 8], [2, 6]]  # chunk j on rank j mod 2: [[0, 2, 4, 6, 8], []]
+    assert share_chunks(list(reversed(left)), 2) == share_chunks(left, 2)  # the same on every rank
+    assert share_chunks(left, 3) == [[0, 6], [2, 8], [4]]
+    assert share_chunks([], 2) == [[], []] and share_chunks([5], 4) == [[5], [], [], []]
+
+
 def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_store, capsys):
     one = _shard_hashes(tiny_store.teacher.output_dir)
     assert len(one) == 3  # 12 records / 5 per shard
-    # two processes, real torch.distributed over gloo
+    # two processes, real torch.distributed over gloo, resuming a store of which chunk 1 is done: the two
+    # chunks left (0 and 2, both rank 0's under chunk j on rank j mod 2) are shared, one each
     two_dir = str(tmp_path / "two")
+    shutil.copytree(tiny_store.teacher.output_dir, two_dir)
+    for j in (0, 2):
+        os.remove(os.path.join(two_dir, "shards", f"shard-{j:05d}.arrow"))
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": two_dir})
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
-    launch("precompute", recipe, nprocs=2)
+    out = launch("precompute", recipe, nprocs=2)
+    assert "2 shards computed (1 + 1 on 2 ranks, 7 examples), 1 reused" in out.stdout, out.stdout[-2000:]
     assert _shard_hashes(two_dir) == one
     # one rank killed after its first shard, then restarted (in this process)
     killed_dir = str(tmp_path / "killed")

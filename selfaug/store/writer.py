@@ -23,11 +23,12 @@ from .signals import signal_of
 
 
 class StoreWriter:
-    """open() checks the directory and says which chunks this rank still has to compute (a chunk whose
-    shard verifies against its sidecar is kept); write() stores a chunk's rows as a shard and its
-    sidecar; close() (all ranks) writes the manifest on rank 0 and returns the summary. A rerun over a
-    complete, verified store changes nothing on disk. Every decision the ranks share (the store is
-    complete, the directory may be used, which chunks remain) is taken once and broadcast.
+    """open() checks the directory and says which chunks each rank still has to compute (a chunk whose
+    shard verifies against its sidecar is kept; the others are dealt round-robin over the ranks); write()
+    stores a chunk's rows as a shard and its sidecar; close() (all ranks) writes the manifest on rank 0 and
+    returns the summary. A rerun over a complete, verified store changes nothing on disk. Every decision the
+    ranks share (the store is complete, the directory may be used, which chunks remain) is taken once and
+    broadcast.
 
     settings: `format.store_settings`; computed_with: how (teacher, world size), for the manifest;
     config: the resolved recipe (a dict), saved as config.yaml and in the manifest."""
@@ -52,15 +53,16 @@ class StoreWriter:
         return False
 
     def open(self, n_chunks: int) -> list[list[int]]:
-        """The chunks each rank has to compute (rank r: chunks j = r mod world not yet stored), the same
-        list on every rank."""
+        """The chunks each rank has to compute, the same lists on every rank: the chunks not yet stored, dealt
+        round-robin over the ranks (`share_chunks`)."""
         self.n_chunks = n_chunks
         self.complete = self._already_complete()  # then nothing is written, not even a lock
         if self.complete:
             return [[] for _ in range(self.world)]
         dist.decide(self._prepare)
-        mine = [j for j in range(n_chunks) if j % self.world == self.rank and not self._sidecar_ok(j)]
-        return dist.all_gather_object(mine)
+        # the shards already there are verified (read whole) by the ranks in turn, chunk j on rank j mod world
+        missing = [j for j in range(n_chunks) if j % self.world == self.rank and not self._sidecar_ok(j)]
+        return share_chunks([j for share in dist.all_gather_object(missing) for j in share], self.world)
 
     def _already_complete(self) -> bool:
         def existing():  # rank 0 looks, every rank gets its answer: they cannot see the directory differently
@@ -132,9 +134,10 @@ class StoreWriter:
         return entry
 
     def close(self, elapsed: float) -> dict | None:
-        """All ranks: the counts of what this run computed are summed over ranks; rank 0 writes the
-        manifest (unless the store was already complete) and returns the summary."""
-        computed = dist.all_reduce_sum(self.computed)
+        """All ranks: the counts of what this run computed are summed over ranks (and the shards of each rank
+        kept); rank 0 writes the manifest (unless the store was already complete) and returns the summary."""
+        by_rank = dist.all_gather_object(self.computed.tolist())  # [[shards, examples, tokens]] in rank order
+        computed = np.sum(by_rank, axis=0)
         elapsed = dist.all_reduce_max(elapsed)
         summary = None
         if self.rank == 0:
@@ -146,6 +149,7 @@ class StoreWriter:
             summary = {**manifest["totals"],
                        "long_examples": {k: manifest["long_examples"][k] for k in ("policy", "skipped", "truncated")},
                        "elapsed_s": elapsed, "shards": self.n_chunks, "shards_computed": int(computed[0]),
+                       "shards_computed_by_rank": [int(r[0]) for r in by_rank],
                        "shards_reused": self.n_chunks - int(computed[0]), "examples_computed": int(computed[1]),
                        "tokens_computed": int(computed[2]), "examples_per_s": computed[1] / max(elapsed, 1e-9),
                        "tokens_per_s": computed[2] / max(elapsed, 1e-9)}
@@ -181,6 +185,15 @@ class StoreWriter:
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def share_chunks(chunks: list[int], world: int) -> list[list[int]]:
+    """The chunks still to compute, dealt round-robin over `world` ranks in chunk order: every rank gets as many
+    as any other, give or take one, whichever chunks were done before (chunk j on rank j mod world would leave a
+    store resumed after one rank's chunks were done with all the work on the others). Where a chunk is computed
+    changes nothing: a shard depends only on its chunk index."""
+    ordered = sorted(chunks)
+    return [ordered[r::world] for r in range(world)]
+
+
 def format_summary(out_dir: str, manifest: dict, extra: dict | None = None) -> str:
     t, s, lg = manifest["totals"], manifest["settings"], manifest["long_examples"]
     signal = signal_of(s)
@@ -203,7 +216,9 @@ def format_summary(out_dir: str, manifest: dict, extra: dict | None = None) -> s
         lines.append(f"  computed with: teacher {how.get('teacher', '?')} on {how.get('world_size', '?')} rank(s)")
     if extra and "elapsed_s" in extra:
         el = max(extra["elapsed_s"], 1e-9)
+        by_rank = extra.get("shards_computed_by_rank", [])
+        split = f"{' + '.join(map(str, by_rank))} on {len(by_rank)} ranks, " if len(by_rank) > 1 else ""
         lines.append(f"  this run: {el:.1f} s, {extra['shards_computed']} shards computed "
-                     f"({extra['examples_computed']} examples), {extra['shards_reused']} reused, "
+                     f"({split}{extra['examples_computed']} examples), {extra['shards_reused']} reused, "
                      f"{extra['examples_per_s']:.2f} examples/s, {extra['tokens_per_s']:.0f} tokens/s")
     return "\n".join(lines)

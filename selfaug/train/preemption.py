@@ -6,15 +6,18 @@ each optimizer step, so all ranks see a stop at the same step boundary, save a c
 with 75. A second signal while stopping is ignored. A cluster delivers the stop to every process at once,
 the launcher included, and the launchers (DeepSpeed's `launch.py`, torchrun's agent) then relay it and
 kill their ranks 30 s later, however far the save has got: a rank whose parent is such a launcher pauses
-it (SIGSTOP) at the first signal and lets it go (SIGCONT) on its way out, once the checkpoint is written.
+it (SIGSTOP) at the first signal and lets it go (SIGCONT) on its way out, once the checkpoint is written;
+a watchdog process lets it go if the rank ends without a way out (SIGKILL, the OOM killer).
 `record_exit` leaves each rank's exit status where `launch.sh` reads it (`SELFAUG_EXIT_DIR`), since the
 launchers do not pass 75 on.
 """
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import signal
+import subprocess
 import sys
 
 from .. import dist
@@ -79,8 +82,14 @@ class StopFlag:
 
 def hold_launcher() -> int | None:
     """Pause this process's parent when it is a launcher that would kill it before the checkpoint is written
-    (DeepSpeed's launch.py, torchrun: SIGTERM to the ranks, SIGKILL 30 s later); it is let go when this
-    process exits. None when the parent is anything else (a shell, launch.sh, a scheduler's task)."""
+    (DeepSpeed's launch.py, torchrun: SIGTERM to the ranks, SIGKILL 30 s later), and make sure it is let go
+    however this process ends. None when the parent is anything else (a shell, launch.sh, a scheduler's task).
+
+    Two things let it go: an atexit handler (promptly, also after an error), and a watchdog process started
+    before the pause, which lets it go once this process has ended: SIGKILL and the OOM killer run no atexit
+    handler, and a launcher left paused would hold the job until the scheduler's limit (torchrun's agent would
+    also miss its rendezvous heartbeats). The barrier of `StopFlag.finish` still comes first: a rank that saved
+    its checkpoint ends only after every rank has recorded 75."""
     parent = os.getppid()
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
@@ -89,9 +98,89 @@ def hold_launcher() -> int | None:
         return None
     if parent <= 1 or not any(m in a for a in argv[:4] for m in LAUNCHERS):
         return None
+    try:
+        watchdog = _start_watchdog(parent)
+    except OSError as e:  # no pause without the watchdog: a launcher paused forever is worse than its kill
+        print(f"selfaug: the launcher (pid {parent}) is not paused, so it may kill this rank 30 s from now, before "
+              f"the checkpoint is written: its watchdog could not be started ({e})", file=sys.stderr, flush=True)
+        return None
     os.kill(parent, signal.SIGSTOP)
-    atexit.register(os.kill, parent, signal.SIGCONT)  # the last thing this process does, whatever ends it
+    atexit.register(_let_go, parent, watchdog)
     return parent
+
+
+# what the watchdog ignores: a stop delivered to the whole job, or relayed by the launcher, is for the ranks
+WATCHDOG_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _start_watchdog(launcher: int) -> subprocess.Popen:
+    """The watchdog of `hold_launcher`: `_watch` in an interpreter of its own that imports only the standard
+    library (fork+exec: this process has threads), given this process as a pidfd where the kernel has them
+    (Linux 5.3+; it cannot name another process later, as a pid can). It ignores WATCHDOG_IGNORES from its
+    first instruction: a signal ignored at exec stays ignored, so they are ignored here while it starts."""
+    try:
+        me = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):  # no pidfds: the watchdog reads /proc/PID/stat
+        me = -1
+    program = "\n".join(inspect.getsource(f) for f in (_has_ended, _watch))
+    program += "\nimport sys\n_watch(*map(int, sys.argv[1:]))\n"
+    handlers = {s: signal.getsignal(s) for s in WATCHDOG_IGNORES}
+    handlers = {s: h for s, h in handlers.items() if h is not None}  # None: set outside Python, left alone
+    try:
+        for signum in handlers:
+            signal.signal(signum, signal.SIG_IGN)
+        return subprocess.Popen([sys.executable, "-I", "-S", "-c", program, str(os.getpid()), str(me), str(launcher)],
+                                stdin=subprocess.DEVNULL, pass_fds=(me,) if me >= 0 else ())
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if me >= 0:
+            os.close(me)
+
+
+def _let_go(launcher: int, watchdog: subprocess.Popen) -> None:
+    """At exit: the launcher goes on, and the watchdog, no longer needed, is ended and reaped (it ignores SIGTERM)."""
+    try:
+        os.kill(launcher, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    watchdog.kill()
+    watchdog.wait()
+
+
+def _watch(rank: int, rank_fd: int, launcher: int) -> None:
+    """The watchdog's program (its own interpreter, the standard library only, the stop signals ignored): wait
+    until the rank has ended, however it ended, then let its launcher go. The rank is not gone when it dies: it
+    stays a zombie until its parent reaps it, and its parent is the paused launcher, so `kill(pid, 0)` still
+    succeeds. Its pidfd turns readable at its exit, zombie or not; without one, /proc/PID/stat says Z."""
+    import os
+    import select
+    import signal
+    import sys
+    import time
+    if rank_fd >= 0:
+        poller = select.poll()  # not select(): a pidfd's number may be above FD_SETSIZE
+        poller.register(rank_fd, select.POLLIN)
+        poller.poll()
+    else:
+        while not _has_ended(rank):
+            time.sleep(0.1)
+    try:
+        os.kill(launcher, signal.SIGCONT)
+    except ProcessLookupError:
+        return
+    print(f"selfaug: rank process {rank} ended without letting its launcher go (killed: SIGKILL, out of memory?); "
+          f"its watchdog let the launcher (pid {launcher}) go on", file=sys.stderr, flush=True)
+
+
+def _has_ended(pid: int) -> bool:
+    """Whether process `pid` has exited: a zombie (state Z, or X while it is reaped) or no longer listed."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # the state follows the command name "(...)"
 
 
 def record_exit(code: int) -> None:

@@ -2,12 +2,15 @@
 launch.sh alone, to every process of its group at once (SLURM at a time limit, `scancel`), or to the
 ranks alone; under launch.sh, the `deepspeed` launcher, torchrun, or as one plain process; on 1 and 2
 ranks. Each ends with a checkpoint at a step boundary and every rank exiting 75 (launch.sh itself 75),
-and the resumed run ends where an uninterrupted one ends, with every step logged once."""
+and the resumed run ends where an uninterrupted one ends, with every step logged once. A rank killed
+during the save (no atexit handler runs) leaves no launcher paused; collectives wait train.ddp_timeout."""
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import psutil
 import pytest
@@ -23,11 +26,11 @@ STEPS = 10
 SLOW_SAVE_S = 33  # longer than the launchers' grace between their SIGTERM and SIGKILL (30 s)
 
 
-def _config(tmp_path, tiny_store, run_dir, grad_accum):
+def _config(tmp_path, tiny_store, run_dir, grad_accum, **train_keys):
     """The same global batch of 4 on any world size: micro 2 x accum 2 on 1 rank, micro 2 on 2 ranks."""
     return tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                        train={**SGD, "max_steps": STEPS, "micro_batch_size": 2, "grad_accum": grad_accum,
-                              "output_dir": str(run_dir)})
+                              "output_dir": str(run_dir), **train_keys})
 
 
 def _adapter(run_dir):
@@ -160,3 +163,155 @@ def test_a_build_lock_left_by_a_killed_process_is_one_line_instead_of_a_hang(tmp
         dist.check_build_locks()
     (op / "lock").unlink()
     dist.check_build_locks()
+
+
+def test_train_ddp_timeout_reaches_the_process_group_in_both_stages(tmp_path, monkeypatch):
+    """torch's NCCL default (10 minutes) is shorter than waits that are normal here: train.ddp_timeout goes to
+    torch.distributed's process group (`dist.init`) and to `deepspeed.init_distributed`, in stage 1 and 2."""
+    import deepspeed
+    import torch.distributed
+    from selfaug import dist, precompute
+
+    class Reached(Exception):
+        pass
+    got = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: got.append(timeout))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist.init(90) == (0, 2) and got == [timedelta(seconds=90)]
+    assert inspect.signature(dist.init).parameters["timeout_s"].default == 3600  # a plain dist.init()
+
+    def reached(*args, timeout, **kwargs):
+        got.append(timeout)
+        raise Reached
+    monkeypatch.setattr(dist, "init", lambda timeout_s: got.append(timeout_s) or (0, 1))
+    monkeypatch.setattr(deepspeed, "init_distributed", reached)
+    cfg = tiny_config(str(tmp_path), train={"ddp_timeout": 7200},
+                      teacher={"deepspeed": os.path.join(ROOT, "ds_configs", "zero3_inference.json")})
+    for stage in (precompute.run, train.setup):
+        got.clear()
+        with pytest.raises(Reached):
+            stage(cfg)
+        assert got == [7200, timedelta(seconds=7200)], stage
+
+
+def test_a_phase_rank_0_runs_alone_says_how_long_the_others_wait(monkeypatch, capsys):
+    from selfaug import dist
+    line = "rank 0 merges the adapter; the other ranks wait at a barrier (up to train.ddp_timeout = 60 min)"
+    for rank, world, printed in ((0, 2, line), (1, 2, ""), (0, 1, "")):
+        monkeypatch.setattr(dist, "rank_world", lambda: (rank, world))
+        assert dist.alone("merges the adapter", 3600) == (line if world > 1 else None)
+        assert capsys.readouterr().out.strip() == printed
+
+
+# ---- the launcher is let go however a rank ends -------------------------------------------------------------
+
+LAUNCHER = """import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[2]])  # argv[1] names torchrun: hold_launcher pauses this
+sys.exit(rank.wait() & 0xFF)
+"""
+RANK = """import os, sys, time
+sys.path.insert(0, {root!r})
+from selfaug.train import preemption
+if {no_pidfd}:
+    del os.pidfd_open  # an older kernel: the watchdog reads /proc/PID/stat
+print(preemption.hold_launcher(), flush=True)
+time.sleep({sleep})
+"""
+
+
+def _state(pid):
+    try:
+        return psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+def _until(check, timeout):
+    deadline = time.time() + timeout
+    while not check() and time.time() < deadline:
+        time.sleep(0.05)
+    return check()
+
+
+@pytest.mark.parametrize("end,no_pidfd", [("sigkill", False), ("sigkill", True), ("exit", False)])
+def test_the_paused_launcher_goes_on_however_the_rank_ends(tmp_path, end, no_pidfd):
+    """A stand-in launcher (its argv names torch.distributed.run) whose one rank pauses it. SIGKILL runs no atexit
+    handler, and the killed rank stays a zombie while its paused parent cannot reap it: the watchdog still lets
+    the launcher go, within a second. A rank that exits lets it go itself and leaves no watchdog behind."""
+    rank_code = RANK.format(root=ROOT, no_pidfd=no_pidfd, sleep=60 if end == "sigkill" else 1)
+    log = open(tmp_path / "log", "w+")
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, "torch.distributed.run", rank_code], cwd=ROOT,
+                                env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert _until(lambda: _state(launcher.pid) == psutil.STATUS_STOPPED, 60), open(tmp_path / "log").read()
+        rank = psutil.Process(launcher.pid).children()[0]
+        watchdogs = [p for p in rank.children() if any("_watch(" in a for a in p.cmdline())]
+        for w in watchdogs:  # the stop, or the launcher's relay of it, reaches the watchdog too
+            w.send_signal(signal.SIGTERM)
+            w.send_signal(signal.SIGINT)
+        if end == "sigkill":
+            rank.kill()
+        assert _until(lambda: _state(launcher.pid) != psutil.STATUS_STOPPED, 1 + (end == "exit")), "still paused"
+        assert launcher.wait(timeout=10) == (-signal.SIGKILL & 0xFF if end == "sigkill" else 0)
+        assert len(watchdogs) == 1
+        assert _until(lambda: _state(watchdogs[0].pid) == "gone", 5), _state(watchdogs[0].pid)  # nor a zombie
+    finally:
+        for p in psutil.Process(launcher.pid).children(recursive=True) if launcher.poll() is None else []:
+            p.kill()
+        launcher.kill()
+        launcher.wait()
+    log.seek(0)
+    output = log.read()
+    assert output.splitlines()[0] == str(launcher.pid)
+    assert ("its watchdog let the launcher" in output) == (end == "sigkill"), output
+
+
+KILLED_SAVE_S = 8  # the slowed save during which a rank is killed: long enough to tell a paused launcher apart
+
+
+def test_a_rank_killed_during_the_save_leaves_no_launcher_paused(tmp_path, tiny_store):
+    """torchrun, 2 ranks, the stop to the whole group; during the (slowed) save one rank is SIGKILLed, as the
+    OOM killer would end it: no atexit handler runs. Its watchdog lets the agent go at once (with the atexit
+    handler alone the agent stayed paused until the other rank's save failed: with NCCL, at the collective
+    timeout), the job ends non-zero within seconds, nothing of it is left running, and checkpoints/latest
+    still names the checkpoint before the stop."""
+    run_dir = tmp_path / "run"
+    train.train(_config(tmp_path, tiny_store, run_dir, 2, stop_after=1))  # the checkpoint before: step-1
+    recipe = write_recipe(str(tmp_path / "r.yaml"), _config(tmp_path, tiny_store, run_dir, 1))
+    env = clean_env(PYTHONPATH=os.path.join(ROOT, "tests", "helpers", "slow_save"), SLOW_SAVE_S=str(KILLED_SAVE_S))
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(_command("torchrun", 2, recipe), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    agent = psutil.Process(proc.pid)
+    metrics = run_dir / "metrics.jsonl"
+
+    def rows():
+        return metrics.read_text().count("\n")
+    try:
+        assert _until(lambda: rows() >= 2 or proc.poll() is not None, 240) and proc.poll() is None, \
+            log.seek(0) or log.read()[-3000:]
+        _deliver(proc, "group")
+        assert _until(lambda: agent.status() == psutil.STATUS_STOPPED, 30)  # paused by its ranks
+        seen = rows()
+        while _until(lambda: rows() != seen, 2):  # until no step for 2 s: the ranks are in the slowed save
+            seen = rows()
+        processes = agent.children(recursive=True)  # the ranks and their watchdogs
+        assert sum(any("_watch(" in a for a in p.cmdline()) for p in processes) == 2
+        next(p for p in _ranks(proc.pid) if p.environ().get("RANK") == "1").kill()
+        killed_at = time.time()
+        assert _until(lambda: agent.status() != psutil.STATUS_STOPPED, 2), "the agent is still paused"
+        rc = proc.wait(timeout=60)
+        ended = time.time() - killed_at
+    finally:
+        for p in agent.children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+        proc.kill()
+        proc.wait()
+    log.seek(0)
+    output = log.read()
+    assert rc != 0 and ended < KILLED_SAVE_S + 20, (rc, ended)  # rank 0 fails once its save reaches rank 1
+    assert all(_until(lambda: _state(p.pid) == "gone", 10) for p in processes)  # none running, none a zombie
+    assert "its watchdog let the launcher" in output, output[-3000:]
+    assert open(run_dir / "checkpoints" / "latest").read() == "step-1"

@@ -88,7 +88,8 @@ def test_zero3_partitioned_teacher_store_equals_one_process_and_resumes(tmp_path
 def test_zero3_full_fine_tuning_with_a_trainable_head_equals_zero2(tmp_path):
     """4 SGD steps, a tied head that trains: ZeRO-3 on 2 ranks (created partitioned, the head an external
     parameter of the loss, with activation checkpointing) ends where ZeRO-2 ends (one rank accumulating the
-    same global batch of 4); final/ loads with transformers alone."""
+    same global batch of 4); final/ loads with transformers alone, and the log says how long ranks 1.. wait
+    while rank 0 writes it."""
     from transformers import AutoModelForCausalLM
     model = {"name_or_path": _random_dir(tmp_path), "init": "random", "seed": 3}
     base = tiny_config(str(tmp_path), model=model, teacher={"value_dtype": "float32"})
@@ -100,7 +101,10 @@ def test_zero3_full_fine_tuning_with_a_trainable_head_equals_zero2(tmp_path):
             **SGD, "method": "full", "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4, "micro_batch_size": 2,
             "output_dir": str(tmp_path / name), **extra})
         if name == "z3":
-            _held_partitioned(launch("train", write_recipe(str(tmp_path / f"{name}.yaml"), cfg), nprocs=2).stdout)
+            out = launch("train", write_recipe(str(tmp_path / f"{name}.yaml"), cfg), nprocs=2).stdout
+            _held_partitioned(out)
+            assert (f"rank 0 writes {tmp_path / name / 'final'} (the model in Hugging Face form); the other ranks "
+                    "wait at a barrier (up to train.ddp_timeout = 60 min)") in out, out[-2000:]
         else:
             train.train(cfg)
         finals[name] = AutoModelForCausalLM.from_pretrained(str(tmp_path / name / "final"))
