@@ -16,6 +16,8 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
              largest micro-batch, step time
   positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
   open       a 1 GB store opened by 1, 2 and 4 ranks: seconds and bytes hashed per rank (cluster.py)
+  checkpoint one checkpoint save of full fine-tuning (AdamW, ZeRO-3) at the 8B width on 1, 2 and 4 ranks:
+             bytes each rank writes and gathers, seconds; a resume at another world size (checkpoints.py)
   reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (cluster.py)
   hf         SelfAugTrainer (selfaug.hf) against a plain Trainer SFT step on the same batches and against
              selfaug train's step: step time and peak memory (trainers.py)
@@ -35,7 +37,7 @@ from .. import dist
 from ..config import Config
 
 SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "budget", "positions",
-            "open", "reader", "hf", "gpu")
+            "open", "reader", "hf", "checkpoint", "gpu")
 DEFAULT = SECTIONS[:-1]  # gpu: only when asked (it needs a CUDA GPU)
 
 # length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
@@ -277,6 +279,9 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
         results["reader"] = bc.bench_reader(batches=20 if smoke else 200)
     if "hf" in only:
         results["hf"] = bench_hf(cfg_path, list(overrides), 2 if smoke else 6)
+    if "checkpoint" in only:
+        from .checkpoints import bench_checkpoint
+        results["checkpoint"] = bench_checkpoint(smoke)
     if "gpu" in only:
         results["gpu"] = bench_gpu(cfg_path, list(overrides), smoke)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -369,4 +374,7 @@ def format_results(r: dict) -> str:
         lines.append(f"hf: SelfAugTrainer / plain Trainer: step time x{h['step_time_s_vs_plain_trainer']:.2f} (target "
                      f"<= 1.30), peak memory x{h['peak_bytes_vs_plain_trainer']:.2f} (<= 1.10); / selfaug train: step "
                      f"time x{h['step_time_s_vs_selfaug_train']:.2f} (<= 1.10), peak x{h['peak_bytes_vs_selfaug_train']:.2f}")
+    if "checkpoint" in r:
+        from .checkpoints import format_checkpoint
+        lines.append(format_checkpoint(r["checkpoint"]))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from selfaug import train
 
 GROUPS = {  # every section, in groups that run side by side (pytest -n): each group is one `selfaug bench`
     "steps": "step,hf", "stage1": "precompute,storage,fidelity,long,data", "data": "packing,budget,positions",
-    "cluster": "scale,open,reader"}
+    "cluster": "scale,open,reader,checkpoint"}
 
 
 def test_the_groups_cover_every_default_section():
@@ -57,6 +57,10 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
         assert "largest activation x" in out.stdout
     if group == "cluster":
         assert r["scale"] and r["open"] and r["reader"]["rows"]
+        c = r["checkpoint"]["rows"][0]  # one rank's save: its files hold its fp32 weights and Adam's two moments
+        params = r["checkpoint"]["trainable_parameters"]
+        assert c["world"] == 1 and c["gathered_bytes_max"] == 0 and c["seconds_max"] > 0
+        assert 12 * params <= c["file_bytes_max"] < 13 * params and "x world / 1 rank" in out.stdout
 
 
 def test_saved_bytes_counts_what_backward_keeps_and_not_the_parameters():
