@@ -1,5 +1,5 @@
-"""selfaug {precompute|train|eval|study|bench|config|inspect|recipes}: the command line (docs/design.md,
-"Command line").
+"""The command line (docs/design.md, "Command line"): selfaug {precompute|train|eval|study|bench|estimate|config|
+inspect|recipes}.
 
 A user's mistake (a config, data, store, model or DeepSpeed-config error, a full disk) ends the
 command with one line `selfaug: error: ...` and exit status 2; SELFAUG_DEBUG=1 shows the traceback.
@@ -93,7 +93,8 @@ def _run(args) -> int:
         run(cfg)
     elif args.command == "train":
         from .train import train
-        train(cfg)
+        stop_after = os.environ.get("SELFAUG_STOP_AFTER")  # a hook of the test suite's resume tests, not a recipe key
+        train(cfg, stop_after=int(stop_after) if stop_after else None)
     elif args.command == "eval":
         from .eval.evaluate import run
         run(cfg)
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                "$NUM_GPUS, else the visible GPUs, else 1)")
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
-                                                      "data,scale,packing,budget,positions,open,reader,hf,gpu")
+                                                      "data,scale,packing,budget,positions,open,reader,hf,checkpoint,"
+                                                      "gpu")
             p.add_argument("--out", default="runs/bench.json")
             p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")

@@ -32,8 +32,8 @@ def _shape(mc, tc) -> dict:
     tied = head is model.get_input_embeddings().weight
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) if hasattr(model, "model") else 0
     largest = max((p.numel() for p in model.parameters() if p is not head), default=0)
-    if tc.method == "lora":
-        targets = [t.strip() for t in tc.lora_target_modules.split(",")]
+    if tc.adapter == "lora":
+        targets = tc.lora_target_modules
         trainable = sum(tc.lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
                         and ("all-linear" in targets or name.split(".")[-1] in targets))
@@ -41,7 +41,7 @@ def _shape(mc, tc) -> dict:
         trainable = params - (head.numel() if tc.freeze_lm_head and not tied else 0)
     return {"params": params, "trainable": trainable, "layers": text.num_hidden_layers, "hidden": text.hidden_size,
             "intermediate": text.intermediate_size, "vocab": head.shape[0], "head": head.numel(),
-            "head_trains": tc.method == "full" and not tc.freeze_lm_head, "layer": layer, "largest": largest,
+            "head_trains": tc.adapter == "none" and not tc.freeze_lm_head, "layer": layer, "largest": largest,
             "kv": getattr(text, "num_key_value_heads", text.num_attention_heads) * (
                 getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)}
 
@@ -90,19 +90,20 @@ def run(cfg: Config, gpus: int) -> dict:
     store_bytes = sum(signal.shard_bytes(int((chunk == j).sum()), int(tokens[chunk == j].sum()),
                                          int(positions[chunk == j].sum())) for j in np.unique(chunk))
     tc = cfg.train
-    global_batch = tc.micro_batch_size * tc.grad_accum * gpus
-    micro_tokens = tc.batch_tokens or tc.micro_batch_size * int(tokens.max())
+    global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * gpus
+    micro_tokens = tc.micro_batch_tokens or tc.micro_batch_size * int(tokens.max())
     b = 2 if resolve_dtype(cfg.model.dtype, "cuda").itemsize == 2 else 4
     zero = _zero_stage(tc.deepspeed)
     mem = memory(s, tc, zero, gpus, micro_tokens, b)
     partitioned = cfg.teacher.deepspeed is not None
     teacher_weights = b * s["params"] / (gpus if partitioned else 1) + (b * (s["head"] + s["layer"]) if partitioned else 0)
-    stage1 = teacher_weights + cfg.teacher.batch_tokens * s["hidden"] * b * 8 + \
+    stage1 = teacher_weights + cfg.teacher.forward_tokens * s["hidden"] * b * 8 + \
         cfg.teacher.vocab_chunk_rows * s["vocab"] * 4
     out = {"gpus": gpus, "zero_stage": zero, "dtype_bytes": b, "examples": int(len(records)),
            "records": len(examples), "tokens": int(tokens.sum()), "positions": int(positions.sum()),
            "store_bytes": float(store_bytes), "store_is_upper_bound": signal.draws,
            "steps_per_epoch": int(len(records) // global_batch), "global_batch": global_batch,
+           "steps": tc.total_steps(len(records), gpus),
            "tokens_per_step": float(tokens.mean() * global_batch), "micro_batch_tokens_max": micro_tokens,
            "model": s, "stage2_bytes_per_gpu": mem, "stage1_bytes_per_gpu": stage1}
     print(format_estimate(out, cfg))
@@ -117,9 +118,9 @@ def format_estimate(e: dict, cfg: Config) -> str:
              f"teacher store: {mb:,.1f} MiB on disk ({'at most; ' if e['store_is_upper_bound'] else ''}"
              f"{e['store_bytes'] / max(e['positions'], 1):.1f} bytes per position, uncompressed)",
              f"steps: {e['steps_per_epoch']} per epoch at a global batch of {e['global_batch']} "
-             f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {e['gpus']} GPUs); "
-             f"{e['tokens_per_step']:,.0f} tokens per step on average; train.max_steps={cfg.train.max_steps} is "
-             f"{cfg.train.max_steps / max(e['steps_per_epoch'], 1):.2f} epochs",
+             f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} x {e['gpus']} GPUs); "
+             f"{e['tokens_per_step']:,.0f} tokens per step on average; the run is {e['steps']} steps, "
+             f"{e['steps'] / max(e['steps_per_epoch'], 1):.2f} epochs",
              f"model: {s['params'] / 1e9:.2f}B parameters ({s['trainable'] / 1e6:,.2f}M trained), {s['layers']} layers, "
              f"hidden {s['hidden']}, vocabulary {s['vocab']}; ZeRO stage {max(e['zero_stage'], 0)}, "
              f"{'bf16' if e['dtype_bytes'] == 2 else 'fp32'} on a GPU",

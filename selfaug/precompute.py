@@ -87,7 +87,7 @@ class Teacher:
         self.vocab = vocab_size(model)
         self.rule = store.PositionRule.of(cfg.teacher)
         self.signal = store.signal_for(cfg.teacher, self.vocab)
-        self.batch_tokens, self.chunk_rows = cfg.teacher.batch_tokens, cfg.teacher.vocab_chunk_rows
+        self.forward_tokens, self.chunk_rows = cfg.teacher.forward_tokens, cfg.teacher.vocab_chunk_rows
 
     def batch(self, batch: list) -> dict:
         """example_id -> (positions, the signal's arrays) for one length bucket."""
@@ -125,7 +125,7 @@ class Teacher:
 
     def compute_shard(self, examples: list) -> store.ShardRows:
         out = {}
-        for batch in length_batches(examples, self.batch_tokens):
+        for batch in length_batches(examples, self.forward_tokens):
             out.update(self.batch(batch))
         return self.shard(examples, out)
 
@@ -193,7 +193,7 @@ def _compute(writer: store.StoreWriter, teacher: Teacher, data, cfg: Config, ran
             j = todo[r] if r < len(todo) else None
             lo, hi = (j * size, min(n_records, (j + 1) * size)) if j is not None else (0, 0)
             examples, long_stats = data.examples(lo, hi) if j is not None else ([], None)
-            batches = length_batches(examples, teacher.batch_tokens)
+            batches = length_batches(examples, teacher.forward_tokens)
             n = int(dist.all_reduce_max(len(batches))) if teacher.partitioned else len(batches)
             out = {}
             for b in range(n):

@@ -23,14 +23,17 @@ from selfaug.config import build_config  # noqa: E402
 from selfaug.dist import free_port  # noqa: E402
 
 
+ADAPTER = {"lora": "lora", "full": "none"}  # train.adapter of each method a test is parametrized by
+
+
 def tiny_config(tmp, **sections):
     """A tiny-llama recipe writing under tmp; sections override keys: tiny_config(tmp, train={"alpha": 0})."""
     raw = {
         "model": {"name_or_path": "builtin:tiny-llama"},
         "data": {"train": "builtin:rag", "builtin_train_size": 12, "max_seq_len": 512},
-        "teacher": {"output_dir": os.path.join(tmp, "teacher"), "k": 8, "shard_size": 5, "batch_tokens": 2048},
+        "teacher": {"output_dir": os.path.join(tmp, "teacher"), "k": 8, "shard_size": 5, "forward_tokens": 2048},
         "train": {"output_dir": os.path.join(tmp, "run"), "deepspeed": os.path.join(ROOT, "ds_configs/zero2.json"),
-                  "max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "loss_chunk_rows": 256},
+                  "max_steps": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-2, "loss_chunk_rows": 256},
         "eval": {"output_dir": os.path.join(tmp, "eval")},
         "study": {"output_dir": os.path.join(tmp, "study")},
     }
@@ -52,7 +55,7 @@ def clean_env(**extra):
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def spawn(stage, recipe, overrides=(), nprocs=1):
+def spawn(stage, recipe, overrides=(), nprocs=1, env=None):
     """Start `selfaug STAGE` on nprocs CPU ranks with the variables a launcher gives each rank (RANK,
     LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the ranks the `deepspeed` launcher would start,
     without its two extra interpreters (each ~5 s of CPU). The launchers themselves are tested in
@@ -60,10 +63,10 @@ def spawn(stage, recipe, overrides=(), nprocs=1):
     cmd = [sys.executable, "-m", "selfaug", stage, "--config", recipe, *overrides]
     port, procs = str(free_port()), []
     for rank in range(nprocs):
-        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        rank_env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True), out, err))
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=out, stderr=err, text=True), out, err))
     return procs, port
 
 
@@ -78,10 +81,11 @@ def kill_ranks(procs, port):
         os.remove(path)
 
 
-def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600):
+def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600, env=None):
     """Run `selfaug STAGE` on nprocs ranks (spawn) to the end; a rank that fails takes the others down. A
-    CompletedProcess (the ranks' output in rank order) with the rendezvous `.master_port`."""
-    procs, port = spawn(stage, recipe, overrides, nprocs)
+    CompletedProcess (the ranks' output in rank order) with the rendezvous `.master_port`. env: more variables
+    (SELFAUG_STOP_AFTER=N: `selfaug train` checkpoints and stops after step N)."""
+    procs, port = spawn(stage, recipe, overrides, nprocs, env)
     cmd = procs[0][0].args
     deadline, failed_at, timed_out = time.time() + timeout, None, False
     try:

@@ -24,7 +24,7 @@ def test_the_estimated_store_size_is_within_5_percent_of_the_written_store(tmp_p
 
 
 def test_steps_tokens_and_the_memory_terms_follow_the_plan(tmp_path):
-    cfg = tiny_config(str(tmp_path), train={"micro_batch_size": 2, "grad_accum": 3})
+    cfg = tiny_config(str(tmp_path), train={"micro_batch_size": 2, "gradient_accumulation_steps": 3})
     e = estimate.run(cfg, gpus=2)
     assert e["global_batch"] == 12 and e["steps_per_epoch"] == 12 // 12
     s, m = e["model"], e["stage2_bytes_per_gpu"]

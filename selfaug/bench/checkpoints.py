@@ -1,4 +1,5 @@
-"""`selfaug bench --only checkpoint` (docs/checkpoints.md): what one checkpoint costs each rank. A random
+"""`selfaug bench --only checkpoint` (docs/design.md, "Benchmarks"; docs/checkpoints.md): what one checkpoint
+costs each rank. A random
 Llama at the Llama-3-8B width (recipes/scale/llama3-8b/config.json cut to SHAPE: one layer, the built-in
 tokenizer's vocabulary, a tied head; 4 CPU ranks hold it with its AdamW state), full fine-tuning with
 AdamW under ZeRO-3, one optimizer step, then `checkpoint.save`, on 1, 2 and 4 ranks; then the 4-rank
@@ -168,7 +169,7 @@ def bench_checkpoint(smoke: bool = False, worlds: tuple = WORLDS) -> dict:
         rows, saved = [], {}
         for world in (1,) if smoke else worlds:
             raw = _base(tmp, model, smoke)
-            raw["train"].update(method="full", freeze_lm_head=False, grad_accum=GLOBAL_BATCH // world,
+            raw["train"].update(adapter="none", freeze_lm_head=False, gradient_accumulation_steps=GLOBAL_BATCH // world,
                                 deepspeed=os.path.join(ROOT, "ds_configs/zero3.json"),
                                 output_dir=os.path.join(tmp, f"run-{world}"))
             rows.append(_summary(_launch("save", raw, tmp, world, smoke)))

@@ -11,7 +11,7 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   data       loading and tokenizing many records: the first version's lists against datasets
   scale      ZeRO-3 against ZeRO-2 at 2 ranks on random models of real shapes (scale.py)
   packing    length-skewed data: padding, tokens/s and step time, packed against padded batches
-  budget     train.batch_tokens against micro-batches by count on length-skewed data, one epoch at the same
+  budget     train.micro_batch_tokens against micro-batches by count on length-skewed data, one epoch at the same
              global batch: tokens per micro-batch (largest against median), bytes saved for backward by the
              largest micro-batch, step time
   positions  teacher.position_fraction 1 / 0.5 / 0.25 / 0.1: store bytes and offline step time
@@ -148,15 +148,15 @@ def bench_packing(cfg: Config, cfg_path: str, overrides: list[str], steps: int) 
 
 
 # the budget benchmark's global batch: 16 examples a step, packed into rows as long as a micro-batch may be
-BUDGET = ["train.grad_accum=4", "train.packing=true", "train.pack_tokens=4096"]
+BUDGET = ["train.gradient_accumulation_steps=4", "train.packing=true", "train.pack_tokens=4096"]
 
 
 def bench_budget(cfg: Config, cfg_path: str, overrides: list[str], steps: int) -> dict:
-    """Micro-batches by count against train.batch_tokens: the epoch's plans and activation bytes in one
+    """Micro-batches by count against train.micro_batch_tokens: the epoch's plans and activation bytes in one
     process, then the step time of each in its own."""
     args = BUDGET + _skewed(cfg, overrides)
     r = _worker(["budget", cfg_path, *args])
-    for mode, extra in (("count", ["train.batch_tokens=null"]), ("tokens", [f"train.batch_tokens={r['budget']}"])):
+    for mode, extra in (("count", ["train.micro_batch_tokens=null"]), ("tokens", [f"train.micro_batch_tokens={r['budget']}"])):
         step = _worker(["step", "alpha0", cfg_path, str(steps), *args, "train.teacher_mode=none", *extra])
         r[mode]["step_time_s"] = step["step_time_s"]
     c, t = r["count"], r["tokens"]
@@ -342,7 +342,7 @@ def format_results(r: dict) -> str:
                      f"tokens/s {p['tokens_per_s_ratio']:.3f}")
     if "budget" in r:
         b = r["budget"]
-        lines.append(f"micro-batches by count and by train.batch_tokens={b['budget']} ({b['examples']} examples, one epoch "
+        lines.append(f"micro-batches by count and by train.micro_batch_tokens={b['budget']} ({b['examples']} examples, one epoch "
                      f"of {b['steps']} steps, the same global batch):")
         lines.append(f"{'':<4}{'mode':<8}{'micro-batches':>14}{'largest':>9}{'median':>8}{'saved MiB':>11}{'s/step':>8}")
         for mode in ("count", "tokens"):

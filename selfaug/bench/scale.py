@@ -26,10 +26,10 @@ def _base(tmp: str, model_dir: str, smoke: bool) -> dict:
     return {
         "model": {"name_or_path": model_dir, "init": "random", "dtype": "float32"},
         "data": {"train": "builtin:rag", "builtin_train_size": 8, "max_seq_len": 512, "builtin_num_documents": 1},
-        "teacher": {"output_dir": os.path.join(tmp, "teacher"), "k": 8, "shard_size": 2, "batch_tokens": 1024,
+        "teacher": {"output_dir": os.path.join(tmp, "teacher"), "k": 8, "shard_size": 2, "forward_tokens": 1024,
                     "vocab_chunk_rows": 128},
-        "train": {"output_dir": os.path.join(tmp, "run"), "max_steps": 1, "micro_batch_size": 1, "grad_accum": 1,
-                  "alpha": 0.0, "teacher_mode": "none", "optimizer": "adamw", "lr": 1e-4, "loss_chunk_rows": 128,
+        "train": {"output_dir": os.path.join(tmp, "run"), "max_steps": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+                  "alpha": 0.0, "teacher_mode": "none", "optim": "adamw_torch", "learning_rate": 1e-4, "loss_chunk_rows": 128,
                   "resume": "never"},
     }
 
@@ -80,7 +80,7 @@ def _zero3_vs_zero2(tmp: str, model: str, method: str, label: str, smoke: bool) 
     runs = {}
     for stage in (2, 3):
         raw = _base(tmp, model, smoke)
-        raw["train"].update(method=method, deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
+        raw["train"].update(adapter={"full": "none"}.get(method, method), deepspeed=os.path.join(ROOT, f"ds_configs/zero{stage}.json"))
         runs[stage] = _launch("train", raw, tmp, RANKS[smoke], smoke)
     return _pair(f"{label}, load + 1 step, ZeRO-3 vs ZeRO-2", runs[3], runs[2], "peak_bytes")
 
@@ -116,7 +116,7 @@ def bench_scale(smoke: bool = False) -> dict:
             raw = _base(tmp, "builtin:smollm2-135m-instruct" if not smoke else "builtin:tiny-llama", smoke)
             raw["model"]["init"] = "pretrained"
             raw["data"].update(builtin_num_documents=38 if not smoke else 4, max_seq_len=4096)
-            raw["train"].update(method="lora", gradient_checkpointing=gc, deepspeed=os.path.join(ROOT, "ds_configs/zero0.json"))
+            raw["train"].update(adapter="lora", gradient_checkpointing=gc, deepspeed=os.path.join(ROOT, "ds_configs/zero0.json"))
             runs[gc] = _launch("train", raw, tmp, 1, smoke)
         pair = _pair("one step at 2K tokens, checkpointing vs not", runs[True], runs[False], "step_peak_bytes")
         pair["tokens"] = runs[True][0]["tokens"]

@@ -72,7 +72,7 @@ def hf_step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> di
     timer = _Timer(device)
     args = TrainingArguments(tempfile.mkdtemp(prefix="selfaug-bench-hf-"), max_steps=steps + 1,
                              per_device_train_batch_size=tc.micro_batch_size,
-                             gradient_accumulation_steps=tc.grad_accum, learning_rate=tc.lr, optim="adamw_torch",
+                             gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate, optim="adamw_torch",
                              lr_scheduler_type="constant", report_to=[], save_strategy="no", seed=tc.seed,
                              use_cpu=device.type == "cpu", deepspeed=tc.deepspeed, disable_tqdm=True,
                              bf16=device.type == "cuda" and cfg.model.dtype != "float32", logging_steps=10**9,
@@ -86,7 +86,7 @@ def hf_step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> di
 
         class Plain(Trainer):
             def _get_train_sampler(self, dataset=None):  # the same batches as SelfAugTrainer's
-                return StepOrder(len(self.train_dataset), tc.micro_batch_size, tc.grad_accum, 1, tc.seed, steps + 1)
+                return StepOrder(len(self.train_dataset), tc.micro_batch_size, tc.gradient_accumulation_steps, 1, tc.seed, steps + 1)
         trainer = Plain(model=model, args=args, train_dataset=store_dataset(teacher), callbacks=[timer],
                         data_collator=_plain_collator(SelfAugCollator(teacher, tok.pad_token_id)))
     trainer.train()

@@ -72,7 +72,7 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
     class HFLoss(tr.Objective):
         """Vanilla LoRA as commonly run: full logits at every position, mean cross-entropy."""
 
-        def forward(self, batch, c_nll, c_kl):
+        def forward(self, batch, c_nll, c_kl, with_kl=True):
             from ..train.batches import model_inputs
             logits = self.model(**model_inputs(batch)).logits
             labels = batch["labels"]
@@ -136,7 +136,7 @@ def bench_precompute_and_storage(cfg: Config, do_precompute: bool, do_storage: b
 
     def plain_forward():
         with torch.inference_mode():
-            for batch in length_batches(examples, cfg.teacher.batch_tokens):
+            for batch in length_batches(examples, cfg.teacher.forward_tokens):
                 ids, mask = pad([e.input_ids for e in batch], loaded.tok.pad_token_id)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         sync(device)
@@ -190,7 +190,7 @@ def bench_fidelity(cfg: Config, ks: list[int], n_examples: int = 8, samples: tup
     from ..loss import LiveTeacher
     from ..models import decoder_and_head, load_all, vocab_size
     device = dist.device()
-    run_dir = [r for r in cfg.eval.runs.split(",") if r.strip()][0]
+    run_dir = cfg.eval.runs[0]
     student, _ = load_run_model(cfg, run_dir, torch.float32, device)
     loaded = load_all(cfg, device)
     base = loaded.model.to(device).eval()
@@ -336,7 +336,7 @@ def saved_bytes(fn, params) -> int:
 
 
 def budget(cfg_path: str, overrides: list[str]) -> dict:
-    """One epoch's micro-batches by count and by train.batch_tokens (default: the median micro-batch by
+    """One epoch's micro-batches by count and by train.micro_batch_tokens (default: the median micro-batch by
     count, so the two run about as many), at the same global batch: processed tokens per micro-batch
     (largest, median) and the bytes saved for backward by the largest micro-batches of each."""
     from .. import train as tr
@@ -344,15 +344,15 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
     cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never"])
     run = tr.setup(cfg)
     tc, tokens = cfg.train, run.lengths.tokens
-    steps = -(-len(tokens) // (tc.micro_batch_size * tc.grad_accum))  # one epoch
+    steps = -(-len(tokens) // (tc.micro_batch_size * tc.gradient_accumulation_steps))  # one epoch
 
     def sizes(sampler):
         mbs = [mb for t in range(steps) for p in sampler.plan(t) for mb in p if mb is not None]
         return mbs, np.array([run.layout.processed_tokens(list(tokens[mb])) for mb in mbs])
 
-    args = (len(tokens), tc.micro_batch_size, tc.grad_accum, 1, tc.seed, tokens)
+    args = (len(tokens), tc.micro_batch_size, tc.gradient_accumulation_steps, 1, tc.seed, tokens)
     count_mbs, count_sizes = sizes(StepSampler(*args, None, run.layout))
-    budget_tokens = tc.batch_tokens or max(int(np.median(count_sizes)), int(tokens.max()))
+    budget_tokens = tc.micro_batch_tokens or max(int(np.median(count_sizes)), int(tokens.max()))
     budget_mbs, budget_sizes = sizes(StepSampler(*args, budget_tokens, run.layout))
     objective = run.engine.module
     params = list(objective.parameters())

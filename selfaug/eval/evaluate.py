@@ -245,7 +245,7 @@ def run(cfg: Config) -> dict:
     base = None  # gone before any run loads
     _release()
     report["models"]["base"] = {k: v for k, v in base_scores.items() if k != "drift_responses"}
-    for run_dir in [r.strip() for r in ec.runs.split(",") if r.strip()]:  # then each run, one at a time
+    for run_dir in ec.runs:  # then each run, one at a time
         name, weights = os.path.basename(os.path.normpath(run_dir)), _weights(run_dir)
         res = kept.get(name, weights)
         if res is None:

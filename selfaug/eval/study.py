@@ -174,9 +174,9 @@ def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     names = [os.path.basename(c.train.output_dir) for c in runs.values()]
     if not _evaluated(report_path, names):
         first = next(iter(runs.values()))
-        every = ",".join(c.train.output_dir for c in runs.values())
+        every = [c.train.output_dir for c in runs.values()]
         eval_recipe = os.path.join(root, "recipes", "eval.yaml")
-        build_config(first.to_dict(), [f"eval.runs={every}"]).save(eval_recipe)
+        build_config(first.to_dict(), [f"eval.runs={json.dumps(every)}"]).save(eval_recipe)
         _stage("eval", eval_recipe, times, "evaluate the base and every run")
     with open(report_path) as f:
         report = json.load(f)

@@ -5,9 +5,12 @@ loss = NLL(response) + alpha(step) * KL(prompt).
   objective.py   the module the engine runs per micro-batch, the step's coefficients, alpha and lr schedules
   alpha.py       alpha at each step: the recipe's schedule, or steered by a drift budget (train.drift_budget)
   sources.py     the teacher source, chosen once (stored signal, live model, plain data)
-  batches.py     which examples form each step and micro-batch (by count or by tokens); collation
-  checkpoint.py  checkpoints, resume at any world size
-  preemption.py  a stop on a signal: a checkpoint at the step boundary, exit 75
+  batches.py     which examples form each step and micro-batch (by count or by tokens); the layouts; collation
+  prefetch.py    each micro-batch read, collated and pinned on a background thread ahead of its step
+  metrics.py     metrics.jsonl and the loggers of train.report_to
+  checkpoint.py  checkpoints (each rank its own partition), resume at any world size (universal form)
+  preemption.py  a stop on a signal: a checkpoint at the step boundary, exit 75, the launcher never left paused
+  final.py       the trained model in Hugging Face form (final/)
 """
 from .checkpoint import CheckpointError
 from .preemption import EXIT_PREEMPTED, Preempted

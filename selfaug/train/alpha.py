@@ -30,11 +30,11 @@ ERROR_CLIP = 0.2  # the controller's proportional error is clipped to +-20 % (Zi
 class Schedule:
     """α fixed by the recipe (constant, linear or cosine): nothing to observe, no state."""
 
-    def __init__(self, tc):
-        self.tc = tc
+    def __init__(self, tc, total: int):
+        self.tc, self.total = tc, total
 
     def at(self, step: int) -> float:
-        return alpha_at(step, self.tc)
+        return alpha_at(step, self.tc, self.total)
 
     def observe(self, kl_mean: float) -> None:
         pass
@@ -87,9 +87,8 @@ def horizon(drift_horizon: str | float, total_steps: int) -> float:
     return float(drift_horizon)
 
 
-def alpha_control(tc, total_steps: int | None = None) -> Schedule | DriftBudget:
-    """The recipe's choice, made once; `total_steps`: the run's optimizer steps (default train.max_steps)."""
+def alpha_control(tc, total_steps: int) -> Schedule | DriftBudget:
+    """The recipe's choice, made once; `total_steps`: the run's optimizer steps."""
     if tc.drift_budget is None:
-        return Schedule(tc)
-    steps = total_steps or tc.max_steps
-    return DriftBudget(tc.drift_budget, tc.alpha, horizon(tc.drift_horizon, steps), tc.alpha_min, tc.alpha_max)
+        return Schedule(tc, total_steps)
+    return DriftBudget(tc.drift_budget, tc.alpha, horizon(tc.drift_horizon, total_steps), tc.alpha_min, tc.alpha_max)

@@ -186,7 +186,7 @@ class StepSampler:
     seeded permutations (one per epoch), and its plan: the micro-batches of each rank.
 
     By count (default): micro-batch m of rank r = slice (m * world + r) of the global batch.
-    By tokens (`batch_tokens`): the global batch is shared out over the ranks longest first, each to the
+    By tokens (`train.micro_batch_tokens`): the global batch is shared out over the ranks longest first, each to the
     rank with the fewest tokens so far; each rank's share is cut first-fit, longest first, into
     micro-batches of at most `batch_tokens` processed tokens (`processed_tokens`); every rank runs as
     many micro-batches as the rank with the most, an empty one (None) where it has fewer, so that
@@ -196,7 +196,7 @@ class StepSampler:
                  batch_tokens: int | None = None, layout: Layout = PADDED):
         if n < micro * accum * world:
             raise ValueError(f"{n} examples cannot fill one global batch of {micro * accum * world} "
-                             "(micro_batch_size x grad_accum x world size)")
+                             "(micro_batch_size x gradient_accumulation_steps x world size)")
         self.n, self.micro, self.accum, self.world, self.seed = n, micro, accum, world, seed
         self.tokens, self.batch_tokens, self.layout = tokens, batch_tokens, layout
 

@@ -14,7 +14,7 @@ once, by all ranks together, into DeepSpeed's universal checkpoint (`step-N/univ
 parameter's full fp32 value and optimizer state in files of its own) and loaded with
 `checkpoint.load_universal`, each rank reading one parameter at a time and keeping its new partition;
 the sampler, which depends only on the global batch, gives every step the same examples. Another global
-batch is refused in one line naming the grad_accum that keeps it.
+batch is refused in one line naming the gradient_accumulation_steps that keeps it.
 
 Preemption (a stop on a signal, exit 75) is `preemption.py`.
 """
@@ -47,11 +47,11 @@ class CheckpointError(SelfAugError, RuntimeError):
 
 def run_identity(cfg, store_settings: dict | None) -> dict:
     """What a checkpoint's run and this run must share to continue it: the model, the method and its
-    shape, the teacher and the data. (The world size, micro batch and grad_accum may change.)"""
+    shape, the teacher and the data. (The world size, micro batch and gradient_accumulation_steps may change.)"""
     t = cfg.train
-    return {"model": cfg.model.name_or_path, "model_init": cfg.model.init, "method": t.method,
-            "lora": [t.lora_r, t.lora_alpha, t.lora_target_modules] if t.method == "lora" else None,
-            "freeze_lm_head": t.freeze_lm_head, "teacher_mode": t.teacher_mode, "optimizer": t.optimizer,
+    return {"model": cfg.model.name_or_path, "model_init": cfg.model.init, "method": "lora" if t.adapter == "lora" else "full",
+            "lora": [t.lora_r, t.lora_alpha, t.lora_target_modules] if t.adapter == "lora" else None,
+            "freeze_lm_head": t.freeze_lm_head, "teacher_mode": t.teacher_mode, "optimizer": {"adamw_torch": "adamw"}.get(t.optim, t.optim),
             "store": config_digest(store_settings) if store_settings else None,
             "data": cfg.data.train, "seed": t.seed,
             "drift_budget": [t.drift_budget, t.drift_horizon, t.alpha_min, t.alpha_max] if t.drift_budget else None}
@@ -92,7 +92,8 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
         if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed
             t = cfg.train
             meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,
-                    "grad_accum": t.grad_accum, "global_batch": t.micro_batch_size * t.grad_accum * run.world,
+                    "grad_accum": t.gradient_accumulation_steps,
+                    "global_batch": t.micro_batch_size * t.gradient_accumulation_steps * run.world,
                     "zero_stage": engine.zero_optimization_stage(), "identity": identity,
                     "alpha_control": run.alpha.state_dict(),
                     "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
@@ -166,15 +167,15 @@ def read_meta(path: str, cfg, world: int, identity: dict) -> dict:
         raise CheckpointError(f"checkpoint {path} was written by another recipe: " + "; ".join(diff)
                               + ". Resume with that recipe, or pass train.resume=never (or another output_dir)")
     t = cfg.train
-    want, have = meta["global_batch"], t.micro_batch_size * t.grad_accum * world
+    want, have = meta["global_batch"], t.micro_batch_size * t.gradient_accumulation_steps * world
     if want != have:
         per = t.micro_batch_size * world
-        fix = (f"train.grad_accum={want // per} keeps it" if want % per == 0 else
-               f"no grad_accum keeps it with micro_batch_size={t.micro_batch_size}: choose micro_batch_size x "
-               f"grad_accum = {want / world:g} per rank")
+        fix = (f"train.gradient_accumulation_steps={want // per} keeps it" if want % per == 0 else
+               f"no gradient_accumulation_steps keeps it with micro_batch_size={t.micro_batch_size}: choose micro_batch_size x "
+               f"gradient_accumulation_steps = {want / world:g} per rank")
         raise CheckpointError(f"checkpoint {path} has a global batch of {want} (micro {meta['micro_batch_size']} x "
                               f"accum {meta['grad_accum']} x {meta['world_size']} ranks); this run has {have} "
-                              f"(micro {t.micro_batch_size} x accum {t.grad_accum} x {world} ranks): {fix}")
+                              f"(micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} x {world} ranks): {fix}")
     return meta
 
 

@@ -14,11 +14,9 @@ the loss, released after, and (when it trains) its gradient reduced like every o
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +29,9 @@ from tqdm import tqdm
 from .. import dist, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
-from ..models import attention_width, load_all, load_model, load_tokenizer_for, partition_line, resolve_dtype, vocab_size
-from . import checkpoint, preemption
+from ..models import attention_width, load_all, partition_line, resolve_dtype, vocab_size
+from . import checkpoint, metrics, preemption
+from .final import save_final, zero_stage
 from .batches import Layout, StepSampler, layout_for, step_counts, to_device
 from .prefetch import Prefetcher
 from .alpha import DriftBudget, Schedule, alpha_control
@@ -51,10 +50,10 @@ def ds_config(cfg: Config, world: int, on_gpu: bool) -> dict:
     device = "cuda" if on_gpu else "cpu"
     bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16
     conf = dist.deepspeed_config(tc.deepspeed, {
-        "train_micro_batch_size_per_gpu": tc.micro_batch_size, "gradient_accumulation_steps": tc.grad_accum,
-        "train_batch_size": tc.micro_batch_size * tc.grad_accum * world, "gradient_clipping": tc.max_grad_norm,
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size, "gradient_accumulation_steps": tc.gradient_accumulation_steps,
+        "train_batch_size": tc.micro_batch_size * tc.gradient_accumulation_steps * world, "gradient_clipping": tc.max_grad_norm,
         "bf16.enabled": bf16, "fp16.enabled": False,
-        "optimizer.params.lr": tc.lr, "optimizer.params.weight_decay": tc.weight_decay,
+        "optimizer.params.lr": tc.learning_rate, "optimizer.params.weight_decay": tc.weight_decay,
     })
     # bf16 weights train with DeepSpeed's bf16 section (fp32 master weights and optimizer state), on a GPU or
     # a CPU alike; a config that says otherwise about the dtypes is refused here, before any model loads
@@ -70,7 +69,7 @@ def ds_config(cfg: Config, world: int, on_gpu: bool) -> dict:
         conf["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's CPU Adam compiles for ~40 s
         conf["zero_force_ds_cpu_optimizer"] = False
     logs = os.path.abspath(os.path.join(tc.output_dir, "logs"))
-    for target in {t.strip() for t in tc.report_to.split(",")} - {"none", ""}:
+    for target in tc.report_to:
         if target == "tensorboard":
             conf["tensorboard"] = {"enabled": True, "output_path": logs, "job_name": "tensorboard"}
         elif target == "csv":
@@ -78,13 +77,8 @@ def ds_config(cfg: Config, world: int, on_gpu: bool) -> dict:
         elif target == "wandb":
             # selfaug's own W&B run (rank 0, `_wandb_run`), not DeepSpeed's monitor: the engine logs its
             # Train/Samples events at the sample count as step, and W&B drops any later step below it
-            os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless asked
-            os.environ.setdefault("WANDB_DIR", logs)
+            os.environ.setdefault("WANDB_DIR", logs)  # the run's files (offline: what `wandb sync` uploads)
     return conf
-
-
-def zero_stage(engine) -> int:
-    return engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
 
 
 @dataclass
@@ -105,6 +99,8 @@ class Run:
     alpha: Schedule | DriftBudget | None = None  # alpha at each step (alpha.alpha_control); checkpointed
     wandb: Any = None  # the W&B run (train.report_to=wandb), rank 0
     check_start: bool = False  # a fresh run with a stored teacher: its first micro-batch's KL must be ~0
+    steps: int = 0  # the run's optimizer steps (train.max_steps, or train.num_epochs over the examples)
+    stop_after: int | None = None  # setup(stop_after=N): checkpoint and return after step N
 
 
 def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
@@ -124,13 +120,13 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
     if not tc.kl_ever_on():
         return PlainData(examples)
     frozen = None
-    if tc.method == "full":  # a frozen copy of the original model, whole on this rank
+    if tc.adapter == "none":  # a frozen copy of the original model, whole on this rank
         frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     return LiveModel(examples, frozen)
 
 
 def _pack_tokens(cfg: Config, examples=None) -> int | None:
-    """The longest packed row (train.packing); with the data's examples, this and train.batch_tokens are
+    """The longest packed row (train.packing); with the data's examples, this and train.micro_batch_tokens are
     checked against the longest example (before the model loads)."""
     tc = cfg.train
     cap = (tc.pack_tokens or cfg.data.max_seq_len) if tc.packing else None
@@ -138,14 +134,16 @@ def _pack_tokens(cfg: Config, examples=None) -> int | None:
     if cap is not None and longest > cap:
         raise TrainError(f"train.pack_tokens={cap} is smaller than the longest example ({longest} tokens): raise "
                          f"train.pack_tokens to at least {longest}, or leave it null (data.max_seq_len)")
-    if tc.batch_tokens is not None and longest > tc.batch_tokens:
-        raise TrainError(f"train.batch_tokens={tc.batch_tokens} is smaller than the longest example ({longest} "
-                         f"tokens), which no micro-batch could hold: raise train.batch_tokens to at least {longest}, "
+    if tc.micro_batch_tokens is not None and longest > tc.micro_batch_tokens:
+        raise TrainError(f"train.micro_batch_tokens={tc.micro_batch_tokens} is smaller than the longest example ({longest} "
+                         f"tokens), which no micro-batch could hold: raise train.micro_batch_tokens to at least {longest}, "
                          "or lower data.max_seq_len (data.long_policy then skips or truncates the longer ones)")
     return cap
 
 
-def setup(cfg: Config, objective_cls=None) -> Run:
+def setup(cfg: Config, objective_cls=None, stop_after: int | None = None) -> Run:
+    """The run, ready for its first step. `stop_after`: save a checkpoint and return after that step (a Python
+    keyword, not a recipe key: what tests of resume and benchmarks ask for)."""
     check_paths(cfg)
     if cfg.model.dtype == "float16":
         raise TrainError("model.dtype=float16: the head's gradients are computed in the forward, before any loss "
@@ -155,7 +153,9 @@ def setup(cfg: Config, objective_cls=None) -> Run:
     # and none can kill a rank while it holds a lock (e.g. torch's build lock of DeepSpeed's compiled ops)
     stop = preemption.StopFlag(cfg.train.exit_signals)
     try:
-        return _setup(cfg, objective_cls, stop)
+        run = _setup(cfg, objective_cls, stop)
+        run.stop_after = stop_after
+        return run
     except BaseException:
         stop.restore()
         raise
@@ -173,8 +173,8 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
     conf = ds_config(cfg, world, device.type == "cuda")
     conf = checkpoint.ds_config_for_resume(conf, cfg, world)  # a resume at another world size loads universal
     zero3 = conf.get("zero_optimization", {}).get("stage") == 3
-    if zero3 and tc.method == "full" and tc.teacher_mode == "online" and tc.kl_ever_on():
-        raise TrainError("teacher_mode=online with method=full keeps a whole frozen copy of the model on every "
+    if zero3 and tc.adapter == "none" and tc.teacher_mode == "online" and tc.kl_ever_on():
+        raise TrainError("teacher_mode=online with adapter=none (full fine-tuning) keeps a whole frozen copy of the model on every "
                          "rank, which ZeRO-3 is there to avoid: precompute the store and use teacher_mode=offline")
     torch.manual_seed(tc.seed), random.seed(tc.seed), np.random.seed(tc.seed)
     loaded = load_all(cfg, device, ds_config=conf, check=lambda ex: _pack_tokens(cfg, ex))  # partitioned under ZeRO-3
@@ -195,7 +195,7 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if tc.method == "lora":
+    if tc.adapter == "lora":
         from peft import get_peft_model
         model.requires_grad_(False)
         torch.manual_seed(tc.seed)  # the adapters' init depends on the seed alone
@@ -206,34 +206,35 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
         model.config.use_cache = False
     objective = (objective_cls or Objective)(model, tc, source)
     objective.train()  # from_pretrained returns eval mode; checkpointing runs only in training mode
+    steps = tc.total_steps(len(source.examples), world)
     params = [p for p in objective.parameters() if p.requires_grad]
     if "optimizer" in conf:  # the ds_config's own (e.g. DeepSpeed's CPU Adam for offload)
         optimizer = None
-    elif tc.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    elif tc.optim == "sgd":
+        optimizer = torch.optim.SGD(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
         conf["zero_allow_untested_optimizer"] = True
     else:
-        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
     from torch.optim.lr_scheduler import LambdaLR
     engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, optimizer=optimizer, config=conf,
-                                           lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, tc)))
+                                           lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, tc, steps)))
     if zero_stage(engine) == 3:
         objective.setup_zero3_head()
     examples = source.examples
-    sampler = StepSampler(len(examples), tc.micro_batch_size, tc.grad_accum, world, tc.seed, lengths.tokens,
-                          tc.batch_tokens, layout)
+    sampler = StepSampler(len(examples), tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed,
+                          lengths.tokens, tc.micro_batch_tokens, layout)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
     return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, layout,
-               checkpoint.run_identity(cfg, settings), stop, _alpha(cfg, rank))
+               checkpoint.run_identity(cfg, settings), stop, _alpha(cfg, rank, steps), steps=steps)
 
 
-def _alpha(cfg: Config, rank: int):
+def _alpha(cfg: Config, rank: int, steps: int):
     """alpha at each step (`alpha.alpha_control`), with a line saying how a drift budget will steer it."""
-    control = alpha_control(cfg.train)
+    control = alpha_control(cfg.train, steps)
     if isinstance(control, DriftBudget) and rank == 0:
         how = "auto: a twentieth of the run's " if cfg.train.drift_horizon == "auto" else ""
         print(f"drift budget {control.budget:g} nats per KL position: alpha from {control.alpha:g}, horizon "
-              f"{control.horizon:g} steps ({how}{cfg.train.max_steps} steps)", flush=True)
+              f"{control.horizon:g} steps ({how}{steps} steps)", flush=True)
     return control
 
 
@@ -295,12 +296,13 @@ def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = 
         raise TrainError(f"optimizer step {step + 1}: the {' and '.join(bad)} term{'s are' if len(bad) > 1 else ' is'} "
                          "not finite "
                          f"(nll sum {totals[0].item()}, kl sum {totals[1].item()}); check the teacher store "
-                         "(`selfaug inspect`), train.lr and the data")
+                         "(`selfaug inspect`), train.learning_rate and the data")
     return StepTotals(totals[:2], int(totals[2].item()), int(totals[3].item()), bool(totals[4].item() > 0), with_kl)
 
 
-def train(cfg: Config) -> str:
-    run = setup(cfg)
+def train(cfg: Config, stop_after: int | None = None) -> str:
+    """Stage 2 from a recipe, to final/ (or, with `stop_after`, to the checkpoint of that step)."""
+    run = setup(cfg, stop_after=stop_after)
     try:
         return _train(run)
     finally:
@@ -321,8 +323,8 @@ def _train(run: Run) -> str:
     run.check_start = start == 0 and tc.check_teacher and isinstance(run.source, StoredSignal)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
-        _truncate_metrics(metrics_path, start)
-    run.wandb = _wandb_run(cfg, rank)
+        metrics.truncate(metrics_path, start)
+    run.wandb = metrics.wandb_run(cfg, rank)
     data = Prefetcher(run, start, tc.prefetch)  # the micro-batches, made ahead on a thread
     try:
         return _loop(run, start, data, metrics_path)
@@ -333,8 +335,8 @@ def _train(run: Run) -> str:
 def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
     tc, rank, out = run.cfg.train, run.rank, run.cfg.train.output_dir
     # the bar is closed on the way out, also by an error, so that the error starts on a line of its own
-    with tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
-        for step in range(start, tc.max_steps):
+    with tqdm(total=run.steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
+        for step in range(start, run.steps):
             t0, waited = time.time(), data.waited
             co = step_coefficients(run, step)
             plan = run.sampler.plan(step)
@@ -344,7 +346,7 @@ def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
             row = {"step": step + 1, "loss": nll_mean + co.alpha * kl_mean, "nll": nll_mean,
                    # the KL and its positions only where the step measured it: never a 0 that was not computed
                    **({"kl": kl_mean, "kl_positions": co.n_kl} if got.kl_measured else {}),
-                   "alpha": co.alpha, "lr": tc.lr * lr_factor(step, tc), "tokens_per_s": got.tokens / dt,
+                   "alpha": co.alpha, "lr": tc.learning_rate * lr_factor(step, tc, run.steps), "tokens_per_s": got.tokens / dt,
                    "step_time_s": dt, "nll_tokens": co.n_nll,
                    "data_wait_s": data.waited - waited, "padding": 1 - got.tokens / max(got.processed, 1),
                    **run.sampler.plan_stats(plan)}
@@ -352,112 +354,17 @@ def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
                 row["drift_budget"] = tc.drift_budget
             run.alpha.observe(kl_mean)  # every rank: the same all-reduced KL, the same next alpha
             if rank == 0:
-                if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
-                    _log(run, metrics_path, row)
+                if (step + 1) % tc.logging_steps == 0 or step + 1 == run.steps:
+                    metrics.log(run, metrics_path, row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}",
                                 **({"kl": f"{kl_mean:.4f}"} if got.kl_measured else {}))
             done = step + 1
-            if got.stop or (tc.save_every and done % tc.save_every == 0) or done == tc.stop_after:
+            if got.stop or (tc.save_steps and done % tc.save_steps == 0) or done == run.stop_after:
                 path, seconds = checkpoint.save(run, done, run.identity)
             if got.stop:
                 run.stop.finish(done, path, seconds)
-            if done == tc.stop_after:
+            if done == run.stop_after:
                 return out
     save_final(run)
     return out
-
-
-def _wandb_run(cfg: Config, rank: int):
-    """The run's W&B run on rank 0 when train.report_to has wandb (offline unless WANDB_MODE says otherwise)."""
-    if rank != 0 or "wandb" not in {t.strip() for t in cfg.train.report_to.split(",")}:
-        return None
-    import wandb
-    return wandb.init(project="selfaug", dir=os.environ.get("WANDB_DIR"), config=cfg.to_dict(),
-                      name=os.path.basename(os.path.normpath(cfg.train.output_dir)), reinit="finish_previous")
-
-
-def _log(run: Run, path: str, row: dict) -> None:
-    """metrics.jsonl (strict JSON), and the same keys to W&B and DeepSpeed's monitors (train.report_to)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
-    if run.wandb is not None:
-        run.wandb.log({key: value for key, value in row.items() if key != "step"}, step=row["step"])
-    monitor = getattr(run.engine, "monitor", None)
-    if monitor is not None and monitor.enabled:
-        monitor.write_events([(key, float(value), row["step"]) for key, value in row.items() if key != "step"])
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past the resumed step, so a resumed run's file equals an uninterrupted one's."""
-    if not os.path.exists(path):
-        return
-    rows = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
-def _zero3_state_dict(engine, model, lora: bool):
-    """The trained weights on rank 0 (None elsewhere) under ZeRO-3: for LoRA only the adapters are
-    gathered, one tensor at a time; a full model is consolidated (16-bit where it trains in 16-bit)."""
-    import deepspeed
-    if not lora:
-        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the whole, others None
-        return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
-    state = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            with deepspeed.zero.GatheredParameters([p]):
-                state[name] = p.detach().cpu().clone()
-    return state
-
-
-def save_final(run: Run) -> str:
-    """Hugging Face form under <output_dir>/final: the peft adapter (and merged model on request) or the
-    full model. Under ZeRO-3 the parameters are gathered to rank 0 first."""
-    cfg, engine = run.cfg, run.engine
-    final = os.path.join(cfg.train.output_dir, "final")
-    model = engine.module.model
-    lora = cfg.train.method == "lora"
-    if zero_stage(engine) == 3:
-        state = _zero3_state_dict(engine, model, lora)
-        if lora and run.rank == 0:  # names as peft saves them
-            from peft.utils import get_peft_model_state_dict
-            state = get_peft_model_state_dict(model, state_dict=state)
-    else:
-        state = model.state_dict()
-    if run.rank == 0:
-        dist.alone(f"writes {final} (the model in Hugging Face form)", cfg.train.ddp_timeout)
-        shutil.rmtree(final, ignore_errors=True)
-        if lora and zero_stage(engine) == 3:
-            _save_adapter(model, state, final)
-        else:
-            model.save_pretrained(final, state_dict=state)
-        run.tok.save_pretrained(final)
-        cfg.save(os.path.join(final, "selfaug_config.yaml"))
-        if lora and cfg.train.merge_adapter:
-            dist.alone("merges the adapter into the model (final/merged)", cfg.train.ddp_timeout)
-            merge_adapter(cfg, final)
-    dist.barrier()
-    return final
-
-
-def _save_adapter(model, adapter_state: dict, final: str) -> None:
-    """A peft adapter directory from an already-named adapter state dict (ZeRO-3: the model's own
-    tensors are empty partitions, so peft's save_pretrained cannot read them)."""
-    from safetensors.torch import save_file
-    os.makedirs(final, exist_ok=True)
-    model.peft_config["default"].save_pretrained(final)
-    save_file({k: v.contiguous() for k, v in adapter_state.items()}, os.path.join(final, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-
-
-def merge_adapter(cfg: Config, final: str) -> str:
-    from peft import PeftModel
-    base = load_model(cfg.model, torch.float32)
-    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
-    target = os.path.join(final, "merged")
-    merged.save_pretrained(target)
-    load_tokenizer_for(cfg.model).save_pretrained(target)
-    return target
-

@@ -19,28 +19,33 @@ from .batches import model_inputs
 from .sources import TeacherSource
 
 
-def alpha_at(step: int, tc) -> float:
-    """alpha(step): constant, or linear / cosine from alpha_start to alpha over the run."""
+def alpha_at(step: int, tc, total: int) -> float:
+    """alpha(step): constant, or linear / cosine from alpha_start to alpha over the run's `total` steps."""
     if tc.alpha_schedule == "constant":
         return tc.alpha
-    frac = min(step / max(tc.max_steps - 1, 1), 1.0)
+    frac = min(step / max(total - 1, 1), 1.0)
     if tc.alpha_schedule == "cosine":
         frac = 0.5 * (1 - math.cos(math.pi * frac))
     return tc.alpha_start + (tc.alpha - tc.alpha_start) * frac
 
 
-def lr_factor(step: int, tc) -> float:
+def lr_factor(step: int, tc, total: int) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio."""
     if step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
-    frac = (step - tc.warmup_steps) / max(tc.max_steps - tc.warmup_steps, 1)
+    frac = (step - tc.warmup_steps) / max(total - tc.warmup_steps, 1)
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _targets(modules: list[str]):
+    """The target modules as peft expects them: "all-linear" as the string peft expands, else the list."""
+    return "all-linear" if list(modules) == ["all-linear"] else list(modules)
 
 
 def lora_config(tc):
     from peft import LoraConfig
     return LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout, bias="none",
-                      target_modules=[m.strip() for m in tc.lora_target_modules.split(",") if m.strip()],
+                      target_modules=_targets(tc.lora_target_modules),
                       task_type="CAUSAL_LM")
 
 

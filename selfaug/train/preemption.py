@@ -44,12 +44,12 @@ class StopFlag:
     all-reduce, so every rank stops at the same step). The first signal also holds the launcher off
     (`hold_launcher`) until this process exits."""
 
-    def __init__(self, names: str):
+    def __init__(self, names: list[str]):
         self.requested = False
         self.signal = None
         self.held = None  # the launcher's pid while it is paused
         self.signums = [getattr(signal, n if n.startswith("SIG") else "SIG" + n)
-                        for n in (n.strip().upper() for n in names.split(",")) if n]
+                        for n in (n.strip().upper() for n in names) if n]
         self.previous = {signum: signal.signal(signum, self._handle) for signum in self.signums}
 
     def restore(self) -> None:

@@ -17,7 +17,7 @@ import torch
 
 
 def micro_batches(run, step: int) -> list[tuple[list[int], float]]:
-    """This rank's micro-batches of a step as (example indices, weight): an empty micro-batch (train.batch_tokens:
+    """This rank's micro-batches of a step as (example indices, weight): an empty micro-batch (train.micro_batch_tokens:
     this rank has fewer than another) runs the share's shortest example with weight 0, so that every rank takes
     part in the same collectives and adds nothing."""
     mine = run.sampler.plan(step)[run.rank]
@@ -56,7 +56,7 @@ class Prefetcher:
 
     def _work(self, start: int) -> None:
         try:
-            for step in range(start, self.run.cfg.train.max_steps):
+            for step in range(start, self.run.steps):
                 for m, (indices, weight) in enumerate(micro_batches(self.run, step)):
                     item = (step, m, host_batch(self.run, indices), weight)
                     while not self.done.is_set():

@@ -138,7 +138,7 @@ def test_every_recipe_and_ds_config_loads():
         cfg = load_config(recipes[0], [f"train.deepspeed={path}"])
         conf = ds_config(cfg, world=2, on_gpu=False)
         assert "auto" not in json.dumps(conf), path
-        assert conf["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+        assert conf["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * 2
 
 
 def test_builtin_rag_is_seeded_and_splits_share_no_entity():
@@ -200,13 +200,13 @@ def test_alpha_and_lr_schedules():
     from selfaug.train import alpha_at, lr_factor
     tc = build_config({"model": {"name_or_path": "x"}, "data": {"train": "y"}},
                       ["train.max_steps=11", "train.alpha=1.0", "train.alpha_start=0.0", "train.warmup_steps=2"]).train
-    assert alpha_at(5, tc) == 1.0
+    assert alpha_at(5, tc, tc.max_steps) == 1.0
     tc.alpha_schedule = "linear"
-    assert [alpha_at(s, tc) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    assert [alpha_at(s, tc, tc.max_steps) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
     tc.alpha_schedule = "cosine"
-    assert alpha_at(0, tc) == 0.0 and abs(alpha_at(5, tc) - 0.5) < 1e-9 and abs(alpha_at(10, tc) - 1.0) < 1e-9
-    assert [lr_factor(s, tc) for s in (0, 1)] == [0.5, 1.0] and lr_factor(2, tc) == 1.0
-    assert abs(lr_factor(11, tc) - tc.min_lr_ratio) < 1e-9
+    assert alpha_at(0, tc, 11) == 0.0 and abs(alpha_at(5, tc, 11) - 0.5) < 1e-9 and abs(alpha_at(10, tc, 11) - 1.0) < 1e-9
+    assert [lr_factor(s, tc, tc.max_steps) for s in (0, 1)] == [0.5, 1.0] and lr_factor(2, tc, tc.max_steps) == 1.0
+    assert abs(lr_factor(11, tc, tc.max_steps) - tc.min_lr_ratio) < 1e-9
 
 
 def test_step_sampler_covers_each_example_once_per_epoch_and_splits_ranks():

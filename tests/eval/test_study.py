@@ -51,7 +51,7 @@ def test_the_paired_bootstrap_interval_matches_the_normal_one_for_a_known_distri
 
 def _study_cfg(tmp, **study_keys):
     return tiny_config(str(tmp), data={"builtin_train_size": 8, "builtin_eval_size": 4},
-                       train={"max_steps": 2, "lr": 5e-3},
+                       train={"max_steps": 2, "learning_rate": 5e-3},
                        eval={"max_ifeval_prompts": 3, "max_rag_examples": 4, "max_drift_prompts": 2,
                              "max_new_tokens": 8, "rag_max_new_tokens": 6},
                        study={"output_dir": str(tmp / "study"), "seeds": 2, **study_keys})

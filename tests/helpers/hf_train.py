@@ -25,14 +25,14 @@ def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, a
     tc = cfg.train
     assert tc.warmup_steps == 0 and tc.min_lr_ratio == 1.0, "the comparison runs at a constant lr"
     model = load_model(cfg.model)  # its attention implementation included
-    if tc.method == "lora":
+    if tc.adapter == "lora":
         from peft import get_peft_model
         model.requires_grad_(False)
         torch.manual_seed(tc.seed)
         model = get_peft_model(model, lora_config(tc))
     kwargs = dict(output_dir=out, max_steps=tc.max_steps, per_device_train_batch_size=tc.micro_batch_size,
-                  gradient_accumulation_steps=tc.grad_accum, learning_rate=tc.lr,
-                  optim="sgd" if tc.optimizer == "sgd" else "adamw_torch", lr_scheduler_type="constant",
+                  gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
+                  optim=tc.optim, lr_scheduler_type="constant",
                   weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, seed=tc.seed, logging_steps=1,
                   report_to=[], save_strategy="no", use_cpu=True,
                   # under `accelerate launch` the accelerate config names the DeepSpeed file

@@ -14,7 +14,7 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env, tiny_config, write_recipe
+from conftest import ADAPTER, ROOT, clean_env, tiny_config, write_recipe
 from selfaug import precompute, train
 from selfaug.train import lora_config
 from selfaug.config import build_config
@@ -23,7 +23,7 @@ from selfaug.dist import free_port
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
 from hf_train import hf_run  # noqa: E402
 
-SGD = {"optimizer": "sgd", "min_lr_ratio": 1.0, "lr": 0.05, "max_steps": 3, "micro_batch_size": 1, "grad_accum": 2}
+SGD = {"optim": "sgd", "min_lr_ratio": 1.0, "learning_rate": 0.05, "max_steps": 3, "micro_batch_size": 1, "gradient_accumulation_steps": 2}
 FILES = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
 
 
@@ -41,7 +41,7 @@ def stores(tmp_path_factory):
 
 def _recipe(tmp, store_dir, method, signal, **train_keys):
     teacher = {"output_dir": store_dir, **({"signal": "sampled", "samples": 16} if signal == "sampled" else {})}
-    cfg = tiny_config(str(tmp), teacher=teacher, train={**SGD, "method": method, **train_keys})
+    cfg = tiny_config(str(tmp), teacher=teacher, train={**SGD, "adapter": ADAPTER[method], **train_keys})
     return cfg, write_recipe(os.path.join(str(tmp), "r.yaml"), cfg)
 
 
@@ -115,7 +115,7 @@ def test_two_ranks_with_accumulation_equal_selfaug_train(tmp_path, stores, launc
     ranks equals that: train/test_cluster.py, train/test_train.py)."""
     cfg, recipe = _recipe(tmp_path, stores[signal], method, signal,
                           deepspeed=os.path.join(ROOT, "ds_configs", f"{zero}.json"))
-    train.train(build_config(cfg.to_dict(), ["train.grad_accum=4"]))
+    train.train(build_config(cfg.to_dict(), ["train.gradient_accumulation_steps=4"]))
     helper = os.path.join(ROOT, "tests", "helpers", "hf_train.py")
     out = str(tmp_path / "hf")
     if launcher == "accelerate":
@@ -273,7 +273,7 @@ def test_bf16_autocast_stays_finite_and_near_fp32_and_fp16_is_one_line(tmp_path,
     from transformers import TrainingArguments
     from selfaug.hf import SelfAugTrainer
     from selfaug.models import load_model, load_tokenizer
-    cfg, recipe = _recipe(tmp_path, stores["topk"], "lora", "topk", max_steps=4, lr=0.5, micro_batch_size=2)
+    cfg, recipe = _recipe(tmp_path, stores["topk"], "lora", "topk", max_steps=4, learning_rate=0.5, micro_batch_size=2)
     runs = {}
     for name, extra in (("fp32", {}), ("bf16", {"bf16": True})):
         t = hf_run(recipe, str(tmp_path / name), deepspeed=False, args_extra=extra)

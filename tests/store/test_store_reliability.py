@@ -156,7 +156,7 @@ def test_precompute_refuses_to_write_non_finite_values(tmp_path):
 
 def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, tiny_store):
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
-                      train={"optimizer": "sgd", "lr": 1e30, "max_grad_norm": 1e30, "max_steps": 4})
+                      train={"optim": "sgd", "learning_rate": 1e30, "max_grad_norm": 1e30, "max_steps": 4})
     with pytest.raises(train.TrainError, match=r"optimizer step \d: the .* terms? (is|are) not finite"):
         train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.train.output_dir, "final"))
@@ -170,12 +170,12 @@ BASE = {"model": {"name_or_path": "x"}, "data": {"train": "y"}}
 
 
 @pytest.mark.parametrize("override,match", [
-    ("train.alpha=nan", "finite"), ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+    ("train.alpha=nan", "finite"), ("train.learning_rate=-1", "train.learning_rate=-1.0 must be > 0"),
     ("train.max_grad_norm=-1", "must be > 0"), ("train.warmup_steps=-1", "must be >= 0"),
-    ("train.save_every=-2", "must be >= 0"), ("train.lora_r=0", "train.lora_r=0 must be >= 1"),
+    ("train.save_steps=-2", "must be >= 0"), ("train.lora_r=0", "train.lora_r=0 must be >= 1"),
     ("train.lora_dropout=2", "must be < 1"), ("train.min_lr_ratio=5", "must be <= 1"),
-    ("eval.batch_size=0", "must be >= 1"), ("train.log_every=0", "must be >= 1"),
-    ("data.max_examples=-3", "data.max_examples=-3 must be >= 1"), ("train.lr=inf", "finite"),
+    ("eval.batch_size=0", "must be >= 1"), ("train.logging_steps=0", "must be >= 1"),
+    ("data.max_examples=-3", "data.max_examples=-3 must be >= 1"), ("train.learning_rate=inf", "finite"),
 ])
 def test_out_of_range_config_values_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -84,8 +84,8 @@ def test_the_recipe_checks_are_one_line_each(tmp_path):
         tiny_config(str(tmp_path), train={"drift_budget": 0.1, "alpha_schedule": "linear"})
     with pytest.raises(ConfigError, match=r"set train.alpha > 0"):
         tiny_config(str(tmp_path), train={"drift_budget": 0.1, "alpha": 0})
-    assert isinstance(alpha_control(tiny_config(str(tmp_path)).train), Schedule)
-    assert isinstance(alpha_control(tiny_config(str(tmp_path), train={"drift_budget": 0.1}).train), DriftBudget)
+    assert isinstance(alpha_control(tiny_config(str(tmp_path)).train, 2), Schedule)
+    assert isinstance(alpha_control(tiny_config(str(tmp_path), train={"drift_budget": 0.1}).train, 2), DriftBudget)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_the_loop_steers_alpha_by_the_measured_kl_with_every_teacher_and_resumes
     top-k store, stopped after 3 steps and resumed, the trajectory is the uninterrupted one."""
     budget, horizon = 1e-7, 2.0  # a small budget: the KL of a fine-tuned model exceeds it, alpha must rise
     teacher = stores["topk" if source == "live" else source]
-    train_keys = {"max_steps": 6, "drift_budget": budget, "drift_horizon": horizon, "alpha": 0.5, "lr": 5e-2,
+    train_keys = {"max_steps": 6, "drift_budget": budget, "drift_horizon": horizon, "alpha": 0.5, "learning_rate": 5e-2,
                   "teacher_mode": "online" if source == "live" else "offline"}
     rows = read_metrics(train.train(tiny_config(str(tmp_path), teacher=teacher,
                                                 train={**train_keys, "output_dir": str(tmp_path / "whole")})))
@@ -116,8 +116,7 @@ def test_the_loop_steers_alpha_by_the_measured_kl_with_every_teacher_and_resumes
     assert rows[-1]["alpha"] > rows[0]["alpha"]  # the KL rose above the budget
     if source == "topk":
         run = str(tmp_path / "resumed")
-        train.train(tiny_config(str(tmp_path), teacher=teacher, train={**train_keys, "output_dir": run,
-                                                                       "stop_after": 3}))
+        train.train(tiny_config(str(tmp_path), teacher=teacher, train={**train_keys, "output_dir": run}), stop_after=3)
         resumed = read_metrics(train.train(tiny_config(str(tmp_path), teacher=teacher,
                                                        train={**train_keys, "output_dir": run})))
         assert [r["alpha"] for r in resumed] == pytest.approx([r["alpha"] for r in rows], rel=1e-9)
@@ -130,15 +129,16 @@ def test_the_default_horizon_is_a_twentieth_of_the_run_and_a_number_still_wins()
     from selfaug.train.alpha import horizon
     tc = lambda **kw: tiny_config("/tmp/x", train={"drift_budget": 0.02, **kw}).train
     assert tc().drift_horizon == "auto"
-    assert [alpha_control(tc(max_steps=n)).horizon for n in (60, 240, 10, 1)] == [3.0, 12.0, 1.0, 1.0]
-    assert alpha_control(tc(max_steps=60, drift_horizon=7)).horizon == 7.0
-    assert alpha_control(tc(max_steps=60), total_steps=400).horizon == 20.0  # the run's steps, however counted
+    assert [alpha_control(tc(max_steps=n), n).horizon for n in (60, 240, 10, 1)] == [3.0, 12.0, 1.0, 1.0]
+    assert alpha_control(tc(max_steps=60, drift_horizon=7), 60).horizon == 7.0
+    by_epochs = tc(num_epochs=2.0, max_steps=None)  # 2 epochs of 2400 examples at a global batch of 2: 2400 steps
+    assert by_epochs.total_steps(2400, 1) == 2400 and alpha_control(by_epochs, 2400).horizon == 120.0
     assert horizon("auto", 100) == 5.0 and horizon(2.5, 100) == 2.5
     for bad in ("0", "-1", "fast", "nan"):
         with pytest.raises(ConfigError, match="train.drift_horizon=.* must be auto or a number of steps > 0"):
             tc(drift_horizon=bad)
     # over a run of n steps, auto lets alpha move e^(0.2 n / (n / 20)) = e^4-fold, at any n
     for n in (60, 240, 1000):
-        control = alpha_control(tc(max_steps=n, alpha_max=1000.0))
+        control = alpha_control(tc(max_steps=n, alpha_max=1000.0), n)
         assert _run(control, [1.0] * n)[-1] == pytest.approx(0.5 * (1 + ERROR_CLIP / (n / 20)) ** n)
         assert 40 < (1 + ERROR_CLIP / (n / 20)) ** n < math.exp(4)

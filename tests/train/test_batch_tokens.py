@@ -1,4 +1,4 @@
-"""train.batch_tokens: micro-batches cut by processed tokens, balanced over the ranks, with the loss and
+"""train.micro_batch_tokens: micro-batches cut by processed tokens, balanced over the ranks, with the loss and
 gradients of the step cut by count (the same global batch, the same normalization)."""
 import os
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, read_metrics, tiny_config, write_recipe
+from conftest import ADAPTER, ROOT, launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute, train
 from selfaug.train.batches import PADDED, MaskedPacking, StepSampler, VarlenPacking, pack, processed_tokens
 
 SKEWED = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra_sentences": 3,
           "builtin_train_size": 16}
-SGD = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 2, "alpha": 0.5}
+SGD = {"optim": "sgd", "learning_rate": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 2, "alpha": 0.5}
 
 
 def _reference_plan(batch, tokens, world, budget, layout):
@@ -109,16 +109,16 @@ def _cfg(tmp, store_cfg, name, **train_keys):
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_one_rank_budgeted_steps_equal_the_counted_ones(tmp_path, skewed_store, method, alpha):
     budget = _longest(skewed_store)  # the least allowed: most micro-batches hold one example
-    common = {"method": method, "alpha": alpha, "grad_accum": 2,  # full fine-tuning without ZeRO: the boundary too
+    common = {"adapter": ADAPTER[method], "alpha": alpha, "gradient_accumulation_steps": 2,  # full fine-tuning without ZeRO: the boundary too
               "deepspeed": os.path.join(ROOT, "ds_configs", "zero2.json" if method == "lora" else "zero0.json")}
     counted = train.train(_cfg(tmp_path, skewed_store, "count", **common))
-    cut = train.train(_cfg(tmp_path, skewed_store, "tokens", batch_tokens=budget, **common))
+    cut = train.train(_cfg(tmp_path, skewed_store, "tokens", micro_batch_tokens=budget, **common))
     a, b = _params(counted, method), _params(cut, method)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
     rows_a, rows_b = read_metrics(counted), read_metrics(cut)
     assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
-    assert [r["kl"] > 0 for r in rows_b[1:]] == [alpha > 0] * 2
+    assert [r.get("kl", 0) > 0 for r in rows_b[1:]] == [alpha > 0] * 2  # alpha = 0: no KL between monitor steps
     assert all(r["mb_tokens_max"] <= budget for r in rows_b)
     assert max(r["mb_tokens_max"] for r in rows_a) > budget  # by count the budget would not hold
     assert any(r["micro_batches"] > 2 for r in rows_b) and all(r["micro_batches"] == 2 for r in rows_a)
@@ -129,9 +129,10 @@ def test_two_ranks_zero2_and_zero3_budgeted_equal_one_rank_counted(tmp_path, ske
     ranks, with empty micro-batches where a rank has fewer: the parameters of the 1-rank run by count."""
     budget = _uneven_budget(_tokens(skewed_store), SGD["max_steps"])
     for method, ds, alpha in (("lora", "zero2", 0.0), ("full", "zero3", 0.5)):
-        reference = train.train(_cfg(tmp_path, skewed_store, f"ref-{method}", method=method, alpha=alpha,
-                                     grad_accum=2))
-        cfg = _cfg(tmp_path, skewed_store, f"two-{method}", method=method, alpha=alpha, batch_tokens=budget,
+        reference = train.train(_cfg(tmp_path, skewed_store, f"ref-{method}", adapter=ADAPTER[method], alpha=alpha,
+                                     gradient_accumulation_steps=2))
+        cfg = _cfg(tmp_path, skewed_store, f"two-{method}", adapter=ADAPTER[method], alpha=alpha,
+                   micro_batch_tokens=budget,
                    deepspeed=os.path.join(ROOT, "ds_configs", f"{ds}.json"))
         launch("train", write_recipe(str(tmp_path / f"{method}.yaml"), cfg), nprocs=2)
         a, b = _params(reference, method), _params(cfg.train.output_dir, method)
@@ -145,8 +146,8 @@ def test_two_ranks_zero2_and_zero3_budgeted_equal_one_rank_counted(tmp_path, ske
 
 def test_an_example_longer_than_batch_tokens_is_refused_before_the_model_loads(tmp_path, skewed_store):
     longest = _longest(skewed_store)
-    cfg = _cfg(tmp_path, skewed_store, "short", batch_tokens=longest - 1)
-    with pytest.raises(train.TrainError, match=rf"train.batch_tokens={longest - 1} is smaller than the longest "
+    cfg = _cfg(tmp_path, skewed_store, "short", micro_batch_tokens=longest - 1)
+    with pytest.raises(train.TrainError, match=rf"train.micro_batch_tokens={longest - 1} is smaller than the longest "
                                                rf"example \({longest} tokens\)"):
         train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.train.output_dir, "metrics.jsonl"))

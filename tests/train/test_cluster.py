@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
+from conftest import ADAPTER, ROOT, clean_env, launch, read_metrics, tiny_config, write_recipe
 from selfaug import precompute, train
 from selfaug.train import checkpoint
 from selfaug.dist import free_port
 
-SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+SGD = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 1e9}
 
 
 def _final(run_dir, method):
@@ -107,23 +107,24 @@ def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tin
     def cfg(name, **train_keys):
         return tiny_config(str(tmp_path), model=model,
                            teacher={"value_dtype": "float32", "output_dir": base_cfg.teacher.output_dir},
-                           train={**SGD, "method": method, "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4,
+                           train={**SGD, "adapter": ADAPTER[method], "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4,
                                   "micro_batch_size": 2, "deepspeed": os.path.join(ROOT, ds),
                                   "output_dir": str(tmp_path / name), **extra, **train_keys})
 
-    whole = train.train(cfg("whole", grad_accum=2))  # uninterrupted, 1 rank
-    if "two-one" in directions:  # two ranks stop after step 2; one rank with grad_accum 2 finishes
-        two = cfg("two-one", grad_accum=1, stop_after=2)
-        launch("train", write_recipe(str(tmp_path / "two.yaml"), two), nprocs=2)
+    whole = train.train(cfg("whole", gradient_accumulation_steps=2))  # uninterrupted, 1 rank
+    if "two-one" in directions:  # two ranks stop after step 2; one rank with accumulation 2 finishes
+        two = cfg("two-one", gradient_accumulation_steps=1)
+        launch("train", write_recipe(str(tmp_path / "two.yaml"), two), nprocs=2, env={"SELFAUG_STOP_AFTER": "2"})
         meta = json.load(open(tmp_path / "two-one" / "checkpoints" / "step-2" / checkpoint.META))
         assert (meta["world_size"], meta["grad_accum"], meta["global_batch"]) == (2, 1, 4)
         with pytest.raises(checkpoint.CheckpointError, match=r"global batch of 4 .* this run has 2 "
-                                                             r".*train.grad_accum=2 keeps it"):
-            train.train(cfg("two-one", grad_accum=1))
-        train.train(cfg("two-one", grad_accum=2))
+                                                             r".*train.gradient_accumulation_steps=2 keeps it"):
+            train.train(cfg("two-one", gradient_accumulation_steps=1))
+        train.train(cfg("two-one", gradient_accumulation_steps=2))
     # 1 -> 2
-    train.train(cfg("one-two", grad_accum=2, stop_after=2))
-    out = launch("train", write_recipe(str(tmp_path / "one.yaml"), cfg("one-two", grad_accum=1)), nprocs=2)
+    train.train(cfg("one-two", gradient_accumulation_steps=2), stop_after=2)
+    out = launch("train", write_recipe(str(tmp_path / "one.yaml"), cfg("one-two", gradient_accumulation_steps=1)),
+                 nprocs=2)
     assert "written on 1 ranks, now 2: universal form in" in out.stdout + out.stderr
     for name in directions:  # DeepSpeed's files, each rank's own, and the universal form the resume wrote
         _check_sharded(tmp_path / name / "checkpoints" / "step-2", method)
@@ -143,8 +144,8 @@ def test_resume_2_to_1_and_1_to_2_ranks_with_the_same_global_batch(tmp_path, tin
 
 def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(tmp_path, tiny_store):
     cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
-                      train={**SGD, "max_steps": 3, "stop_after": 1})
-    train.train(cfg)
+                      train={**SGD, "max_steps": 3})
+    train.train(cfg, stop_after=1)
     other = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
                         train={**SGD, "max_steps": 3, "lora_r": 4})
     with pytest.raises(checkpoint.CheckpointError, match=r"another recipe: lora \(checkpoint: \[16, "):

@@ -57,28 +57,28 @@ def test_a_shard_that_cannot_be_written_leaves_no_complete_claim_and_the_rerun_f
 
 
 def test_a_failed_or_killed_checkpoint_leaves_latest_on_the_previous_one(tmp_path, tiny_store, capsys):
-    keys = {"max_steps": 4, "save_every": 1, "optimizer": "sgd", "min_lr_ratio": 1.0}
+    keys = {"max_steps": 4, "save_steps": 1, "optim": "sgd", "min_lr_ratio": 1.0}
     ref = train.train(tiny_config(str(tmp_path / "ref"), teacher={"output_dir": tiny_store.teacher.output_dir},
                                   train=keys))  # uninterrupted
     cfg = tiny_config(str(tmp_path), teacher={"output_dir": tiny_store.teacher.output_dir},
-                      train={**keys, "stop_after": 2})
-    train.train(cfg)  # checkpoints step-1 and step-2
+                      train=keys)
+    train.train(cfg, stop_after=2)  # checkpoints step-1 and step-2
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
     latest = os.path.join(cfg.train.output_dir, "checkpoints", "latest")
     # step 3's checkpoint cannot be written: each of DeepSpeed's files (the adapter's fp32 weights, about 150 KB;
     # the frozen base is not written) is over the file-size limit
-    proc, errors = _child(["train", "--config", recipe, "train.stop_after=null"], FSIZE=str(100_000))
+    proc, errors = _child(["train", "--config", recipe], FSIZE=str(100_000))
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "checkpoint of step 3 could not be written" in errors[0] and "still names" in errors[0] \
         and "step-2" in errors[0] and "too large" in errors[0].lower(), errors[0]
     assert open(latest).read() == "step-2"
     # killed with SIGKILL in the middle of step 3's checkpoint
-    proc, _ = _child(["train", "--config", recipe, "train.stop_after=null"], KILL_IN_SAVE="1")
+    proc, _ = _child(["train", "--config", recipe], KILL_IN_SAVE="1")
     assert proc.returncode == -signal.SIGKILL
     assert open(latest).read() == "step-2" and os.path.isdir(os.path.join(os.path.dirname(latest), "step-3"))
     # the rerun (in this process) resumes from step 2 and ends where the uninterrupted run ends
     capsys.readouterr()
-    train.train(build_config(cfg.to_dict(), ["train.stop_after=null"]))
+    train.train(cfg)
     assert "resumed from" in "".join(capsys.readouterr())
     a = load_file(os.path.join(ref, "final", "adapter_model.safetensors"))
     b = load_file(os.path.join(cfg.train.output_dir, "final", "adapter_model.safetensors"))

@@ -163,7 +163,7 @@ def test_packed_training_run_equals_the_padded_one(tmp_path, attention):
     skewed = {"builtin_num_documents": 1, "builtin_max_documents": 8, "builtin_extra_sentences": 3}
     store = tiny_config(str(tmp_path), data=skewed, teacher={"value_dtype": "float32"})
     precompute.run(store)
-    common = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 4}
+    common = {"optim": "sgd", "learning_rate": 2.0, "max_grad_norm": 1e9, "max_steps": 3, "micro_batch_size": 4}
     got = {}
     calls = cpu_flash.CALLS["varlen"]
     for packing in (False, True):

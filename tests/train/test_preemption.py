@@ -21,7 +21,7 @@ from selfaug import train
 from selfaug.dist import free_port
 from selfaug.train import preemption
 
-SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+SGD = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 1e9}
 STEPS = 10
 SLOW_SAVE_S = 33  # longer than the launchers' grace between their SIGTERM and SIGKILL (30 s)
 
@@ -29,7 +29,7 @@ SLOW_SAVE_S = 33  # longer than the launchers' grace between their SIGTERM and S
 def _config(tmp_path, tiny_store, run_dir, grad_accum, **train_keys):
     """The same global batch of 4 on any world size: micro 2 x accum 2 on 1 rank, micro 2 on 2 ranks."""
     return tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
-                       train={**SGD, "max_steps": STEPS, "micro_batch_size": 2, "grad_accum": grad_accum,
+                       train={**SGD, "max_steps": STEPS, "micro_batch_size": 2, "gradient_accumulation_steps": grad_accum,
                               "output_dir": str(run_dir), **train_keys})
 
 
@@ -278,7 +278,7 @@ def test_a_rank_killed_during_the_save_leaves_no_launcher_paused(tmp_path, tiny_
     timeout), the job ends non-zero within seconds, nothing of it is left running, and checkpoints/latest
     still names the checkpoint before the stop."""
     run_dir = tmp_path / "run"
-    train.train(_config(tmp_path, tiny_store, run_dir, 2, stop_after=1))  # the checkpoint before: step-1
+    train.train(_config(tmp_path, tiny_store, run_dir, 2), stop_after=1)  # the checkpoint before: step-1
     recipe = write_recipe(str(tmp_path / "r.yaml"), _config(tmp_path, tiny_store, run_dir, 1))
     env = clean_env(PYTHONPATH=os.path.join(ROOT, "tests", "helpers", "slow_save"), SLOW_SAVE_S=str(KILLED_SAVE_S))
     log = open(tmp_path / "log", "w+")

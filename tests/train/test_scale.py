@@ -11,14 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_ranks, launch, read_metrics, spawn, tiny_config, write_recipe
+from conftest import ADAPTER, ROOT, kill_ranks, launch, read_metrics, spawn, tiny_config, write_recipe
 from selfaug import precompute, train
 from selfaug import store as ts
 from selfaug.config import ModelConfig
 from selfaug.models import load_model
+from selfaug.train.batches import to_device
 
 INFERENCE = os.path.join(ROOT, "ds_configs", "zero3_inference.json")
-SGD = {"optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+SGD = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 1e9}
 
 
 def _random_dir(tmp, **shape):
@@ -95,10 +96,10 @@ def test_zero3_full_fine_tuning_with_a_trainable_head_equals_zero2(tmp_path):
     base = tiny_config(str(tmp_path), model=model, teacher={"value_dtype": "float32"})
     precompute.run(base)
     finals = {}
-    for name, extra in (("z2", {"grad_accum": 2}), ("z3", {"deepspeed": os.path.join(ROOT, "ds_configs/zero3.json"),
+    for name, extra in (("z2", {"gradient_accumulation_steps": 2}), ("z3", {"deepspeed": os.path.join(ROOT, "ds_configs/zero3.json"),
                                                           "gradient_checkpointing": True})):
         cfg = tiny_config(str(tmp_path), model=model, teacher={"value_dtype": "float32"}, train={
-            **SGD, "method": "full", "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4, "micro_batch_size": 2,
+            **SGD, "adapter": "none", "freeze_lm_head": False, "alpha": 0.5, "max_steps": 4, "micro_batch_size": 2,
             "output_dir": str(tmp_path / name), **extra})
         if name == "z3":
             out = launch("train", write_recipe(str(tmp_path / f"{name}.yaml"), cfg), nprocs=2).stdout
@@ -124,7 +125,7 @@ def test_gradient_checkpointing_gives_the_same_parameters(tmp_path, tiny_store, 
     got = {}
     for gc in (False, True):
         cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
-                          train={**SGD, "method": method, "alpha": 0.5, "max_steps": 3, "gradient_checkpointing": gc,
+                          train={**SGD, "adapter": ADAPTER[method], "alpha": 0.5, "max_steps": 3, "gradient_checkpointing": gc,
                                  "output_dir": str(tmp_path / f"{method}-{gc}")})
         out = train.train(cfg)
         name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
@@ -138,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_parameters(tmp_path, tiny_store, 
     saved = {}
     for gc in (False, True):
         cfg = tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": tiny_store.teacher.output_dir},
-                          train={"method": method, "gradient_checkpointing": gc, "output_dir": str(tmp_path / "s")})
+                          train={"adapter": ADAPTER[method], "gradient_checkpointing": gc, "output_dir": str(tmp_path / "s")})
         run = train.setup(cfg)
         rows = [run.source.examples.example(i) for i in range(2)]
         batch = to_device(run.source.batch(rows, run.tok.pad_token_id), run.device)

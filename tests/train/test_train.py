@@ -57,8 +57,8 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     torch.manual_seed(tc.seed)
     model = get_peft_model(model, train.lora_config(tc))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_factor(s, tc))
+    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_factor(s, tc, tc.max_steps))
     store = ts.TeacherStore(tiny_store.teacher.output_dir)
     tok = load_tokenizer("builtin:tiny-llama")
     sampler = StepSampler(len(store), tc.micro_batch_size, 1, 1, tc.seed)
@@ -78,12 +78,12 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # it did train
 
 
-SGD = {"optimizer": "sgd", "lr": 2.0, "max_grad_norm": 1e9}  # SGD: the update is as large as the gradient
+SGD = {"optim": "sgd", "learning_rate": 2.0, "max_grad_norm": 1e9}  # SGD: the update is as large as the gradient
 
 
 def test_grad_accum_1xB_equals_2xB_over_2(tmp_path, tiny_store):
-    a, ma = _train(_cfg(tmp_path / "a", tiny_store, train={**SGD, "micro_batch_size": 4, "grad_accum": 1, "max_steps": 2}))
-    b, mb = _train(_cfg(tmp_path / "b", tiny_store, train={**SGD, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 2}))
+    a, ma = _train(_cfg(tmp_path / "a", tiny_store, train={**SGD, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2}))
+    b, mb = _train(_cfg(tmp_path / "b", tiny_store, train={**SGD, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2}))
     _close(a, b, atol=1e-6)
     assert ma[-1]["kl"] > 0 and abs(ma[-1]["loss"] - mb[-1]["loss"]) < 1e-5
 
@@ -139,21 +139,22 @@ def test_two_process_zero3_train_save_and_resume(tmp_path, tiny_store):
     normalized by the whole step's tokens across ranks. (Two ranks on ZeRO-2, and resumes at another world
     size: train/test_cluster.py, train/test_batch_tokens.py, train/test_preemption.py.)"""
     from peft import PeftModel
-    base = {**SGD, "max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "alpha": 0.5}
-    one, one_metrics = _train(_cfg(tmp_path, tiny_store, train={**base, "grad_accum": 4,
+    base = {**SGD, "max_steps": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "alpha": 0.5}
+    one, one_metrics = _train(_cfg(tmp_path, tiny_store, train={**base, "gradient_accumulation_steps": 4,
                                                                 "output_dir": str(tmp_path / "one")}))
-    cfg = _cfg(tmp_path, tiny_store, train={**base, "stop_after": 2, "deepspeed": "ds_configs/zero3.json",
+    cfg = _cfg(tmp_path, tiny_store, train={**base, "deepspeed": "ds_configs/zero3.json",
                                             "output_dir": str(tmp_path / "z3")})
     recipe = write_recipe(str(tmp_path / "z3.yaml"), cfg)
-    launch("train", recipe, nprocs=2)
+    launch("train", recipe, nprocs=2, env={"SELFAUG_STOP_AFTER": "2"})
     assert not os.path.exists(tmp_path / "z3" / "final") and len(read_metrics(tmp_path / "z3")) == 2
-    out = launch("train", recipe, ["train.stop_after=null"], nprocs=2)
+    out = launch("train", recipe, nprocs=2)
     assert "resumed from" in out.stdout + out.stderr and "(written on" not in out.stdout + out.stderr
     resumed = _strip_times(read_metrics(tmp_path / "z3"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(resumed, _strip_times(one_metrics)):
+        # the KL (~4e-5 here) is second order in the parameters, whose sum order differs under ZeRO-3: abs 1e-7
         assert {k: a[k] for k in ("loss", "nll", "kl")} == pytest.approx({k: b[k] for k in ("loss", "nll", "kl")},
-                                                                        rel=1e-5, abs=1e-8)
+                                                                        rel=1e-5, abs=1e-7)
     _close(_adapter(tmp_path / "z3"), one, atol=1e-4, rtol=1e-3)  # ZeRO-3 takes the same steps (other sum order)
     # the saved adapter loads with peft on the base model and generates
     tok = load_tokenizer("builtin:tiny-llama")
@@ -170,7 +171,7 @@ def test_bf16_trains_with_fp32_master_weights_and_ends_near_the_fp32_run(tmp_pat
     comparison sees the gradients' precision) stay finite, within 2 % of the fp32 run's losses, and their LoRA B
     updates (B starts at 0) within 5 % of the fp32 run's (Frobenius norm of the difference over that of the update)."""
     import deepspeed
-    keys = {**SGD, "lr": 0.5, "max_steps": 6, "micro_batch_size": 2, "min_lr_ratio": 1.0,
+    keys = {**SGD, "learning_rate": 0.5, "max_steps": 6, "micro_batch_size": 2, "min_lr_ratio": 1.0,
             "deepspeed": os.path.join(ROOT, "ds_configs", f"{zero}.json")}
     got = {}
     for dtype in ("float32", "bfloat16"):
@@ -230,7 +231,7 @@ def test_prefetched_micro_batches_train_exactly_as_made_on_the_step(tmp_path, ti
     and parameters, bit for bit; each step logs how long it waited for them; a failure on the thread is raised on
     the training thread, at the micro-batch that needed it, with no hang."""
     from selfaug.train import prefetch
-    keys = {**SGD, "max_steps": 4, "micro_batch_size": 2, "grad_accum": 2}
+    keys = {**SGD, "max_steps": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 2}
     got = {depth: _train(_cfg(tmp_path / str(depth), tiny_store, train={**keys, "prefetch": depth})) for depth in (0, 3)}
     (a0, m0), (a3, m3) = got[0], got[3]
     assert all(torch.equal(a0[k], a3[k]) for k in a0)

@@ -1,0 +1,84 @@
+"""The trained model in Hugging Face form (docs/design.md, "Checkpoints and preemption"): `final/` holds the peft
+adapter (and `final/merged/` with train.merge_adapter) or the full model, the tokenizer and the resolved recipe.
+Under ZeRO-3 a LoRA run gathers only its adapter tensors, one at a time; a full model is consolidated on rank 0
+(16-bit where it trains in 16-bit) while the other ranks wait (the log says for how long they may).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from .. import dist
+from ..config import Config
+from ..models import load_model, load_tokenizer_for
+
+
+def zero_stage(engine) -> int:
+    return engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+
+
+def _zero3_state_dict(engine, model, lora: bool):
+    """The trained weights on rank 0 (None elsewhere) under ZeRO-3: for LoRA only the adapters are
+    gathered, one tensor at a time; a full model is consolidated (16-bit where it trains in 16-bit)."""
+    import deepspeed
+    if not lora:
+        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the whole, others None
+        return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with deepspeed.zero.GatheredParameters([p]):
+                state[name] = p.detach().cpu().clone()
+    return state
+
+
+def save_final(run) -> str:
+    """Hugging Face form under <output_dir>/final: the peft adapter (and merged model on request) or the
+    full model. Under ZeRO-3 the parameters are gathered to rank 0 first."""
+    cfg, engine = run.cfg, run.engine
+    final = os.path.join(cfg.train.output_dir, "final")
+    model = engine.module.model
+    lora = cfg.train.adapter == "lora"
+    if zero_stage(engine) == 3:
+        state = _zero3_state_dict(engine, model, lora)
+        if lora and run.rank == 0:  # names as peft saves them
+            from peft.utils import get_peft_model_state_dict
+            state = get_peft_model_state_dict(model, state_dict=state)
+    else:
+        state = model.state_dict()
+    if run.rank == 0:
+        dist.alone(f"writes {final} (the model in Hugging Face form)", cfg.train.ddp_timeout)
+        shutil.rmtree(final, ignore_errors=True)
+        if lora and zero_stage(engine) == 3:
+            _save_adapter(model, state, final)
+        else:
+            model.save_pretrained(final, state_dict=state)
+        run.tok.save_pretrained(final)
+        cfg.save(os.path.join(final, "selfaug_config.yaml"))
+        if lora and cfg.train.merge_adapter:
+            dist.alone("merges the adapter into the model (final/merged)", cfg.train.ddp_timeout)
+            merge_adapter(cfg, final)
+    dist.barrier()
+    return final
+
+
+def _save_adapter(model, adapter_state: dict, final: str) -> None:
+    """A peft adapter directory from an already-named adapter state dict (ZeRO-3: the model's own
+    tensors are empty partitions, so peft's save_pretrained cannot read them)."""
+    from safetensors.torch import save_file
+    os.makedirs(final, exist_ok=True)
+    model.peft_config["default"].save_pretrained(final)
+    save_file({k: v.contiguous() for k, v in adapter_state.items()}, os.path.join(final, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def merge_adapter(cfg: Config, final: str) -> str:
+    from peft import PeftModel
+    base = load_model(cfg.model, torch.float32)
+    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
+    target = os.path.join(final, "merged")
+    merged.save_pretrained(target)
+    load_tokenizer_for(cfg.model).save_pretrained(target)
+    return target

@@ -1,0 +1,52 @@
+"""Stage 2's metrics (docs/design.md, "Stage 2"): one row per logged optimizer step to metrics.jsonl (strict
+JSON, rank 0), and the same keys to the loggers of train.report_to: TensorBoard and CSV through DeepSpeed's monitor,
+Weights & Biases through selfaug's own run (DeepSpeed's W&B monitor logs its sample-count steps first, after which
+W&B drops every lower step).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..config import Config
+
+
+def wandb_run(cfg: Config, rank: int):
+    """The run's W&B run on rank 0 when train.report_to has wandb (offline unless WANDB_MODE says otherwise)."""
+    if rank != 0 or "wandb" not in cfg.train.report_to:
+        return None
+    import wandb
+    tc = cfg.train
+    return wandb.init(project=tc.wandb_project, dir=os.environ.get("WANDB_DIR"), config=cfg.to_dict(),
+                      name=tc.run_name or os.path.basename(os.path.normpath(tc.output_dir)), mode=wandb_mode(tc),
+                      reinit="finish_previous")
+
+
+def wandb_mode(tc) -> str:
+    """train.wandb_mode: auto is online with an API key (WANDB_API_KEY) or WANDB_MODE=online, else offline (nothing
+    leaves the machine unasked; `wandb sync` uploads the run later)."""
+    if tc.wandb_mode != "auto":
+        return tc.wandb_mode
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def log(run, path: str, row: dict) -> None:
+    """metrics.jsonl (strict JSON), and the same keys to W&B and DeepSpeed's monitors (train.report_to)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+    if run.wandb is not None:
+        run.wandb.log({key: value for key, value in row.items() if key != "step"}, step=row["step"])
+    monitor = getattr(run.engine, "monitor", None)
+    if monitor is not None and monitor.enabled:
+        monitor.write_events([(key, float(value), row["step"]) for key, value in row.items() if key != "step"])
+
+
+def truncate(path: str, step: int) -> None:
+    """Drop metric lines past the resumed step, so a resumed run's file equals an uninterrupted one's."""
+    if not os.path.exists(path):
+        return
+    rows = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
