@@ -152,10 +152,12 @@ def build_section(section: str, raw: dict, saved: bool = False):
         new = RENAMED.get(section, {}).get(key)
         if saved and (section, key) in GONE:
             continue
-        if new is not None and new not in raw:
+        if new is not None:
             if not saved:
                 raise ConfigError(f"{section}.{key} is now {section}.{new} (the name the Hugging Face Trainer, TRL and "
                                   f"axolotl use): rename it in the recipe")
+            if new in raw:  # both names in a saved config: the new one holds
+                continue
             key, value = new, RENAMED_VALUES.get((section, key), {}).get(value, value)
         if key not in keys:
             raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(keys)}")

@@ -89,8 +89,8 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
     final = os.path.join(run_dir, "final")
     alpha = None
     if os.path.isfile(os.path.join(final, "selfaug_config.yaml")):
-        alpha = load_config(os.path.join(final, "selfaug_config.yaml")).train.alpha
-        base_cfg, where = load_config(os.path.join(final, "selfaug_config.yaml")).model, final
+        alpha = load_config(os.path.join(final, "selfaug_config.yaml"), saved=True).train.alpha
+        base_cfg, where = load_config(os.path.join(final, "selfaug_config.yaml"), saved=True).model, final
     elif os.path.isfile(os.path.join(run_dir, "adapter_config.json")) or os.path.isfile(os.path.join(run_dir, "config.json")):
         base_cfg, where = cfg.model, run_dir
         trainer_json = os.path.join(run_dir, "selfaug_trainer.json")
@@ -112,7 +112,7 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
 def _drift_budget(run_dir: str) -> float | None:
     """The run's train.drift_budget (a `selfaug train` run; None otherwise)."""
     saved = os.path.join(run_dir, "final", "selfaug_config.yaml")
-    return load_config(saved).train.drift_budget if os.path.isfile(saved) else None
+    return load_config(saved, saved=True).train.drift_budget if os.path.isfile(saved) else None
 
 
 class RagSet(NamedTuple):

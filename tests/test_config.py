@@ -1,0 +1,68 @@
+"""Recipes as the ecosystem writes them (docs/design.md, "Configuration"): the Trainer's names, the old names
+refused in one line (and read in a config saved by an earlier version), YAML lists, all-linear as peft expects it,
+epochs beside steps, and the W&B settings."""
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_config
+from selfaug.config import ConfigError, build_config, load_config
+
+
+@pytest.mark.parametrize("old,new", [("lr", "learning_rate"), ("grad_accum", "gradient_accumulation_steps"),
+                                     ("save_every", "save_steps"), ("log_every", "logging_steps"),
+                                     ("method", "adapter"), ("optimizer", "optim"),
+                                     ("batch_tokens", "micro_batch_tokens")])
+def test_an_old_name_is_one_line_naming_the_new_one(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=rf"train.{old} is now train.{new} \(the name the Hugging Face Trainer"):
+        load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), [f"train.{old}=1"])
+    with pytest.raises(ConfigError, match=r"teacher.batch_tokens is now teacher.forward_tokens"):
+        load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["teacher.batch_tokens=4096"])
+
+
+def test_a_config_saved_by_an_earlier_version_still_loads(tmp_path):
+    """selfaug_config.yaml beside an earlier run (eval reads it) holds the old names and a test hook."""
+    old = tiny_config(str(tmp_path)).to_dict()
+    t = old["train"]
+    t["lr"], t["grad_accum"], t["method"], t["optimizer"], t["save_every"] = 0.5, 3, "full", "adamw", 2
+    for k in ("learning_rate", "gradient_accumulation_steps", "adapter", "optim", "save_steps"):
+        del t[k]
+    t["stop_after"] = None
+    old["teacher"]["batch_tokens"] = old["teacher"].pop("forward_tokens")
+    path = tmp_path / "selfaug_config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="is now"):
+        load_config(str(path))
+    cfg = load_config(str(path), saved=True)
+    assert (cfg.train.learning_rate, cfg.train.gradient_accumulation_steps, cfg.train.adapter, cfg.train.optim,
+            cfg.train.save_steps, cfg.teacher.forward_tokens) == (0.5, 3, "none", "adamw_torch", 2, 2048)
+
+
+def test_lists_are_yaml_lists_or_comma_strings_and_all_linear_is_peft_s(tmp_path):
+    from selfaug.train import lora_config
+    a = tiny_config(str(tmp_path), train={"report_to": ["csv"], "lora_target_modules": ["q_proj", "v_proj"]})
+    b = build_config(a.to_dict(), ["train.report_to=csv", "train.lora_target_modules=q_proj,v_proj"])
+    assert a.train.report_to == b.train.report_to == ["csv"]
+    assert a.train.lora_target_modules == b.train.lora_target_modules == ["q_proj", "v_proj"]
+    assert set(lora_config(a.train).target_modules) == {"q_proj", "v_proj"}
+    every = build_config(a.to_dict(), ["train.lora_target_modules=all-linear"])
+    assert lora_config(every.train).target_modules == "all-linear"  # the string peft expands, not ["all-linear"]
+    assert build_config(a.to_dict(), ["train.report_to=[]", "train.exit_signals=[]"]).train.exit_signals == []
+    with pytest.raises(ConfigError, match="train.report_to: expected a list of strings"):
+        build_config(a.to_dict(), ["train.report_to={a: 1}"])
+
+
+def test_epochs_beside_steps_and_the_wandb_settings(tmp_path, monkeypatch):
+    from selfaug.train.metrics import wandb_mode
+    cfg = tiny_config(str(tmp_path), train={"max_steps": None, "num_epochs": 2.5, "micro_batch_size": 2,
+                                            "gradient_accumulation_steps": 2})
+    assert cfg.train.total_steps(40, world=2) == 13  # 40 // 8 = 5 steps an epoch, 2.5 epochs, rounded up
+    assert tiny_config(str(tmp_path)).train.total_steps(40, world=2) == 2  # max_steps wins, as in the Trainer
+    tc = cfg.train
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(tc) == "offline" and tc.wandb_project == "selfaug"
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    assert wandb_mode(tc) == "online"
+    assert wandb_mode(build_config(cfg.to_dict(), ["train.wandb_mode=offline"]).train) == "offline"
