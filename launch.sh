@@ -208,7 +208,8 @@ case "$cmd" in
   gpu-check)
     setup
     recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
-    "$PY" -m selfaug bench --config "$recipe" --only gpu --out "${GPU_CHECK_OUT:-runs/gpu_check.json}" "$@" ;;
+    out=${OUT:-runs/gpu_check}; mkdir -p "$out"  # $OUT: the device tool's folder that comes back
+    "$PY" -m selfaug bench --config "$recipe" --only gpu --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log" ;;
   help|-h|--help) usage ;;
   *) echo "launch.sh: unknown command $cmd" >&2; usage >&2
      exit 2 ;;

@@ -84,7 +84,14 @@ def _run(args) -> int:
         return _inspect(args.path)
     if args.command == "recipes":
         return _recipes(args)
+    if args.command == "config" and args.reference:
+        from .config import reference
+        print(reference(), end="")
+        return 0
     from .config import describe, load_config
+    if args.config is None:
+        print("selfaug: error: selfaug config needs --config RECIPE (or --reference)", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(describe(cfg))
@@ -123,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                        ("estimate", "before anything runs: the store's size, steps, tokens and memory per GPU"),
                        ("config", "print the resolved recipe with each key's help")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True, help="recipe YAML (a path, or a shipped one: recipes/tiny.yaml)")
+        p.add_argument("--config", required=name != "config", help="recipe YAML (a path, or a shipped one: "
+                                                                   "recipes/tiny.yaml)")
+        if name == "config":
+            p.add_argument("--reference", action="store_true", help="every key of every section as Markdown (what "
+                                                                    "docs/configuration.md holds)")
         p.add_argument("overrides", nargs="*", help="section.key=value")
         if name == "estimate":
             p.add_argument("--gpus", type=int, default=0, help="GPUs (data-parallel ranks) to plan for (default: "

@@ -11,6 +11,7 @@ YAML lists (or comma-separated strings). The resolved config is saved beside eve
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -253,6 +254,15 @@ def load_config(path: str, overrides: list[str] = (), saved: bool = False) -> Co
         raise ConfigError(f"recipe {path}: {e}") from None
 
 
+def _allowed(hint, f) -> str:
+    """A field's choices or range in words ("" when any value of its type is allowed)."""
+    base, _ = _strip_optional(hint)
+    if get_origin(base) is Literal:
+        return " | ".join(get_args(base))
+    return ", ".join(f"{w} {f.metadata[k]:g}" for k, w in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                     if f.metadata.get(k) is not None)
+
+
 def describe(cfg: Config) -> str:
     """The resolved recipe as YAML, each key followed by its help (and allowed values or range)."""
     lines = []
@@ -261,16 +271,24 @@ def describe(cfg: Config) -> str:
         obj = getattr(cfg, section)
         for key, (hint, f) in keys.items():
             value = json.dumps(getattr(obj, key))  # a JSON scalar is a YAML scalar
-            note = f.metadata.get("help", "")
-            base, _ = _strip_optional(hint)
-            if get_origin(base) is Literal:
-                note += f" [{' | '.join(get_args(base))}]"
-            bounds = [f"{w} {f.metadata[k]:g}" for k, w in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-                      if f.metadata.get(k) is not None]
-            if bounds:
-                note += f" ({', '.join(bounds)})"
+            allowed = _allowed(hint, f)
+            note = f.metadata.get("help", "") + (f" [{allowed}]" if allowed else "")
             lines.append(f"  {key}: {value:<24} # {note}")
     return "\n".join(lines)
+
+
+def reference() -> str:
+    """Every key of every section as Markdown tables (docs/configuration.md is this, generated)."""
+    out = []
+    for section, (_, keys) in section_fields().items():
+        out += [f"## `{section}`", "", "| key | default | allowed | what it does |", "|---|---|---|---|"]
+        for key, (hint, f) in keys.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "required" if default == REQUIRED else f"`{json.dumps(default)}`"
+            help_text = f.metadata.get("help", "").replace("|", "\\|")
+            out.append(f"| `{key}` | {shown} | {_allowed(hint, f).replace('|', 'or')} | {help_text} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def config_digest(d: dict) -> str:

@@ -21,8 +21,9 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (cluster.py)
   hf         SelfAugTrainer (selfaug.hf) against a plain Trainer SFT step on the same batches and against
              selfaug train's step: step time and peak memory (trainers.py)
-  gpu        one GPU (`launch.sh gpu-check`): stage 1 against a forward, the SelfAug step and peak memory
-             against alpha = 0, packing, at the 7B shape with 4 layers, random weights, bf16
+  gpu        one GPU (`launch.sh gpu-check`, gpu.py): flash-attention packed = padded, bf16 against fp32, the
+             collective timeout, the memory plan's lines, stage 1, the step and packing, at the 7B shape with 4
+             layers, random weights, bf16
 """
 from __future__ import annotations
 
@@ -200,44 +201,6 @@ def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions:
     return {"examples": examples, "rows": rows}
 
 
-def bench_gpu(cfg_path: str, overrides: list[str], smoke: bool = False) -> dict:
-    """The GPU check (one GPU, about 5 minutes): a random-weight model at the 7B shape with a few layers
-    (smoke: the recipe's own model, on any device), bf16, sdpa."""
-    import torch
-    import shutil
-    import tempfile
-    import time
-    from .. import precompute
-    from ..config import load_config
-    from .scale import SCALE
-    from .worker import bench_precompute_and_storage
-    if not torch.cuda.is_available() and not smoke:
-        raise RuntimeError("selfaug bench --only gpu needs a CUDA GPU (this machine has none); "
-                           "--smoke runs the same code on the recipe's model here")
-    tmp = tempfile.mkdtemp(prefix="selfaug-gpu-check-")
-    extra = [f"teacher.output_dir={tmp}/teacher", "teacher.overwrite=true", f"train.output_dir={tmp}/run",
-             "train.resume=never"]
-    if not smoke:
-        shape = json.load(open(os.path.join(SCALE, "qwen2.5-7b", "config.json")))
-        shape["num_hidden_layers"] = 4
-        os.makedirs(f"{tmp}/model")
-        json.dump(shape, open(f"{tmp}/model/config.json", "w"))
-        extra += [f"model.name_or_path={tmp}/model", "model.init=random", "model.dtype=bfloat16",
-                  "model.attn_implementation=sdpa", "data.builtin_train_size=64", "data.max_seq_len=2048",
-                  "train.micro_batch_size=4", "train.deepspeed=ds_configs/zero2.json"]
-    over = list(overrides) + extra
-    cfg = load_config(cfg_path, over)
-    t0 = time.perf_counter()
-    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": cfg.model.name_or_path}
-    out.update(bench_precompute_and_storage(cfg, True, False, n_examples=16 if smoke else 64))
-    precompute.run(cfg)
-    out["step"] = bench_step(cfg_path, over, 2 if smoke else 5)
-    out["packing"] = bench_packing(cfg, cfg_path, over, 1 if smoke else 5)
-    out["seconds"] = time.perf_counter() - t0
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
     from . import worker as bw
@@ -283,7 +246,8 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
         from .checkpoints import bench_checkpoint
         results["checkpoint"] = bench_checkpoint(smoke)
     if "gpu" in only:
-        results["gpu"] = bench_gpu(cfg_path, list(overrides), smoke)
+        from . import gpu
+        results["gpu"] = gpu.run(cfg_path, list(overrides), smoke, bench_step, bench_packing)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=2)

@@ -1,0 +1,74 @@
+"""The docs say what the code does: the configuration page is the generated one, the README and the docs' cheap
+commands (config, estimate, inspect, recipes, --version, help) run as written from a directory outside the
+repository, and the relative links between pages resolve."""
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, clean_env
+
+PAGES = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "CONTRIBUTING.md")] + \
+    sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+CHEAP = re.compile(r"^(selfaug (config|estimate|inspect|recipes)\b|selfaug --version|\./launch\.sh help)")
+MARKER = "<!-- generated below by selfaug/config.py; do not edit -->"
+
+
+def test_the_configuration_page_is_generated_from_the_schema():
+    from selfaug.config import reference
+    page = open(os.path.join(ROOT, "docs", "configuration.md")).read()
+    assert page[page.index(MARKER) + len(MARKER):].strip() == reference().strip(), \
+        "docs/configuration.md is stale: regenerate it (see CONTRIBUTING.md)"
+
+
+def _commands():
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)```", open(page).read(), re.S):
+            for line in block.splitlines():
+                line = line.split(" #")[0].strip()
+                if CHEAP.match(line):
+                    found.append((os.path.relpath(page, ROOT), line))
+    return found
+
+
+def test_the_docs_cheap_commands_run_as_written(tmp_path):
+    """From a fresh directory, as a user who installed selfaug would; a store is made first where a command
+    inspects one (the recipes' relative output directories)."""
+    commands = _commands()
+    assert {c.split()[1] for _, c in commands if c.startswith("selfaug")} >= {"config", "estimate", "inspect", "recipes"}
+    exe = os.path.join(os.path.dirname(sys.executable), "selfaug")
+    env = clean_env()
+    needs_store = {c.split()[2] for _, c in commands if c.startswith("selfaug inspect")}
+    for store in needs_store:  # runs/tiny/teacher: the tiny recipe's store, made here first
+        assert store == "runs/tiny/teacher", f"the docs inspect {store}: make it in this test first"
+        subprocess.run([exe, "precompute", "--config", "recipes/tiny.yaml"], cwd=tmp_path, env=env, check=True,
+                       capture_output=True)
+    for page, command in commands:
+        argv = shlex.split(command)
+        if argv[0] == "selfaug":
+            argv[0] = exe
+        else:
+            argv[0] = os.path.join(ROOT, argv[0])
+        out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"{page}: `{command}` exited {out.returncode}:\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}"
+
+
+def test_relative_links_between_pages_resolve():
+    def anchor(heading):  # GitHub's heading ids
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    for page in PAGES:
+        text = open(page).read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            path, _, frag = target.partition("#")
+            where = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            assert os.path.exists(where), f"{os.path.relpath(page, ROOT)} links to {target}, which does not exist"
+            if frag and where.endswith(".md"):
+                ids = {anchor(h) for h in re.findall(r"^#+ (.+)$", open(where).read(), re.M)}
+                assert frag in ids, f"{os.path.relpath(page, ROOT)} links to #{frag}, no heading of {path or 'itself'}"
