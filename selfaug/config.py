@@ -221,7 +221,8 @@ def _check(cfg: Config) -> None:
         package = LOGGER_PACKAGES.get(t)
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(f"train.report_to={t} needs the {package} package, which is not installed: "
-                              f"pip install \"selfaug[{t}]\" (or drop {t} from train.report_to)")
+                              f"pip install {package} (the extra selfaug[{t}]: pip install \".[{t}]\" in a selfaug "
+                              f"checkout), or drop {t} from train.report_to")
 
 
 def check_paths(cfg: Config) -> None:

@@ -88,7 +88,10 @@ def init(timeout_s: float = TrainConfig.ddp_timeout) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+        # device_id: NCCL connects eagerly and derives sub-groups (DeepSpeed's) by ncclCommSplit
+        extra = {"device_id": device()} if torch.cuda.is_available() else {}
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **extra)
     return rank, world
 
 

@@ -380,7 +380,7 @@ def hub_commit(name: str, revision: str | None) -> str:
     except Exception as e:  # no network and not cached, a gated model without HF_TOKEN, a wrong name
         raise ModelError(f"model.name_or_path={name}: the revision {revision or 'main'} cannot be resolved to a "
                          f"commit ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the name, set HF_TOKEN "
-                         "for a gated model, or, offline, download it first (huggingface-cli download) or pass a "
+                         "for a gated model, or, offline, download it first (hf download NAME) or pass a "
                          "local directory") from None
     return os.path.basename(os.path.dirname(path))
 

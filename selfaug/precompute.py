@@ -45,7 +45,8 @@ def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal
     Returns {name: (N, ...) tensor} on the CPU. The lm_head runs only on the N rows, `chunk_rows` at a
     time, so no (N, V) fp32 tensor is ever whole."""
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
-    h = hidden[rows_b, rows_t]  # (N, H)
+    # a model spread over GPUs (eval.device_map) ends on its last layer's device, the head may sit on another
+    h = hidden[rows_b.to(hidden.device), rows_t.to(hidden.device)].to(head.weight.device)  # (N, H)
     parts = []
     params = [p for p in (head.weight, head.bias) if p is not None]
     if partitioned:
@@ -95,7 +96,7 @@ class Teacher:
         pos = [self.rule.positions(e.example_id, len(e.input_ids), e.prompt_len) for e in batch]
         rb = torch.from_numpy(np.concatenate([np.full(len(p), b) for b, p in enumerate(pos)])).to(self.device)
         rt = torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(self.device)
-        fn = self.signal.row_fn(batch, pos, self.device)
+        fn = self.signal.row_fn(batch, pos, self.head.weight.device)  # the chunks' log-probs live with the head
         got = {k: v.numpy() for k, v in teacher_signal(self.body, self.head, ids.to(self.device),
                                                        mask.to(self.device), rb, rt, fn, self.chunk_rows,
                                                        self.partitioned).items()}

@@ -21,6 +21,8 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (cluster.py)
   hf         SelfAugTrainer (selfaug.hf) against a plain Trainer SFT step on the same batches and against
              selfaug train's step: step time and peak memory (trainers.py)
+  prefetch   the share of a step waiting for data, train.prefetch 0 against 2, on the store and on a slow disk
+  loss       the head's loss at the Llama-3-8B head: saved-for-backward bytes, head frozen and trained
   gpu        one GPU (`launch.sh gpu-check`, gpu.py): flash-attention packed = padded, bf16 against fp32, the
              collective timeout, the memory plan's lines, stage 1, the step and packing, at the 7B shape with 4
              layers, random weights, bf16
@@ -38,7 +40,7 @@ from .. import dist
 from ..config import Config
 
 SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "budget", "positions",
-            "open", "reader", "hf", "checkpoint", "gpu")
+            "open", "reader", "hf", "checkpoint", "prefetch", "loss", "gpu")
 DEFAULT = SECTIONS[:-1]  # gpu: only when asked (it needs a CUDA GPU)
 
 # length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
@@ -201,6 +203,20 @@ def bench_positions(cfg: Config, cfg_path: str, overrides: list[str], fractions:
     return {"examples": examples, "rows": rows}
 
 
+def bench_prefetch(cfg_path: str, overrides: list[str], steps: int, smoke: bool) -> dict:
+    """The share of a step waiting for data, micro-batches made on the step or ahead on a thread, from the store
+    as it is and as read from a slow disk (data_wait.py), each run in its own process."""
+    rows = []
+    for delay in (0.0, 5.0 if smoke else 25.0):
+        for prefetch in (0, 2):
+            r = _worker([cfg_path, str(prefetch), str(delay), str(steps), *overrides], module="selfaug.bench.data_wait")
+            rows.append(r)
+            print(f"  prefetch[{prefetch}, {delay:g} ms/example]: {r['wait_share']:.3f} of the step waiting for data, "
+                  f"{r['step_time_s']:.3f} s/step", flush=True)
+    same = all(a["nll"] == b["nll"] for a, b in zip(rows[0::2], rows[1::2]))
+    return {"rows": rows, "same_losses": same}
+
+
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),
         smoke: bool = False) -> dict:
     from . import worker as bw
@@ -245,6 +261,11 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "checkpoint" in only:
         from .checkpoints import bench_checkpoint
         results["checkpoint"] = bench_checkpoint(smoke)
+    if "prefetch" in only:
+        results["prefetch"] = bench_prefetch(cfg_path, list(overrides), 2 if smoke else 8, smoke)
+    if "loss" in only:
+        from .head_buffers import bench_head_buffers
+        results["loss"] = bench_head_buffers(smoke)
     if "gpu" in only:
         from . import gpu
         results["gpu"] = gpu.run(cfg_path, list(overrides), smoke, bench_step, bench_packing)

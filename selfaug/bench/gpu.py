@@ -75,7 +75,9 @@ def check_attention(cfg) -> dict:
     n_nll = sum(n - r["prompt_len"] for n, r in zip(lens, rows))
     n_kl = sum(len(r["positions"]) for r in rows)
     head = model.get_output_embeddings().weight
-    out = {"attention": name}
+    out = {"attention": name, "flash_attn_installed": name != CONTRACT}
+    if name == CONTRACT and torch.cuda.is_available():
+        out["note"] = "flash-attn is not installed: the contract function ran, real flash_attention_2 was not tested"
     layouts = {"padded": PADDED, "varlen": layout_for(name, True, 10 ** 6, attention_width(model.config)),
                "rows": MaskedPacking(2 * max(lens), 1e9)}
     got = {}
@@ -109,24 +111,36 @@ def check_bf16(cfg_path: str, overrides: list[str], tmp: str) -> dict:
             "finite": all(r["loss"] == r["loss"] for r in rows["bfloat16"])}
 
 
+TIMEOUT_PROBE = """
+import json, os, sys, torch, torch.distributed as tdist
+from selfaug import dist
+timeout = int(sys.argv[1])
+rank, world = dist.init(timeout)  # selfaug's own process group, as each stage makes it
+import deepspeed
+from datetime import timedelta
+deepspeed.init_distributed(dist_backend="nccl", timeout=timedelta(seconds=timeout))
+tdist.barrier()
+backend = tdist.group.WORLD._get_backend(torch.device("cuda"))
+carried = getattr(getattr(backend, "options", None), "_timeout", None)
+print(json.dumps({"asked_s": timeout, "carried_s": carried.total_seconds() if carried is not None else None,
+                  "world": world}))
+"""
+
+
 def check_timeout(timeout_s: int) -> dict:
-    """A 1-rank NCCL group made by selfaug's dist.init with the recipe's timeout: the timeout it carries."""
-    import datetime
-    import torch.distributed as tdist
+    """selfaug's process group on 2 ranks of one GPU's host (NCCL, each its own process: `dist.init` then
+    `deepspeed.init_distributed`, as the stages make it): the timeout the default group carries."""
+    import subprocess
+    import sys
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     from ..dist import free_port
-    torch.cuda.set_device(0)
-    tdist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                             timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        tdist.barrier()
-        pg = tdist.group.WORLD
-        backend = pg._get_backend(torch.device("cuda"))
-        carried = getattr(getattr(backend, "options", None), "_timeout", None)
-        return {"asked_s": timeout_s, "carried_s": carried.total_seconds() if carried is not None else None}
-    finally:
-        tdist.destroy_process_group()
+    port, n = str(free_port()), 1 if torch.cuda.device_count() < 2 else 2
+    procs = [subprocess.Popen([sys.executable, "-c", TIMEOUT_PROBE, str(timeout_s)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(n)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    return json.loads(outs[0].strip().splitlines()[-1]) if procs[0].returncode == 0 else {"error": outs[0][-500:]}
 
 
 def check_memory(cfg) -> dict:

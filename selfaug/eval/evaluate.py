@@ -82,24 +82,30 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_si
     return out
 
 
+def _run_source(run_dir: str) -> None:
+    """An entry of eval.runs that can be loaded: a selfaug run with its final/, or a model or adapter directory."""
+    final = os.path.join(run_dir, "final")
+    if not (os.path.isfile(os.path.join(final, "selfaug_config.yaml"))
+            or any(os.path.isfile(os.path.join(run_dir, f)) for f in ("adapter_config.json", "config.json"))):
+        raise ConfigError(f"eval.runs: {run_dir} is neither a selfaug run with a final/ model nor a Hugging Face model "
+                          "or peft adapter directory (config.json or adapter_config.json)")
+
+
 def load_run_model(cfg: Config, run_dir: str, dtype, device):
     """(model, alpha) of one entry of eval.runs: a `selfaug train` run (its final/), or any Hugging Face
     model directory or peft adapter directory (`SelfAugTrainer.save_model`, another trainer's output). An
     adapter goes on its own base model when that is a directory or hub id, else on the recipe's model."""
-    final = os.path.join(run_dir, "final")
-    alpha = None
+    final, alpha = os.path.join(run_dir, "final"), None
+    _run_source(run_dir)
     if os.path.isfile(os.path.join(final, "selfaug_config.yaml")):
         alpha = load_config(os.path.join(final, "selfaug_config.yaml"), saved=True).train.alpha
         base_cfg, where = load_config(os.path.join(final, "selfaug_config.yaml"), saved=True).model, final
-    elif os.path.isfile(os.path.join(run_dir, "adapter_config.json")) or os.path.isfile(os.path.join(run_dir, "config.json")):
+    else:  # a model or adapter directory (`_run_source`)
         base_cfg, where = cfg.model, run_dir
         trainer_json = os.path.join(run_dir, "selfaug_trainer.json")
         if os.path.isfile(trainer_json):
             with open(trainer_json) as f:
                 alpha = json.load(f).get("alpha")
-    else:
-        raise ConfigError(f"eval.runs: {run_dir} is neither a selfaug run with a final/ model nor a Hugging Face model or "
-                                "peft adapter directory (config.json or adapter_config.json)")
     device_map = cfg.eval.device_map
     if os.path.exists(os.path.join(where, "adapter_config.json")):
         from peft import PeftModel
@@ -220,6 +226,8 @@ def run(cfg: Config) -> dict:
     rag = _rag_set(cfg, tok)
     if_rows = ifeval.load_prompts(ec.ifeval_path, ec.max_ifeval_prompts)
     if_prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in if_rows]
+    for run_dir in ec.runs:  # a mistyped run is one line now, not after the base model's evaluation
+        _run_source(run_dir)
     settings = config_digest({"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("output_dir", "runs")},
                               "data": cfg.to_dict()["data"], "dtype": str(dtype), "device": device.type})
     kept = Kept(ec.output_dir, settings)

@@ -83,11 +83,12 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
     tag = f"step-{step}"
     path = os.path.join(root, tag)
     t0 = time.time()
-    failure = None
+    failure, in_deepspeed = None, True
     try:
         # each rank its own partition (ZeRO 1-3); frozen parameters are the model's as loaded: not written
         engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
+        in_deepspeed = False
         torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
         if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed
             t = cfg.train
@@ -102,6 +103,8 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
             os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         failure = e
+        if in_deepspeed:  # DeepSpeed's save ends in a barrier the ranks whose writes went through are waiting at:
+            dist.barrier()  # meet them there, or the failure vote below would pair with it and hang until the timeout
     failed = dist.all_reduce_sum([failure is not None])[0]  # every rank's files are written, or none is latest
     if failed:
         latest = find(cfg) if cfg.train.resume == "auto" else None

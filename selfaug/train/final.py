@@ -12,7 +12,7 @@ import torch
 
 from .. import dist
 from ..config import Config
-from ..models import load_model, load_tokenizer_for
+from ..models import load_model, load_tokenizer_for, resolve_dtype
 
 
 def zero_stage(engine) -> int:
@@ -76,7 +76,8 @@ def _save_adapter(model, adapter_state: dict, final: str) -> None:
 
 def merge_adapter(cfg: Config, final: str) -> str:
     from peft import PeftModel
-    base = load_model(cfg.model, torch.float32)
+    # in the dtype the run trained in (bf16 on a GPU): an fp32 copy of a 70B base is 280 GB on rank 0's host
+    base = load_model(cfg.model, resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu"))
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
     target = os.path.join(final, "merged")
     merged.save_pretrained(target)

@@ -10,13 +10,14 @@ from selfaug import train
 
 
 GROUPS = {  # every section, in groups that run side by side (pytest -n): each group is one `selfaug bench`
-    "steps": "step,hf", "stage1": "precompute,storage,fidelity,long,data", "data": "packing,budget,positions",
-    "cluster": "scale,open,reader,checkpoint"}
+    "steps": "step,hf,loss", "stage1": "precompute,storage,fidelity,long,data", "data": "packing,budget,positions",
+    "cluster": "scale,open,reader,checkpoint", "overlap": "prefetch",
+    "gpu": "gpu"}  # launch.sh gpu-check, here on the CPU: the same code runs before a GPU ever sees it
 
 
-def test_the_groups_cover_every_default_section():
-    from selfaug.bench.command import DEFAULT
-    assert sorted(",".join(GROUPS.values()).split(",")) == sorted(DEFAULT)
+def test_the_groups_cover_every_section():
+    from selfaug.bench.command import SECTIONS
+    assert sorted(",".join(GROUPS.values()).split(",")) == sorted(SECTIONS)
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
@@ -39,6 +40,18 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
         assert set(h["rows"]) == {"plain_trainer", "selfaug_trainer", "selfaug_train"}
         assert all(row["step_time_s"] > 0 and row["peak_bytes"] > 0 for row in h["rows"].values())
         assert h["step_time_s_vs_plain_trainer"] > 0 and "SelfAugTrainer / plain Trainer" in out.stdout
+    if group == "steps":  # the head's loss keeps one bf16 head gradient only when the head trains, nothing without grad
+        loss = r["loss"]
+        assert loss["trained_head"]["largest_saved"] == [loss["vocab"], loss["hidden"]]
+        assert loss["frozen_head"]["saved_bytes"] == loss["frozen_head"]["formula_bytes"] < loss["trained_head"]["saved_bytes"]
+        assert loss["no_grad_saved_bytes"] == 0
+    if group == "overlap":  # the same losses with and without the thread; the slow disk's wait is counted
+        p = r["prefetch"]
+        assert p["same_losses"] and len(p["rows"]) == 4 and all(0 <= row["wait_share"] < 1 for row in p["rows"])
+    if group == "gpu":  # on the CPU: the contract kernel's varlen row equals padding, the multi-row layout differs
+        g = r["gpu"]
+        assert g["attention"]["varlen_equals_padded"] and g["attention"]["rows_differ"], g["attention"]
+        assert g["bf16"]["finite"] and g["bf16"]["max_rel_diff"] < 0.05 and "error" not in g["step"]
     if group == "stage1":
         assert r["precompute"]["ratio"] > 0 and r["storage"]["by_compression"]["none"]["bytes_per_entry"] > 2
         for row in r["fidelity"]["rows"]:

@@ -207,3 +207,11 @@ def test_the_tradeoff_plot_joins_fixed_alpha_runs_and_budget_runs_into_one_curve
     path = plots.plot_tradeoff(points, str(tmp_path))
     assert os.path.getsize(path) > 1000
     assert drawn == ["fixed alpha", "fixed alpha", "drift budget", "drift budget"]  # both panels, each knob
+
+
+def test_a_mistyped_run_is_one_line_before_the_base_model_loads(tmp_path, monkeypatch):
+    from selfaug.config import ConfigError
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    cfg = tiny_config(str(tmp_path), eval={"runs": [str(tmp_path / "runs" / "lroa")], "max_ifeval_prompts": 1})
+    with pytest.raises(ConfigError, match=r"eval.runs: .*lroa is neither a selfaug run with a final/ model"):
+        evaluate.run(cfg)
