@@ -24,8 +24,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 PY=${SELFAUG_PYTHON:-$ROOT/.venv/bin/python}
-BIN=$(dirname "$PY")  # the deepspeed launcher beside the interpreter
-[ -x "$BIN/deepspeed" ] || BIN=$(dirname "$(command -v deepspeed 2>/dev/null || echo "$PY")")
 
 setup() {
   if [ -n "${SELFAUG_PYTHON:-}" ]; then  # the user's own environment: nothing to install, only to check
@@ -36,7 +34,6 @@ setup() {
   if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then return 0; fi
   echo "+ setting up .venv (torch: ${SELFAUG_TORCH:-torch==2.13.0})" >&2
   [ -x "$PY" ] || python3 -m venv .venv
-  BIN=$ROOT/.venv/bin
   "$PY" -m pip install -q --upgrade pip
   # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q ${SELFAUG_TORCH:-torch==2.13.0}
@@ -67,16 +64,28 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   local n args=(--master_port "$port")
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     n=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ -z "${NUM_GPUS:-}" ] && [ -z "${HOSTFILE:-}" ]; then
+      # the runner drops CUDA_VISIBLE_DEVICES when given --num_gpus: name the visible GPUs to it instead
+      args+=(--include "localhost:$CUDA_VISIBLE_DEVICES"); n=
+    fi
   else
     n=${NUM_PROCS:-1}
     cpu_env "$n"
   fi
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
-  args+=(--num_gpus "$n" --module selfaug "$stage" --config "$@")
-  echo "+ $BIN/deepspeed ${args[*]}" >&2
-  # train stops cleanly on SIGUSR1 (train.exit_signals); precompute ends on SIGTERM and resumes by shard
-  if [ "$stage" = train ]; then STOP_SIGNAL=USR1; else STOP_SIGNAL=TERM; fi
-  forwarding "$BIN/deepspeed" "${args[@]}"
+  if [ -n "$n" ]; then args+=(--num_gpus "$n"); fi
+  args+=(--module selfaug "$stage" --config "$@")
+  echo "+ $PY -m deepspeed.launcher.runner ${args[*]}" >&2
+  # train stops cleanly on SIGUSR1 (train.exit_signals) or its STOP file; precompute ends on SIGTERM and resumes by
+  # shard
+  RUN_DIR=
+  if [ "$stage" = train ]; then
+    STOP_SIGNAL=USR1
+    RUN_DIR=$("$PY" -m selfaug config --config "$@" --get train.output_dir)
+  else
+    STOP_SIGNAL=TERM
+  fi
+  forwarding "$PY" -m deepspeed.launcher.runner "${args[@]}"
 }
 
 # Preemption: SLURM / Kubernetes send SIGTERM (or SIGUSR1 with --signal) before they kill, to this
@@ -84,15 +93,18 @@ distributed() {  # distributed STAGE RECIPE [overrides]
 # a preemption). Neither may take the ranks down before they checkpoint:
 # - the deepspeed runner runs with SIGTERM and SIGUSR1 ignored (it would die of either without passing
 #   it on, and this script would lose the ranks' status); its launch.py installs its own handler, which
-#   relays the signal and kills the ranks 30 s later, so each rank pauses launch.py until it exits
-#   (selfaug.train.checkpoint.hold_launcher);
-# - a signal to this script is sent on to the ranks (the launcher's grandchildren) as STOP_SIGNAL;
-# - the ranks finish the optimizer step, save a checkpoint, record their status in SELFAUG_EXIT_DIR and
-#   exit 75; the launchers end with their own status, so this script returns 75 when every rank did.
+#   relays the signal and kills the ranks 30 s later, so each rank pauses launch.py until it exits, with a
+#   watchdog that lets it go however the rank ends (selfaug.train.preemption.hold_launcher);
+# - a signal to this script is sent on to the local ranks (the launcher's grandchildren) as STOP_SIGNAL, and a
+#   train stage's <output_dir>/STOP file is touched: ranks on other nodes (pdsh's ssh) see it at their next step;
+# - the ranks finish the optimizer step, save a checkpoint, record their status in SELFAUG_EXIT_DIR and in
+#   <output_dir>/.exit/ (shared by the nodes) and exit 75; the launchers end with their own status, so this
+#   script returns 75 when every rank did.
 # Run it again (train.resume=auto) to continue.
 forwarding() {
   local status pid rc
   status=$(mktemp -d "${TMPDIR:-/tmp}/selfaug-exit.XXXXXX")
+  [ -z "${RUN_DIR:-}" ] || rm -f "$RUN_DIR"/.exit/rank-* "$RUN_DIR/STOP"  # afresh: the ranks record there; no stale stop
   ( trap '' TERM USR1; SELFAUG_EXIT_DIR=$status exec "$@" ) &
   pid=$!
   trap "stop_ranks $pid" TERM USR1
@@ -101,7 +113,8 @@ forwarding() {
     kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupted wait: keep waiting
   done
   trap - TERM USR1
-  rc=$(ranks_status "$status" "$rc")
+  if compgen -G "$status/rank-*" >/dev/null || [ -z "${RUN_DIR:-}" ]; then rc=$(ranks_status "$status" "$rc")
+  else rc=$(ranks_status "$RUN_DIR/.exit" "$rc"); fi  # the ranks ran on other nodes
   rm -rf "$status"
   return "$rc"
 }
@@ -120,6 +133,7 @@ stop_ranks() {
   else
     echo "+ launch.sh: stop requested: SIGTERM to the ranks (finished shards are kept: run again to resume)" >&2
   fi
+  [ -z "${RUN_DIR:-}" ] || { mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"; }  # every node's ranks, at their next step
   for child in $(pgrep -P "$1"); do pkill "-$sig" -P "$child" || true; done
 }
 

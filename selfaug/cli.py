@@ -93,7 +93,14 @@ def _run(args) -> int:
         print("selfaug: error: selfaug config needs --config RECIPE (or --reference)", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
-    if args.command == "config":
+    if args.command == "config" and args.get:  # one value, for scripts (launch.sh reads train.output_dir)
+        from .config import ConfigError
+        section, _, key = args.get.partition(".")
+        if not hasattr(getattr(cfg, section, None), key):
+            raise ConfigError(f"config --get {args.get}: no such key; name it as SECTION.KEY (see selfaug config "
+                              f"--reference)")
+        print(getattr(getattr(cfg, section), key))
+    elif args.command == "config":
         print(describe(cfg))
     elif args.command == "precompute":
         from .precompute import run
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "config":
             p.add_argument("--reference", action="store_true", help="every key of every section as Markdown (what "
                                                                     "docs/configuration.md holds)")
+            p.add_argument("--get", metavar="SECTION.KEY", help="print this key's resolved value alone")
         p.add_argument("overrides", nargs="*", help="section.key=value")
         if name == "estimate":
             p.add_argument("--gpus", type=int, default=0, help="GPUs (data-parallel ranks) to plan for (default: "

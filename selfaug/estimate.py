@@ -46,20 +46,26 @@ def _shape(mc, tc) -> dict:
                 getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)}
 
 
-def _zero_stage(path: str) -> int:
-    """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section)."""
+def _zero_plan(path: str, b: int) -> tuple[int, int]:
+    """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section) and the bytes of an accumulated
+    gradient (data_types.grad_accum_dtype; DeepSpeed's default is the weights' dtype)."""
     import json
     from . import shipped
     with open(shipped.resolve(path)) as f:
-        return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+        conf = json.load(f)
+    accum = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2}.get(
+        str(conf.get("data_types", {}).get("grad_accum_dtype")), b)
+    return int(conf.get("zero_optimization", {}).get("stage", 0)), accum
 
 
-def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int) -> dict:
-    """Stage 2 per GPU in bytes, term by term (b: bytes per weight, 2 in bf16)."""
+def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | None = None) -> dict:
+    """Stage 2 per GPU in bytes, term by term (b: bytes per weight, 2 in bf16; accum: per accumulated gradient,
+    the shipped ZeRO configs' fp32)."""
     shard = gpus if zero == 3 else 1
     weights = b * s["params"] / shard
-    per_state = b + (4 if b == 2 else 0) + 8  # gradient, fp32 master (bf16 weights), Adam m and v
-    states = s["trainable"] * (b / (gpus if zero >= 2 else 1) + (per_state - b) / (gpus if zero >= 1 else 1))
+    g = accum or b
+    master = 4 if b == 2 else 0  # fp32 master weights beside bf16 ones
+    states = s["trainable"] * (g / (gpus if zero >= 2 else 1) + (master + 8) / (gpus if zero >= 1 else 1))
     per_token_layer = b * (7 * s["hidden"] + 2 * s["kv"] + 4 * s["intermediate"])  # docs/distributed.md
     activations = ACTIVATION_FACTOR * tokens * s["layers"] * per_token_layer
     checkpointed = tokens * s["layers"] * b * s["hidden"] + ACTIVATION_FACTOR * tokens * per_token_layer
@@ -93,8 +99,8 @@ def run(cfg: Config, gpus: int) -> dict:
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * gpus
     micro_tokens = tc.micro_batch_tokens or tc.micro_batch_size * int(tokens.max())
     b = 2 if resolve_dtype(cfg.model.dtype, "cuda").itemsize == 2 else 4
-    zero = _zero_stage(tc.deepspeed)
-    mem = memory(s, tc, zero, gpus, micro_tokens, b)
+    zero, accum = _zero_plan(tc.deepspeed, b)
+    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum)
     partitioned = cfg.teacher.deepspeed is not None
     teacher_weights = b * s["params"] / (gpus if partitioned else 1) + (b * (s["head"] + s["layer"]) if partitioned else 0)
     stage1 = teacher_weights + cfg.teacher.forward_tokens * s["hidden"] * b * 8 + \

@@ -200,9 +200,10 @@ class _Term(NamedTuple):
     fused: Callable | None
 
 
-def _nll_term(labels, ignore_index: int, fused: bool) -> _Term:
+def _nll_term(labels, ignore_index: int, fused: bool, rows=None) -> _Term:
     flat = labels.reshape(-1)
-    rows = (flat != ignore_index).nonzero().squeeze(1)  # (N,): the head runs only where a label is
+    if rows is None:  # (N,): the head runs only where a label is (collation gives them, found on the host)
+        rows = (flat != ignore_index).nonzero().squeeze(1)
     targets = flat[rows].long()
     row_fn = lambda logq, sl: -logq.gather(1, targets[sl, None]).squeeze(1)
     fast = (lambda logits, sl: nll_value_and_grad(logits, targets[sl])) if fused else None
@@ -286,10 +287,15 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        # scaled in place: a second (V, H) head buffer would be 2.1 GB at 70B; so this backward runs once
+        if getattr(ctx, "done", False):
+            raise RuntimeError("the chunked head loss's backward runs once (its saved gradients are scaled in place): "
+                               "do not call backward twice on it (retain_graph)")
+        ctx.done = True
         saved, out = iter(ctx.saved_tensors), []
         for i, need in enumerate(ctx.need):
             g = next(saved) if need else None
-            out.append(None if g is None else (g.view(ctx.shape) if i == 0 else g) * grad_loss.to(g.dtype))
+            out.append(None if g is None else (g.view(ctx.shape) if i == 0 else g).mul_(grad_loss.to(g.dtype)))
         return (*out, None, None, None)
 
 
@@ -307,7 +313,7 @@ def head_loss(hidden, weight, bias, terms: list, coefs: list[float], chunk_rows:
 
 def selfaug_loss(hidden, weight, bias, labels, rows_b, rows_t, teacher, c_nll: float, c_kl: float, *,
                  reverse: bool = False, tail: str = "bucket", chunk_rows: int = 1024, fused: bool = True,
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, nll_rows=None):
     """c_nll * NLL_sum + c_kl * KL_sum of one micro-batch through one chunked pass of the head, and the two
     sums (without gradient). No teacher: the NLL alone (KL sum 0).
 
@@ -317,8 +323,9 @@ def selfaug_loss(hidden, weight, bias, labels, rows_b, rows_t, teacher, c_nll: f
         labels: (B, T) already shifted: labels[b, t] is the token predicted after position t, or ignore_index.
         rows_b, rows_t: (N,) the KL positions, in the teacher's row order.
         teacher: StoredTeacher | SampledTeacher | LiveTeacher with N rows, or None.
+        nll_rows: (M,) the flat indices of labels != ignore_index, when known (found here otherwise: a device sync).
     Returns: loss (scalar), nll_sum, kl_sum (scalars, detached)."""
-    terms, coefs = [_nll_term(labels, ignore_index, fused)], [c_nll]
+    terms, coefs = [_nll_term(labels, ignore_index, fused, nll_rows)], [c_nll]
     if teacher is not None:
         terms.append(_kl_term(rows_b, rows_t, hidden.shape[1], teacher, reverse, tail, fused))
         coefs.append(c_kl)

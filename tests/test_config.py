@@ -66,3 +66,14 @@ def test_epochs_beside_steps_and_the_wandb_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x")
     assert wandb_mode(tc) == "online"
     assert wandb_mode(build_config(cfg.to_dict(), ["train.wandb_mode=offline"]).train) == "offline"
+
+
+def test_config_get_prints_one_resolved_value_and_an_unknown_key_is_one_line(capsys):
+    """launch.sh reads train.output_dir this way (its STOP file and the ranks' .exit/ live there)."""
+    from selfaug.cli import main
+    recipe = os.path.join(ROOT, "recipes", "tiny.yaml")
+    assert main(["config", "--config", recipe, "train.output_dir=/x/run", "--get", "train.output_dir"]) == 0
+    assert capsys.readouterr().out.strip() == "/x/run"
+    assert main(["config", "--config", recipe, "--get", "train.outputdir"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such key" in err[0], err

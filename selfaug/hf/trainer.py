@@ -19,6 +19,7 @@ objective), and the model's own head runs on one position only (`logits_to_keep=
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -238,11 +239,13 @@ class SelfAugMixin:
         s = self._selfaug
         top = self.accelerator.unwrap_model(model)
         body, head = decoder_and_head(top)
-        if hasattr(head.weight, "ds_id") and not s["zero3_head"]:  # ZeRO-3: gathered for the loss and backward
+        zero3 = hasattr(head.weight, "ds_id")
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        trains = any(p.requires_grad for p in params)
+        if zero3 and trains and not s["zero3_head"]:  # ZeRO-3, a head that trains: gathered for the loss and backward
             import deepspeed
-            for p in (head.weight, head.bias):
-                if p is not None:
-                    deepspeed.zero.register_external_parameter(top, p)
+            for p in params:
+                deepspeed.zero.register_external_parameter(top, p)
             s["zero3_head"] = True
         batch = to_device(batch, batch["input_ids"].device)  # the trainer moved the tensors; ids widened, teacher moved
         teacher = batch["teacher"]
@@ -252,8 +255,13 @@ class SelfAugMixin:
             seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
         def loss_at_the_end(module, args, output):
-            output["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
-                                                             teacher, s["tc"], co.c_nll, co.c_kl)
+            gathered = contextlib.nullcontext()
+            if zero3 and not trains:  # a frozen ZeRO-3 head: gathered for the loss alone (nothing of it in backward)
+                import deepspeed
+                gathered = deepspeed.zero.GatheredParameters(params)
+            with gathered:
+                output["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
+                                                                 teacher, s["tc"], co.c_nll, co.c_kl)
             return output
 
         inputs = model_inputs(batch)

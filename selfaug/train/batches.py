@@ -123,9 +123,10 @@ def collate(rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
         labels[b, o + p - 1:o + n - 1] = ids[p:]  # position t predicts token t + 1: the response tokens
     rows_b = np.concatenate([np.full(len(r["positions"]), where_row[i], dtype=np.int32) for i, r in enumerate(rows)])
     rows_t = np.concatenate([np.asarray(r["positions"], dtype=np.int32) + where_off[i] for i, r in enumerate(rows)])
+    nll_rows = np.flatnonzero(labels.reshape(-1) != -100).astype(np.int32)  # on the host: no device sync for it
     batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
              "rows_b": torch.from_numpy(rows_b), "rows_t": torch.from_numpy(rows_t.astype(np.int32)),
-             "tokens": sum(lens), "padded_tokens": n_rows * width}
+             "nll_rows": torch.from_numpy(nll_rows), "tokens": sum(lens), "padded_tokens": n_rows * width}
     if not layout.packed:
         mask = np.arange(width)[None, :] < np.asarray(lens)[:, None]
         batch["attention_mask"] = torch.from_numpy(mask.astype(np.int32))
@@ -146,7 +147,7 @@ def collate(rows: list[dict], pad_id: int, layout: Layout = PADDED) -> dict:
     return batch
 
 
-WIDE = ("input_ids", "labels", "rows_b", "rows_t", "attention_mask", "position_ids")  # int64 on the device
+WIDE = ("input_ids", "labels", "rows_b", "rows_t", "nll_rows", "attention_mask", "position_ids")  # int64 on device
 
 
 def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
@@ -216,7 +217,16 @@ class StepSampler:
         return np.asarray(out)
 
     def plan(self, step: int) -> list[list[np.ndarray | None]]:
-        """plan[rank][m]: the example indices of micro-batch m of each rank (None: an empty one)."""
+        """plan[rank][m]: the example indices of micro-batch m of each rank (None: an empty one). The last step's
+        plan is kept (one (step, plan) pair, replaced whole): the loop and the prefetch thread each ask for it."""
+        cached = getattr(self, "_plan", None)
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        plan = self._plan_of(step)
+        self._plan = (step, plan)
+        return plan
+
+    def _plan_of(self, step: int) -> list[list[np.ndarray | None]]:
         batch = self.global_batch(step)
         if self.batch_tokens is None:
             return [[batch[(m * self.world + r) * self.micro:(m * self.world + r + 1) * self.micro]

@@ -151,7 +151,7 @@ def setup(cfg: Config, objective_cls=None, stop_after: int | None = None) -> Run
                          "float32 (float16 is fine for `selfaug precompute`)")
     # the stop signals are caught from here on: one during start-up stops the run after its first step,
     # and none can kill a rank while it holds a lock (e.g. torch's build lock of DeepSpeed's compiled ops)
-    stop = preemption.StopFlag(cfg.train.exit_signals)
+    stop = preemption.StopFlag(cfg.train.exit_signals, os.path.join(cfg.train.output_dir, "STOP"))
     try:
         run = _setup(cfg, objective_cls, stop)
         run.stop_after = stop_after
@@ -271,7 +271,8 @@ def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = 
     ahead of the step, or now)."""
     engine, device = run.engine, run.device
     data = data or Prefetcher(run, step, 0)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, kl, tokens, processed: no sync per micro-step
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # nll, kl: summed on the device, no sync per micro-step
+    tokens = processed = 0  # the examples' tokens and the processed ones, counted on the host
     with_kl = kl_measured(run, step)
     for host, weight, last in data.get(step):
         batch = to_device(host, device, non_blocking=True)  # from pinned memory on a GPU: the host does not wait
@@ -283,10 +284,12 @@ def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = 
                                    "train.check_teacher=false")
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-        counts = torch.tensor([weight * batch["tokens"], batch["padded_tokens"]], dtype=torch.float64, device=device)
-        totals += torch.cat([weight * torch.stack([nll.double(), kl.double()]), counts])
-    stop = float(run.stop is not None and run.stop.requested)  # a signal to any rank stops all at this step
-    totals = torch.cat([totals, torch.tensor([stop], dtype=torch.float64, device=device)])
+        totals += weight * torch.stack([nll.double(), kl.double()])  # on the device: no sync per micro-step
+        tokens, processed = tokens + weight * batch["tokens"], processed + batch["padded_tokens"]  # host ints
+    # a signal to any rank, or the run's STOP file (launch.sh touches it: it reaches ranks on other nodes), stops
+    # every rank at this step
+    stop = float(run.stop is not None and (run.stop.requested or run.stop.file_seen()))
+    totals = torch.cat([totals, torch.tensor([tokens, processed, stop], dtype=torch.float64, device=device)])
     if run.world > 1:  # one small all-reduce per optimizer step: logging, the finiteness check, a stop request
         torch.distributed.all_reduce(totals)
     totals = totals.cpu()  # the one host sync of the step
@@ -319,6 +322,10 @@ def _train(run: Run) -> str:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
+    exits = os.path.join(out, ".exit")  # each rank's exit status where launch.sh finds it on any node
+    os.makedirs(exits, exist_ok=True)
+    if exits not in preemption.EXIT_DIRS:
+        preemption.EXIT_DIRS.append(exits)
     start = checkpoint.resume(run, run.identity)
     run.check_start = start == 0 and tc.check_teacher and isinstance(run.source, StoredSignal)
     metrics_path = os.path.join(out, "metrics.jsonl")

@@ -8,6 +8,7 @@ chunked from the hidden states through the head (`loss.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -73,15 +74,28 @@ class Objective(torch.nn.Module):
         self.__dict__["source"] = source  # not a submodule: a live teacher's frozen copy is never trained
 
     def setup_zero3_head(self) -> None:
-        """Under ZeRO-3 the chunked loss applies the lm_head outside its module's hooks: the head is
-        registered as an external parameter of this module, so it is gathered while forward (and
-        backward) runs and released after, and, when it trains, its gradient is reduce-scattered like
-        every other parameter's. No rank keeps a whole copy of it."""
+        """Under ZeRO-3 the chunked loss applies the lm_head outside its module's hooks. A head that trains is
+        registered as an external parameter of this module: gathered while forward (and backward) runs and
+        released after, its gradient reduce-scattered like every other parameter's. A frozen head (LoRA) is
+        gathered for the forward alone (`_frozen_head`): the loss saves no weight for backward, and DeepSpeed
+        would otherwise gather it again when backward starts and hold it through backward (2.1 GB at 70B). No
+        rank keeps a whole copy of it."""
         import deepspeed
         _, head = decoder_and_head(self.model)
-        for p in (head.weight, head.bias):
-            if p is not None:
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        if any(p.requires_grad for p in params):
+            for p in params:
                 deepspeed.zero.register_external_parameter(self, p)
+        else:
+            self.__dict__["frozen_head"] = params
+
+    def _frozen_head(self):
+        """The frozen ZeRO-3 head gathered while the forward runs (a no-op otherwise)."""
+        params = self.__dict__.get("frozen_head")
+        if not params:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params)
 
     def head(self):
         """(weight, bias) of the lm_head as the loss uses them (gathered while forward runs, under ZeRO-3)."""
@@ -101,8 +115,9 @@ class Objective(torch.nn.Module):
         """with_kl=False: the NLL alone (KL sum 0); with c_kl = 0 the KL is measured without gradient work."""
         body, _ = decoder_and_head(self.model)
         hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
-        teacher = self.source.signal(batch, self) if with_kl else None
-        return micro_batch_loss(hidden, self.head(), batch, teacher, self.tc, c_nll, c_kl)
+        with self._frozen_head():  # under ZeRO-3 with a frozen head: gathered for the teacher and the loss only
+            teacher = self.source.signal(batch, self) if with_kl else None
+            return micro_batch_loss(hidden, self.head(), batch, teacher, self.tc, c_nll, c_kl)
 
 
 def micro_batch_loss(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc, c_nll: float, c_kl: float):
@@ -118,4 +133,5 @@ def micro_batch_loss(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc
     """
     weight, bias = head
     return selfaug_loss(hidden, weight, bias, batch["labels"], batch["rows_b"], batch["rows_t"], teacher, c_nll, c_kl,
-                        reverse=tc.kl_direction == "reverse", tail=tc.kl_tail, chunk_rows=tc.loss_chunk_rows)
+                        reverse=tc.kl_direction == "reverse", tail=tc.kl_tail, chunk_rows=tc.loss_chunk_rows,
+                        nll_rows=batch.get("nll_rows"))

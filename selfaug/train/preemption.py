@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from .. import dist
 
@@ -44,7 +45,9 @@ class StopFlag:
     all-reduce, so every rank stops at the same step). The first signal also holds the launcher off
     (`hold_launcher`) until this process exits."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], stop_file: str | None = None):
+        self.stop_file = stop_file  # <output_dir>/STOP: a stop any rank sees, on any node (launch.sh touches it)
+        self.started = time.time()  # a STOP file older than this process is a stale one: ignored
         self.requested = False
         self.signal = None
         self.held = None  # the launcher's pid while it is paused
@@ -57,14 +60,27 @@ class StopFlag:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
+    def file_seen(self) -> bool:
+        """Whether the stop file was touched since this process started (read at each step boundary: one stat on
+        the run's shared directory). An older one, left by an earlier launch, does not stop this one."""
+        if self.stop_file is None:
+            return False
+        try:
+            return os.stat(self.stop_file).st_mtime >= self.started
+        except FileNotFoundError:
+            return False
+
     def finish(self, step: int, path: str, seconds: float) -> None:
         """All ranks, once the checkpoint is saved: ignore late signals (the exit status would become the
         signal's instead of 75), record 75, and wait until every rank has (the first to let its launcher go
-        may be followed by the launcher's kill of the others), then raise Preempted."""
+        may be followed by the launcher's kill of the others), then raise Preempted. Rank 0 removes the stop
+        file, so that the run started again goes on."""
         for signum in self.signums:
             signal.signal(signum, signal.SIG_IGN)
         record_exit(EXIT_PREEMPTED)
         dist.barrier()
+        if dist.rank_world()[0] == 0 and self.file_seen():
+            os.remove(self.stop_file)
         raise Preempted(step, path, seconds)
 
     def _handle(self, signum, frame) -> None:
@@ -183,12 +199,16 @@ def _has_ended(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # the state follows the command name "(...)"
 
 
+EXIT_DIRS: list[str] = []  # the run's own `<output_dir>/.exit` (shared by every node), added by the train stage
+
+
 def record_exit(code: int) -> None:
-    """This rank's exit status in $SELFAUG_EXIT_DIR (set by launch.sh): `rank-R-of-W` holding the code. The
-    launchers end with their own status (1 when they were signalled), so launch.sh reads the ranks'."""
-    where = os.environ.get("SELFAUG_EXIT_DIR")
-    if not where or not os.path.isdir(where):
-        return
+    """This rank's exit status, `rank-R-of-W` holding the code, in $SELFAUG_EXIT_DIR (set by launch.sh) and in the
+    run's `<output_dir>/.exit/` (what launch.sh reads when the ranks run on other nodes, where the launcher does
+    not pass the variable on). The launchers end with their own status (1 when they were signalled), so
+    launch.sh reads the ranks'."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    with open(os.path.join(where, f"rank-{rank}-of-{world}"), "w") as f:
-        f.write(f"{code}\n")
+    for where in [os.environ.get("SELFAUG_EXIT_DIR")] + EXIT_DIRS:
+        if where and os.path.isdir(where):
+            with open(os.path.join(where, f"rank-{rank}-of-{world}"), "w") as f:
+                f.write(f"{code}\n")

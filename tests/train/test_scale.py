@@ -196,3 +196,21 @@ def test_zero3_configs_keep_the_largest_matrix_and_the_head_of_every_scale_shape
     for path in ("zero3.json", "zero3_inference.json", "zero3_offload.json"):
         z = _json.load(open(os.path.join(ROOT, "ds_configs", path)))["zero_optimization"]
         assert z["stage3_max_live_parameters"] >= need and z["stage3_max_reuse_distance"] >= need, path
+
+
+def test_a_frozen_zero3_head_is_gathered_for_the_forward_only_and_a_trained_one_is_external(tmp_path, tiny_store):
+    """LoRA under ZeRO-3: the frozen head is not an external parameter of the objective (DeepSpeed would gather it
+    again when backward starts and hold it through backward), and is gathered for the loss alone; a head that
+    trains is external (its gradient is reduce-scattered). Both run a step."""
+    for adapter, external in (("lora", False), ("none", True)):
+        cfg = tiny_config(str(tmp_path / adapter), teacher={"value_dtype": "float32",
+                                                            "output_dir": tiny_store.teacher.output_dir},
+                          train={"adapter": adapter, "deepspeed": os.path.join(ROOT, "ds_configs/zero3.json")})
+        run = train.setup(cfg)
+        objective = run.engine.module
+        head = objective.model.get_output_embeddings().weight
+        assert any(p is head for _, p in objective.ds_external_parameters()) == external, adapter
+        assert ("frozen_head" in objective.__dict__) == (not external)
+        got = train.train_step(run, 0, train.step_coefficients(run, 0))
+        assert torch.isfinite(got.sums).all()
+        run.stop.restore()

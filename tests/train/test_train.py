@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -167,12 +168,13 @@ def test_two_process_zero3_train_save_and_resume(tmp_path, tiny_store):
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_bf16_trains_with_fp32_master_weights_and_ends_near_the_fp32_run(tmp_path, tiny_store, zero):
     """model.dtype=bfloat16 turns DeepSpeed's bf16 section on, on a CPU as on a GPU: bf16 weights and activations,
-    fp32 master weights and optimizer state. 6 SGD steps (an update in proportion to the gradient, so that the
-    comparison sees the gradients' precision) stay finite, within 2 % of the fp32 run's losses, and their LoRA B
-    updates (B starts at 0) within 5 % of the fp32 run's (Frobenius norm of the difference over that of the update)."""
+    fp32 master weights, optimizer state and gradient accumulation. 6 SGD steps of 2 micro-batches (an update in
+    proportion to the gradient, so that the comparison sees the gradients' precision) stay finite, within 2 % of the
+    fp32 run's losses, and their LoRA B updates (B starts at 0) within 5 % of the fp32 run's (Frobenius norm of the
+    difference over that of the update)."""
     import deepspeed
-    keys = {**SGD, "learning_rate": 0.5, "max_steps": 6, "micro_batch_size": 2, "min_lr_ratio": 1.0,
-            "deepspeed": os.path.join(ROOT, "ds_configs", f"{zero}.json")}
+    keys = {**SGD, "learning_rate": 0.5, "max_steps": 6, "micro_batch_size": 1, "gradient_accumulation_steps": 2,
+            "min_lr_ratio": 1.0, "deepspeed": os.path.join(ROOT, "ds_configs", f"{zero}.json")}
     got = {}
     for dtype in ("float32", "bfloat16"):
         got[dtype] = _train(_cfg(tmp_path / dtype, tiny_store, model={"dtype": dtype}, train=keys))
@@ -188,6 +190,8 @@ def test_bf16_trains_with_fp32_master_weights_and_ends_near_the_fp32_run(tmp_pat
     frozen = [p for p in engine.module.parameters() if not p.requires_grad]  # the model's own weights (LoRA)
     assert engine.bfloat16_enabled() and {p.dtype for p in frozen} == {torch.bfloat16}
     assert deepspeed.utils.safe_get_full_fp32_param(trainable[0]).dtype == torch.float32
+    # the shipped configs accumulate micro-batches' gradients in fp32 (data_types.grad_accum_dtype), not in bf16
+    assert engine.optimizer.gradient_accumulation_dtype == torch.float32
     run.stop.restore()
 
 
@@ -274,3 +278,32 @@ def test_an_alpha_0_run_measures_its_drift_every_n_steps_and_logs_no_kl_where_it
     assert rows[2]["kl_positions"] == n and rows[2]["kl"] == pytest.approx(s.item() / n, rel=1e-4)
     _, off = _train(_cfg(tmp_path / "off", tiny_store, train={**keys, "monitor_kl_every": 0}))
     assert all("kl" not in r and "kl_positions" not in r for r in off)
+
+
+def test_the_stop_file_stops_every_rank_at_a_step_with_a_checkpoint(tmp_path, tiny_store):
+    """<output_dir>/STOP (what launch.sh touches on a stop: it reaches ranks on other nodes, where no signal does)
+    touched after the ranks started ends the run at the next step boundary with a checkpoint and Preempted (exit
+    75), and is removed, so the run started again goes on to the uninterrupted run's parameters; each rank's status
+    is kept in <output_dir>/.exit. A STOP file older than the run (left by an earlier launch) stops nothing."""
+    from selfaug.train import Preempted
+
+    def stop_file(cfg, age_s: float) -> str:
+        os.makedirs(cfg.train.output_dir)
+        path = os.path.join(cfg.train.output_dir, "STOP")
+        open(path, "w").close()
+        os.utime(path, (time.time() - age_s,) * 2)  # age_s < 0: as if touched while the run goes
+        return path
+
+    keys = {**SGD, "max_steps": 3, "min_lr_ratio": 1.0}
+    whole_cfg = _cfg(tmp_path / "whole", tiny_store, train=keys)
+    stale = stop_file(whole_cfg, 60)
+    whole, _ = _train(whole_cfg)
+    assert len(read_metrics(whole_cfg.train.output_dir)) == 3 and os.path.exists(stale)
+    cfg = _cfg(tmp_path / "stopped", tiny_store, train=keys)
+    path = stop_file(cfg, -60)
+    with pytest.raises(Preempted) as stopped:
+        train.train(cfg)
+    assert stopped.value.step == 1 and not os.path.exists(path)
+    assert open(os.path.join(cfg.train.output_dir, ".exit", "rank-0-of-1")).read() == "75\n"
+    again = _adapter(train.train(cfg))
+    _close(again, whole, atol=1e-6)
