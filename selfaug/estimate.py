@@ -32,37 +32,45 @@ def _shape(mc, tc) -> dict:
     tied = head is model.get_input_embeddings().weight
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) if hasattr(model, "model") else 0
     largest = max((p.numel() for p in model.parameters() if p is not head), default=0)
+    small = [p.numel() for p in model.parameters() if p.numel() < 10 ** 7]  # ZeRO-3 may keep these whole
     if tc.adapter == "lora":
         targets = tc.lora_target_modules
-        trainable = sum(tc.lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
-                        and ("all-linear" in targets or name.split(".")[-1] in targets))
+        adapted = [m for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
+                   and ("all-linear" in targets or name.split(".")[-1] in targets)]
+        matrices = [tc.lora_r * n for m in adapted for n in (m.in_features, m.out_features)]  # A and B
+        small += matrices
+        trainable = sum(matrices)
     else:
         trainable = params - (head.numel() if tc.freeze_lm_head and not tied else 0)
-    return {"params": params, "trainable": trainable, "layers": text.num_hidden_layers, "hidden": text.hidden_size,
+    return {"params": params, "trainable": trainable, "small": small, "layers": text.num_hidden_layers, "hidden": text.hidden_size,
             "intermediate": text.intermediate_size, "vocab": head.shape[0], "head": head.numel(),
             "head_trains": tc.adapter == "none" and not tc.freeze_lm_head, "layer": layer, "largest": largest,
             "kv": getattr(text, "num_key_value_heads", text.num_attention_heads) * (
                 getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)}
 
 
-def _zero_plan(path: str, b: int) -> tuple[int, int]:
-    """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section) and the bytes of an accumulated
-    gradient (data_types.grad_accum_dtype; DeepSpeed's default is the weights' dtype)."""
+def _zero_plan(path: str, b: int) -> tuple[int, int, float]:
+    """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section), the bytes of an accumulated
+    gradient (data_types.grad_accum_dtype; DeepSpeed's default is the weights' dtype) and ZeRO-3's
+    stage3_param_persistence_threshold (parameters below it are kept whole on every rank; DeepSpeed's default 1e5)."""
     import json
     from . import shipped
     with open(shipped.resolve(path)) as f:
         conf = json.load(f)
     accum = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2}.get(
         str(conf.get("data_types", {}).get("grad_accum_dtype")), b)
-    return int(conf.get("zero_optimization", {}).get("stage", 0)), accum
+    zero = conf.get("zero_optimization", {})
+    return int(zero.get("stage", 0)), accum, float(zero.get("stage3_param_persistence_threshold", 1e5))
 
 
-def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | None = None) -> dict:
+def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | None = None,
+           persistence: float = 1e5) -> dict:
     """Stage 2 per GPU in bytes, term by term (b: bytes per weight, 2 in bf16; accum: per accumulated gradient,
-    the shipped ZeRO configs' fp32)."""
+    the shipped ZeRO configs' fp32; persistence: ZeRO-3 keeps parameters of fewer elements whole)."""
     shard = gpus if zero == 3 else 1
-    weights = b * s["params"] / shard
+    whole = sum(n for n in s.get("small", ()) if n < persistence) if zero == 3 else 0  # LoRA's matrices, the norms
+    weights = b * s["params"] / shard + b * whole * (1 - 1 / shard)
     g = accum or b
     master = 4 if b == 2 else 0  # fp32 master weights beside bf16 ones
     states = s["trainable"] * (g / (gpus if zero >= 2 else 1) + (master + 8) / (gpus if zero >= 1 else 1))
@@ -99,8 +107,8 @@ def run(cfg: Config, gpus: int) -> dict:
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * gpus
     micro_tokens = tc.micro_batch_tokens or tc.micro_batch_size * int(tokens.max())
     b = 2 if resolve_dtype(cfg.model.dtype, "cuda").itemsize == 2 else 4
-    zero, accum = _zero_plan(tc.deepspeed, b)
-    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum)
+    zero, accum, persistence = _zero_plan(tc.deepspeed, b)
+    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum, persistence)
     partitioned = cfg.teacher.deepspeed is not None
     teacher_weights = b * s["params"] / (gpus if partitioned else 1) + (b * (s["head"] + s["layer"]) if partitioned else 0)
     stage1 = teacher_weights + cfg.teacher.forward_tokens * s["hidden"] * b * 8 + \

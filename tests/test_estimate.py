@@ -31,9 +31,13 @@ def test_steps_tokens_and_the_memory_terms_follow_the_plan(tmp_path):
     layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64  # q, o; k, v (2 of 4 heads); the MLP; two norms
     assert s["params"] == 49152 * 64 * 2 + 2 * layer + 64  # tiny-llama: untied head, 2 layers, the final norm
     assert m["weights"] == 2 * s["params"] and m["zero3_working_set"] == 0  # ZeRO-2: whole weights, bf16
-    full = estimate.memory({**s, "trainable": s["params"], "head_trains": True}, cfg.train, 3, 8, 4096, 2, 4)
-    assert full["weights"] == 2 * s["params"] / 8
+    full = estimate.memory({**s, "trainable": s["params"], "head_trains": True}, cfg.train, 3, 8, 4096, 2, 4, 0)
+    assert full["weights"] == 2 * s["params"] / 8  # nothing kept whole (persistence 0): the plan's formula
     assert full["trainable_state"] == pytest.approx(s["params"] * 16 / 8)  # fp32 grads, fp32 master, Adam: /8
     assert full["weights"] + full["trainable_state"] == pytest.approx(18 * s["params"] / 8)  # the plan's 18P/8
-    assert estimate._zero_plan("ds_configs/zero3.json", 2) == (3, 4)  # the shipped configs accumulate in fp32
-    assert estimate._zero_plan("ds_configs/zero0.json", 2) == (0, 2)
+    assert estimate._zero_plan("ds_configs/zero3.json", 2) == (3, 4, 1e6)  # the shipped configs: fp32 accumulation
+    assert estimate._zero_plan("ds_configs/zero0.json", 2)[:2] == (0, 2)
+    # ZeRO-3 keeps parameters below the persistence threshold whole on every rank: LoRA's A and B and the norms
+    lora = estimate.memory(s, cfg.train, 3, 8, 4096, 2, 4, 1e6)
+    whole = sum(n for n in s["small"] if n < 1e6)
+    assert whole >= s["trainable"] and lora["weights"] == pytest.approx(2 * s["params"] / 8 + 2 * whole * 7 / 8)
