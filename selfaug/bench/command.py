@@ -40,8 +40,9 @@ from .. import dist
 from ..config import Config
 
 SECTIONS = ("step", "precompute", "storage", "fidelity", "long", "data", "scale", "packing", "budget", "positions",
-            "open", "reader", "hf", "checkpoint", "prefetch", "loss", "gpu")
-DEFAULT = SECTIONS[:-1]  # gpu: only when asked (it needs a CUDA GPU)
+            "open", "reader", "hf", "checkpoint", "prefetch", "loss", "drift", "gpu")
+# only when asked: drift (it reads an evaluation that has run), gpu (it needs a CUDA GPU)
+DEFAULT = tuple(s for s in SECTIONS if s not in ("drift", "gpu"))
 
 # length-skewed built-in data for the packing and position benchmarks, unless the recipe has its own
 SKEWED = ["data.builtin_num_documents=1", "data.builtin_max_documents=8", "data.builtin_extra_sentences=2",
@@ -266,6 +267,9 @@ def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None
     if "loss" in only:
         from .head_buffers import bench_head_buffers
         results["loss"] = bench_head_buffers(smoke)
+    if "drift" in only:
+        from .drift_gap import bench_drift_k
+        results["drift"] = bench_drift_k(cfg)
     if "gpu" in only:
         from . import gpu
         results["gpu"] = gpu.run(cfg_path, list(overrides), smoke, bench_step, bench_packing)

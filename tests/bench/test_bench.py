@@ -7,11 +7,12 @@ import pytest
 
 from conftest import ROOT, clean_env, tiny_config, write_recipe
 from selfaug import train
+from selfaug.config import build_config
 
 
 GROUPS = {  # every section, in groups that run side by side (pytest -n): each group is one `selfaug bench`
     "steps": "step,hf,loss", "stage1": "precompute,storage,fidelity,long,data", "data": "packing,budget,positions",
-    "cluster": "scale,open,reader,checkpoint", "overlap": "prefetch",
+    "cluster": "scale,open,reader,checkpoint", "overlap": "prefetch", "drift": "drift",
     "gpu": "gpu"}  # launch.sh gpu-check, here on the CPU: the same code runs before a GPU ever sees it
 
 
@@ -26,6 +27,12 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
                       train={"max_steps": 3}, eval={"runs": str(tmp_path / "run")})
     if group == "stage1":
         train.train(cfg)  # the fine-tuned run the fidelity benchmark compares against
+    if group == "drift":  # an evaluation that has run: its base's responses are the drift texts
+        from selfaug.eval import evaluate
+        cfg = build_config(cfg.to_dict(), ["eval.max_ifeval_prompts=3", "eval.max_rag_examples=2",
+                                           "eval.max_drift_prompts=3", "eval.max_new_tokens=6"])
+        train.train(cfg)
+        evaluate.run(cfg)
     recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
     out = subprocess.run([sys.executable, "-m", "selfaug", "bench", "--config", recipe, "--smoke", "--only",
                           GROUPS[group], "--out", str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True,
@@ -48,6 +55,10 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
     if group == "overlap":  # the same losses with and without the thread; the slow disk's wait is counted
         p = r["prefetch"]
         assert p["same_losses"] and len(p["rows"]) == 4 and all(0 <= row["wait_share"] < 1 for row in p["rows"])
+    if group == "drift":  # eval's bucket KL at k = 1024 against the exact one (k = |V|): never above it
+        d = r["drift"]
+        assert d["k"] == 1024 and d["vocab"] == 49152 and d["texts"] == 3 and len(d["rows"]) == 1
+        assert d["never_above_exact"] and 0 <= d["max_gap_share"] < 1 and d["rows"][0]["exact"] > 0
     if group == "gpu":  # on the CPU: the contract kernel's varlen row equals padding, the multi-row layout differs
         g = r["gpu"]
         assert g["attention"]["varlen_equals_padded"] and g["attention"]["rows_differ"], g["attention"]
