@@ -211,5 +211,6 @@ def test_a_logger_that_is_not_installed_is_one_line_naming_its_extra(monkeypatch
     from selfaug.config import ConfigError, load_config
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ConfigError, match=r'train.report_to=wandb needs the wandb package.*pip install "selfaug\[wandb\]"'):
+    with pytest.raises(ConfigError, match=r'train.report_to=wandb needs the wandb package.*pip install wandb \(the extra '
+                                          r'selfaug\[wandb\]'):
         load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["train.report_to=csv,wandb"])
