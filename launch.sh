@@ -96,7 +96,9 @@ distributed() {  # distributed STAGE RECIPE [overrides]
 #   relays the signal and kills the ranks 30 s later, so each rank pauses launch.py until it exits, with a
 #   watchdog that lets it go however the rank ends (selfaug.train.preemption.hold_launcher);
 # - a signal to this script is sent on to the local ranks (the launcher's grandchildren) as STOP_SIGNAL, and a
-#   train stage's <output_dir>/STOP file is touched: ranks on other nodes (pdsh's ssh) see it at their next step;
+#   train stage's <output_dir>/STOP file is touched: every rank sees it at its next step. With HOSTFILE (pdsh) the
+#   file alone carries it (a signal would cut pdsh's ssh links), and the runner installs its own SIGTERM handler
+#   (it kills every node's ranks): on several nodes signal this script alone (SLURM: --signal=B:USR1@N);
 # - the ranks finish the optimizer step, save a checkpoint, record their status in SELFAUG_EXIT_DIR and in
 #   <output_dir>/.exit/ (shared by the nodes) and exit 75; the launchers end with their own status, so this
 #   script returns 75 when every rank did.
@@ -114,7 +116,10 @@ forwarding() {
   done
   trap - TERM USR1
   if compgen -G "$status/rank-*" >/dev/null || [ -z "${RUN_DIR:-}" ]; then rc=$(ranks_status "$status" "$rc")
-  else rc=$(ranks_status "$RUN_DIR/.exit" "$rc"); fi  # the ranks ran on other nodes
+  else  # the ranks ran under pdsh: their records are in the shared run directory
+    [ -z "${STOPPING:-}" ] || await_exits "$RUN_DIR/.exit"
+    rc=$(ranks_status "$RUN_DIR/.exit" "$rc")
+  fi
   rm -rf "$status"
   return "$rc"
 }
@@ -134,7 +139,19 @@ stop_ranks() {
     echo "+ launch.sh: stop requested: SIGTERM to the ranks (finished shards are kept: run again to resume)" >&2
   fi
   [ -z "${RUN_DIR:-}" ] || { mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"; }  # every node's ranks, at their next step
+  # several nodes: the runner's children are pdsh's ssh links (the ranks are on the far side of them, this
+  # node's too); a signal would cut the links, so the STOP file alone carries the stop
+  if [ -n "${HOSTFILE:-}" ] && [ -n "${RUN_DIR:-}" ]; then STOPPING=1; return; fi
   for child in $(pgrep -P "$1"); do pkill "-$sig" -P "$child" || true; done
+}
+
+await_exits() {  # await_exits DIR: after a stop on several nodes, wait (10 min at most) for every rank's record
+  local files world waited=0
+  while [ "$waited" -lt 600 ]; do
+    files=("$1"/rank-*)
+    if [ -e "${files[0]}" ]; then world=${files[0]##*-of-}; [ "${#files[@]}" -lt "$world" ] || return 0; fi
+    sleep 2; waited=$((waited + 2))
+  done
 }
 
 single() {  # single STAGE RECIPE [overrides]: eval generates on one device
