@@ -35,7 +35,13 @@ def test_steps_tokens_and_the_memory_terms_follow_the_plan(tmp_path):
     assert full["weights"] == 2 * s["params"] / 8  # nothing kept whole (persistence 0): the plan's formula
     assert full["trainable_state"] == pytest.approx(s["params"] * 16 / 8)  # fp32 grads, fp32 master, Adam: /8
     assert full["weights"] + full["trainable_state"] == pytest.approx(18 * s["params"] / 8)  # the plan's 18P/8
-    assert estimate._zero_plan("ds_configs/zero3.json", 2) == (3, 4, 1e6)  # the shipped configs: fp32 accumulation
+    assert estimate._zero_plan("ds_configs/zero3.json", 2) == (3, 4, 1e6, 2e9)  # shipped: fp32 accumulation
+    # the layers ZeRO-3 keeps gathered at the forward/backward turn (stage3_max_reuse_distance): 8B's 218M-parameter
+    # layers within 2e9 elements, 70B's 856M ones two at least; a trained head in the trace shortens the reach
+    llama8 = {"head": 525_336_576, "head_trains": False, "layer": 218_112_000, "layers": 32}
+    assert estimate.zero3_layers_kept(llama8, 2e9) == 5
+    assert estimate.zero3_layers_kept({**llama8, "head_trains": True}, 2e9) == 4
+    assert estimate.zero3_layers_kept({"head": 1.05e9, "head_trains": False, "layer": 856_000_000, "layers": 80}, 2e9) == 2
     assert estimate._zero_plan("ds_configs/zero0.json", 2)[:2] == (0, 2)
     # ZeRO-3 keeps parameters below the persistence threshold whole on every rank: LoRA's A and B and the norms
     lora = estimate.memory(s, cfg.train, 3, 8, 4096, 2, 4, 1e6)
