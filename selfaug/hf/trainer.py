@@ -201,7 +201,9 @@ class SelfAugMixin:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        counts = [sum(int(b["labels"].ne(-100).sum()) for b in batches), sum(int(b["rows_b"].numel()) for b in batches)]
+        # the collator's nll_rows: counted from the shape, no device sync (labels counted where a batch lacks them)
+        counts = [sum(b["nll_rows"].numel() if "nll_rows" in b else int(b["labels"].ne(-100).sum()) for b in batches),
+                  sum(int(b["rows_b"].numel()) for b in batches)]
         n_nll, n_kl = (int(c) for c in dist.all_reduce_sum(counts))
         s = self._selfaug
         s["co"] = coefficients(s["world"], self._selfaug_alpha(), n_nll, n_kl)
