@@ -96,7 +96,7 @@ distributed() {  # distributed STAGE RECIPE [overrides]
 #   relays the signal and kills the ranks 30 s later, so each rank pauses launch.py until it exits, with a
 #   watchdog that lets it go however the rank ends (selfaug.train.preemption.hold_launcher);
 # - a signal to this script is sent on to the local ranks (the launcher's grandchildren) as STOP_SIGNAL, and a
-#   train stage's <output_dir>/STOP file is touched: every rank sees it at its next step. With HOSTFILE (pdsh) the
+#   train stage's <output_dir>/STOP file is touched: every rank sees it at its next step. On several nodes (pdsh) the
 #   file alone carries it (a signal would cut pdsh's ssh links), and the runner installs its own SIGTERM handler
 #   (it kills every node's ranks): on several nodes signal this script alone (SLURM: --signal=B:USR1@N);
 # - the ranks finish the optimizer step, save a checkpoint, record their status in SELFAUG_EXIT_DIR and in
@@ -106,7 +106,9 @@ distributed() {  # distributed STAGE RECIPE [overrides]
 forwarding() {
   local status pid rc
   status=$(mktemp -d "${TMPDIR:-/tmp}/selfaug-exit.XXXXXX")
-  [ -z "${RUN_DIR:-}" ] || rm -f "$RUN_DIR"/.exit/rank-* "$RUN_DIR/STOP"  # afresh: the ranks record there; no stale stop
+  # afresh: the ranks record there; no stale stop; .launched marks this launch's start on the shared file system's
+  # clock (a STOP touched after it counts, even while the ranks are still starting up)
+  [ -z "${RUN_DIR:-}" ] || { rm -f "$RUN_DIR"/.exit/rank-* "$RUN_DIR/STOP"; mkdir -p "$RUN_DIR"; touch "$RUN_DIR/.launched"; }
   ( trap '' TERM USR1; SELFAUG_EXIT_DIR=$status exec "$@" ) &
   pid=$!
   trap "stop_ranks $pid" TERM USR1
@@ -117,7 +119,7 @@ forwarding() {
   trap - TERM USR1
   if compgen -G "$status/rank-*" >/dev/null || [ -z "${RUN_DIR:-}" ]; then rc=$(ranks_status "$status" "$rc")
   else  # the ranks ran under pdsh: their records are in the shared run directory
-    [ -z "${STOPPING:-}" ] || await_exits "$RUN_DIR/.exit"
+    [ -z "${STOPPING:-}" ] || [ "$rc" != 75 ] || await_exits "$RUN_DIR/.exit"  # a crashed rank records nothing
     rc=$(ranks_status "$RUN_DIR/.exit" "$rc")
   fi
   rm -rf "$status"
@@ -141,13 +143,15 @@ stop_ranks() {
   [ -z "${RUN_DIR:-}" ] || { mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"; }  # every node's ranks, at their next step
   # several nodes: the runner's children are pdsh's ssh links (the ranks are on the far side of them, this
   # node's too); a signal would cut the links, so the STOP file alone carries the stop
-  if [ -n "${HOSTFILE:-}" ] && [ -n "${RUN_DIR:-}" ]; then STOPPING=1; return; fi
+  if { [ -n "${HOSTFILE:-}" ] || [ -f /job/hostfile ] || pgrep -x pdsh -P "$1" >/dev/null; } && [ -n "${RUN_DIR:-}" ]; then
+    STOPPING=1; return
+  fi
   for child in $(pgrep -P "$1"); do pkill "-$sig" -P "$child" || true; done
 }
 
-await_exits() {  # await_exits DIR: after a stop on several nodes, wait (10 min at most) for every rank's record
-  local files world waited=0
-  while [ "$waited" -lt 600 ]; do
+await_exits() {  # await_exits DIR: after a stop on several nodes, wait (90 s at most: NFS's attribute cache) for
+  local files world waited=0  # every rank's record
+  while [ "$waited" -lt 90 ]; do
     files=("$1"/rank-*)
     if [ -e "${files[0]}" ]; then world=${files[0]##*-of-}; [ "${#files[@]}" -lt "$world" ] || return 0; fi
     sleep 2; waited=$((waited + 2))

@@ -14,6 +14,7 @@ launchers do not pass 75 on.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import os
 import signal
@@ -37,6 +38,7 @@ class Preempted(Exception):
 
 
 # the launchers that relay a stop to their ranks and kill them after a fixed grace (both 30 s)
+LAUNCHED = ".launched"  # launch.sh marks a launch's start in the run directory (see StopFlag._since)
 LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torch.distributed.launch", "/torchrun")
 
 
@@ -47,7 +49,7 @@ class StopFlag:
 
     def __init__(self, names: list[str], stop_file: str | None = None):
         self.stop_file = stop_file  # <output_dir>/STOP: a stop any rank sees, on any node (launch.sh touches it)
-        self.started = time.time()  # a STOP file older than this process is a stale one: ignored
+        self.started = self._since()
         self.requested = False
         self.signal = None
         self.held = None  # the launcher's pid while it is paused
@@ -60,9 +62,18 @@ class StopFlag:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
+    def _since(self) -> float:
+        """The time from which a STOP file counts: launch.sh's <output_dir>/.launched mark, which it touches on
+        removing any old STOP before it starts the ranks (both times are the shared file system's, so a stop sent
+        while the ranks start up, or by a node whose clock is off, counts); without it, this process's start."""
+        try:
+            return os.stat(os.path.join(os.path.dirname(self.stop_file), LAUNCHED)).st_mtime
+        except (TypeError, FileNotFoundError):
+            return time.time()
+
     def file_seen(self) -> bool:
-        """Whether the stop file was touched since this process started (read at each step boundary: one stat on
-        the run's shared directory). An older one, left by an earlier launch, does not stop this one."""
+        """Whether the stop file was touched since this launch started (`_since`; read at each step boundary: one
+        stat on the run's shared directory). An older one, left by an earlier launch, does not stop this one."""
         if self.stop_file is None:
             return False
         try:
@@ -81,6 +92,8 @@ class StopFlag:
         dist.barrier()
         if dist.rank_world()[0] == 0 and self.file_seen():
             os.remove(self.stop_file)
+            with contextlib.suppress(FileNotFoundError):  # the next launch marks its own start
+                os.remove(os.path.join(os.path.dirname(self.stop_file), LAUNCHED))
         raise Preempted(step, path, seconds)
 
     def _handle(self, signum, frame) -> None:

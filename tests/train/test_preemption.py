@@ -146,6 +146,23 @@ def test_every_delivery_of_the_stop_checkpoints_exits_75_and_resumes_as_uninterr
         assert (final[key] - uninterrupted[key]).abs().max().item() < 1e-5, key
 
 
+def test_a_stop_file_touched_while_the_ranks_start_up_counts(tmp_path):
+    """launch.sh removes any old STOP and touches .launched before it starts the ranks; a STOP touched after that
+    mark stops the run even if it is older than the rank's process (pdsh, ssh and imports take a while on several
+    nodes). Without the mark, only a STOP touched after the process started counts."""
+    stop, mark, now = tmp_path / "STOP", tmp_path / preemption.LAUNCHED, time.time()
+    stop.touch()
+    os.utime(stop, (now - 30,) * 2)  # sent while the ranks were starting up
+    unmarked = preemption.StopFlag([], str(stop))
+    assert not unmarked.file_seen()  # as old as a STOP left by an earlier launch
+    mark.touch()
+    os.utime(mark, (now - 60,) * 2)
+    marked = preemption.StopFlag([], str(stop))
+    assert marked.file_seen()
+    os.utime(stop, (now - 90,) * 2)  # before this launch: stale
+    assert not marked.file_seen()
+
+
 def test_a_build_lock_left_by_a_killed_process_is_one_line_instead_of_a_hang(tmp_path, monkeypatch):
     """torch waits forever for `<op>/lock`; a process killed while loading an op leaves it behind."""
     from selfaug import dist
