@@ -31,7 +31,7 @@ def _shape(mc, tc) -> dict:
     head = model.get_output_embeddings().weight
     tied = head is model.get_input_embeddings().weight
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) if hasattr(model, "model") else 0
-    largest = max((p.numel() for p in model.parameters() if p is not head), default=0)
+    largest = max((p.numel() for p in model.model.layers[0].parameters()), default=0) if hasattr(model, "model") else 0
     small = [p.numel() for p in model.parameters() if p.numel() < 10 ** 7]  # ZeRO-3 may keep these whole
     if tc.adapter == "lora":
         targets = tc.lora_target_modules
@@ -45,7 +45,7 @@ def _shape(mc, tc) -> dict:
         trainable = params - (head.numel() if tc.freeze_lm_head and not tied else 0)
     return {"params": params, "trainable": trainable, "small": small, "layers": text.num_hidden_layers, "hidden": text.hidden_size,
             "intermediate": text.intermediate_size, "vocab": head.shape[0], "head": head.numel(),
-            "head_trains": tc.adapter == "none" and not tc.freeze_lm_head, "layer": layer, "largest": largest,
+            "head_trains": tc.adapter == "none" and not tc.freeze_lm_head, "layer": layer, "layer_largest": largest,
             "kv": getattr(text, "num_key_value_heads", text.num_attention_heads) * (
                 getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)}
 
@@ -54,7 +54,7 @@ def _zero_plan(path: str, b: int) -> tuple[int, int, float, float]:
     """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section), the bytes of an accumulated
     gradient (data_types.grad_accum_dtype; DeepSpeed's default is the weights' dtype), ZeRO-3's
     stage3_param_persistence_threshold (parameters below it are kept whole on every rank; DeepSpeed's default 1e5)
-    and stage3_max_reuse_distance (a gathered parameter used again within that many elements stays; default 1e9)."""
+    and stage3_max_live_parameters (DeepSpeed's default 1e9)."""
     import json
     from . import shipped
     with open(shipped.resolve(path)) as f:
@@ -63,22 +63,21 @@ def _zero_plan(path: str, b: int) -> tuple[int, int, float, float]:
         str(conf.get("data_types", {}).get("grad_accum_dtype")), b)
     zero = conf.get("zero_optimization", {})
     return (int(zero.get("stage", 0)), accum, float(zero.get("stage3_param_persistence_threshold", 1e5)),
-            float(zero.get("stage3_max_reuse_distance", 1e9)))
+            float(zero.get("stage3_max_live_parameters", 1e9)))
 
 
-def zero3_layers_kept(s: dict, reuse: float) -> int:
-    """Layers ZeRO-3 holds gathered at the turn from forward to backward: layer L-k is used again (its backward,
-    or its recomputation) after the k-1 layers above it twice and the head (a trained head is in the trace), so
-    it stays while that distance is within stage3_max_reuse_distance; two at least (the one running, the one
-    prefetched)."""
-    head = s["head"] if s["head_trains"] else 0
-    if not s["layer"]:
-        return 2
-    return int(min(s["layers"], max(2, (reuse - head) // (2 * s["layer"]) + 1)))
+def zero3_gathered(s: dict, max_live: float) -> float:
+    """Parameters ZeRO-3 holds gathered at once: its prefetch runs ahead of the forward and the backward until
+    stage3_max_live_parameters are gathered (it checks before a fetch, so one module more: a layer's largest
+    matrix), and a head's worth beside them (a trained head, fetched with the model at the step's start and again
+    at the backward's; a frozen one, which the loss gathers itself with GatheredParameters); the whole model where
+    it is smaller. Counted with DeepSpeed itself in tests/test_estimate.py (0.88-0.98 of this, at the 8B and 70B
+    proportions, trained and frozen head)."""
+    return min(s["params"], max_live + s["layer_largest"] + s["head"])
 
 
 def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | None = None,
-           persistence: float = 1e5, reuse: float = 1e9) -> dict:
+           persistence: float = 1e5, max_live: float = 1e9) -> dict:
     """Stage 2 per GPU in bytes, term by term (b: bytes per weight, 2 in bf16; accum: per accumulated gradient,
     the shipped ZeRO configs' fp32; persistence: ZeRO-3 keeps parameters of fewer elements whole)."""
     shard = gpus if zero == 3 else 1
@@ -92,7 +91,7 @@ def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | 
     checkpointed = tokens * s["layers"] * b * s["hidden"] + ACTIVATION_FACTOR * tokens * per_token_layer
     rows = min(tc.loss_chunk_rows, tokens)
     loss = rows * s["vocab"] * (b + 4 + b) + tokens * s["hidden"] * b + (s["head"] * b if s["head_trains"] else 0)
-    working = (s["head"] + zero3_layers_kept(s, reuse) * s["layer"]) * b if zero == 3 else 0  # the head, the layers
+    working = b * zero3_gathered(s, max_live) if zero == 3 else 0
     kept = weights + states + working + loss
     return {"weights": weights, "trainable_state": states, "zero3_working_set": working, "loss_buffers": loss,
             "activations": checkpointed if tc.gradient_checkpointing else activations,
@@ -120,8 +119,8 @@ def run(cfg: Config, gpus: int) -> dict:
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * gpus
     micro_tokens = tc.micro_batch_tokens or tc.micro_batch_size * int(tokens.max())
     b = 2 if resolve_dtype(cfg.model.dtype, "cuda").itemsize == 2 else 4
-    zero, accum, persistence, reuse = _zero_plan(tc.deepspeed, b)
-    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum, persistence, reuse)
+    zero, accum, persistence, max_live = _zero_plan(tc.deepspeed, b)
+    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum, persistence, max_live)
     partitioned = cfg.teacher.deepspeed is not None
     teacher_weights = b * s["params"] / (gpus if partitioned else 1) + (b * (s["head"] + s["layer"]) if partitioned else 0)
     stage1 = teacher_weights + cfg.teacher.forward_tokens * s["hidden"] * b * 8 + \

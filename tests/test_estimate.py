@@ -35,15 +35,82 @@ def test_steps_tokens_and_the_memory_terms_follow_the_plan(tmp_path):
     assert full["weights"] == 2 * s["params"] / 8  # nothing kept whole (persistence 0): the plan's formula
     assert full["trainable_state"] == pytest.approx(s["params"] * 16 / 8)  # fp32 grads, fp32 master, Adam: /8
     assert full["weights"] + full["trainable_state"] == pytest.approx(18 * s["params"] / 8)  # the plan's 18P/8
-    assert estimate._zero_plan("ds_configs/zero3.json", 2) == (3, 4, 1e6, 2e9)  # shipped: fp32 accumulation
-    # the layers ZeRO-3 keeps gathered at the forward/backward turn (stage3_max_reuse_distance): 8B's 218M-parameter
-    # layers within 2e9 elements, 70B's 856M ones two at least; a trained head in the trace shortens the reach
-    llama8 = {"head": 525_336_576, "head_trains": False, "layer": 218_112_000, "layers": 32}
-    assert estimate.zero3_layers_kept(llama8, 2e9) == 5
-    assert estimate.zero3_layers_kept({**llama8, "head_trains": True}, 2e9) == 4
-    assert estimate.zero3_layers_kept({"head": 1.05e9, "head_trains": False, "layer": 856_000_000, "layers": 80}, 2e9) == 2
+    assert estimate._zero_plan("ds_configs/zero3.json", 2) == (3, 4, 1e6, 2e9)  # shipped: fp32 accumulation, 2e9 live
+    llama8 = {"params": 8.03e9, "head": 525_336_576, "layer_largest": 14336 * 4096}  # the MLP's 14336 x 4096
+    assert estimate.zero3_gathered(llama8, 2e9) == 2e9 + 14336 * 4096 + 525_336_576
+    assert estimate.zero3_gathered({**llama8, "params": 1e9}, 2e9) == 1e9  # the whole model at most
     assert estimate._zero_plan("ds_configs/zero0.json", 2)[:2] == (0, 2)
     # ZeRO-3 keeps parameters below the persistence threshold whole on every rank: LoRA's A and B and the norms
     lora = estimate.memory(s, cfg.train, 3, 8, 4096, 2, 4, 1e6)
     whole = sum(n for n in s["small"] if n < 1e6)
     assert whole >= s["trainable"] and lora["weights"] == pytest.approx(2 * s["params"] / 8 + 2 * whole * 7 / 8)
+
+
+@pytest.mark.parametrize("real_layer,head_ratio", [(218_112_000, 2.41), (856_000_000, 1.23)], ids=["8B", "70B"])
+@pytest.mark.parametrize("trains", [True, False], ids=["trained-head", "frozen-head"])
+def test_zero3_gathers_at_most_the_estimated_working_set(real_layer, head_ratio, trains):
+    """The ZeRO-3 working set counted with DeepSpeed itself: an 8-layer model whose layer, head and ZeRO-3 limits
+    keep the ratios of Llama-3-8B (218M-parameter layers, head 2.41 layers) or 70B (856M, 1.23) under the shipped
+    limits (stage3_max_live_parameters 2e9, prefetch bucket 5e7), trained with gradient checkpointing and the loss
+    on the head in a forward hook, as selfaug's is (a trained head registered to the model, a frozen one under
+    GatheredParameters). At every fetch of ZeRO-3's coordinator and in the loss, the parameters available on the
+    rank are summed: their peak lies between 0.85 and 1 times `zero3_gathered`."""
+    import contextlib
+
+    import deepspeed
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfaug import dist
+    hidden, inter = 64, 224
+    layer = 2 * hidden * hidden + 2 * hidden * 16 + 3 * hidden * inter  # q, o; k, v (one head of 16); the MLP
+    vocab, max_live = int(head_ratio * layer / hidden), int(2e9 / real_layer * layer)
+    zero = {"stage": 3, "stage3_prefetch_bucket_size": int(5e7 / real_layer * layer), "stage3_param_persistence_threshold": 200,
+            "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": max_live}
+    conf = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero}
+    dist.ensure_env()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=conf):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4,
+                                             num_key_value_heads=1, head_dim=16, num_hidden_layers=8, vocab_size=vocab,
+                                             tie_word_embeddings=False))
+    head = model.lm_head.weight
+    head.requires_grad_(trains)
+    model.gradient_checkpointing_enable()
+    engine, *_ = deepspeed.initialize(model=model, config=conf,
+                                      optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    if trains:
+        deepspeed.zero.register_external_parameter(engine.module, head)
+    params, peak, seen = list(engine.module.parameters()), [0], {}
+
+    def count():
+        peak[0] = max(peak[0], sum(p.ds_numel for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+
+    def loss(module, args, out):
+        with contextlib.nullcontext() if trains else deepspeed.zero.GatheredParameters([head]):
+            count()
+            out["loss"] = (seen.pop("h") @ head.t()).float().logsumexp(-1).mean()
+        return out
+
+    coordinator = type(engine.optimizer.parameter_offload.get_param_coordinator())
+    fetch = coordinator.fetch_sub_module
+
+    def counted_fetch(self, *args, **kwargs):
+        fetch(self, *args, **kwargs)
+        count()
+
+    engine.module.model.register_forward_hook(lambda module, args, out: seen.update(h=out.last_hidden_state))
+    engine.module.register_forward_hook(loss, prepend=True)
+    coordinator.fetch_sub_module = counted_fetch
+    try:
+        ids = torch.randint(0, vocab, (1, 32))
+        for _ in range(2):
+            engine.backward(engine(input_ids=ids, logits_to_keep=1, use_cache=False)["loss"])
+            engine.step()
+    finally:
+        coordinator.fetch_sub_module = fetch
+    shape = {"params": sum(p.ds_numel for p in params), "head": vocab * hidden, "layer_largest": hidden * inter}
+    assert 0.85 <= peak[0] / estimate.zero3_gathered(shape, max_live) <= 1, (peak[0] / layer, max_live / layer)
