@@ -1,5 +1,6 @@
 """`launch.sh gpu-check` / `selfaug bench --only gpu` (docs/design.md, "Benchmarks"): every check the GPU path
-needs, on one GPU, in one short run (about 5 minutes on an H100/H200), figures to gpu_check.json under $OUT:
+needs, on one GPU, in one short run (sized to fit a few minutes; not yet run on a GPU), figures to gpu_check.json
+under $OUT:
 
   attention   packed = padded under flash-attention (flash_attention_2 when the flash-attn package is there,
               else a CUDA function with flash-attention's contract registered with transformers' AttentionInterface):

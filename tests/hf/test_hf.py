@@ -331,6 +331,13 @@ def test_the_trainer_internals_the_mixin_relies_on_are_the_tested_ones(tmp_path,
     Recording(model=model, args=args, teacher_store=stores["topk"], processing_class=load_tokenizer(
         "builtin:tiny-llama")).train()
     assert calls == [("sampler",), ("batches", 2), ("loss", 0), ("loss", 0), ("batches", 2), ("loss", 1), ("loss", 1)]
+    # drift_horizon auto: a twentieth of the optimizer steps the Trainer will take, counted as it counts them
+    by_epochs = TrainingArguments(str(tmp_path / "epochs"), num_train_epochs=90, per_device_train_batch_size=1,
+                                  gradient_accumulation_steps=2, report_to=[], use_cpu=True, save_strategy="no")
+    budgeted = SelfAugTrainer(model=model, args=by_epochs, teacher_store=stores["topk"], drift_budget=0.02,
+                              processing_class=load_tokenizer("builtin:tiny-llama"))
+    steps = math.ceil(90 * max(len(budgeted.get_train_dataloader()) // 2, 1))
+    assert steps >= 40 and budgeted._selfaug["alpha"].horizon == steps / 20
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert f'"transformers{",".join(TRANSFORMERS)}"' in pyproject
     check_transformers()
