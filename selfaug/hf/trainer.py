@@ -32,7 +32,7 @@ from transformers import Trainer
 from .. import dist, store
 from ..config import build_section
 from ..data import DataError, tokenizer_fingerprint
-from ..models import attention_width, decoder_and_head, vocab_size
+from ..models import TRANSFORMERS, attention_width, decoder_and_head, transformers_outside_range, vocab_size
 from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
@@ -44,9 +44,6 @@ from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_da
 OPTIONS = ("alpha", "alpha_schedule", "alpha_start", "drift_budget", "drift_horizon", "alpha_min", "alpha_max",
            "kl_direction", "kl_tail", "loss_chunk_rows", "packing", "pack_tokens", "verify_store")
 ALPHA_STATE = "selfaug_alpha"  # the drift controller's state in TrainerState.stateful_callbacks (checkpointed)
-# the transformers releases whose Trainer internals the mixin is checked against (tests/hf/test_hf.py pins the
-# signatures and call order of the methods it overrides); pyproject.toml's bound is the same
-TRANSFORMERS = (">=5.25", "<6")
 
 
 def check_store_for(teacher_store, model, tokenizer) -> None:
@@ -79,11 +76,8 @@ def check_transformers(version: str | None = None) -> None:
     private Trainer methods (`_remove_unused_columns`, `_get_collator_with_removed_columns`,
     `_get_train_sampler`, `get_batch_samples`'s return) and sets `loss_is_scaled_for_ga`, so another release
     could misalign the teacher rows or divide the loss twice by the accumulation steps."""
-    import transformers
-    from packaging.version import Version
-    found = Version(version or transformers.__version__)
-    low, high = (Version(b.lstrip("<>=")) for b in TRANSFORMERS)
-    if not (low <= found < high):
+    found = transformers_outside_range(version)
+    if found:
         raise TrainError(f"selfaug.hf supports transformers {','.join(TRANSFORMERS)} (it overrides private Trainer "
                          f"methods checked against those releases); found {found}: pip install "
                          f"'transformers{','.join(TRANSFORMERS)}'")

@@ -289,6 +289,15 @@ def test_bf16_autocast_stays_finite_and_near_fp32_and_fp16_is_one_line(tmp_path,
     with pytest.raises(train.TrainError, match="the model's weights are float16: SelfAug's loss computes"):
         SelfAugTrainer(model=model, args=args, teacher_store=stores["topk"], processing_class=load_tokenizer(
             "builtin:tiny-llama"))
+    from types import SimpleNamespace
+    from selfaug.hf.trainer import refuse_fp16
+    fp32 = get_peft_model(load_model("builtin:tiny-llama"), lora_config(cfg.train))
+    refuse_fp16(args, fp32)
+    for given, why in (({"fp16": True}, "args.fp16=True"), ({"fp16_full_eval": True}, "args.fp16_full_eval=True"),
+                       ({"hf_deepspeed_config": SimpleNamespace(config={"fp16": {"enabled": True}})},
+                        "the DeepSpeed config enables fp16")):
+        with pytest.raises(train.TrainError, match=re.escape(why) + ": SelfAug's loss computes"):
+            refuse_fp16(SimpleNamespace(**given), fp32)
 
 
 def test_the_trainer_internals_the_mixin_relies_on_are_the_tested_ones(tmp_path, stores):
