@@ -59,13 +59,14 @@ def plot_tradeoff(points: list[dict], out_dir: str, name: str = "tradeoff.png") 
     Runs at a fixed alpha (ordered by alpha) and runs under a drift budget (ordered by budget) are each
     joined by a line where there are two or more: the trade-off curve each knob traces."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for p in points:
-        for ax, x in zip(axes, (p["drift_kl"], p["instruction"])):
-            ax.scatter(x, p["accuracy"], s=50)
-            ax.annotate(p["label"], (x, p["accuracy"]), textcoords="offset points", xytext=(4, 4))
-    knobs = {"fixed alpha": sorted((p for p in points if p.get("alpha") is not None and not p.get("drift_budget")),
-                                   key=lambda p: p["alpha"]),
-             "drift budget": sorted((p for p in points if p.get("drift_budget")), key=lambda p: p["drift_budget"])}
+    for i, p in enumerate(points):
+        sd = p.get("sd", {})
+        for ax, key in zip(axes, ("drift_kl", "instruction")):
+            ax.errorbar(p[key], p["accuracy"], xerr=sd.get(key), yerr=sd.get("accuracy"), fmt="o", ms=7, capsize=3)
+            ax.annotate(p["label"], (p[key], p["accuracy"]), textcoords="offset points",  # neighbours apart
+                        xytext=(6, 4 if i % 2 == 0 else -12))
+    knobs = {"fixed alpha": _means(points, "alpha", lambda p: p.get("alpha") is not None and not p.get("drift_budget")),
+             "drift budget": _means(points, "drift_budget", lambda p: bool(p.get("drift_budget")))}
     for knob, line in knobs.items():
         if len(line) >= 2:
             for ax, x in zip(axes, ("drift_kl", "instruction")):
@@ -80,6 +81,27 @@ def plot_tradeoff(points: list[dict], out_dir: str, name: str = "tradeoff.png") 
         ax.grid(alpha=0.3)
     fig.suptitle("What each run learns (RAG) against what it keeps (drift, instruction following)")
     return _save(fig, out_dir, name)
+
+
+def _means(points: list[dict], knob: str, keep) -> list[dict]:
+    """The points of one knob, one per value of it (the mean of the seeds at that value), ordered by it: the
+    trade-off curve the knob traces, not a line between seeds."""
+    groups: dict = {}
+    for p in filter(keep, points):
+        groups.setdefault(p[knob], []).append(p)
+    return [{key: sum(p[key] for p in ps) / len(ps) for key in ("accuracy", "drift_kl", "instruction")}
+            for _, ps in sorted(groups.items())]
+
+
+def plot_study_tradeoff(result: dict, out_dir: str, name: str = "study_tradeoff.png") -> str:
+    """study_tradeoff.png: tradeoff.png for a study: the base and each arm's mean over its seeds, with the
+    seeds' standard deviation as error bars."""
+    keys = {"accuracy": "rag_strict_accuracy", "drift_kl": "drift_kl", "instruction": "ifeval_strict_instruction"}
+    points = [{"label": "base", **{k: result["base"][m] for k, m in keys.items()}}]
+    for arm, by in result["by_arm"].items():
+        points.append({"label": f"{arm} ({result['seeds']} seeds)", **{k: by[m]["mean"] for k, m in keys.items()},
+                       "sd": {k: by[m]["sd"] for k, m in keys.items()}})
+    return plot_tradeoff(points, out_dir, name)
 
 
 def _save(fig, out_dir: str, name: str) -> str:

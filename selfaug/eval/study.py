@@ -11,7 +11,7 @@ recipe's + i. Under `study.output_dir`:
   eval/report.json             one `selfaug eval` of the base and every run (per-item scores included)
   eval/models/<name>.json      each model's scores, kept as soon as it is evaluated
   times.json                   wall and CPU seconds of every stage, added up over sittings
-  study.json, study.md, study.png
+  study.json, study.md, study.png, study_tradeoff.png
 
 It resumes: a store it finished is not computed again, a run with its final model is not trained again (one with a
 checkpoint continues from it), and the evaluation scores only the models it has not scored (`selfaug eval` keeps
@@ -280,5 +280,6 @@ def write(result: dict, root: str) -> None:
         json.dump(result, f, indent=2)
     with open(os.path.join(root, "study.md"), "w") as f:
         f.write(format_markdown(result) + "\n")
-    from .plots import plot_study
+    from .plots import plot_study, plot_study_tradeoff
     plot_study(result, root)
+    plot_study_tradeoff(result, root)

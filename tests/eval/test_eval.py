@@ -207,6 +207,15 @@ def test_the_tradeoff_plot_joins_fixed_alpha_runs_and_budget_runs_into_one_curve
     path = plots.plot_tradeoff(points, str(tmp_path))
     assert os.path.getsize(path) > 1000
     assert drawn == ["fixed alpha", "fixed alpha", "drift budget", "drift budget"]  # both panels, each knob
+    # seeds at the same alpha (a study): the curve goes through their mean, one point per alpha, not seed to seed
+    lines = []
+    monkeypatch.setattr(plots.plt.Axes, "plot", lambda ax, x, y, **k: lines.append((k.get("label"), x, y)) or real(
+        ax, x, y, **k))
+    seeds = [{**p, "label": f"{p['label']}-seed{i}", "accuracy": p["accuracy"] + d}
+             for i, d in enumerate((-0.1, 0.1)) for p in points if p.get("alpha") is not None and not p["drift_budget"]]
+    plots.plot_tradeoff(seeds, str(tmp_path), "seeds.png")
+    label, x, y = lines[0]
+    assert label == "fixed alpha" and x == pytest.approx([0.3, 0.2, 0.1]) and y == pytest.approx([0.5, 0.625, 0.75])
 
 
 def test_a_mistyped_run_is_one_line_before_the_base_model_loads(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def test_a_small_study_of_the_tiny_recipe_end_to_end_and_resumed(tmp_path):
     assert set(result["recovered"]) == {"selfaug", "budget"} and set(result["items_needed"]) == {"selfaug", "budget"}
     times = result["seconds"]
     assert times["cpu_all_sittings"] > 0 and times["wall_all_sittings"] > 0 and len(times["stages"]) == 8
-    assert os.path.getsize(root / "study.png") > 5000
+    assert os.path.getsize(root / "study.png") > 5000 and os.path.getsize(root / "study_tradeoff.png") > 5000
     budget_alpha = [json.loads(line)["alpha"] for line in open(root / "runs" / "budget-seed0" / "metrics.jsonl")]
     assert len(budget_alpha) == 2 and budget_alpha[0] == 0.5  # the budget arm's alpha is steered from 0.5
     # resumed: nothing is trained or evaluated again
