@@ -72,3 +72,31 @@ def test_relative_links_between_pages_resolve():
             if frag and where.endswith(".md"):
                 ids = {anchor(h) for h in re.findall(r"^#+ (.+)$", open(where).read(), re.M)}
                 assert frag in ids, f"{os.path.relpath(page, ROOT)} links to #{frag}, no heading of {path or 'itself'}"
+
+
+def test_launch_sh_help_lists_every_command_and_uses_the_users_python(tmp_path):
+    """`./launch.sh help` names every command of its case statement; SELFAUG_PYTHON is the interpreter it runs
+    (nothing is installed), and one that cannot import selfaug is one line; `selfaug recipes copy` writes a
+    recipe that loads."""
+    launch = os.path.join(ROOT, "launch.sh")
+    arms = re.findall(r"^  ([a-z|-]+)\)", open(launch).read(), re.M)
+    commands = {c for arm in arms for c in arm.split("|") if not c.startswith("-")}
+    usage = subprocess.run([launch, "help"], capture_output=True, text=True, check=True).stdout
+    assert commands >= {"demo", "test", "all", "study", "gpu-check", "help"}
+    assert [c for c in commands if not re.search(rf"\./launch\.sh (\{{[a-z|]*)?{c}\b", usage)] == []
+    marker = tmp_path / "used"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\ntouch {marker}\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = clean_env(SELFAUG_PYTHON=str(wrapper))
+    subprocess.run([launch, "setup"], env=env, check=True, capture_output=True, timeout=120)
+    assert marker.exists() and not (tmp_path / ".venv").exists()
+    wrapper.write_text("#!/bin/sh\nexit 1\n")
+    out = subprocess.run([launch, "setup"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "cannot import selfaug" in out.stderr
+    exe = os.path.join(os.path.dirname(sys.executable), "selfaug")
+    subprocess.run([exe, "recipes", "copy", "recipes/tiny.yaml", str(tmp_path / "mine.yaml")], check=True,
+                   capture_output=True, env=clean_env())
+    got = subprocess.run([exe, "config", "--config", str(tmp_path / "mine.yaml"), "--get", "model.name_or_path"],
+                         check=True, capture_output=True, text=True, env=clean_env()).stdout.strip()
+    assert got == "builtin:tiny-llama"
