@@ -117,9 +117,12 @@ forwarding() {
     kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupted wait: keep waiting
   done
   trap - TERM USR1
+  [ -z "${RUN_DIR:-}" ] || rm -f "$RUN_DIR/.launched"  # this launch is over: a later one marks its own start
   if compgen -G "$status/rank-*" >/dev/null || [ -z "${RUN_DIR:-}" ]; then rc=$(ranks_status "$status" "$rc")
   else  # the ranks ran under pdsh: their records are in the shared run directory
-    [ -z "${STOPPING:-}" ] || [ "$rc" != 75 ] || await_exits "$RUN_DIR/.exit"  # a crashed rank records nothing
+    # the runner's own status may not be 75 (its SIGTERM handler exits 1) though every rank recorded 75: wait for
+    # the records (90 s at most: a crashed rank records nothing)
+    [ -z "${STOPPING:-}" ] || [ "$rc" = 75 ] || await_exits "$RUN_DIR/.exit"
     rc=$(ranks_status "$RUN_DIR/.exit" "$rc")
   fi
   rm -rf "$status"

@@ -31,7 +31,7 @@ def _shape(mc, tc) -> dict:
     head = model.get_output_embeddings().weight
     tied = head is model.get_input_embeddings().weight
     layer = sum(p.numel() for p in model.model.layers[0].parameters()) if hasattr(model, "model") else 0
-    largest = max((p.numel() for p in model.model.layers[0].parameters()), default=0) if hasattr(model, "model") else 0
+    largest = max((p.numel() for p in model.model.layers.parameters()), default=0) if hasattr(model, "model") else 0
     small = [p.numel() for p in model.parameters() if p.numel() < 10 ** 7]  # ZeRO-3 may keep these whole
     if tc.adapter == "lora":
         targets = tc.lora_target_modules
@@ -54,7 +54,8 @@ def _zero_plan(path: str, b: int) -> tuple[int, int, float, float]:
     """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section), the bytes of an accumulated
     gradient (data_types.grad_accum_dtype; DeepSpeed's default is the weights' dtype), ZeRO-3's
     stage3_param_persistence_threshold (parameters below it are kept whole on every rank; DeepSpeed's default 1e5)
-    and stage3_max_live_parameters (DeepSpeed's default 1e9)."""
+    and what ZeRO-3 may keep gathered: stage3_max_live_parameters, or stage3_max_reuse_distance where larger (a
+    parameter used again within it stays, whatever the live count; DeepSpeed's defaults 1e9)."""
     import json
     from . import shipped
     with open(shipped.resolve(path)) as f:
@@ -63,15 +64,16 @@ def _zero_plan(path: str, b: int) -> tuple[int, int, float, float]:
         str(conf.get("data_types", {}).get("grad_accum_dtype")), b)
     zero = conf.get("zero_optimization", {})
     return (int(zero.get("stage", 0)), accum, float(zero.get("stage3_param_persistence_threshold", 1e5)),
-            float(zero.get("stage3_max_live_parameters", 1e9)))
+            max(float(zero.get("stage3_max_live_parameters", 1e9)), float(zero.get("stage3_max_reuse_distance", 1e9))))
 
 
 def zero3_gathered(s: dict, max_live: float) -> float:
     """Parameters ZeRO-3 holds gathered at once: its prefetch runs ahead of the forward and the backward until
-    stage3_max_live_parameters are gathered (it checks before a fetch, so one module more: a layer's largest
-    matrix), and a head's worth beside them (a trained head, fetched with the model at the step's start and again
-    at the backward's; a frozen one, which the loss gathers itself with GatheredParameters); the whole model where
-    it is smaller. Counted with DeepSpeed itself in tests/test_estimate.py (0.88-0.98 of this, at the 8B and 70B
+    stage3_max_live_parameters are gathered, or as many as stage3_max_reuse_distance keeps where that is larger
+    (`max_live`: `_zero_plan`'s); it checks before a fetch, so one module more (the largest matrix of any layer);
+    and a head's worth beside them (a trained head, fetched with the model at the step's start and again at the
+    backward's; a frozen one, which the loss gathers itself with GatheredParameters); the whole model where it is
+    smaller. Counted with DeepSpeed itself in tests/test_estimate.py (0.88-0.98 of this, at the 8B and 70B
     proportions, trained and frozen head)."""
     return min(s["params"], max_live + s["layer_largest"] + s["head"])
 

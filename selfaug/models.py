@@ -42,13 +42,19 @@ class ModelError(SelfAugError, ValueError):
 
 
 def transformers_outside_range(version: str | None = None) -> str | None:
-    """The installed transformers' version where it is outside TRANSFORMERS (read from the package's metadata:
-    nothing is imported), else None."""
+    """The installed transformers' version where it is outside TRANSFORMERS (pip's reading: a pre-release of 6 is
+    outside), else None. Read from the package's metadata (nothing imported); a source checkout without it is
+    imported for its __version__."""
+    from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
-    from packaging.version import Version
-    found = Version(version or installed("transformers"))
-    low, high = (Version(b.lstrip("<>=")) for b in TRANSFORMERS)
-    return None if low <= found < high else str(found)
+    from packaging.specifiers import SpecifierSet
+    if version is None:
+        try:
+            version = installed("transformers")
+        except PackageNotFoundError:
+            import transformers
+            version = transformers.__version__
+    return None if SpecifierSet(",".join(TRANSFORMERS)).contains(version, prereleases=True) else str(version)
 
 
 def _gguf_path() -> str:

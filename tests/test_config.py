@@ -85,6 +85,8 @@ def test_a_transformers_outside_the_tested_range_is_one_line_before_any_model_lo
     from selfaug.cli import main
     assert models.transformers_outside_range() is None
     assert models.transformers_outside_range("4.56.0") == "4.56.0" and models.transformers_outside_range("6.0") == "6.0"
+    assert models.transformers_outside_range("6.0.0rc1") == "6.0.0rc1"  # pip's <6 excludes 6's pre-releases
+    assert models.transformers_outside_range("5.26.0.dev0") is None and models.transformers_outside_range("5.25.0+local") is None
     monkeypatch.setattr(models, "transformers_outside_range", lambda: "4.56.0")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["train", "--config", os.path.join(ROOT, "recipes", "tiny.yaml")]) == 2

@@ -76,7 +76,8 @@ def check_transformers(version: str | None = None) -> None:
     private Trainer methods (`_remove_unused_columns`, `_get_collator_with_removed_columns`,
     `_get_train_sampler`, `get_batch_samples`'s return) and sets `loss_is_scaled_for_ga`, so another release
     could misalign the teacher rows or divide the loss twice by the accumulation steps."""
-    found = transformers_outside_range(version)
+    import transformers
+    found = transformers_outside_range(version or transformers.__version__)  # the module this process imported
     if found:
         raise TrainError(f"selfaug.hf supports transformers {','.join(TRANSFORMERS)} (it overrides private Trainer "
                          f"methods checked against those releases); found {found}: pip install "
