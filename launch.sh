@@ -143,13 +143,14 @@ stop_ranks() {
   else
     echo "+ launch.sh: stop requested: SIGTERM to the ranks (finished shards are kept: run again to resume)" >&2
   fi
-  [ -z "${RUN_DIR:-}" ] || { mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"; }  # every node's ranks, at their next step
   # several nodes: the runner's children are pdsh's ssh links (the ranks are on the far side of them, this
-  # node's too); a signal would cut the links, so the STOP file alone carries the stop
+  # node's too); a signal would cut the links, so the STOP file alone carries the stop, to every node's ranks
   if { [ -n "${HOSTFILE:-}" ] || [ -f /job/hostfile ] || pgrep -x pdsh -P "$1" >/dev/null; } && [ -n "${RUN_DIR:-}" ]; then
-    STOPPING=1; return
+    mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"; STOPPING=1; return
   fi
+  # one node: the signal first (each rank holds its launcher off at its first signal), then the file
   for child in $(pgrep -P "$1"); do pkill "-$sig" -P "$child" || true; done
+  [ -z "${RUN_DIR:-}" ] || { mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"; }
 }
 
 await_exits() {  # await_exits DIR: after a stop on several nodes, wait (90 s at most: NFS's attribute cache) for
