@@ -19,7 +19,6 @@ objective), and the model's own head runs on one position only (`logits_to_keep=
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import json
@@ -36,7 +35,7 @@ from ..models import TRANSFORMERS, attention_width, decoder_and_head, transforme
 from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
-from ..train.objective import coefficients, micro_batch_loss
+from ..train.objective import coefficients, gathered_head, micro_batch_loss
 from ..train.sources import StoredSignal
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
 
@@ -252,11 +251,7 @@ class SelfAugMixin:
             seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
         def loss_at_the_end(module, args, output):
-            gathered = contextlib.nullcontext()
-            if zero3 and not trains:  # a frozen ZeRO-3 head: gathered for the loss alone (nothing of it in backward)
-                import deepspeed
-                gathered = deepspeed.zero.GatheredParameters(params)
-            with gathered:
+            with gathered_head(params if zero3 and not trains else None):  # a frozen ZeRO-3 head, for the loss alone
                 output["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
                                                                  teacher, s["tc"], co.c_nll, co.c_kl)
             return output

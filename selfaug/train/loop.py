@@ -324,8 +324,7 @@ def _train(run: Run) -> str:
         cfg.save(os.path.join(out, "config.yaml"))
     exits = os.path.join(out, ".exit")  # each rank's exit status where launch.sh finds it on any node
     os.makedirs(exits, exist_ok=True)
-    if exits not in preemption.EXIT_DIRS:
-        preemption.EXIT_DIRS.append(exits)
+    preemption.RUN_EXIT_DIR = exits  # this run's, not an earlier one's in the same process
     start = checkpoint.resume(run, run.identity)
     run.check_start = start == 0 and tc.check_teacher and isinstance(run.source, StoredSignal)
     metrics_path = os.path.join(out, "metrics.jsonl")

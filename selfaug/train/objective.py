@@ -91,11 +91,7 @@ class Objective(torch.nn.Module):
 
     def _frozen_head(self):
         """The frozen ZeRO-3 head gathered while the forward runs (a no-op otherwise)."""
-        params = self.__dict__.get("frozen_head")
-        if not params:
-            return contextlib.nullcontext()
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(params)
+        return gathered_head(self.__dict__.get("frozen_head"))
 
     def head(self):
         """(weight, bias) of the lm_head as the loss uses them (gathered while forward runs, under ZeRO-3)."""
@@ -118,6 +114,16 @@ class Objective(torch.nn.Module):
         with self._frozen_head():  # under ZeRO-3 with a frozen head: gathered for the teacher and the loss only
             teacher = self.source.signal(batch, self) if with_kl else None
             return micro_batch_loss(hidden, self.head(), batch, teacher, self.tc, c_nll, c_kl)
+
+
+def gathered_head(params: list | None):
+    """A frozen ZeRO-3 head's parameters gathered for the teacher and the loss alone (the loss saves no weight, so
+    backward needs none of it); a no-op without them (no ZeRO-3, or a head that trains: DeepSpeed gathers that one
+    as an external parameter)."""
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def micro_batch_loss(hidden: torch.Tensor, head: tuple, batch: dict, teacher, tc, c_nll: float, c_kl: float):

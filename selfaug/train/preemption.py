@@ -66,10 +66,10 @@ class StopFlag:
         """The time from which a STOP file counts: launch.sh's <output_dir>/.launched mark, which it touches on
         removing any old STOP before it starts the ranks (both times are the shared file system's, so a stop sent
         while the ranks start up, or by a node whose clock is off, counts); without it, this process's start."""
-        try:
-            return os.stat(os.path.join(os.path.dirname(self.stop_file), LAUNCHED)).st_mtime
-        except (TypeError, FileNotFoundError):
-            return time.time()
+        if self.stop_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return os.stat(os.path.join(os.path.dirname(self.stop_file), LAUNCHED)).st_mtime
+        return time.time()
 
     def file_seen(self) -> bool:
         """Whether the stop file was touched since this launch started (`_since`; read at each step boundary: one
@@ -92,8 +92,6 @@ class StopFlag:
         dist.barrier()
         if dist.rank_world()[0] == 0 and self.file_seen():
             os.remove(self.stop_file)
-            with contextlib.suppress(FileNotFoundError):  # the next launch marks its own start
-                os.remove(os.path.join(os.path.dirname(self.stop_file), LAUNCHED))
         raise Preempted(step, path, seconds)
 
     def _handle(self, signum, frame) -> None:
@@ -212,7 +210,7 @@ def _has_ended(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # the state follows the command name "(...)"
 
 
-EXIT_DIRS: list[str] = []  # the run's own `<output_dir>/.exit` (shared by every node), added by the train stage
+RUN_EXIT_DIR: str | None = None  # the current run's `<output_dir>/.exit` (shared by every node), set by the train stage
 
 
 def record_exit(code: int) -> None:
@@ -221,7 +219,7 @@ def record_exit(code: int) -> None:
     not pass the variable on). The launchers end with their own status (1 when they were signalled), so
     launch.sh reads the ranks'."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    for where in [os.environ.get("SELFAUG_EXIT_DIR")] + EXIT_DIRS:
+    for where in (os.environ.get("SELFAUG_EXIT_DIR"), RUN_EXIT_DIR):
         if where and os.path.isdir(where):
             with open(os.path.join(where, f"rank-{rank}-of-{world}"), "w") as f:
                 f.write(f"{code}\n")
