@@ -211,8 +211,9 @@ class EvalConfig:
     batch_size: int = opt(8, "generation batch size", ge=1)
     drift_k: int = opt(1024, "the base's top-k log-probs stored at every position of the drift texts (the bucket KL: "
                               "exact at k = vocabulary size, never above the exact KL below it)", ge=1)
-    device_map: Optional[str] = opt(None, "auto: each evaluated model spread over every visible GPU (accelerate's "
-                                         "device_map; one model in memory at a time); null: one device")
+    device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = opt(
+        None, "auto: each evaluated model spread over every visible GPU (accelerate's device_map, which also takes "
+              "balanced, balanced_low_0, sequential; one model in memory at a time); null: one device")
 
 
 @dataclass

@@ -92,3 +92,11 @@ def test_a_transformers_outside_the_tested_range_is_one_line_before_any_model_lo
     assert main(["train", "--config", os.path.join(ROOT, "recipes", "tiny.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "selfaug runs with transformers >=5.25,<6; found 4.56.0: pip install" in err[0], err
+
+
+def test_eval_device_map_takes_accelerates_names_and_a_typo_is_one_line():
+    from selfaug.config import ConfigError, load_config
+    recipe = os.path.join(ROOT, "recipes", "tiny.yaml")
+    assert load_config(recipe, ["eval.device_map=balanced"]).eval.device_map == "balanced"
+    with pytest.raises(ConfigError, match="eval.device_map='atuo' is not one of"):
+        load_config(recipe, ["eval.device_map=atuo"])
