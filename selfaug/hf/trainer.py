@@ -35,7 +35,7 @@ from ..models import TRANSFORMERS, attention_width, decoder_and_head, transforme
 from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
-from ..train.objective import coefficients, gathered_head, micro_batch_loss
+from ..train.objective import coefficients, for_engine_backward, gathered_head, micro_batch_loss
 from ..train.sources import StoredSignal
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
 
@@ -228,6 +228,7 @@ class SelfAugMixin:
                 self._selfaug_check_teacher(kl, int(inputs["rows_b"].numel()))
             part = torch.stack([nll.double() / max(co.n_nll, 1), kl.double() / max(co.n_kl, 1)])
             s["step_sums"] = part if s["step_sums"] is None else s["step_sums"] + part
+            loss = for_engine_backward(loss)  # the Trainer passes it to engine.backward(scale_wrt_gas=False)
         return (loss, output) if return_outputs else loss
 
     def _selfaug_forward(self, model, batch, co):

@@ -4,8 +4,8 @@ with loss = NLL(response) + alpha(step) * KL(prompt), the teacher from the sourc
 setup -> train -> save_final, top to bottom; the run's state is one `Run`. Normalization: both terms
 are sums divided once by the token counts of the whole optimizer step (all micro-batches, all
 ranks). DeepSpeed averages gradients over data-parallel ranks, so each micro-batch's loss is
-multiplied by the world size, and `backward(scale_wrt_gas=False)` stops it dividing by the
-accumulation steps.
+multiplied by the world size, and `backward(scale_wrt_gas=False)` on a new tensor
+(`objective.for_engine_backward`) stops it dividing by the accumulation steps, on every ZeRO stage.
 
 Under ZeRO-3 the model is created partitioned (no rank holds it whole); the chunked loss applies the
 lm_head itself, so the head is registered as an external parameter of the objective: gathered for
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import dist, store
+from .. import dist, locks, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
 from ..models import attention_width, load_all, partition_line, resolve_dtype, vocab_size
@@ -35,7 +35,7 @@ from .final import save_final, zero_stage
 from .batches import Layout, StepSampler, layout_for, step_counts, to_device
 from .prefetch import Prefetcher
 from .alpha import DriftBudget, Schedule, alpha_control
-from .objective import Coefficients, Objective, coefficients, lora_config, lr_factor
+from .objective import Coefficients, Objective, coefficients, for_engine_backward, lora_config, lr_factor
 from .sources import DataExamples, LiveModel, PlainData, StoredSignal, TeacherSource
 
 
@@ -101,6 +101,7 @@ class Run:
     check_start: bool = False  # a fresh run with a stored teacher: its first micro-batch's KL must be ~0
     steps: int = 0  # the run's optimizer steps (train.max_steps, or train.num_epochs over the examples)
     stop_after: int | None = None  # setup(stop_after=N): checkpoint and return after step N
+    lock: Any = None  # locks.DirLock of train.output_dir (rank 0): one job per directory
 
 
 def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
@@ -152,12 +153,19 @@ def setup(cfg: Config, objective_cls=None, stop_after: int | None = None) -> Run
     # the stop signals are caught from here on: one during start-up stops the run after its first step,
     # and none can kill a rank while it holds a lock (e.g. torch's build lock of DeepSpeed's compiled ops)
     stop = preemption.StopFlag(cfg.train.exit_signals, os.path.join(cfg.train.output_dir, "STOP"))
+    lock = None
     try:
+        dist.init(cfg.train.ddp_timeout)
+        # one job per directory: a second run on this output_dir is refused here, before it touches anything
+        lock = locks.hold(cfg.train.output_dir, "train")
+        dist.decide(lambda: checkpoint.check_fresh(cfg))  # resume=never over a run only with train.overwrite
         run = _setup(cfg, objective_cls, stop)
-        run.stop_after = stop_after
+        run.stop_after, run.lock = stop_after, lock
         return run
     except BaseException:
         stop.restore()
+        if lock is not None:
+            lock.release()
         raise
 
 
@@ -282,7 +290,7 @@ def train_step(run: Run, step: int, co: Coefficients, data: Prefetcher | None = 
             run.check_start = False
             run.source.check_start(*dist.all_reduce_sum([weight * float(kl), weight * batch["rows_b"].numel()]),
                                    "train.check_teacher=false")
-        engine.backward(loss, scale_wrt_gas=False)
+        engine.backward(for_engine_backward(loss), scale_wrt_gas=False)  # divided once, by the step's counts
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         totals += weight * torch.stack([nll.double(), kl.double()])  # on the device: no sync per micro-step
         tokens, processed = tokens + weight * batch["tokens"], processed + batch["padded_tokens"]  # host ints
@@ -313,6 +321,8 @@ def train(cfg: Config, stop_after: int | None = None) -> str:
             run.wandb.finish(exit_code=0 if run.stop.requested or sys.exc_info()[0] is None else 1)
         if not run.stop.requested:  # a stopped run ignores further signals until it exits
             run.stop.restore()
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _train(run: Run) -> str:

@@ -116,6 +116,18 @@ class Objective(torch.nn.Module):
             return micro_batch_loss(hidden, self.head(), batch, teacher, self.tc, c_nll, c_kl)
 
 
+def for_engine_backward(loss: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's loss as DeepSpeed's `engine.backward(loss, scale_wrt_gas=False)` must get it: a new tensor.
+
+    The loss is already divided by the whole step's counts, so DeepSpeed must not divide by the accumulation
+    steps. It divides in two places: backward's `scale_wrt_gas`, and a hook that `engine.forward` puts on its
+    outputs, which skips its division only when backward's own loss tensor (hooked later) was reached first.
+    ZeRO-2/3's loss scaling returns a new tensor, so it is; ZeRO-0 and ZeRO-1 in bf16 pass the forward's output
+    through unchanged, so the output's hook fired first and divided: a gradient 1/accum of the right one
+    (tests/train/test_accumulation.py). A clone is one scalar node in front of the output on every stage."""
+    return loss.clone()
+
+
 def gathered_head(params: list | None):
     """A frozen ZeRO-3 head's parameters gathered for the teacher and the loss alone (the loss saves no weight, so
     backward needs none of it); a no-op without them (no ZeRO-3, or a head that trains: DeepSpeed gathers that one
