@@ -75,7 +75,7 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
   if [ -n "$n" ]; then args+=(--num_gpus "$n"); fi
   args+=(--module selfaug "$stage" --config "$@")
-  echo "+ $PY -m deepspeed.launcher.runner ${args[*]}" >&2
+  echo "+ $PY -m selfaug.launcher ${args[*]}" >&2
   # train stops cleanly on SIGUSR1 (train.exit_signals) or its STOP file; precompute ends on SIGTERM and resumes by
   # shard
   RUN_DIR=
@@ -85,7 +85,8 @@ distributed() {  # distributed STAGE RECIPE [overrides]
   else
     STOP_SIGNAL=TERM
   fi
-  forwarding "$PY" -m deepspeed.launcher.runner "${args[@]}"
+  # the deepspeed runner, with every argument quoted for the remote shell of pdsh (HOSTFILE): selfaug/launcher.py
+  forwarding "$PY" -m selfaug.launcher "${args[@]}"
 }
 
 # Preemption: SLURM / Kubernetes send SIGTERM (or SIGUSR1 with --signal) before they kill, to this
@@ -104,7 +105,15 @@ distributed() {  # distributed STAGE RECIPE [overrides]
 #   script returns 75 when every rank did.
 # Run it again (train.resume=auto) to continue.
 forwarding() {
-  local status pid rc
+  local status pid rc busy
+  # one job per directory: the STOP, .exit records and .launched of a run another job holds are that job's
+  if [ -n "${RUN_DIR:-}" ]; then
+    busy=$("$PY" -c 'import sys; from selfaug.locks import holder; print(holder(sys.argv[1]) or "")' "$RUN_DIR")
+    if [ -n "$busy" ]; then
+      echo "launch.sh: error: $RUN_DIR is in use by another job ($busy); wait for it to end, or stop it, then run this one again (nothing was changed)" >&2
+      return 2
+    fi
+  fi
   status=$(mktemp -d "${TMPDIR:-/tmp}/selfaug-exit.XXXXXX")
   # afresh: the ranks record there; no stale stop; .launched marks this launch's start on the shared file system's
   # clock (a STOP touched after it counts, even while the ranks are still starting up)

@@ -47,10 +47,11 @@ def user_errors() -> tuple:
     from .config import ConfigError
     from .data import DataError
     from .dist import DistError
+    from .locks import DirectoryBusy
     from .models import ModelError
     from .store import StoreError
     from .train.loop import TrainError
-    return CheckpointError, ConfigError, DataError, DistError, ModelError, StoreError, TrainError
+    return CheckpointError, ConfigError, DataError, DirectoryBusy, DistError, ModelError, StoreError, TrainError
 
 
 def _recipes(args) -> int:

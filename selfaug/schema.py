@@ -162,6 +162,9 @@ class TrainConfig:
     resume: str = opt("auto", "auto (latest checkpoint if any) | never | a checkpoint directory; the world size may "
                               "differ if micro_batch_size x gradient_accumulation_steps x world size (the global "
                               "batch) is kept")
+    overwrite: bool = opt(False, "with resume=never: start a new run in an output_dir that holds one (its "
+                                 "checkpoints/latest is removed at once; metrics, checkpoints and final/ are replaced as "
+                                 "the new run writes them); without it such a run is refused")
     exit_signals: list[str] = opt(["SIGTERM", "SIGUSR1"], "signals that stop the run at the next optimizer step with a "
                                                          "checkpoint and exit status 75 (preemption); []: none")
     ddp_timeout: int = opt(3600, "seconds a collective waits for the other ranks before the run fails (NCCL and gloo; "

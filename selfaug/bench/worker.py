@@ -67,7 +67,9 @@ def step(variant: str, cfg_path: str, steps: int, overrides: list[str]) -> dict:
     alpha = load_config(cfg_path, [o for o in overrides if not o.startswith("train.teacher_mode=")]).train.alpha or 0.5
     extra = {"vanilla_lora": ["train.alpha=0"], "offline": ["train.teacher_mode=offline", f"train.alpha={alpha}"],
              "online": ["train.teacher_mode=online", f"train.alpha={alpha}"], "alpha0": ["train.alpha=0"]}[variant]
-    cfg = load_config(cfg_path, list(overrides) + extra + ["train.resume=never"])
+    # a run directory of its own: the recipe's may hold a run (train.resume=never over it is refused)
+    scratch = f"train.output_dir={tempfile.mkdtemp(prefix='selfaug-bench-step-')}"
+    cfg = load_config(cfg_path, list(overrides) + extra + ["train.resume=never", scratch])
 
     class HFLoss(tr.Objective):
         """Vanilla LoRA as commonly run: full logits at every position, mean cross-entropy."""
@@ -341,7 +343,8 @@ def budget(cfg_path: str, overrides: list[str]) -> dict:
     (largest, median) and the bytes saved for backward by the largest micro-batches of each."""
     from .. import train as tr
     from ..train.batches import StepSampler, to_device
-    cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never"])
+    cfg = load_config(cfg_path, list(overrides) + ["train.teacher_mode=none", "train.alpha=0", "train.resume=never",
+                                                   f"train.output_dir={tempfile.mkdtemp(prefix='selfaug-bench-budget-')}"])
     run = tr.setup(cfg)
     tc, tokens = cfg.train, run.lengths.tokens
     steps = -(-len(tokens) // (tc.micro_batch_size * tc.gradient_accumulation_steps))  # one epoch

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from .. import dist
+from .. import dist, locks
 from . import ifeval
 from ..config import Config, ConfigError, config_digest, load_config
 from ..data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
@@ -217,6 +217,15 @@ def _release() -> None:
 
 
 def run(cfg: Config) -> dict:
+    """The evaluation, holding eval.output_dir (one job per directory: a second evaluation there is refused)."""
+    lock = locks.DirLock(cfg.eval.output_dir, "eval").acquire()
+    try:
+        return _evaluate(cfg)
+    finally:
+        lock.release()
+
+
+def _evaluate(cfg: Config) -> dict:
     dist.ensure_env()
     device = dist.device()
     ec = cfg.eval

@@ -30,7 +30,7 @@ import time
 
 import yaml
 
-from .. import store
+from .. import locks, store
 from ..config import Config, ConfigError, build_config, config_digest
 from . import stats
 
@@ -138,6 +138,15 @@ def _trained(cfg: Config) -> bool:
 
 
 def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
+    """The study, holding study.output_dir (one job per directory: a second study there is refused)."""
+    lock = locks.DirLock(cfg.study.output_dir, "study").acquire()
+    try:
+        return _study(cfg, recipe_path, overrides)
+    finally:
+        lock.release()
+
+
+def _study(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     with open(recipe_path) as f:
         raw = yaml.safe_load(f) or {}
     raw = build_config(raw, overrides).to_dict()  # the recipe with the command line's keys

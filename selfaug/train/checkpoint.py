@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -60,16 +61,28 @@ def run_identity(cfg, store_settings: dict | None) -> dict:
 # ---- RNG ------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """This process's RNG states as tensors and plain values (read back with weights_only=True), CUDA's for each
+    visible device by index."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached], "cuda": cuda}
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(state: dict, cuda_devices: int) -> None:
+    """The states of `rng_state`, CUDA's for the `cuda_devices` devices this process sees; one line for those saved
+    for devices it does not see (a resume on a machine, or with CUDA_VISIBLE_DEVICES, showing fewer GPUs)."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    for i, cuda in enumerate(state["cuda"][:cuda_devices]):
+        torch.cuda.set_rng_state(cuda, i)
+    if len(state["cuda"]) > cuda_devices:
+        print(f"selfaug: the checkpoint holds the CUDA RNG states of {len(state['cuda'])} devices and this process "
+              f"sees {cuda_devices}: those of devices {cuda_devices}-{len(state['cuda']) - 1} are not restored", flush=True)
 
 
 # ---- save and resume ------------------------------------------------------------------------------
@@ -148,11 +161,33 @@ def find(cfg) -> str | None:
         return None
     if t.resume != "auto":
         return t.resume
-    latest = os.path.join(t.output_dir, "checkpoints", "latest")
-    if not os.path.exists(latest):
+    root = os.path.join(t.output_dir, "checkpoints")
+    if not os.path.exists(os.path.join(root, "latest")):
         return None
-    with open(latest) as f:
-        return os.path.join(t.output_dir, "checkpoints", f.read().strip())
+    with open(os.path.join(root, "latest")) as f:
+        tag = f.read().strip()
+    path = os.path.join(root, tag)  # a tag names a checkpoint inside checkpoints/, never a path elsewhere
+    if "/" in tag or tag in ("", ".", "..") or os.path.islink(path) or not os.path.isdir(path):
+        raise CheckpointError(f"{root}/latest names {tag[:100]!r}, which is not a checkpoint directory inside {root}: "
+                              "write the name of one there (step-N) into it, or pass train.resume=DIR")
+    return path
+
+
+def check_fresh(cfg) -> None:
+    """Rank 0: train.resume=never over a directory that holds a run (a checkpoint, final/) is refused unless
+    train.overwrite names the intent; with it, `latest` goes, so that a crash before the new run's first
+    checkpoint cannot resume the old run."""
+    t = cfg.train
+    root = os.path.join(t.output_dir, "checkpoints")
+    found = [p for p in (os.path.join(root, "latest"), os.path.join(t.output_dir, "final")) if os.path.exists(p)]
+    if t.resume != "never" or not (found or os.path.isdir(root) and os.listdir(root)):
+        return
+    if not t.overwrite:
+        raise CheckpointError(f"{t.output_dir} holds a run ({', '.join(found) or root}) and train.resume=never "
+                              "would start another over it: pass train.overwrite=true as well to replace it, "
+                              "train.resume=auto to continue it, or choose another train.output_dir")
+    if os.path.exists(os.path.join(root, "latest")):
+        os.remove(os.path.join(root, "latest"))
 
 
 def read_meta(path: str, cfg, world: int, identity: dict) -> dict:
@@ -161,14 +196,14 @@ def read_meta(path: str, cfg, world: int, identity: dict) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a selfaug checkpoint (no {META}, or it was not finished); pass "
-                              "train.resume=never to start afresh, or train.resume=DIR with a finished one")
+                              "train.resume=never train.overwrite=true to start afresh, or train.resume=DIR with a finished one")
     with open(meta_path) as f:
         meta = json.load(f)
     diff = [f"{k} (checkpoint: {meta['identity'].get(k)!r}, recipe: {v!r})" for k, v in identity.items()
             if meta["identity"].get(k) != v]
     if diff:
         raise CheckpointError(f"checkpoint {path} was written by another recipe: " + "; ".join(diff)
-                              + ". Resume with that recipe, or pass train.resume=never (or another output_dir)")
+                              + ". Resume with that recipe, or pass train.resume=never train.overwrite=true (or another output_dir)")
     t = cfg.train
     want, have = meta["global_batch"], t.micro_batch_size * t.gradient_accumulation_steps * world
     if want != have:
@@ -223,6 +258,8 @@ class _Shard:
         from deepspeed.checkpoint import (BASE_OPTIMIZER_STATE, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT,
                                           PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
         from deepspeed.checkpoint.ds_to_universal import _zero_partitioned_param_info
+        # DeepSpeed's own file: it pickles its objects (fragment addresses, the loss scaler), and its
+        # engine.load_checkpoint unpickles the same files (weights_only=False) at every resume anyway
         self.sd = sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
         if FP32_FLAT_GROUPS in sd:  # ZeRO-3: each parameter padded to a multiple of the world, rank r's slice
             flats, self.inner = sd[FP32_FLAT_GROUPS], sd[OPTIMIZER_STATE_DICT]
@@ -264,7 +301,7 @@ def _write_universal(path: str, out: str, rank: int, world: int) -> None:
     from deepspeed.checkpoint.ds_to_universal import _build_zero3_rank_grid, _get_model_state_files, _get_optim_files
     grid, _, old_world = _build_zero3_rank_grid(_get_optim_files(path))  # [tensor-parallel rank][data-parallel rank]
     model_files = _get_model_state_files(path)
-    shapes = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)[PARAM_SHAPES]
+    shapes = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)[PARAM_SHAPES]  # as _Shard
     shards = [_Shard(f, r, old_world, shapes) for r, f in enumerate(grid[0])]
     load, mine = [0] * world, []
     for name, shape in sorted(((n, s) for group in shapes for n, s in group.items()), key=lambda x: -math.prod(x[1])):
@@ -323,7 +360,7 @@ def _partition(folder: str, key: str, rank: int, world: int) -> torch.Tensor:
     """This rank's ZeRO-3 partition of one parameter's universal file `key`.pt, padded as ZeRO-3 pads it;
     the file is memory-mapped, so only the partition is read."""
     from deepspeed.checkpoint import PARAM
-    value = torch.load(os.path.join(folder, f"{key}.pt"), map_location="cpu", mmap=True, weights_only=False)
+    value = torch.load(os.path.join(folder, f"{key}.pt"), map_location="cpu", mmap=True, weights_only=True)
     flat = (value[PARAM] if isinstance(value, dict) else value).view(-1)
     part = math.ceil(flat.numel() / world)
     piece = flat[rank * part:(rank + 1) * part]
@@ -341,7 +378,7 @@ def _load_zero3_universal(self, checkpoint_dir: str) -> None:
     reading its partitions only (no NVMe swapping, no tensor or expert parallelism: selfaug has neither)."""
     from deepspeed.checkpoint import OPTIMIZER_STATE_DICT
     zero_dir = os.path.join(checkpoint_dir, "zero")
-    optim_sd = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), weights_only=False)
+    optim_sd = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), weights_only=False)  # DeepSpeed's, as _Shard
     self._load_global_state_stage3(optim_sd)
     inner = optim_sd[OPTIMIZER_STATE_DICT]
     scalars, param_groups = inner["state"].get(0, {}), inner["param_groups"]  # the step (Adam's), lr and the rest
@@ -393,10 +430,16 @@ def resume(run, identity: dict) -> int:
         if meta["world_size"] != run.world:
             how = f" (written on {meta['world_size']} ranks, now {run.world})"
     if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}; pass train.resume=never")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}; pass train.resume=never "
+                              "train.overwrite=true")
     rng = os.path.join(path, f"rng_rank{run.rank % meta['world_size']}.pt")
-    if os.path.exists(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
+    try:  # tensors and plain values: nothing of the run's own files is unpickled
+        state = torch.load(rng, weights_only=True) if os.path.exists(rng) else None
+    except pickle.UnpicklingError:
+        state = print(f"selfaug: {rng} holds more than tensors and plain values (an older selfaug's): not read, the "
+                      "RNG state is not restored", flush=True)
+    if state is not None:
+        set_rng_state(state, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if run.rank == 0:
         print(f"resumed from {path} at step {meta['step']}{how}", flush=True)
     return int(meta["step"])
