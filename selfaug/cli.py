@@ -14,10 +14,17 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _inspect(path: str) -> int:
+def _inspect(path: str, repair: bool = False) -> int:
     import json
     from . import store
-    if os.path.exists(os.path.join(path, store.MANIFEST)):
+    if repair:  # the manifest rebuilt from the shards that verify
+        manifest, problems = store.rebuild_manifest(path)
+        print(f"{path}: {store.MANIFEST} rebuilt from the shards that verify ({manifest['status']})")
+        for p in problems:
+            print(f"  FAIL {p}")
+        if manifest["status"] != "complete":
+            return 1
+    if os.path.exists(os.path.join(path, store.MANIFEST)) or os.path.isdir(os.path.join(path, "shards")):
         manifest, problems = store.verify_store(path, values=True)
         if manifest.get("status") == "complete":
             print(store.format_summary(path, manifest))
@@ -93,7 +100,7 @@ def _check_transformers() -> None:
 
 def _run(args) -> int:
     if args.command == "inspect":
-        return _inspect(args.path)
+        return _inspect(args.path, args.repair)
     if args.command == "recipes":
         return _recipes(args)
     if args.command == "config" and args.reference:
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")
     p.add_argument("path")
+    p.add_argument("--repair", action="store_true", help="a store: rebuild its manifest from the shards that verify "
+                                                         "(nothing is deleted or computed)")
     p = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit")
     p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
     p.add_argument("name", nargs="?", help="copy: the recipe (e.g. tiny.yaml, scale/llama3-8b/recipe.yaml)")

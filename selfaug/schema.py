@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .durable import write_atomic
+
 REQUIRED = "<required>"
 
 
@@ -247,6 +249,6 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
+        """The resolved recipe at `path`, whole or not at all (temporary name, fsync, rename)."""
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))

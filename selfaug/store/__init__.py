@@ -10,15 +10,15 @@ package, one job a module.
   reader.py   TeacherStore (stage 2 reads examples and signals)
 """
 from .checks import check_shard, verify_shard, verify_shared, verify_store
-from .files import StoreLock, read_manifest, read_shard, write_json_atomic, write_shard
+from .files import StoreLock, TornManifest, read_manifest, read_shard, write_json_atomic, write_shard
 from .format import MANIFEST, VERSION, Lengths, PositionRule, ShardRows, StoreError, flatten, id_dtype_for, schema
 from .settings import MATCHED, check_store, settings_diff, store_settings
 from .reader import TeacherStore
 from .signals import Sampled, TopK, sample_uniforms, signal_for, signal_of
-from .writer import StoreWriter, format_summary
+from .writer import StoreWriter, format_summary, rebuild_manifest
 
 __all__ = ["MANIFEST", "MATCHED", "VERSION", "Lengths", "PositionRule", "Sampled", "ShardRows", "StoreError",
-           "StoreLock", "StoreWriter", "TeacherStore", "TopK", "check_shard", "check_store", "flatten",
-           "format_summary", "id_dtype_for", "read_manifest", "read_shard", "sample_uniforms", "schema",
+           "StoreLock", "StoreWriter", "TeacherStore", "TornManifest", "TopK", "check_shard", "check_store", "flatten",
+           "format_summary", "id_dtype_for", "read_manifest", "read_shard", "rebuild_manifest", "sample_uniforms", "schema",
            "settings_diff", "signal_for", "signal_of", "store_settings", "verify_shard", "verify_shared",
            "verify_store", "write_json_atomic", "write_shard"]

@@ -72,8 +72,8 @@ def _where(sh: dict, rows: np.ndarray, name: str, what: str) -> str:
     r = int(rows[0])
     example = int(np.searchsorted(sh["pos_off"], r, side="right") - 1)
     more = f" (and {len(rows) - 1} more positions)" if len(rows) > 1 else ""
-    return (f"{name}: example {sh['example_id'][example]}, position {sh['positions'][r]}: {what}{more}; the store "
-            "is corrupt: recompute it (teacher.overwrite=true)")
+    return (f"{name}: example {sh['example_id'][example]}, position {sh['positions'][r]}: {what}{more}; the shard "
+            f"is corrupt: remove {name} and run the same `selfaug precompute` again (it computes that shard alone)")
 
 
 INCOMPLETE = "the store is incomplete: run `selfaug precompute` again to finish it"

@@ -1,6 +1,7 @@
 """The store's files (docs/design.md, "The teacher store"): shards and JSON written whole or not at
-all (a temporary name unique to the writer, fsync, rename), the manifest read and checked for its
-format and version, shards memory-mapped, and the lock of the one precompute writing a store.
+all (`durable`: a temporary name unique to the writer, fsync, rename, the directory fsynced), the manifest
+read and checked for its format and version, shards memory-mapped, and the lock of the one precompute
+writing a store.
 """
 from __future__ import annotations
 
@@ -13,18 +14,14 @@ import time
 
 import pyarrow as pa
 
+from ..durable import fsync_dir, tmp_name, write_atomic
 from ..hashing import sha256_file
 from .format import FORMAT, MANIFEST, VERSION, StoreError
 
 
-def _tmp(path: str) -> str:
-    """A temporary name unique to this writer (host, pid): two writers never share one."""
-    return f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
-
-
 def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
     """Write under a temporary name, fsync, rename: a shard file is either whole or absent."""
-    tmp = _tmp(path)
+    tmp = tmp_name(path)
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     try:
         with pa.OSFile(tmp, "wb") as sink:
@@ -33,6 +30,7 @@ def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
             raise StoreError(f"could not write shard {path} ({e.strerror or e}); nothing claims it is written: "
@@ -49,30 +47,36 @@ def write_shard(path: str, table: pa.Table, compression: str = "none") -> dict:
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = _tmp(path)
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(obj, indent=2))
     except OSError as e:
         raise StoreError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged: "
                          "fix the cause and run the command again") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+class TornManifest(StoreError):
+    """The manifest is missing beside shards, empty or torn: it can be rebuilt from the shards that verify."""
+
+
+def rebuild_hint(store_dir: str) -> str:
+    return (f"run the same `selfaug precompute` again, or `selfaug inspect --repair {store_dir}`: the manifest is "
+            "rebuilt from the shards that verify (none is computed again)")
 
 
 def read_manifest(store_dir: str) -> dict:
     path = os.path.join(store_dir, MANIFEST)
     if not os.path.exists(path):
+        if os.path.isdir(os.path.join(store_dir, "shards")):
+            raise TornManifest(f"{store_dir} has shards but no {MANIFEST}: {rebuild_hint(store_dir)}")
         raise StoreError(f"{store_dir} is not a teacher store (no {MANIFEST}); run `selfaug precompute` first")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path} is not valid JSON ({e}); rebuild the store with teacher.overwrite=true") from None
+        raise TornManifest(f"{path} is not valid JSON ({e}): {rebuild_hint(store_dir)}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a {FORMAT} manifest; rebuild the store with teacher.overwrite=true")
+        raise StoreError(f"{path}: not a {FORMAT} manifest; point teacher.output_dir at a teacher store or an empty "
+                         "directory")
     if manifest.get("version") != VERSION:
         raise StoreError(f"{path}: store format version {manifest.get('version')} is not {VERSION}; recompute it")
     return manifest

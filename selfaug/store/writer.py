@@ -4,6 +4,7 @@ printed summary. Stage 1 computes rows and hands them here; the writer takes the
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ import yaml
 from .. import dist
 from ..config import config_digest
 from ..data import COUNTED
-from .checks import verify_shard, verify_shared
-from .files import StoreLock, read_manifest, write_json_atomic, write_shard
+from .checks import check_shard, verify_shard, verify_shared
+from ..durable import write_atomic
+from .files import StoreLock, TornManifest, read_manifest, read_shard, write_json_atomic, write_shard
 from .format import FORMAT, MANIFEST, VERSION, ShardRows, StoreError, shard_name, sidecar_name
 from .settings import settings_diff
 from .signals import signal_of
@@ -69,7 +71,7 @@ class StoreWriter:
             return read_manifest(self.dir) if os.path.exists(os.path.join(self.dir, MANIFEST)) else None
         try:
             manifest = dist.decide(existing)
-        except StoreError:
+        except StoreError:  # torn: rebuilt from the shards by _prepare and close
             return False
         if manifest is None:
             return False
@@ -81,37 +83,48 @@ class StoreWriter:
         """Rank 0: take the lock; refuse a directory holding a store made from other settings, unless asked to
         overwrite; then the directory, config.yaml and an incomplete manifest."""
         self.lock.acquire()
+        remove_stale_tmp(self.dir)
         path = os.path.join(self.dir, MANIFEST)
-        if os.path.exists(path):
+        shards = os.path.join(self.dir, "shards")
+        if os.path.exists(path) or os.path.isdir(shards):
             try:
                 diff = settings_diff(self.settings, read_manifest(self.dir)["settings"])
-            except StoreError:
-                if not self.overwrite:
-                    raise
-                diff = ["an unreadable manifest"]
+            except TornManifest as e:  # the shards say what they were made from: those that verify are kept
+                diff = self._sidecars_diff()
+                if not diff:
+                    print(f"{self.dir}: {MANIFEST} is missing or torn ({e}); it is rebuilt from the shards that "
+                          "verify", flush=True)
             if diff and not self.overwrite:
                 raise StoreError(f"{self.dir} holds a teacher store made from other settings: " + "; ".join(diff)
                                  + ". Choose another teacher.output_dir or pass teacher.overwrite=true.")
-            if diff:
-                shutil.rmtree(os.path.join(self.dir, "shards"), ignore_errors=True)
-                os.remove(path)
+            if diff:  # other settings: no shard can be kept
+                shutil.rmtree(shards, ignore_errors=True)
+                if os.path.exists(path):
+                    os.remove(path)
         elif os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"} and not self.overwrite:
             raise StoreError(f"{self.dir} exists and is not a teacher store; choose an empty teacher.output_dir "
                              "or pass teacher.overwrite=true")
-        os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
-        with open(os.path.join(self.dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(self.config, f, sort_keys=False)
+        os.makedirs(shards, exist_ok=True)
+        write_atomic(os.path.join(self.dir, "config.yaml"), yaml.safe_dump(self.config, sort_keys=False))
         write_json_atomic(path, {"format": FORMAT, "version": VERSION, "status": "incomplete",
                                  "settings": self.settings})
 
+    def _sidecars_diff(self) -> list[str]:
+        """Without a readable manifest: what differs between the recipe's settings and those the shards were
+        computed from, by their sidecars (a sidecar that cannot be read claims nothing)."""
+        for side in sorted(glob.glob(os.path.join(self.dir, "shards", "shard-*.json"))):
+            entry = _load_json(side)
+            if entry is None or entry.get("settings_digest") == self.digest:
+                continue
+            found = entry.get("settings")
+            return (settings_diff(self.settings, found) if isinstance(found, dict) else []) or [
+                f"{os.path.basename(side)} was computed from other settings (digest {entry.get('settings_digest')}, "
+                f"recipe {self.digest})"]
+        return []
+
     def _sidecar_ok(self, j: int) -> bool:
-        side = os.path.join(self.dir, "shards", sidecar_name(j))
-        if not os.path.exists(side):
-            return False
-        try:
-            with open(side) as f:
-                entry = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        entry = _load_json(os.path.join(self.dir, "shards", sidecar_name(j)))
+        if entry is None:
             return False
         return entry.get("settings_digest") == self.digest and verify_shard(self.dir, entry) is None
 
@@ -126,7 +139,9 @@ class StoreWriter:
         entry = write_shard(os.path.join(self.dir, "shards", shard_name(j)), rows.table(self.signal),
                             self.settings["compression"])
         tokens = int(sum(len(x) for x in rows.input_ids))
-        entry.update(chunk=j, first_example_id=first_record, records=records, settings_digest=self.digest,
+        # the settings, the chunk count and how it was computed: what rebuilding the manifest from the shards needs
+        entry.update(chunk=j, chunks=self.n_chunks, settings=self.settings, computed_with=self.computed_with,
+                     first_example_id=first_record, records=records, settings_digest=self.digest,
                      positions=rows.position_count(), entries=self.signal.entries(rows.signal), tokens=tokens,
                      long=long_stats, **self.signal.sidecar(rows.signal))
         write_json_atomic(os.path.join(self.dir, "shards", sidecar_name(j)), entry)
@@ -144,7 +159,7 @@ class StoreWriter:
             if self.complete:
                 manifest = read_manifest(self.dir)
             else:
-                manifest = self._manifest()
+                manifest = build_manifest(self.dir, self.settings, self.n_chunks, self.computed_with, self.config)
                 write_json_atomic(os.path.join(self.dir, MANIFEST), manifest)
             summary = {**manifest["totals"],
                        "long_examples": {k: manifest["long_examples"][k] for k in ("policy", "skipped", "truncated")},
@@ -159,30 +174,103 @@ class StoreWriter:
         dist.barrier()
         return summary
 
-    def _manifest(self) -> dict:
-        shards = []
-        for j in range(self.n_chunks):
-            with open(os.path.join(self.dir, "shards", sidecar_name(j))) as f:
-                shards.append(json.load(f))
-        positions, nbytes = sum(s["positions"] for s in shards), sum(s["bytes"] for s in shards)
-        entries = sum(s["entries"] for s in shards)
-        totals = {
-            "examples": sum(s["rows"] for s in shards), "records": sum(s["records"] for s in shards),
-            "positions": positions, "tokens": sum(s["tokens"] for s in shards), "bytes": nbytes,
-            "bytes_per_position": nbytes / max(positions, 1),
-            "entries": entries, "entries_per_position": entries / max(positions, 1),
-            "bytes_per_entry": nbytes / max(entries, 1), "mean_tail_mass": None,
-            **self.signal.totals(shards, positions),
-        }
-        long_examples = {"policy": self.settings["long_policy"], "max_seq_len": self.settings["max_seq_len"]}
-        for key in COUNTED:  # a store made before has no "unanswered"
-            long_examples[key] = sum(s["long"].get(key, 0) for s in shards)
-            long_examples[f"{key}_ids"] = [i for s in shards for i in s["long"].get(f"{key}_ids", [])][:1000]
-        keep = ("file", "rows", "first_example_id", "records", "positions", "tokens", "bytes", "sha256")
-        return {"format": FORMAT, "version": VERSION, "status": "complete", "settings": self.settings,
-                "computed_with": self.computed_with, "totals": totals, "long_examples": long_examples,
-                "shards": [{k: s[k] for k in keep} for s in shards], "config": self.config,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def build_manifest(store_dir: str, settings: dict, n_chunks: int, computed_with: dict, config: dict) -> dict:
+    """The complete manifest, from the sidecars of chunks 0 .. n_chunks-1."""
+    shards = []
+    for j in range(n_chunks):
+        with open(os.path.join(store_dir, "shards", sidecar_name(j))) as f:
+            shards.append(json.load(f))
+    positions, nbytes = sum(s["positions"] for s in shards), sum(s["bytes"] for s in shards)
+    entries = sum(s["entries"] for s in shards)
+    totals = {
+        "examples": sum(s["rows"] for s in shards), "records": sum(s["records"] for s in shards),
+        "positions": positions, "tokens": sum(s["tokens"] for s in shards), "bytes": nbytes,
+        "bytes_per_position": nbytes / max(positions, 1),
+        "entries": entries, "entries_per_position": entries / max(positions, 1),
+        "bytes_per_entry": nbytes / max(entries, 1), "mean_tail_mass": None,
+        **signal_of(settings).totals(shards, positions),
+    }
+    long_examples = {"policy": settings["long_policy"], "max_seq_len": settings["max_seq_len"]}
+    for key in COUNTED:  # a store made before has no "unanswered"
+        long_examples[key] = sum(s["long"].get(key, 0) for s in shards)
+        long_examples[f"{key}_ids"] = [i for s in shards for i in s["long"].get(f"{key}_ids", [])][:1000]
+    keep = ("file", "rows", "first_example_id", "records", "positions", "tokens", "bytes", "sha256")
+    return {"format": FORMAT, "version": VERSION, "status": "complete", "settings": settings,
+            "computed_with": computed_with, "totals": totals, "long_examples": long_examples,
+            "shards": [{k: s[k] for k in keep} for s in shards], "config": config,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def rebuild_manifest(store_dir: str) -> tuple[dict, list[str]]:
+    """`selfaug inspect --repair`: the manifest rebuilt from the shards alone, without a model: each shard's
+    sidecar names its settings and the chunk count, and a shard is kept if it matches its sidecar's size and
+    sha256 and its schema and values the settings. Complete when every chunk verifies; otherwise an
+    incomplete manifest that the same precompute finishes (computing only the missing chunks). Nothing is
+    deleted. (manifest, problems: the shards that do not verify)."""
+    lock = StoreLock(store_dir)
+    lock.acquire()
+    try:
+        remove_stale_tmp(store_dir)
+        found = {}
+        for side in sorted(glob.glob(os.path.join(store_dir, "shards", "shard-*.json"))):
+            entry = _load_json(side)
+            if entry is not None and isinstance(entry.get("settings"), dict) and "chunks" in entry:
+                found.setdefault(entry["settings_digest"], []).append(entry)
+        if not found:
+            raise StoreError(f"{store_dir}: no shard sidecar names the settings it was computed from (none there, or "
+                             "written by an earlier selfaug): run the same `selfaug precompute` again; it keeps the "
+                             "shards that verify")
+        if len(found) > 1:
+            raise StoreError(f"{store_dir} holds shards of {len(found)} different settings; run the same "
+                             "`selfaug precompute` again (it keeps the shards of its own settings that verify)")
+        entries = next(iter(found.values()))
+        settings, n_chunks = entries[0]["settings"], entries[0]["chunks"]
+        problems, kept = [], set()
+        for entry in entries:
+            name = entry["file"]
+            bad = verify_shard(store_dir, entry) or check_shard(read_shard(os.path.join(store_dir, name)), settings,
+                                                                name)
+            problems += [bad] if isinstance(bad, str) else bad
+            if not bad:
+                kept.add(entry["chunk"])
+        config = _load_yaml(os.path.join(store_dir, "config.yaml"))
+        if kept >= set(range(n_chunks)):
+            manifest = build_manifest(store_dir, settings, n_chunks, entries[0].get("computed_with", {}), config)
+        else:
+            manifest = {"format": FORMAT, "version": VERSION, "status": "incomplete", "settings": settings}
+            problems.append(f"{n_chunks - len(kept & set(range(n_chunks)))} of {n_chunks} shards are missing or do "
+                            "not verify: run the same `selfaug precompute` again to compute them (the others are kept)")
+        write_json_atomic(os.path.join(store_dir, MANIFEST), manifest)
+        return manifest, problems
+    finally:
+        lock.release()
+
+
+def remove_stale_tmp(store_dir: str) -> None:
+    """The temporary files a stopped writer left (`*.<host>-<pid>.tmp`): removed by the one holding the store's
+    lock, so their writer is gone."""
+    for tmp in glob.glob(os.path.join(store_dir, "*.tmp")) + glob.glob(os.path.join(store_dir, "shards", "*.tmp")):
+        os.remove(tmp)
+
+
+def _load_json(path: str) -> dict | None:
+    """A sidecar's content, or None where it is missing or unreadable (it then claims nothing)."""
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
 
 
 def share_chunks(chunks: list[int], world: int) -> list[list[int]]:

@@ -34,6 +34,7 @@ import torch
 
 from .. import dist
 from ..config import config_digest
+from ..durable import fsync_tree, write_atomic
 from ..errors import SelfAugError
 
 META = "selfaug.json"
@@ -103,6 +104,7 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
                                exclude_frozen_parameters=True)
         in_deepspeed = False
         torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
+        fsync_tree(path)  # on disk before `latest` names it (each rank flushes what it wrote)
         if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed
             t = cfg.train
             meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,
@@ -111,9 +113,7 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
                     "zero_stage": engine.zero_optimization_stage(), "identity": identity,
                     "alpha_control": run.alpha.state_dict(),
                     "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
-            with open(os.path.join(path, META + ".tmp"), "w") as f:
-                json.dump(meta, f, indent=2, default=str)
-            os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))
+            write_atomic(os.path.join(path, META), json.dumps(meta, indent=2, default=str))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         failure = e
         if in_deepspeed:  # DeepSpeed's save ends in a barrier the ranks whose writes went through are waiting at:
@@ -126,9 +126,7 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
                               f"checkpoints/latest still names {latest or 'no checkpoint'}: free space (or raise the "
                               "file-size limit) and run the same command again to resume from it")
     if run.rank == 0:
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        write_atomic(os.path.join(root, "latest"), tag)  # fsynced with its directory: it survives a power loss
     seconds = time.time() - t0
     if run.rank == 0:
         print(f"checkpoint {path} written in {seconds:.1f} s", flush=True)

@@ -204,20 +204,82 @@ def test_non_utf8_data_names_the_line(tmp_path, capsys):
     _one_line(capsys, ["precompute", "--config", recipe], "d.jsonl:2: not UTF-8")
 
 
-# 6. an invalid manifest.json
+# 6. an empty, torn or missing manifest.json (a power loss while it was rewritten)
 
-def test_an_invalid_manifest_is_one_clear_error_and_overwrite_rebuilds(tmp_path, tiny_store, capsys):
+def _store_copy(tmp_path, tiny_store):
     store = str(tmp_path / "store")
     shutil.copytree(tiny_store.teacher.output_dir, store)
-    with open(os.path.join(store, "manifest.json"), "w") as f:
-        f.write('{"format": "selfaug-teacher-store", "vers')
     recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), teacher={
         "value_dtype": "float32", "output_dir": store}))
-    _one_line(capsys, ["precompute", "--config", recipe], "teacher.overwrite=true")
-    _one_line(capsys, ["inspect", store], "is not valid JSON")
-    _one_line(capsys, ["train", "--config", recipe], "is not valid JSON")
+    return store, recipe, ts.read_manifest(store)
+
+
+def test_an_empty_or_torn_manifest_is_rebuilt_from_the_shards_and_overwrite_is_never_suggested(
+        tmp_path, tiny_store, capsys):
+    store, recipe, before = _store_copy(tmp_path, tiny_store)
+    shards = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(store, "shards", "*.arrow"))}
+    open(os.path.join(store, "manifest.json"), "w").close()  # empty, as a power loss can leave it
+    for argv in (["inspect", store], ["train", "--config", recipe]):
+        line = _one_line(capsys, argv, f"selfaug inspect --repair {store}")
+        assert "overwrite" not in line and "run the same `selfaug precompute` again" in line
+    summary = precompute.run(tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store}))
+    assert summary["shards_computed"] == 0 and summary["shards_reused"] == 3  # no shard computed again
+    assert "rebuilt from the shards that verify" in capsys.readouterr().out
+    after = ts.read_manifest(store)
+    assert after["shards"] == before["shards"] and after["totals"] == before["totals"]
+    assert {p: os.path.getmtime(p) for p in shards} == shards and ts.verify_store(store, values=True)[1] == []
+    # torn in the middle; teacher.overwrite=true with the same settings deletes no shard either
+    text = open(os.path.join(store, "manifest.json")).read()
+    open(os.path.join(store, "manifest.json"), "w").write(text[:len(text) // 2])
     assert main(["precompute", "--config", recipe, "teacher.overwrite=true"]) == 0
-    assert ts.verify_store(store, values=True)[1] == []
+    assert {p: os.path.getmtime(p) for p in shards} == shards and ts.read_manifest(store)["shards"] == before["shards"]
+    # missing, with shards: `selfaug inspect --repair` rebuilds it without a model
+    os.remove(os.path.join(store, "manifest.json"))
+    _one_line(capsys, ["inspect", store], "has shards but no manifest.json")
+    capsys.readouterr()
+    assert main(["inspect", "--repair", store]) == 0
+    assert "all 3 shards verified" in capsys.readouterr().out
+    after = ts.read_manifest(store)
+    assert after["shards"] == before["shards"] and after["totals"] == before["totals"]
+    assert after["settings"] == before["settings"] and after["config"]["teacher"]["output_dir"] == store
+    assert {p: os.path.getmtime(p) for p in shards} == shards
+
+
+def test_repair_with_a_bad_shard_writes_an_incomplete_manifest_that_precompute_finishes(tmp_path, tiny_store, capsys):
+    store, recipe, before = _store_copy(tmp_path, tiny_store)
+    victim = os.path.join(store, "shards", "shard-00001.arrow")
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    open(os.path.join(store, "manifest.json"), "w").write('{"format": "selfaug-teacher-st')
+    stale = os.path.join(store, "shards", "shard-00001.arrow.gone-host-99999.tmp")  # left by a stopped precompute
+    open(stale, "wb").write(b"partial")
+    assert main(["inspect", "--repair", store]) == 1
+    out = capsys.readouterr().out
+    assert "shard-00001.arrow does not match its sha256" in out and "1 of 3 shards" in out
+    assert ts.read_manifest(store)["status"] == "incomplete" and not os.path.exists(stale)
+    summary = precompute.run(tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store}))
+    assert summary["shards_computed"] == 1 and ts.read_manifest(store)["shards"] == before["shards"]
+
+
+def test_a_torn_manifest_with_shards_of_other_settings_is_refused_naming_them(tmp_path, tiny_store, capsys):
+    store, _, _ = _store_copy(tmp_path, tiny_store)
+    open(os.path.join(store, "manifest.json"), "w").close()
+    recipe = write_recipe(str(tmp_path / "k4.yaml"), tiny_config(str(tmp_path), teacher={
+        "value_dtype": "float32", "output_dir": store, "k": 4}))
+    _one_line(capsys, ["precompute", "--config", recipe], "k (store: 8, recipe: 4)")
+    assert len(glob.glob(os.path.join(store, "shards", "*.arrow"))) == 3  # refused: nothing deleted
+
+
+def test_stale_temporary_files_of_a_stopped_precompute_are_removed(tmp_path, tiny_store):
+    store, _, _ = _store_copy(tmp_path, tiny_store)
+    os.remove(os.path.join(store, "shards", "shard-00002.arrow"))  # the precompute stopped while writing it
+    stale = [os.path.join(store, "shards", "shard-00002.arrow.gone-host-99999.tmp"),
+             os.path.join(store, "manifest.json.gone-host-99999.tmp")]
+    for path in stale:
+        open(path, "wb").write(b"partial")
+    summary = precompute.run(tiny_config(str(tmp_path), teacher={"value_dtype": "float32", "output_dir": store}))
+    assert summary["shards_computed"] == 1 and not any(os.path.exists(p) for p in stale)
 
 
 # 7. the manifest's k against the shards' schema
@@ -255,7 +317,7 @@ def test_disk_full_names_the_directory_and_leaves_no_tmp(tmp_path, capsys, monke
 
     def full(fd):
         path = os.readlink(f"/proc/self/fd/{fd}")
-        if path.endswith(".tmp"):
+        if path.endswith(".tmp") and ".arrow." in path:  # a shard's (config.yaml and the manifest have their own)
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(fd)
     monkeypatch.setattr(os, "fsync", full)
