@@ -1,5 +1,5 @@
 """The command line (docs/design.md, "Command line"): selfaug {precompute|train|eval|study|bench|estimate|config|
-inspect|recipes}.
+inspect|merge|recipes}.
 
 A user's mistake (a config, data, store, model or DeepSpeed-config error, a full disk) ends the
 command with one line `selfaug: error: ...` and exit status 2; SELFAUG_DEBUG=1 shows the traceback.
@@ -98,9 +98,30 @@ def _check_transformers() -> None:
                           f"'transformers{','.join(TRANSFORMERS)}'")
 
 
+def _merge(args) -> int:
+    """selfaug merge RUN: a run's adapter merged in fp32 into its base, streamed file by file (`train.merge`)."""
+    from .config import ConfigError, load_config
+    from .models import load_tokenizer_for, resolve_dtype
+    from .train.merge import describe, merge
+    import torch
+    final = args.run if os.path.isfile(os.path.join(args.run, "adapter_config.json")) else os.path.join(args.run, "final")
+    saved = os.path.join(final, "selfaug_config.yaml")
+    if not os.path.isfile(os.path.join(final, "adapter_config.json")) or not os.path.isfile(saved):
+        raise ConfigError(f"selfaug merge {args.run}: no LoRA run there (a run directory whose final/ holds "
+                          "adapter_config.json and selfaug_config.yaml, or that final/ itself)")
+    cfg = load_config(saved, saved=True)
+    dtype = resolve_dtype(cfg.model.dtype if args.dtype == "auto" else args.dtype,
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join(final, "merged")
+    print(describe(merge(final, cfg.model, out, dtype, tokenizer=load_tokenizer_for(cfg.model)), out))
+    return 0
+
+
 def _run(args) -> int:
     if args.command == "inspect":
         return _inspect(args.path, args.repair)
+    if args.command == "merge":
+        return _merge(args)
     if args.command == "recipes":
         return _recipes(args)
     if args.command == "config" and args.reference:
@@ -178,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path")
     p.add_argument("--repair", action="store_true", help="a store: rebuild its manifest from the shards that verify "
                                                          "(nothing is deleted or computed)")
+    p = sub.add_parser("merge", help="a LoRA run's adapter merged into its base in fp32, the base streamed file by "
+                                     "file: RUN/final/merged")
+    p.add_argument("run", help="the run directory (train.output_dir) or its final/")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the merged weights' dtype (auto: the run's model.dtype; the report says what bf16 loses)")
+    p.add_argument("--out", help="where to (default: RUN/final/merged)")
     p = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit")
     p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
     p.add_argument("name", nargs="?", help="copy: the recipe (e.g. tiny.yaml, scale/llama3-8b/recipe.yaml)")

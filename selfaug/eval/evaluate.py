@@ -110,7 +110,10 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
     if os.path.exists(os.path.join(where, "adapter_config.json")):
         from peft import PeftModel
         base = load_model(base_cfg, dtype, device_map=device_map, device=device)
-        return PeftModel.from_pretrained(base, where).merge_and_unload().eval(), alpha
+        # unmerged: peft merges in place in the weight's dtype, and in bf16 every element of the update under half an
+        # ulp of its weight rounds back to the base (most of a small LoRA update); the adapter's own fp32 matrices keep
+        # it whole (what a bf16 forward then resolves of it: docs/method.md, "Precision")
+        return PeftModel.from_pretrained(base, where).eval(), alpha
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map or {"": device}).eval(), alpha
 
@@ -200,12 +203,18 @@ class Kept:
         os.replace(path + ".tmp", path)
 
 
-def _weights(run_dir: str) -> str:
-    """What identifies a run's weights: the content fingerprint of the directory its model loads from."""
+def _weights(cfg: Config, run_dir: str) -> str:
+    """What identifies a run's weights: the content of the directory its model loads from (every byte), and for
+    an adapter that of the base it goes on (`load_run_model`): a base changed in place is scored again."""
     from ..config import ModelConfig
     final = os.path.join(run_dir, "final")
     where = final if os.path.isdir(final) else run_dir
-    return model_fingerprint(ModelConfig(name_or_path=where))["content_hash"]
+    weights = model_fingerprint(ModelConfig(name_or_path=where))["content_hash"]
+    if not os.path.exists(os.path.join(where, "adapter_config.json")):
+        return weights
+    saved = os.path.join(final, "selfaug_config.yaml")
+    base = load_config(saved, saved=True).model if os.path.isfile(saved) else cfg.model
+    return weights + "+" + model_fingerprint(base)["content_hash"]
 
 
 def _release() -> None:
@@ -263,7 +272,7 @@ def _evaluate(cfg: Config) -> dict:
     _release()
     report["models"]["base"] = {k: v for k, v in base_scores.items() if k != "drift_responses"}
     for run_dir in ec.runs:  # then each run, one at a time
-        name, weights = os.path.basename(os.path.normpath(run_dir)), _weights(run_dir)
+        name, weights = os.path.basename(os.path.normpath(run_dir)), _weights(cfg, run_dir)
         res = kept.get(name, weights)
         if res is None:
             model, alpha = load_run_model(cfg, run_dir, dtype, device)

@@ -1,5 +1,7 @@
 """The trained model in Hugging Face form (docs/design.md, "Checkpoints and preemption"): `final/` holds the peft
-adapter (and `final/merged/` with train.merge_adapter) or the full model, the tokenizer and the resolved recipe.
+adapter (and `final/merged/` with train.merge_adapter) or the full model, the tokenizer and the resolved recipe. It is
+written beside the old one and swapped in by rename once whole, its marker `final/COMPLETE` last (`durable`): a save
+that fails or is killed leaves the previous `final/` as it was.
 Under ZeRO-3 a LoRA run gathers only its adapter tensors, one at a time; a full model is consolidated on rank 0
 (16-bit where it trains in 16-bit) while the other ranks wait (the log says for how long they may).
 """
@@ -7,12 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import torch
 
 from .. import dist
 from ..config import Config
-from ..models import load_model, load_tokenizer_for, resolve_dtype
+from ..durable import replace_dir, staging_dir
+from ..errors import SelfAugError
+from .checkpoint import CheckpointError, _why_not_written
+from ..models import load_tokenizer_for, resolve_dtype
 
 
 def zero_stage(engine) -> int:
@@ -36,7 +42,8 @@ def _zero3_state_dict(engine, model, lora: bool):
 
 def save_final(run) -> str:
     """Hugging Face form under <output_dir>/final: the peft adapter (and merged model on request) or the
-    full model. Under ZeRO-3 the parameters are gathered to rank 0 first."""
+    full model. Under ZeRO-3 the parameters are gathered to rank 0 first. Written into `final.tmp-<host>-<pid>`
+    and swapped in whole (`replace_dir`): until then the previous `final/`, if any, is untouched."""
     cfg, engine = run.cfg, run.engine
     final = os.path.join(cfg.train.output_dir, "final")
     model = engine.module.model
@@ -50,16 +57,27 @@ def save_final(run) -> str:
         state = model.state_dict()
     if run.rank == 0:
         dist.alone(f"writes {final} (the model in Hugging Face form)", cfg.train.ddp_timeout)
-        shutil.rmtree(final, ignore_errors=True)
-        if lora and zero_stage(engine) == 3:
-            _save_adapter(model, state, final)
-        else:
-            model.save_pretrained(final, state_dict=state)
-        run.tok.save_pretrained(final)
-        cfg.save(os.path.join(final, "selfaug_config.yaml"))
-        if lora and cfg.train.merge_adapter:
-            dist.alone("merges the adapter into the model (final/merged)", cfg.train.ddp_timeout)
-            merge_adapter(cfg, final)
+        staged = staging_dir(final)
+        try:
+            if lora and zero_stage(engine) == 3:
+                _save_adapter(model, state, staged)
+            else:
+                model.save_pretrained(staged, state_dict=state)
+            run.tok.save_pretrained(staged)
+            cfg.save(os.path.join(staged, "selfaug_config.yaml"))
+            if lora and cfg.train.merge_adapter:
+                dist.alone("merges the adapter into the model (final/merged)", cfg.train.ddp_timeout)
+                merge_adapter(cfg, staged)
+            replace_dir(staged, final, f"written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        except BaseException as e:
+            shutil.rmtree(staged, ignore_errors=True)  # the previous final/ stays as it was
+            from safetensors import SafetensorError
+            if isinstance(e, SelfAugError) or not isinstance(e, (OSError, RuntimeError, SafetensorError)):
+                raise  # not a failed write (torch reports one as a RuntimeError, safetensors as its own error)
+            kept = "the previous final/ is kept as it was" if os.path.isdir(final) else "no final/ is claimed"
+            raise CheckpointError(f"{final} could not be written ({_why_not_written(e, cfg.train.output_dir)}); "
+                                  f"{kept}: free space (or raise the file-size limit) and run the same command "
+                                  "again (it resumes from the last checkpoint)") from None
     dist.barrier()
     return final
 
@@ -74,12 +92,13 @@ def _save_adapter(model, adapter_state: dict, final: str) -> None:
               metadata={"format": "pt"})
 
 
-def merge_adapter(cfg: Config, final: str) -> str:
-    from peft import PeftModel
-    # in the dtype the run trained in (bf16 on a GPU): an fp32 copy of a 70B base is 280 GB on rank 0's host
-    base = load_model(cfg.model, resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu"))
-    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
+def merge_adapter(cfg: Config, final: str, dtype: torch.dtype | None = None) -> str:
+    """<final>/merged: the adapter merged in fp32 into the base streamed file by file (`merge.merge`), saved in
+    `dtype` (default: the run's, bf16 on a GPU), with what that cast lost of the update printed and in
+    merged/merge_report.json."""
+    from .merge import describe, merge
+    dtype = dtype or resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     target = os.path.join(final, "merged")
-    merged.save_pretrained(target)
-    load_tokenizer_for(cfg.model).save_pretrained(target)
+    report = merge(final, cfg.model, target, dtype, tokenizer=load_tokenizer_for(cfg.model))
+    print(describe(report, target), flush=True)
     return target
