@@ -217,14 +217,14 @@ case "$cmd" in
       if [ "$pos" = prompt ]; then alphas=${SWEEP_ALPHAS:-0 0.1 0.3 0.5 1.0}; else alphas=${SWEEP_ABLATION_ALPHA:-0.5}; fi
       for a in $alphas; do
         out="$d/alpha$a-$pos"; [ "$pos" != prompt ] && [ "$a" = 0 ] && continue
-        [ -d "$out/final" ] || distributed train "$recipe" teacher.positions="$pos" teacher.output_dir="$d/teacher-$pos" \
+        [ -f "$out/final/COMPLETE" ] || distributed train "$recipe" teacher.positions="$pos" teacher.output_dir="$d/teacher-$pos" \
           train.alpha="$a" train.output_dir="$out" "$@"
         runs+=("$out")
       done
       if [ "$pos" = prompt ]; then  # the same trade-off steered by a drift budget (train.drift_budget)
         for b in ${SWEEP_BUDGETS:-}; do
           out="$d/budget$b-prompt"
-          [ -d "$out/final" ] || distributed train "$recipe" teacher.positions=prompt teacher.output_dir="$d/teacher-prompt" \
+          [ -f "$out/final/COMPLETE" ] || distributed train "$recipe" teacher.positions=prompt teacher.output_dir="$d/teacher-prompt" \
             train.drift_budget="$b" train.output_dir="$out" "$@"
           runs+=("$out")
         done
@@ -239,12 +239,12 @@ case "$cmd" in
     setup
     recipe=${1:-recipes/smollm2_long.yaml}; [ $# -gt 0 ] && shift
     d=${ABLATE_DIR:-runs/ablate}; runs=("$d/lora")
-    [ -d "$d/lora/final" ] || distributed train "$recipe" train.alpha=0 train.teacher_mode=none \
+    [ -f "$d/lora/final/COMPLETE" ] || distributed train "$recipe" train.alpha=0 train.teacher_mode=none \
       train.output_dir="$d/lora" "$@"
     for v in ${ABLATE_VARIANTS:-topk-1 topk-0.25 topk-0.1 sampled-1}; do
       t=(teacher.signal="${v%-*}" teacher.position_fraction="${v#*-}" teacher.output_dir="$d/teacher-$v")
       distributed precompute "$recipe" "${t[@]}" "$@"
-      [ -d "$d/$v/final" ] || distributed train "$recipe" "${t[@]}" train.output_dir="$d/$v" "$@"
+      [ -f "$d/$v/final/COMPLETE" ] || distributed train "$recipe" "${t[@]}" train.output_dir="$d/$v" "$@"
       runs+=("$d/$v")
     done
     single eval "$recipe" eval.runs="$(IFS=,; echo "${runs[*]}")" eval.output_dir="$d" "$@" ;;

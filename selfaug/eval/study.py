@@ -32,6 +32,7 @@ import yaml
 
 from .. import locks, store
 from ..config import Config, ConfigError, build_config, config_digest
+from ..durable import is_complete, write_atomic
 from . import stats
 
 REFERENCE = "lora"
@@ -112,8 +113,7 @@ def _save_times(times: dict) -> None:
     path = times.get("_path")
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({k: v for k, v in times.items() if k != "_path"}, f, indent=2)
+        write_atomic(path, json.dumps({k: v for k, v in times.items() if k != "_path"}, indent=2))
 
 
 class StudyError(ConfigError):
@@ -121,9 +121,10 @@ class StudyError(ConfigError):
 
 
 def _trained(cfg: Config) -> bool:
-    """The run has its final model, trained from this recipe (another run in the directory is an error)."""
+    """The run has its whole final model (`final/COMPLETE`), trained from this recipe (another run in the directory is
+    an error)."""
     saved = os.path.join(cfg.train.output_dir, "final", "selfaug_config.yaml")
-    if not os.path.isfile(saved):
+    if not is_complete(os.path.dirname(saved)):
         return False
     with open(saved) as f:
         old = yaml.safe_load(f)
@@ -171,8 +172,7 @@ def _study(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
             continue
         _stage("precompute", os.path.join(root, "recipes", f"{key[0]}-seed{key[1]}.yaml"), times, f"store {where}")
         made[where] = digest
-        with open(made_path, "w") as f:
-            json.dump(made, f, indent=2)
+        write_atomic(made_path, json.dumps(made, indent=2))
     for n, ((name, i), run_cfg) in enumerate(runs.items(), 1):
         if _trained(run_cfg):
             print(f"study: [{n}/{len(runs)}] {name} seed {i}: trained already", flush=True)
@@ -285,10 +285,9 @@ def format_markdown(result: dict) -> str:
 
 def write(result: dict, root: str) -> None:
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "study.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(root, "study.md"), "w") as f:
-        f.write(format_markdown(result) + "\n")
+    # each whole or not at all: a study stopped here keeps the previous study.json and study.md
+    write_atomic(os.path.join(root, "study.json"), json.dumps(result, indent=2))
+    write_atomic(os.path.join(root, "study.md"), format_markdown(result) + "\n")
     from .plots import plot_study, plot_study_tradeoff
     plot_study(result, root)
     plot_study_tradeoff(result, root)

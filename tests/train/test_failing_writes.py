@@ -100,3 +100,29 @@ def test_a_failed_or_killed_checkpoint_leaves_latest_on_the_previous_one(tmp_pat
     for name, at in sd["optimizer_state_dict"]["param_slice_mappings"][0].items():
         value = torch.load(os.path.join(folder, "zero", name, "fp32.pt"), weights_only=False)["param"]
         assert "lora_" in name and torch.equal(value.flatten(), flat.narrow(0, at.start, at.numel))
+
+
+def test_a_failed_second_save_of_final_leaves_the_previous_one_whole_and_loadable(tmp_path, tiny_store):
+    from peft import PeftModel
+    from selfaug import durable
+    from selfaug.models import load_model
+    cfg = tiny_config(str(tmp_path), teacher={"output_dir": tiny_store.teacher.output_dir},
+                      train={"save_steps": 2})
+    train.train(cfg)  # a finished run: checkpoint step-2 and final/
+    final = os.path.join(cfg.train.output_dir, "final")
+    before = {name: open(os.path.join(final, name), "rb").read() for name in os.listdir(final)}
+    assert durable.is_complete(final) and "adapter_model.safetensors" in before
+    # started again (resume: auto), the finished run saves final/ again; its adapter is over the file-size limit
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    proc, errors = _child(["train", "--config", recipe], FSIZE=str(20_000))
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "final could not be written" in errors[0] and "previous final/ is kept" in errors[0], errors[0]
+    assert {name: open(os.path.join(final, name), "rb").read() for name in os.listdir(final)} == before
+    assert not glob.glob(final + ".*")  # nothing left beside it
+    PeftModel.from_pretrained(load_model(cfg.model, torch.float32), final)  # loadable as it was
+    # a study or a sweep takes a final/ without its marker (a partial one) for untrained
+    from selfaug.eval import study
+    assert study._trained(cfg)
+    os.remove(os.path.join(final, durable.COMPLETE))
+    assert not study._trained(cfg)
+    assert '[ -f "$out/final/COMPLETE" ]' in open(os.path.join(ROOT, "launch.sh")).read()
