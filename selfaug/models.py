@@ -23,7 +23,7 @@ import torch
 from . import shipped
 from .errors import SelfAugError
 from .data import cache_dir  # one cache root for converted models and tokenized data
-from .hashing import sha256_file
+from .hashing import file_hashes, hub_blobs, sha256_file
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY_LLAMA = "builtin:tiny-llama"
@@ -34,6 +34,7 @@ TINY_SEED = 1234
 # the transformers releases selfaug runs with (pyproject's bound): it needs transformers 5's API, and selfaug.hf
 # overrides private Trainer methods checked against these releases (tests/hf/test_hf.py)
 TRANSFORMERS = (">=5.25", "<6")
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # the files of a model directory that hold weights
 INIT_VERSION = 3  # seeded_init by (parameter name, block); part of random models' fingerprints
 
 
@@ -362,7 +363,8 @@ def vocab_size(model) -> int:
 
 
 def model_fingerprint(mc) -> dict:
-    """What identifies the teacher's weights (of a ModelConfig): a content hash where one can be had cheaply."""
+    """What identifies a model's weights (of a ModelConfig): a directory's every byte (`files`: each weight and
+    config file's hash, read once), a Hub model's commit and its weight files' sha256, a built-in's recipe."""
     name_or_path, revision = mc.name_or_path, mc.revision
     if name_or_path == TINY_LLAMA:
         content = hashlib.sha256((tiny_llama_config().to_json_string() + f"{TINY_SEED}:{INIT_VERSION}").encode()).hexdigest()
@@ -372,19 +374,17 @@ def model_fingerprint(mc) -> dict:
     elif name_or_path == SMOLLM2:
         with open(os.path.join(_smollm2_dir(), "selfaug_source.json")) as f:
             content = json.load(f)["gguf_sha256"]
-    elif os.path.isdir(name_or_path):
-        h = hashlib.sha256()
-        for name in sorted(os.listdir(name_or_path)):
-            path = os.path.join(name_or_path, name)
-            if name == "config.json":
-                h.update(open(path, "rb").read())
-            elif name.endswith((".safetensors", ".bin", ".pt")):
-                # name, size and the first MiB: cheap, and changes whenever the weights are rewritten
-                h.update(f"{name}:{os.path.getsize(path)}:{sha256_file(path, 1 << 20)}".encode())
-        content = h.hexdigest()
-    else:
-        content = f"hub:{name_or_path}@{hub_commit(name_or_path, revision)}"
+    elif os.path.isdir(name_or_path):  # every byte of the weights and configs (read once: hashing.file_hashes)
+        files = file_hashes(name_or_path, sorted(n for n in os.listdir(name_or_path) if n.endswith(WEIGHTS)
+                                                 or n in ("config.json", "adapter_config.json")))
+        content = "files:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        return {"name_or_path": name_or_path, "revision": revision, "content_hash": content, "files": files}
+    else:  # the commit names the Hub's files; their sha256 (the LFS blobs' names in the cache) where downloaded
+        commit = hub_commit(name_or_path, revision)
+        return {"name_or_path": name_or_path, "revision": revision, "content_hash": f"hub:{name_or_path}@{commit}",
+                "files": hub_blobs(name_or_path, commit, WEIGHTS)}
     return {"name_or_path": name_or_path, "revision": revision, "content_hash": content}
+
 
 
 def hub_commit(name: str, revision: str | None) -> str:

@@ -168,6 +168,11 @@ def test_a_hub_models_fingerprint_names_the_commit_its_revision_resolved_to(tmp_
     (repo / "refs" / "main").write_text("b" * 40)
     assert last_month == "hub:org/tiny@" + "a" * 40 and fp() == "hub:org/tiny@" + "b" * 40
     assert fp(revision="c" * 40) == "hub:org/tiny@" + "c" * 40  # a commit is its own answer
+    # the weight files' content hashes are the Hub's own: an LFS file's blob in the cache is named by its sha256
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / ("f" * 64)).write_bytes(b"weights")
+    (repo / "snapshots" / ("b" * 40) / "model.safetensors").symlink_to(repo / "blobs" / ("f" * 64))
+    assert model_fingerprint(ModelConfig(name_or_path="org/tiny"))["files"] == {"model.safetensors": "sha256:" + "f" * 64}
     with pytest.raises(ModelError, match="model.name_or_path=org/absent: the revision main cannot be resolved"):
         model_fingerprint(ModelConfig(name_or_path="org/absent"))
 

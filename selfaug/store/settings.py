@@ -67,7 +67,9 @@ def check_store(store_dir: str, manifest: dict, expected: dict) -> None:
         raise StoreError(f"teacher store {store_dir} holds teacher.signal={found} values, the recipe has "
                          f"teacher.signal={expected['signal']}: set teacher.signal={found}, or precompute a "
                          f"{expected['signal']} store into another teacher.output_dir")
-    diff = settings_diff(expected, manifest["settings"], MATCHED)
+    files = {f"model.files.{n}" for n in {**expected["model"].get("files", {}),  # which weight file changed
+                                          **manifest["settings"]["model"].get("files", {})}}
+    diff = settings_diff(expected, manifest["settings"], MATCHED + tuple(sorted(files)))
     if diff:
         raise StoreError(f"teacher store {store_dir} does not match this recipe: " + "; ".join(diff)
                          + ". Re-run `selfaug precompute` with this recipe, or point teacher.output_dir "

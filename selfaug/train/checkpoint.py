@@ -36,6 +36,8 @@ from .. import dist
 from ..config import config_digest
 from ..durable import fsync_tree, write_atomic
 from ..errors import SelfAugError
+from ..hashing import changed_files
+from ..models import model_fingerprint
 
 META = "selfaug.json"
 UNIVERSAL = "universal"  # step-N/universal/: the checkpoint in DeepSpeed's universal form, written at need
@@ -50,8 +52,9 @@ class CheckpointError(SelfAugError, RuntimeError):
 def run_identity(cfg, store_settings: dict | None) -> dict:
     """What a checkpoint's run and this run must share to continue it: the model, the method and its
     shape, the teacher and the data. (The world size, micro batch and gradient_accumulation_steps may change.)"""
-    t = cfg.train
-    return {"model": cfg.model.name_or_path, "model_init": cfg.model.init, "method": "lora" if t.adapter == "lora" else "full",
+    t, weights = cfg.train, model_fingerprint(cfg.model)  # a LoRA base or frozen head changed in place is refused
+    return {"model": cfg.model.name_or_path, "model_hash": weights["content_hash"], "model_files": weights.get("files"),
+            "model_init": cfg.model.init, "method": "lora" if t.adapter == "lora" else "full",
             "lora": [t.lora_r, t.lora_alpha, t.lora_target_modules] if t.adapter == "lora" else None,
             "freeze_lm_head": t.freeze_lm_head, "teacher_mode": t.teacher_mode, "optimizer": {"adamw_torch": "adamw"}.get(t.optim, t.optim),
             "store": config_digest(store_settings) if store_settings else None,
@@ -197,8 +200,9 @@ def read_meta(path: str, cfg, world: int, identity: dict) -> dict:
                               "train.resume=never train.overwrite=true to start afresh, or train.resume=DIR with a finished one")
     with open(meta_path) as f:
         meta = json.load(f)
-    diff = [f"{k} (checkpoint: {meta['identity'].get(k)!r}, recipe: {v!r})" for k, v in identity.items()
-            if meta["identity"].get(k) != v]
+    old = meta["identity"]
+    diff = [f"{k} ({changed_files(old.get(k), v)})" if isinstance(v, dict) else
+            f"{k} (checkpoint: {old.get(k)!r}, recipe: {v!r})" for k, v in identity.items() if old.get(k) != v]
     if diff:
         raise CheckpointError(f"checkpoint {path} was written by another recipe: " + "; ".join(diff)
                               + ". Resume with that recipe, or pass train.resume=never train.overwrite=true (or another output_dir)")

@@ -208,20 +208,65 @@ def test_float16_is_refused_in_one_line_before_the_model_loads(tmp_path, tiny_st
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_model_that_is_not_the_stores_teacher_is_refused_at_its_first_micro_batch(tmp_path):
-    """Weights the fingerprint cannot see (a local directory's fingerprint reads each file's first MiB; the final
-    norm is stored at the end): the store is accepted, and the first micro-batch's KL stops the run before any
-    update, with the option that starts elsewhere on purpose."""
+def _changed_in_place(model_dir, factor=100):
+    """The model directory's last tensor (the final norm) scaled in place: the file keeps its name and size."""
     from safetensors.torch import load_file as load, save_file
+    weights = load(model_dir / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * factor  # a tiny random model is near uniform
+    size = os.path.getsize(model_dir / "model.safetensors")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    assert os.path.getsize(model_dir / "model.safetensors") == size
+
+
+def _saved_tiny(model_dir):
     from selfaug.models import load_model, load_tokenizer
-    model_dir = tmp_path / "model"
     load_model("builtin:tiny-llama").save_pretrained(model_dir)
     load_tokenizer("builtin:tiny-llama").save_pretrained(model_dir)
+
+
+def test_a_model_changed_in_place_is_refused_naming_the_file(tmp_path, capsys):
+    """Every byte of a model directory is its identity: its last tensor changed (same size) is one line naming the
+    file, for training on the store made from it, for its precompute's resume, for a LoRA run's resume on it, and
+    for eval's kept scores (not reused)."""
+    from selfaug.cli import main
+    from selfaug.config import ModelConfig
+    from selfaug.eval.evaluate import _weights
+    from selfaug.models import model_fingerprint
+    model_dir = tmp_path / "model"
+    _saved_tiny(model_dir)
+    cfg = tiny_config(str(tmp_path), model={"name_or_path": str(model_dir)}, train={"max_steps": 1, "save_steps": 1})
+    precompute.run(cfg)
+    lora = build_config(cfg.to_dict(), ["train.teacher_mode=none", "train.alpha=0", f"train.output_dir={tmp_path}/lora"])
+    train.train(lora)
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    scored = _weights(cfg, str(tmp_path / "lora"))
+    before = model_fingerprint(ModelConfig(name_or_path=str(model_dir)))
+    _changed_in_place(model_dir)
+    after = model_fingerprint(ModelConfig(name_or_path=str(model_dir)))
+    assert after["files"]["config.json"] == before["files"]["config.json"] != after["files"]["model.safetensors"]
+    for argv, match in ((["train", "--config", recipe], "model.files.model.safetensors (store: 'xxh3_128:"),
+                        (["precompute", "--config", recipe], "model.files.model.safetensors (store: 'xxh3_128:"),
+                        (["train", "--config", write_recipe(str(tmp_path / "l.yaml"), lora), "train.max_steps=2"],
+                         "model_files (model.safetensors changed)")):
+        assert main(argv) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("selfaug: error: ")]
+        assert len(err) == 1 and match in err[0], err
+    assert _weights(cfg, str(tmp_path / "lora")) != scored  # the adapter's base changed: its scores are not reused
+
+
+def test_a_model_that_is_not_the_stores_teacher_is_refused_at_its_first_micro_batch(tmp_path):
+    """Weights the store's settings cannot tell apart (here its manifest says the changed model is its teacher): the
+    first micro-batch's KL stops the run before any update, with the option that starts elsewhere on purpose."""
+    from selfaug.config import ModelConfig
+    from selfaug.models import model_fingerprint
+    model_dir = tmp_path / "model"
+    _saved_tiny(model_dir)
     cfg = tiny_config(str(tmp_path), model={"name_or_path": str(model_dir)}, train={"max_steps": 1})
     precompute.run(cfg)
-    weights = load(model_dir / "model.safetensors")
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 100  # a tiny random model is near uniform
-    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    _changed_in_place(model_dir)
+    manifest = ts.read_manifest(cfg.teacher.output_dir)
+    manifest["settings"]["model"].update(model_fingerprint(ModelConfig(name_or_path=str(model_dir))))
+    ts.write_json_atomic(os.path.join(cfg.teacher.output_dir, "manifest.json"), manifest)
     with pytest.raises(ts.StoreError, match=r"not the teacher of store .* KL to the stored teacher is .* set "
                                             r"train.check_teacher=false if it starts elsewhere on purpose"):
         train.train(cfg)
