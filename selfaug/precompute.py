@@ -29,12 +29,12 @@ from . import dist
 from . import store
 from .config import Config, check_paths
 from .data import pad
-from .models import decoder_and_head, load_all, partition_line, vocab_size
+from .models import check_head, decoder_and_head, head_scale, load_all, partition_line, vocab_size
 
 
 @torch.no_grad()
 def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal_fn, chunk_rows: int,
-                   partitioned: bool = False) -> dict:
+                   partitioned: bool = False, scale: float = 1.0) -> dict:
     """The teacher's signal at the given (batch, position) rows.
 
     Args:
@@ -42,11 +42,14 @@ def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal
         rows_b, rows_t: (N,) the rows' batch index and position.
         signal_fn(logp (n, V) fp32 log-probs of a chunk, rows slice) -> {name: (n, ...) tensor}.
         partitioned: the head is ZeRO-3 partitioned: gather it once for this batch (a collective).
+        scale: the model's logits are scale * lm_head(h) (`models.head_scale`).
     Returns {name: (N, ...) tensor} on the CPU. The lm_head runs only on the N rows, `chunk_rows` at a
     time, so no (N, V) fp32 tensor is ever whole."""
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     # a model spread over GPUs (eval.device_map) ends on its last layer's device, the head may sit on another
     h = hidden[rows_b.to(hidden.device), rows_t.to(hidden.device)].to(head.weight.device)  # (N, H)
+    if scale != 1.0:
+        h = h * scale
     parts = []
     params = [p for p in (head.weight, head.bias) if p is not None]
     if partitioned:
@@ -84,6 +87,7 @@ class Teacher:
 
     def __init__(self, model, cfg: Config, pad_id: int, device, partitioned: bool):
         self.body, self.head = decoder_and_head(model)
+        self.scale = head_scale(model)
         self.pad_id, self.device, self.partitioned = pad_id, device, partitioned
         self.vocab = vocab_size(model)
         self.rule = store.PositionRule.of(cfg.teacher)
@@ -99,7 +103,7 @@ class Teacher:
         fn = self.signal.row_fn(batch, pos, self.head.weight.device)  # the chunks' log-probs live with the head
         got = {k: v.numpy() for k, v in teacher_signal(self.body, self.head, ids.to(self.device),
                                                        mask.to(self.device), rb, rt, fn, self.chunk_rows,
-                                                       self.partitioned).items()}
+                                                       self.partitioned, self.scale).items()}
         out, start = {}, 0
         for e, p in zip(batch, pos):
             out[e.example_id] = (p, self.signal.per_example({k: v[start:start + len(p)] for k, v in got.items()}))
@@ -165,6 +169,7 @@ def run(cfg: Config) -> dict | None:
         print(line, flush=True)
     if ds_conf is not None:
         model = deepspeed.initialize(model=model, config=ds_conf)[0].module  # ZeRO-Inference: no optimizer
+        check_head(model)  # the head contract, the forward gathering as the stage's will
     else:
         model.to(device)
     model.eval().requires_grad_(False)

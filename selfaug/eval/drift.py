@@ -22,7 +22,7 @@ import torch
 from .. import store
 from ..config import Config, build_config
 from ..loss import kl_sum
-from ..models import config_of, decoder_and_head
+from ..models import config_of, decoder_and_head, head_scale
 
 
 class DriftText(NamedTuple):
@@ -85,12 +85,13 @@ def drift(model, teacher_store: store.TeacherStore, chunk_rows: int = 512) -> tu
     """Mean per-token KL(base ‖ model) over every stored position of the drift texts, and each text's
     [KL sum, positions] (the items a study resamples)."""
     body, head = decoder_and_head(model)
+    scale = head_scale(model)  # logits = scale * lm_head(hidden)
     device = head.weight.device
     total, count, per = 0.0, 0, []
     for i in range(len(teacher_store)):
         row = teacher_store.example(i)
         ids = torch.as_tensor(row["input_ids"], dtype=torch.long, device=next(model.parameters()).device)[None]
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state.to(device)  # (1, T, H)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state.to(device) * scale  # (1, T, H)
         rows_t = torch.as_tensor(row["positions"], dtype=torch.long, device=device)
         teacher = teacher_store.signal.teacher([row]).to_device(device)
         s, n = kl_sum(hidden, head.weight, head.bias, torch.zeros_like(rows_t), rows_t, teacher, chunk_rows=chunk_rows)

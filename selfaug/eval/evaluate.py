@@ -24,7 +24,8 @@ from . import ifeval
 from ..config import Config, ConfigError, config_digest, load_config
 from ..data import BUILTIN_RAG, BUILTIN_RAG_EVAL, encode_prompt, pad, read_records, record_numbers
 from ..data.formats import to_messages
-from ..models import load_model, load_tokenizer_for, model_fingerprint, resolve_dtype
+from ..durable import write_atomic
+from ..models import check_head, load_model, load_tokenizer_for, model_fingerprint, resolve_dtype
 from . import drift as drifts
 
 
@@ -113,9 +114,16 @@ def load_run_model(cfg: Config, run_dir: str, dtype, device):
         # unmerged: peft merges in place in the weight's dtype, and in bf16 every element of the update under half an
         # ulp of its weight rounds back to the base (most of a small LoRA update); the adapter's own fp32 matrices keep
         # it whole (what a bf16 forward then resolves of it: docs/method.md, "Precision")
-        return PeftModel.from_pretrained(base, where).eval(), alpha
+        return _head_checked(PeftModel.from_pretrained(base, where).eval()), alpha
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map or {"": device}).eval(), alpha
+    return _head_checked(AutoModelForCausalLM.from_pretrained(where, dtype=dtype,
+                                                              device_map=device_map or {"": device}).eval()), alpha
+
+
+def _head_checked(model):
+    """The model, once its logits are head_scale * lm_head(h), which drift computes (`models.check_head`)."""
+    check_head(model)
+    return model
 
 
 def _drift_budget(run_dir: str) -> float | None:
@@ -196,11 +204,26 @@ class Kept:
         return kept["scores"] if kept.get("key") == [self.settings, weights] else None
 
     def put(self, name: str, weights: str, scores: dict) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, f"{name}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"key": [self.settings, weights], "scores": scores}, f)
-        os.replace(path + ".tmp", path)
+        path = os.path.join(self.dir, f"{name}.json")  # a name may be a relative path (`model_names`)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, json.dumps({"key": [self.settings, weights], "scores": scores}))
+
+
+def model_names(run_dirs: list[str]) -> list[str]:
+    """Each run's row name in report.json: its folder's name, or, where two runs share one (`a/selfaug`,
+    `b/selfaug`) or one is named `base` (the base model's row), its path relative to the runs' common parent."""
+    paths = [os.path.abspath(d) for d in run_dirs]
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) == len(names) and "base" not in names:
+        return names
+    if len(set(paths)) < len(paths):
+        twice = next(d for d, p in zip(run_dirs, paths) if paths.count(p) > 1)
+        raise ConfigError(f"eval.runs lists {twice} twice: list each run once")
+    parent = os.path.commonpath(paths)
+    while parent != os.path.dirname(parent) and (parent in paths or "base" in
+                                                 [os.path.relpath(p, parent) for p in paths]):
+        parent = os.path.dirname(parent)
+    return [os.path.relpath(p, parent) for p in paths]
 
 
 def _weights(cfg: Config, run_dir: str) -> str:
@@ -250,7 +273,7 @@ def _evaluate(cfg: Config) -> dict:
                               "data": cfg.to_dict()["data"], "dtype": str(dtype), "device": device.type})
     kept = Kept(ec.output_dir, settings)
     base_weights = model_fingerprint(cfg.model)["content_hash"]
-    load_base = lambda: load_model(cfg.model, dtype, device_map=ec.device_map, device=device).eval()
+    load_base = lambda: _head_checked(load_model(cfg.model, dtype, device_map=ec.device_map, device=device).eval())
     report = {"models": {}, "config": cfg.to_dict(), "runs": {}}
     # the base first, alone in memory: its scores, its responses to the drift prompts, its signal on them (a store)
     base_scores, base = kept.get("base", base_weights), None
@@ -271,8 +294,8 @@ def _evaluate(cfg: Config) -> dict:
     base = None  # gone before any run loads
     _release()
     report["models"]["base"] = {k: v for k, v in base_scores.items() if k != "drift_responses"}
-    for run_dir in ec.runs:  # then each run, one at a time
-        name, weights = os.path.basename(os.path.normpath(run_dir)), _weights(cfg, run_dir)
+    for run_dir, name in zip(ec.runs, model_names(ec.runs)):  # then each run, one at a time
+        weights = _weights(cfg, run_dir)
         res = kept.get(name, weights)
         if res is None:
             model, alpha = load_run_model(cfg, run_dir, dtype, device)
@@ -290,8 +313,7 @@ def _evaluate(cfg: Config) -> dict:
                        "drift_positions": int(drift_store.lengths().kl.sum()),
                        "drift_k": drift_store.manifest["settings"]["k"]}
     os.makedirs(ec.output_dir, exist_ok=True)
-    with open(os.path.join(ec.output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_atomic(os.path.join(ec.output_dir, "report.json"), json.dumps(report, indent=2))
     cfg.save(os.path.join(ec.output_dir, "eval_config.yaml"))
     from .plots import plot_report
     plot_report(report, ec.output_dir)

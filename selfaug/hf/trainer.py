@@ -31,7 +31,8 @@ from transformers import Trainer
 from .. import dist, store
 from ..config import build_section
 from ..data import DataError, tokenizer_fingerprint
-from ..models import TRANSFORMERS, attention_width, decoder_and_head, transformers_outside_range, vocab_size
+from ..models import (TRANSFORMERS, attention_width, check_head, decoder_and_head, head_scale, transformers_outside_range,
+                      vocab_size)
 from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
@@ -141,6 +142,8 @@ class SelfAugMixin:
                             "loss); leave it out for the default, with packing=True to pack")
         check_transformers()
         refuse_fp16(args, model)
+        # the head contract: a probe forward where the model is whole (ZeRO-3 partitioned: the config's scale)
+        scale = head_scale(model) if hasattr(decoder_and_head(model)[1].weight, "ds_id") else check_head(model)
         world = args.world_size  # sets up the process group (accelerate) before the store is opened by every rank
         teacher = store.TeacherStore(teacher_store, verify=tc.verify_store)
         tokenizer = kwargs.get("processing_class")
@@ -159,7 +162,8 @@ class SelfAugMixin:
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         self._selfaug = {"tc": tc, "store": teacher, "world": world, "co": None, "check": check_teacher,
                          "alpha": alpha_control(tc, _optimizer_steps(args, len(dataset), world)),
-                         "step_sums": None, "log_sums": None, "log_steps": 0, "zero3_head": False}
+                         "step_sums": None, "log_sums": None, "log_steps": 0, "zero3_head": False,
+                         "head_scale": scale}
         super().__init__(model=model, args=args, train_dataset=dataset,
                          data_collator=data_collator or SelfAugCollator(teacher, pad_id, layout), **kwargs)
         self.add_callback(_StepGuard(self))
@@ -249,7 +253,8 @@ class SelfAugMixin:
         seen = {}
 
         def keep_hidden(module, args, output):
-            seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            seen["hidden"] = hidden * s["head_scale"] if s["head_scale"] != 1.0 else hidden
 
         def loss_at_the_end(module, args, output):
             with gathered_head(params if zero3 and not trains else None):  # a frozen ZeRO-3 head, for the loss alone

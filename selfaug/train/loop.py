@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .. import dist, locks, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
-from ..models import attention_width, load_all, partition_line, resolve_dtype, vocab_size
+from ..models import attention_width, check_head, load_all, partition_line, resolve_dtype, vocab_size
 from . import checkpoint, metrics, preemption
 from .final import save_final, zero_stage
 from .batches import Layout, StepSampler, layout_for, step_counts, to_device
@@ -228,6 +228,7 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
                                            lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, tc, steps)))
     if zero_stage(engine) == 3:
         objective.setup_zero3_head()
+        check_head(objective.model)  # the head contract, the forward gathering as the steps' will
     examples = source.examples
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed,
                           lengths.tokens, tc.micro_batch_tokens, layout)
@@ -329,17 +330,17 @@ def _train(run: Run) -> str:
     cfg = run.cfg
     tc, rank = cfg.train, run.rank
     out = tc.output_dir
-    if rank == 0:
+    def prepare() -> None:  # rank 0; a failure (a full disk) reaches every rank before any collective of the run
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
+    dist.decide(prepare)
     exits = os.path.join(out, ".exit")  # each rank's exit status where launch.sh finds it on any node
     os.makedirs(exits, exist_ok=True)
     preemption.RUN_EXIT_DIR = exits  # this run's, not an earlier one's in the same process
     start = checkpoint.resume(run, run.identity)
     run.check_start = start == 0 and tc.check_teacher and isinstance(run.source, StoredSignal)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if rank == 0:
-        metrics.truncate(metrics_path, start)
+    dist.decide(lambda: metrics.truncate(metrics_path, start))  # rank 0; its failure on every rank
     run.wandb = metrics.wandb_run(cfg, rank)
     data = Prefetcher(run, start, tc.prefetch)  # the micro-batches, made ahead on a thread
     try:

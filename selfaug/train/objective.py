@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from ..loss import selfaug_loss
-from ..models import decoder_and_head
+from ..models import decoder_and_head, head_scale
 from .batches import model_inputs
 from .sources import TeacherSource
 
@@ -105,12 +105,15 @@ class Objective(torch.nn.Module):
         body, _ = decoder_and_head(self.model)
         weight, bias = self.head()
         with self.model.disable_adapter():
-            return body(**model_inputs(batch)).last_hidden_state, weight, bias
+            return body(**model_inputs(batch)).last_hidden_state * head_scale(self.model), weight, bias
 
     def forward(self, batch: dict, c_nll: float, c_kl: float, with_kl: bool = True):
         """with_kl=False: the NLL alone (KL sum 0); with c_kl = 0 the KL is measured without gradient work."""
         body, _ = decoder_and_head(self.model)
         hidden = body(**model_inputs(batch)).last_hidden_state  # (B, T, H), padded or packed rows
+        scale = head_scale(self.model)  # logits = scale * lm_head(hidden): Granite, Falcon-H1, Cohere
+        if scale != 1.0:
+            hidden = hidden * scale
         with self._frozen_head():  # under ZeRO-3 with a frozen head: gathered for the teacher and the loss only
             teacher = self.source.signal(batch, self) if with_kl else None
             return micro_batch_loss(hidden, self.head(), batch, teacher, self.tc, c_nll, c_kl)

@@ -135,8 +135,9 @@ class LiveModel:
         if self.frozen is None:
             hidden, weight, bias = student.original_hidden(batch)
         else:
-            from ..models import decoder_and_head
+            from ..models import decoder_and_head, head_scale
             body, head = decoder_and_head(self.frozen)
-            hidden, weight, bias = body(**model_inputs(batch)).last_hidden_state, head.weight, head.bias
+            hidden, weight, bias = (body(**model_inputs(batch)).last_hidden_state * head_scale(self.frozen), head.weight,
+                                    head.bias)
         return LiveTeacher(hidden[batch["rows_b"], batch["rows_t"]], weight.detach(),
                            None if bias is None else bias.detach())
