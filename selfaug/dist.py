@@ -142,7 +142,7 @@ def decide(fn):
         try:
             got = (True, fn())
         except Exception as e:  # raised below, on every rank alike
-            got = (False, e)
+            got = (False, _portable(e))
     if dist.is_initialized():
         box = [got]
         dist.broadcast_object_list(box, src=0)
@@ -151,6 +151,30 @@ def decide(fn):
     if not ok:
         raise value
     return value
+
+
+def together(fn):
+    """fn() on every rank; an exception on any rank is raised on every rank (the lowest failing rank's), so a
+    phase whose failure one rank alone may see (a file one node cannot read) ends every rank at once, not at
+    their next collective after train.ddp_timeout."""
+    try:
+        value, failure = fn(), None
+    except Exception as e:
+        value, failure = None, _portable(e)
+    failed = [f for f in all_gather_object(failure) if f is not None]
+    if failed:
+        raise failed[0]
+    return value
+
+
+def _portable(e: Exception) -> Exception:
+    """`e` where it pickles (to be sent to the other ranks), else a RuntimeError with its words."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def all_reduce_sum(values):

@@ -195,20 +195,11 @@ def load_examples(source: str, tok, cfg) -> Examples:
     before any model work, naming the record (and how many others are bad)."""
     import pyarrow.compute as pc
     rank = int(os.environ.get("RANK", 0))
-    if rank != 0:
-        dist.barrier()  # rank 0 writes the Arrow caches first; the others then read them
-    ds, fp = load_records(source, cfg)
-    key = tokenized_cache_key(fp, tok, cfg)
-    root = os.environ.get("SELFAUG_DATA_CACHE", os.path.join(cache_dir(), "tokenized"))
-    path = os.path.join(root, f"{key}.arrow")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    kwargs = dict(batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
-                  fn_kwargs={"tok": tok, "cfg": cfg, "source": source}, cache_file_name=path,
-                  new_fingerprint=key, load_from_cache_file=True, desc="tokenize",
-                  num_proc=cfg.num_proc if cfg.num_proc > 1 and len(ds) >= 2 * cfg.num_proc else None)
-    out = ds.map(_tokenize_batch, **kwargs)
-    if rank == 0:
-        dist.barrier()
+    made = {}
+    # rank 0 writes the Arrow caches first, the others then read them; a failure on any rank (a path one node
+    # cannot read) is raised on every rank at once, none is left waiting for train.ddp_timeout
+    dist.decide(lambda: made.update(out=_tokenized(source, tok, cfg)))
+    out, fp = dist.together(lambda: made.get("out") or _tokenized(source, tok, cfg))
     errors = out.data.table.column("error")
     bad = pc.is_valid(errors)
     n_bad = pc.sum(bad).as_py() or 0
@@ -222,6 +213,20 @@ def load_examples(source: str, tok, cfg) -> Examples:
         if line:
             print(f"data {source}: {line}", flush=True)
     return examples
+
+
+def _tokenized(source: str, tok, cfg):
+    """(the tokenized set, the data's fingerprint): read from the cache, or tokenized into it."""
+    ds, fp = load_records(source, cfg)
+    key = tokenized_cache_key(fp, tok, cfg)
+    root = os.environ.get("SELFAUG_DATA_CACHE", os.path.join(cache_dir(), "tokenized"))
+    path = os.path.join(root, f"{key}.arrow")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    kwargs = dict(batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                  fn_kwargs={"tok": tok, "cfg": cfg, "source": source}, cache_file_name=path,
+                  new_fingerprint=key, load_from_cache_file=True, desc="tokenize",
+                  num_proc=cfg.num_proc if cfg.num_proc > 1 and len(ds) >= 2 * cfg.num_proc else None)
+    return ds.map(_tokenize_batch, **kwargs), fp
 
 
 def pad(seqs: list, pad_id: int, left: bool = False):

@@ -55,7 +55,7 @@ def save_final(run) -> str:
             state = get_peft_model_state_dict(model, state_dict=state)
     else:
         state = model.state_dict()
-    if run.rank == 0:
+    def write() -> None:  # rank 0, the others waiting in dist.decide: its failure ends every rank at once
         dist.alone(f"writes {final} (the model in Hugging Face form)", cfg.train.ddp_timeout)
         staged = staging_dir(final)
         try:
@@ -78,7 +78,7 @@ def save_final(run) -> str:
             raise CheckpointError(f"{final} could not be written ({_why_not_written(e, cfg.train.output_dir)}); "
                                   f"{kept}: free space (or raise the file-size limit) and run the same command "
                                   "again (it resumes from the last checkpoint)") from None
-    dist.barrier()
+    dist.decide(write)
     return final
 
 
