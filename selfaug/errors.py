@@ -6,3 +6,7 @@ a library user catches one type and the command line prints it as one line.
 
 class SelfAugError(Exception):
     """Something the user can fix; the message says what and how."""
+
+
+class ModelError(SelfAugError, ValueError):
+    """A model that cannot be built as configured: the message names the key and the fix."""

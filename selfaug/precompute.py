@@ -140,12 +140,19 @@ def teacher_ds_config(cfg: Config, device) -> dict | None:
     if cfg.teacher.deepspeed is None:
         return None
     from .models import resolve_dtype
+    dtype = resolve_dtype(cfg.model.dtype, device)  # zero.Init builds the teacher in the dtype its section enables
     conf = dist.deepspeed_config(cfg.teacher.deepspeed, {
-        "bf16.enabled": device.type == "cuda" and resolve_dtype(cfg.model.dtype, "cuda") == torch.bfloat16,
-        "fp16.enabled": False, "train_micro_batch_size_per_gpu": 1})
+        "bf16.enabled": dtype == torch.bfloat16, "fp16.enabled": dtype == torch.float16,
+        "train_micro_batch_size_per_gpu": 1})
     if conf.get("zero_optimization", {}).get("stage") != 3:
         raise dist.DistError(f"teacher.deepspeed={cfg.teacher.deepspeed}: a partitioned teacher needs ZeRO stage 3 "
                              "(zero_optimization.stage = 3), e.g. ds_configs/zero3_inference.json")
+    for section, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if bool(conf.get(section, {}).get("enabled")) != (dtype == wanted):
+            raise dist.DistError(f"teacher.deepspeed={cfg.teacher.deepspeed}: model.dtype={cfg.model.dtype} is {dtype} on "
+                                 f"{device.type}, but the config's {section} section says enabled="
+                                 f"{conf.get(section, {}).get('enabled', False)}: zero.Init builds the teacher in the "
+                                 f"dtype the config enables; set \"{section}\": {{\"enabled\": \"auto\"}}")
     return conf
 
 

@@ -141,6 +141,11 @@ class SelfAugMixin:
             raise DataError("data_collator must be a selfaug.hf.SelfAugCollator (it carries the teacher rows to the "
                             "loss); leave it out for the default, with packing=True to pack")
         check_transformers()
+        if getattr(args, "n_gpu", 1) > 1:  # one process, several GPUs: the Trainer would wrap it in DataParallel
+            raise TrainError(f"one process sees {args.n_gpu} GPUs, so the Trainer would run torch.nn.DataParallel, which "
+                             "splits each micro-batch without its teacher rows: start one process per GPU (torchrun "
+                             f"--nproc_per_node {args.n_gpu} script.py, accelerate launch, or deepspeed), or make one "
+                             "GPU visible (CUDA_VISIBLE_DEVICES=0)")
         refuse_fp16(args, model)
         # the head contract: a probe forward where the model is whole (ZeRO-3 partitioned: the config's scale)
         scale = head_scale(model) if hasattr(decoder_and_head(model)[1].weight, "ds_id") else check_head(model)

@@ -217,8 +217,11 @@ def inverse_cdf_draws(logp: torch.Tensor, uniforms: torch.Tensor) -> dict:
     """Draws from each row's distribution by inverting its CDF at the given uniforms. logp (n, V) fp32
     log-probs, uniforms (n, N) in [0, 1) -> sample_ids (n, N) sorted per row, sample_logprobs (n, N)."""
     cdf = logp.exp().cumsum_(-1)  # (n, V) fp32
-    scaled = uniforms.to(cdf) * cdf[:, -1:]  # scaled by the total, which rounding leaves near 1
-    ids = torch.searchsorted(cdf, scaled, right=True).clamp_(max=logp.shape[1] - 1)  # (n, N)
+    total = cdf[:, -1:]  # which rounding leaves near 1
+    # scaled by the total, and kept below it: a float64 uniform just under 1 rounds to 1.0 in fp32 (about once per
+    # 2^25 draws), and searchsorted would then return V, past every id with probability
+    scaled = torch.minimum(uniforms.to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
+    ids = torch.searchsorted(cdf, scaled, right=True)  # (n, N): the first id whose cdf exceeds the draw
     ids = ids.sort(dim=-1).values
     return {"sample_ids": ids, "sample_logprobs": logp.gather(1, ids)}
 
