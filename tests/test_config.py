@@ -100,3 +100,16 @@ def test_eval_device_map_takes_accelerates_names_and_a_typo_is_one_line():
     assert load_config(recipe, ["eval.device_map=balanced"]).eval.device_map == "balanced"
     with pytest.raises(ConfigError, match="eval.device_map='atuo' is not one of"):
         load_config(recipe, ["eval.device_map=atuo"])
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    """PyYAML keeps the last of two keys silently: a second `train:` section dropped the first one's keys."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("model:\n  name_or_path: builtin:tiny-llama\ntrain:\n  learning_rate: 0.01\n"
+                      "data:\n  train: builtin:rag\ntrain:\n  alpha: 0.9\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'train' is given twice, on lines 3 and 7"):
+        load_config(str(recipe))
+    recipe.write_text("model:\n  name_or_path: builtin:tiny-llama\ndata: {train: builtin:rag}\n"
+                      "train:\n  alpha: 0.5\n  alpha: 0.9\n")
+    with pytest.raises(ConfigError, match=r"key 'alpha' is given twice, on lines 5 and 6"):
+        load_config(str(recipe))

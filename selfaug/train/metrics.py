@@ -9,6 +9,8 @@ import json
 import os
 
 from ..config import Config
+from ..durable import write_atomic
+from .checkpoint import CheckpointError
 
 
 def wandb_run(cfg: Config, rank: int):
@@ -44,9 +46,24 @@ def log(run, path: str, row: dict) -> None:
 
 
 def truncate(path: str, step: int) -> None:
-    """Drop metric lines past the resumed step, so a resumed run's file equals an uninterrupted one's."""
+    """Drop metric lines past the resumed step, so a resumed run's file equals an uninterrupted one's. A last
+    line torn by a full disk or a crash mid-append is cut off with a message (a torn line elsewhere is an error:
+    the file was edited). Rewritten whole or not at all."""
     if not os.path.exists(path):
         return
-    rows = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
+    lines, rows = open(path, encoding="utf-8", errors="replace").read().splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if any(x.strip() for x in lines[i + 1:]):
+                raise CheckpointError(f"{path}:{i + 1} is not JSON ({line[:60]!r}); fix or remove that line, then "
+                                    "resume") from None
+            print(f"{path}: its last line ({i + 1}) was torn by a crash or a full disk and is cut off: {line[:60]!r}",
+                  flush=True)
+            break
+        if row["step"] <= step:
+            rows.append(line + "\n")
+    write_atomic(path, "".join(rows))

@@ -224,3 +224,18 @@ def test_a_mistyped_run_is_one_line_before_the_base_model_loads(tmp_path, monkey
     cfg = tiny_config(str(tmp_path), eval={"runs": [str(tmp_path / "runs" / "lroa")], "max_ifeval_prompts": 1})
     with pytest.raises(ConfigError, match=r"eval.runs: .*lroa is neither a selfaug run with a final/ model"):
         evaluate.run(cfg)
+
+
+def test_runs_with_the_same_folder_name_or_named_base_get_rows_of_their_own(tmp_path):
+    """`a/selfaug` and `b/selfaug`, or a run named `base`, overwrote each other's (or the base's) row in report.json:
+    where names collide, a run is named by its path relative to the runs' common parent."""
+    names = evaluate.model_names
+    assert names(["runs/lora", "runs/selfaug"]) == ["lora", "selfaug"]  # unique: the folder's name, as before
+    assert names(["x/a/selfaug", "x/b/selfaug"]) == ["a/selfaug", "b/selfaug"]
+    assert names([str(tmp_path / "base"), str(tmp_path / "lora")]) == [f"{tmp_path.name}/base", f"{tmp_path.name}/lora"]
+    with pytest.raises(evaluate.ConfigError, match="lists x/a twice"):
+        names(["x/a", "x/a/"])
+    kept = evaluate.Kept(str(tmp_path), "settings")
+    kept.put("a/selfaug", "w1", {"score": 1})
+    kept.put("b/selfaug", "w2", {"score": 2})
+    assert kept.get("a/selfaug", "w1") == {"score": 1} and kept.get("b/selfaug", "w2") == {"score": 2}

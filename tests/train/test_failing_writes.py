@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -126,3 +127,16 @@ def test_a_failed_second_save_of_final_leaves_the_previous_one_whole_and_loadabl
     os.remove(os.path.join(final, durable.COMPLETE))
     assert not study._trained(cfg)
     assert '[ -f "$out/final/COMPLETE" ]' in open(os.path.join(ROOT, "launch.sh")).read()
+
+
+def test_a_torn_last_line_of_metrics_is_cut_off_with_a_message_on_resume(tmp_path, capsys):
+    """A full disk mid-append leaves half a line: every resume failed on it with a JSONDecodeError."""
+    from selfaug.train import metrics
+    path = str(tmp_path / "metrics.jsonl")
+    open(path, "w").write('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    metrics.truncate(path, 2)
+    assert open(path).read() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert "its last line (3) was torn by a crash or a full disk and is cut off" in capsys.readouterr().out
+    open(path, "w").write('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')  # not the last line: edited, not torn
+    with pytest.raises(checkpoint.CheckpointError, match="metrics.jsonl:1 is not JSON"):
+        metrics.truncate(path, 2)
