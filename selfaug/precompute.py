@@ -17,7 +17,6 @@ so that every rank issues the same collectives.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -33,37 +32,57 @@ from .models import check_head, decoder_and_head, head_scale, load_all, partitio
 
 
 @torch.no_grad()
-def teacher_signal(body, head, input_ids, attention_mask, rows_b, rows_t, signal_fn, chunk_rows: int,
-                   partitioned: bool = False, scale: float = 1.0) -> dict:
-    """The teacher's signal at the given (batch, position) rows.
+def teacher_signal(model, input_ids, attention_mask, rows_b, rows_t, signal_fn, chunk_rows: int) -> dict:
+    """The teacher's signal at the given (batch, position) rows, from the model's own forward.
+
+    The forward is the model's (its head on one position, `logits_to_keep=1`): the body's output is kept by a
+    hook, and the signal is computed in a pre-hook of the lm_head, when the head is there to use. Under ZeRO-3
+    that is inside the forward DeepSpeed traces, so its coordinator completes the trace and prefetches the
+    layers (the body called on its own never completed it: every gather synchronous), and gathers the head
+    once. A model spread over GPUs (eval.device_map) runs as it would for generation.
 
     Args:
+        model: a causal LM (whole, ZeRO-3 partitioned, or dispatched over devices).
         input_ids, attention_mask: (B, T).
         rows_b, rows_t: (N,) the rows' batch index and position.
         signal_fn(logp (n, V) fp32 log-probs of a chunk, rows slice) -> {name: (n, ...) tensor}.
-        partitioned: the head is ZeRO-3 partitioned: gather it once for this batch (a collective).
-        scale: the model's logits are scale * lm_head(h) (`models.head_scale`).
     Returns {name: (N, ...) tensor} on the CPU. The lm_head runs only on the N rows, `chunk_rows` at a
-    time, so no (N, V) fp32 tensor is ever whole."""
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
-    # a model spread over GPUs (eval.device_map) ends on its last layer's device, the head may sit on another
-    h = hidden[rows_b.to(hidden.device), rows_t.to(hidden.device)].to(head.weight.device)  # (N, H)
-    if scale != 1.0:
-        h = h * scale
-    parts = []
-    params = [p for p in (head.weight, head.bias) if p is not None]
-    if partitioned:
-        import deepspeed
-        gathered = deepspeed.zero.GatheredParameters(params)
-    else:
-        gathered = contextlib.nullcontext()
-    with gathered:
+    time, so no (N, V) fp32 tensor is ever whole; the hidden states are scaled by `head_scale` (Granite, ...)."""
+    body, head = decoder_and_head(model)
+    scale, seen = head_scale(model), {}
+
+    def keep_hidden(module, args, output):
+        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def signal_at_head(module, args):  # the head's parameters are in place here (ZeRO-3: its own pre-hook ran)
+        hidden = seen.pop("hidden")  # (B, T, H)
+        # a model spread over GPUs ends on its last layer's device, the head may sit on another
+        h = hidden[rows_b.to(hidden.device), rows_t.to(hidden.device)].to(head.weight.device)  # (N, H)
+        if scale != 1.0:
+            h = h * scale
+        parts = []
         for start in range(0, max(h.shape[0], 1), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logp = F.linear(h[rows], head.weight, head.bias).float()  # (n, V), one buffer
             logp.sub_(logp.logsumexp(dim=-1, keepdim=True))  # log_softmax over the full vocabulary, in place
             parts.append(signal_fn(logp, rows))
-    return {name: torch.cat([p[name] for p in parts]).cpu() for name in parts[0]}
+        seen["signal"] = {name: torch.cat([p[name] for p in parts]).cpu() for name in parts[0]}
+
+    hooks = [body.register_forward_hook(keep_hidden), head.register_forward_pre_hook(signal_at_head)]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+              **({"logits_to_keep": 1} if _keeps_logits(model) else {}))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["signal"]
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward can apply its own head to the last position alone (`logits_to_keep`)."""
+    import inspect
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def length_batches(examples: list, batch_tokens: int) -> list[list]:
@@ -86,8 +105,8 @@ class Teacher:
     store's signal (`store.signal_for`) at the positions the rule keeps."""
 
     def __init__(self, model, cfg: Config, pad_id: int, device, partitioned: bool):
-        self.body, self.head = decoder_and_head(model)
-        self.scale = head_scale(model)
+        self.model = model
+        self.head = decoder_and_head(model)[1]
         self.pad_id, self.device, self.partitioned = pad_id, device, partitioned
         self.vocab = vocab_size(model)
         self.rule = store.PositionRule.of(cfg.teacher)
@@ -101,9 +120,8 @@ class Teacher:
         rb = torch.from_numpy(np.concatenate([np.full(len(p), b) for b, p in enumerate(pos)])).to(self.device)
         rt = torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(self.device)
         fn = self.signal.row_fn(batch, pos, self.head.weight.device)  # the chunks' log-probs live with the head
-        got = {k: v.numpy() for k, v in teacher_signal(self.body, self.head, ids.to(self.device),
-                                                       mask.to(self.device), rb, rt, fn, self.chunk_rows,
-                                                       self.partitioned, self.scale).items()}
+        got = {k: v.numpy() for k, v in teacher_signal(self.model, ids.to(self.device), mask.to(self.device), rb, rt,
+                                                       fn, self.chunk_rows).items()}
         out, start = {}, 0
         for e, p in zip(batch, pos):
             out[e.example_id] = (p, self.signal.per_example({k: v[start:start + len(p)] for k, v in got.items()}))
@@ -113,8 +131,8 @@ class Teacher:
     def dummy(self) -> None:
         """The collectives of one batch with no data (partitioned teacher, a rank with no work left)."""
         one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-        teacher_signal(self.body, self.head, one, torch.ones_like(one), one[0] * 0, one[0] * 0,
-                       lambda logp, rows: {"max": logp.max(-1).values}, self.chunk_rows, self.partitioned)
+        teacher_signal(self.model, one, torch.ones_like(one), one[0] * 0, one[0] * 0,
+                       lambda logp, rows: {"max": logp.max(-1).values}, self.chunk_rows)
 
     def shard(self, examples: list, out: dict) -> store.ShardRows:
         """The computed rows of one chunk, in example order, as the store's arrays."""
