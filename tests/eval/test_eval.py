@@ -150,7 +150,8 @@ def test_eval_holds_one_model_at_a_time_and_resumes_with_the_models_not_yet_scor
 
     def track(model):
         gc.collect()
-        if any(r() is model for r in alive):  # an adapter's base, merged: the same model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if any(r() is inner for r in alive):  # an adapter on its base (unmerged): the same model
             return model
         assert all(r() is None for r in alive), "a model was loaded while another was in memory"
         alive.append(weakref.ref(model))
