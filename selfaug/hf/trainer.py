@@ -36,7 +36,7 @@ from ..models import (TRANSFORMERS, attention_width, check_head, decoder_and_hea
 from ..train import TrainError
 from ..train.batches import layout_for, model_inputs, to_device
 from ..train.alpha import alpha_control
-from ..train.objective import coefficients, for_engine_backward, gathered_head, micro_batch_loss
+from ..train.objective import coefficients, for_engine_backward, micro_batch_loss
 from ..train.sources import StoredSignal
 from .dataset import LENGTH, SelfAugCollator, StepOrder, match_dataset, store_dataset
 
@@ -261,10 +261,14 @@ class SelfAugMixin:
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
             seen["hidden"] = hidden * s["head_scale"] if s["head_scale"] != 1.0 else hidden
 
+        def loss_at_head(module, args):
+            # the head's parameters are in place here: a frozen ZeRO-3 head gathered by its own pre-hook, inside the
+            # forward DeepSpeed traces, once (gathering it again after the forward was a second all-gather)
+            seen["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
+                                                           teacher, s["tc"], co.c_nll, co.c_kl)
+
         def loss_at_the_end(module, args, output):
-            with gathered_head(params if zero3 and not trains else None):  # a frozen ZeRO-3 head, for the loss alone
-                output["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
-                                                                 teacher, s["tc"], co.c_nll, co.c_kl)
+            output["loss"] = seen.pop("loss")
             return output
 
         inputs = model_inputs(batch)
@@ -273,7 +277,8 @@ class SelfAugMixin:
             s["keep_one"] = "logits_to_keep" in inspect.signature(forward).parameters
         if s["keep_one"]:
             inputs["logits_to_keep"] = 1  # the model's own head on one position; the loss applies it in chunks
-        hooks = [body.register_forward_hook(keep_hidden), top.register_forward_hook(loss_at_the_end, prepend=True)]
+        hooks = [body.register_forward_hook(keep_hidden), head.register_forward_pre_hook(loss_at_head),
+                 top.register_forward_hook(loss_at_the_end, prepend=True)]
         try:
             output = model(**inputs)
         finally:
