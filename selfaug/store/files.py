@@ -82,11 +82,40 @@ def read_manifest(store_dir: str) -> dict:
     return manifest
 
 
-def read_shard(path: str) -> pa.Table:
+def read_shard(path: str, decompressed_key: str | None = None) -> pa.Table:
     """The shard's table over a memory map: uncompressed columns are views of the file, read from disk
-    only where touched."""
+    only where touched. A compressed shard (`teacher.compression`) would be decompressed whole into each reading
+    process's memory (8 copies on a node of 8 ranks): with `decompressed_key` (naming its bytes) it is mapped from the
+    node's one decompressed copy instead (`decompressed_copy`)."""
+    if decompressed_key is not None:
+        path = decompressed_copy(path, decompressed_key)
     with pa.memory_map(path) as source:
         return pa.ipc.open_stream(source).read_all()
+
+
+def decompressed_copy(path: str, key: str) -> str:
+    """An uncompressed copy of a compressed shard in this node's cache (`$SELFAUG_CACHE/shards/<key>.arrow`, `key`
+    the shard's sha256): made once per node, batch by batch, under a file lock (the node's other ranks wait for it,
+    then map it too), so the page cache holds one decompressed copy per node. `key` names the bytes (the reader
+    uses sha256, size and mtime). Remove the folder to reclaim the space."""
+    import fcntl
+    from ..data import cache_dir
+    folder = os.path.join(cache_dir(), "shards")
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, f"{key}.arrow")
+    if os.path.exists(target):
+        return target
+    with open(target + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(target):
+            tmp = tmp_name(target)
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_stream(source)
+                with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
+                    for batch in reader:  # one record batch in memory at a time
+                        writer.write_batch(batch)
+            os.replace(tmp, target)
+    return target
 
 
 class StoreLock:

@@ -26,8 +26,15 @@ class TeacherStore:
         self.dir = store_dir
         opened = {}  # this rank's share of the shards: read and flattened once, for the check and for reading
 
+        def shard(manifest, entry):  # a compressed store: mapped from the node's decompressed copy
+            path = os.path.join(store_dir, entry["file"])
+            if manifest["settings"].get("compression", "none") == "none":
+                return read_shard(path)
+            st = os.stat(path)  # the copy is of these bytes: a rewritten shard (new mtime) gets a new one
+            return read_shard(path, f"{entry.get('sha256', 'x')[:32]}-{st.st_size}-{st.st_mtime_ns}")
+
         def check(manifest, s, entry):
-            table = read_shard(os.path.join(store_dir, entry["file"]))
+            table = shard(manifest, entry)
             opened[s] = (table, flatten(table, signal_of(manifest["settings"])) if table.num_rows else None)
             return check_shard(table, manifest["settings"], entry["file"], opened[s][1])
 
@@ -40,7 +47,7 @@ class TeacherStore:
         index = []  # (shard, row) per example, in store order
         for s, entry in enumerate(self.manifest["shards"]):
             if s not in opened:
-                table = read_shard(os.path.join(store_dir, entry["file"]))
+                table = shard(self.manifest, entry)
                 opened[s] = (table, flatten(table, self.signal) if table.num_rows else None)
             table, flat = opened.pop(s)
             self._shards.append(flat)  # an empty shard holds no examples
