@@ -136,6 +136,9 @@ class StoredTeacher:
         move = lambda t: t.to(device, non_blocking=non_blocking)
         return StoredTeacher(move(self.topk_ids).long(), move(self.topk_logprobs).float(), move(self.tail_logprob).float())
 
+    def pin_memory(self) -> "StoredTeacher":  # torch's DataLoader calls it (pin_memory=True): an asynchronous copy
+        return StoredTeacher(*(t.pin_memory() for t in (self.topk_ids, self.topk_logprobs, self.tail_logprob)))
+
     def kl(self, logq, rows: slice, reverse: bool, tail: str):
         return kl_from_topk(logq, self.topk_ids[rows], self.topk_logprobs[rows].float(),
                             self.tail_logprob[rows].float(), reverse, tail)
@@ -158,6 +161,9 @@ class SampledTeacher:
     def to_device(self, device, non_blocking: bool = False) -> "SampledTeacher":
         move = lambda t: t.to(device, non_blocking=non_blocking)
         return SampledTeacher(move(self.ids).long(), move(self.weights).float(), move(self.logprobs).float())
+
+    def pin_memory(self) -> "SampledTeacher":  # as StoredTeacher's
+        return SampledTeacher(*(t.pin_memory() for t in (self.ids, self.weights, self.logprobs)))
 
     def kl(self, logq, rows: slice, reverse: bool, tail: str):
         if reverse:

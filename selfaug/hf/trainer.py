@@ -253,7 +253,9 @@ class SelfAugMixin:
             for p in params:
                 deepspeed.zero.register_external_parameter(top, p)
             s["zero3_head"] = True
-        batch = to_device(batch, batch["input_ids"].device)  # the trainer moved the tensors; ids widened, teacher moved
+        # the trainer moved the tensors; ids widened, the teacher rows moved (from pinned memory: the Trainer's
+        # DataLoader pins them through their pin_memory, so the copy does not stall the host)
+        batch = to_device(batch, batch["input_ids"].device, non_blocking=True)
         teacher = batch["teacher"]
         seen = {}
 
