@@ -42,6 +42,9 @@ class ModelConfig:
     init: Literal["pretrained", "random"] = opt(
         "pretrained", "random: seeded random weights from name_or_path/config.json (shape studies; no weights read)")
     seed: int = opt(0, "seed of the random weights with model.init=random")
+    chat_template: Optional[str] = opt(
+        None, "the tokenizer's chat template replaced by this one: a Jinja string, or a file holding one (a base model "
+              "has none; TRL's and axolotl's chat_template); part of the store's tokenizer fingerprint")
 
 
 @dataclass
@@ -161,6 +164,12 @@ class TrainConfig:
         "module names that get adapters (a list, or a comma-separated string); [all-linear]: every linear layer but "
         "the head, as peft expands it")
     save_steps: int = opt(0, "checkpoint every N optimizer steps (0: only at the end)", ge=0)
+    save_total_limit: Optional[int] = opt(
+        None, "keep the newest N checkpoints: older ones are removed only once a new one is whole and "
+              "checkpoints/latest names it, and latest's target never (null: keep all)", ge=1)
+    save_hf: bool = opt(False, "also write each checkpoint's adapter (LoRA) or model (full) in Hugging Face form in "
+                               "checkpoints/step-N/hf/ (peft, transformers, `selfaug eval` read it); full fine-tuning "
+                               "under ZeRO-3 consolidates the 16-bit model on rank 0, as final/ does")
     resume: str = opt("auto", "auto (latest checkpoint if any) | never | a checkpoint directory; the world size may "
                               "differ if micro_batch_size x gradient_accumulation_steps x world size (the global "
                               "batch) is kept")

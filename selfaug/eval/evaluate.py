@@ -83,24 +83,37 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_si
     return out
 
 
+def _selfaug_form(run_dir: str) -> str | None:
+    """Where an entry of eval.runs holds selfaug's Hugging Face form (with its `selfaug_config.yaml`): a run's
+    final/, or a checkpoint's hf/ (`RUN/checkpoints/step-N`, train.save_hf); None for any other directory."""
+    for sub in ("final", "hf"):
+        if os.path.isfile(os.path.join(run_dir, sub, "selfaug_config.yaml")):
+            return os.path.join(run_dir, sub)
+    return None
+
+
 def _run_source(run_dir: str) -> None:
-    """An entry of eval.runs that can be loaded: a selfaug run with its final/, or a model or adapter directory."""
-    final = os.path.join(run_dir, "final")
-    if not (os.path.isfile(os.path.join(final, "selfaug_config.yaml"))
+    """An entry of eval.runs that can be loaded: a selfaug run with its final/, a checkpoint with its hf/, or a
+    model or adapter directory."""
+    if os.path.isfile(os.path.join(run_dir, "selfaug.json")) and _selfaug_form(run_dir) is None:
+        raise ConfigError(f"eval.runs: {run_dir} is a checkpoint without its Hugging Face form (hf/): train with "
+                          "train.save_hf=true to write it with every checkpoint, or evaluate the run's final/")
+    if not (_selfaug_form(run_dir)
             or any(os.path.isfile(os.path.join(run_dir, f)) for f in ("adapter_config.json", "config.json"))):
         raise ConfigError(f"eval.runs: {run_dir} is neither a selfaug run with a final/ model nor a Hugging Face model "
                           "or peft adapter directory (config.json or adapter_config.json)")
 
 
 def load_run_model(cfg: Config, run_dir: str, dtype, device):
-    """(model, alpha) of one entry of eval.runs: a `selfaug train` run (its final/), or any Hugging Face
-    model directory or peft adapter directory (`SelfAugTrainer.save_model`, another trainer's output). An
-    adapter goes on its own base model when that is a directory or hub id, else on the recipe's model."""
-    final, alpha = os.path.join(run_dir, "final"), None
+    """(model, alpha) of one entry of eval.runs: a `selfaug train` run (its final/), one of its checkpoints (its
+    hf/), or any Hugging Face model directory or peft adapter directory (`SelfAugTrainer.save_model`, another
+    trainer's output). An adapter goes on its own base model when that is a directory or hub id, else on the
+    recipe's model."""
     _run_source(run_dir)
-    if os.path.isfile(os.path.join(final, "selfaug_config.yaml")):
-        alpha = load_config(os.path.join(final, "selfaug_config.yaml"), saved=True).train.alpha
-        base_cfg, where = load_config(os.path.join(final, "selfaug_config.yaml"), saved=True).model, final
+    form, alpha = _selfaug_form(run_dir), None
+    if form is not None:
+        saved = load_config(os.path.join(form, "selfaug_config.yaml"), saved=True)
+        alpha, base_cfg, where = saved.train.alpha, saved.model, form
     else:  # a model or adapter directory (`_run_source`)
         base_cfg, where = cfg.model, run_dir
         trainer_json = os.path.join(run_dir, "selfaug_trainer.json")
@@ -128,8 +141,8 @@ def _head_checked(model):
 
 def _drift_budget(run_dir: str) -> float | None:
     """The run's train.drift_budget (a `selfaug train` run; None otherwise)."""
-    saved = os.path.join(run_dir, "final", "selfaug_config.yaml")
-    return load_config(saved, saved=True).train.drift_budget if os.path.isfile(saved) else None
+    form = _selfaug_form(run_dir)
+    return load_config(os.path.join(form, "selfaug_config.yaml"), saved=True).train.drift_budget if form else None
 
 
 class RagSet(NamedTuple):
@@ -230,13 +243,12 @@ def _weights(cfg: Config, run_dir: str) -> str:
     """What identifies a run's weights: the content of the directory its model loads from (every byte), and for
     an adapter that of the base it goes on (`load_run_model`): a base changed in place is scored again."""
     from ..config import ModelConfig
-    final = os.path.join(run_dir, "final")
-    where = final if os.path.isdir(final) else run_dir
+    form = _selfaug_form(run_dir)
+    where = form or run_dir
     weights = model_fingerprint(ModelConfig(name_or_path=where))["content_hash"]
     if not os.path.exists(os.path.join(where, "adapter_config.json")):
         return weights
-    saved = os.path.join(final, "selfaug_config.yaml")
-    base = load_config(saved, saved=True).model if os.path.isfile(saved) else cfg.model
+    base = load_config(os.path.join(form, "selfaug_config.yaml"), saved=True).model if form else cfg.model
     return weights + "+" + model_fingerprint(base)["content_hash"]
 
 

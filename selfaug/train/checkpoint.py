@@ -91,10 +91,11 @@ def set_rng_state(state: dict, cuda_devices: int) -> None:
 
 # ---- save and resume ------------------------------------------------------------------------------
 
-def save(run, step: int, identity: dict) -> tuple[str, float]:
-    """All ranks: the checkpoint of `step`, marked latest once whole, and the seconds it took. Each rank
-    writes its own partition of the trainable state and no more. A write that fails on any rank (a full
-    disk, a file-size limit) is one CheckpointError on every rank, and `latest` still names the one before."""
+def save(run, step: int, identity: dict, extra=None) -> tuple[str, float]:
+    """All ranks: the checkpoint of `step`, marked latest once whole, and the seconds it took. Each rank writes its
+    own partition of the trainable state and no more; `extra(path)`, on all ranks, writes more into it. A write that
+    fails on any rank (a full disk, a file-size limit) is one CheckpointError on every rank, and `latest` still names
+    the one before."""
     engine, cfg = run.engine, run.cfg
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     tag = f"step-{step}"
@@ -106,6 +107,8 @@ def save(run, step: int, identity: dict) -> tuple[str, float]:
         engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
         in_deepspeed = False
+        if extra is not None:  # e.g. the Hugging Face form (train.save_hf): inside the checkpoint before `latest`
+            extra(path)
         torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
         fsync_tree(path)  # on disk before `latest` names it (each rank flushes what it wrote)
         if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed

@@ -4,6 +4,7 @@ written beside the old one and swapped in by rename once whole, its marker `fina
 that fails or is killed leaves the previous `final/` as it was.
 Under ZeRO-3 a LoRA run gathers only its adapter tensors, one at a time; a full model is consolidated on rank 0
 (16-bit where it trains in 16-bit) while the other ranks wait (the log says for how long they may).
+With train.save_hf each checkpoint gets the same files in `checkpoints/step-N/hf/` (`save_hf_checkpoint`).
 """
 from __future__ import annotations
 
@@ -40,32 +41,58 @@ def _zero3_state_dict(engine, model, lora: bool):
     return state
 
 
+def trained_state(run):
+    """All ranks: the trained weights as `write_hf` takes them, on rank 0 (None elsewhere under ZeRO-3, where
+    `_zero3_state_dict` gathers them: a LoRA run's adapter tensors one at a time, a full model consolidated)."""
+    engine, model, lora = run.engine, run.engine.module.model, run.cfg.train.adapter == "lora"
+    if zero_stage(engine) != 3:
+        return model.state_dict()
+    state = _zero3_state_dict(engine, model, lora)
+    if lora and run.rank == 0:  # names as peft saves them
+        from peft.utils import get_peft_model_state_dict
+        state = get_peft_model_state_dict(model, state_dict=state)
+    return state
+
+
+def write_hf(run, state, target: str) -> None:
+    """Rank 0: the peft adapter (LoRA) or the model (full) from `trained_state` in `target`, with the tokenizer and
+    the resolved recipe (`selfaug_config.yaml`): what peft, transformers and `selfaug eval` read."""
+    model = run.engine.module.model
+    if run.cfg.train.adapter == "lora" and zero_stage(run.engine) == 3:
+        _save_adapter(model, state, target)
+    else:
+        model.save_pretrained(target, state_dict=state)
+    run.tok.save_pretrained(target)
+    run.cfg.save(os.path.join(target, "selfaug_config.yaml"))
+
+
+def save_hf_checkpoint(run, path: str) -> None:
+    """All ranks (ZeRO-3 gathers): checkpoint `path`'s weights in Hugging Face form in `path`/hf (train.save_hf),
+    written before `latest` names the checkpoint (`checkpoint.save`)."""
+    state = trained_state(run)
+    if run.rank == 0:
+        if zero_stage(run.engine) == 3 and run.cfg.train.adapter != "lora":
+            print("rank 0 holds the whole 16-bit model to write it in Hugging Face form (train.save_hf)", flush=True)
+        from safetensors import SafetensorError
+        try:
+            write_hf(run, state, os.path.join(path, "hf"))
+        except SafetensorError as e:  # a failed write, as checkpoint.save counts them
+            raise OSError(f"safetensors: {e}") from None
+
+
 def save_final(run) -> str:
     """Hugging Face form under <output_dir>/final: the peft adapter (and merged model on request) or the
     full model. Under ZeRO-3 the parameters are gathered to rank 0 first. Written into `final.tmp-<host>-<pid>`
     and swapped in whole (`replace_dir`): until then the previous `final/`, if any, is untouched."""
-    cfg, engine = run.cfg, run.engine
+    cfg = run.cfg
     final = os.path.join(cfg.train.output_dir, "final")
-    model = engine.module.model
-    lora = cfg.train.adapter == "lora"
-    if zero_stage(engine) == 3:
-        state = _zero3_state_dict(engine, model, lora)
-        if lora and run.rank == 0:  # names as peft saves them
-            from peft.utils import get_peft_model_state_dict
-            state = get_peft_model_state_dict(model, state_dict=state)
-    else:
-        state = model.state_dict()
+    state = trained_state(run)
     def write() -> None:  # rank 0, the others waiting in dist.decide: its failure ends every rank at once
         dist.alone(f"writes {final} (the model in Hugging Face form)", cfg.train.ddp_timeout)
         staged = staging_dir(final)
         try:
-            if lora and zero_stage(engine) == 3:
-                _save_adapter(model, state, staged)
-            else:
-                model.save_pretrained(staged, state_dict=state)
-            run.tok.save_pretrained(staged)
-            cfg.save(os.path.join(staged, "selfaug_config.yaml"))
-            if lora and cfg.train.merge_adapter:
+            write_hf(run, state, staged)
+            if cfg.train.adapter == "lora" and cfg.train.merge_adapter:
                 dist.alone("merges the adapter into the model (final/merged)", cfg.train.ddp_timeout)
                 merge_adapter(cfg, staged)
             replace_dir(staged, final, f"written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")

@@ -30,8 +30,8 @@ from .. import dist, locks, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
 from ..models import attention_width, check_head, load_all, partition_line, resolve_dtype, vocab_size
-from . import checkpoint, metrics, preemption
-from .final import save_final, zero_stage
+from . import checkpoint, metrics, preemption, retention
+from .final import save_final, save_hf_checkpoint, zero_stage
 from .batches import Layout, StepSampler, layout_for, step_counts, to_device
 from .prefetch import Prefetcher
 from .alpha import DriftBudget, Schedule, alpha_control
@@ -108,11 +108,12 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
     """The one place that decides where the examples and the teacher come from."""
     tc = cfg.train
     if tc.teacher_mode == "offline":
-        if not tc.kl_ever_on() and not os.path.exists(os.path.join(cfg.teacher.output_dir, store.MANIFEST)):
+        where = store.local_store(cfg.teacher.output_dir)  # on object storage: this node's checked mirror
+        if not tc.kl_ever_on() and not os.path.exists(os.path.join(where, store.MANIFEST)):
             raise store.StoreError(f"{cfg.teacher.output_dir} is not a teacher store (no {store.MANIFEST}): with "
                                    "train.alpha=0 and teacher_mode=offline the run trains on the store's examples; "
                                    "for plain fine-tuning on the data set train.teacher_mode=none")
-        teacher_store = store.TeacherStore(cfg.teacher.output_dir, verify=tc.verify_store)
+        teacher_store = store.TeacherStore(where, verify=tc.verify_store)
         expected = store.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
         store.check_store(cfg.teacher.output_dir, teacher_store.manifest, expected)
         # alpha = 0 with a store: the teacher rows still come along when the KL is monitored (train.monitor_kl_every)
@@ -378,7 +379,10 @@ def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
                                 **({"kl": f"{kl_mean:.4f}"} if got.kl_measured else {}))
             done = step + 1
             if got.stop or (tc.save_steps and done % tc.save_steps == 0) or done == run.stop_after:
-                path, seconds = checkpoint.save(run, done, run.identity)
+                path, seconds = checkpoint.save(run, done, run.identity,
+                                                (lambda p: save_hf_checkpoint(run, p)) if tc.save_hf else None)
+                # only now, with the new one whole and named by `latest`, may older ones go (rank 0; its failure on all)
+                dist.decide(lambda: retention.rotate(os.path.dirname(path), tc.save_total_limit, os.path.basename(path)))
             if got.stop:
                 run.stop.finish(done, path, seconds)
             if done == run.stop_after:
