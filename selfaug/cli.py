@@ -133,6 +133,9 @@ def _run(args) -> int:
         print("selfaug: error: selfaug config needs --config RECIPE (or --reference)", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
+    if args.command in ("config", "estimate"):  # the files it names (the stages check them as they start)
+        from .config import check_paths
+        check_paths(cfg)
     if args.command in ("precompute", "train", "eval", "study", "bench"):
         _check_transformers()
     if args.command == "config" and args.get:  # one value, for scripts (launch.sh reads train.output_dir)
@@ -215,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from .train.preemption import record_exit
-    code = _handled(args)
+    try:
+        code = _handled(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone (`selfaug config | head`) is seen below
+    except BrokenPipeError:  # the reader closed the pipe: nothing more to say, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails no more
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe ended
     record_exit(code)
     return code
 

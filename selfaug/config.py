@@ -12,6 +12,7 @@ YAML lists (or comma-separated strings). The resolved config is saved beside eve
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -56,7 +57,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if get_origin(hint) is Literal:
         allowed = get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}")
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -92,6 +93,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def did_you_mean(value: Any, choices, prefix: str = "") -> str:
+    """'; did you mean X?' for the closest of `choices` to a mistyped name or value (difflib), else ''."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
 def _check_range(value: Any, meta: dict, where: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
@@ -121,7 +128,8 @@ def build_config(raw: dict, overrides: list[str] = (), saved: bool = False) -> C
     sections = {}
     for name, value in raw.items():
         if name not in schema:
-            raise ConfigError(f"unknown config section {name!r}; valid sections: {', '.join(schema)}")
+            raise ConfigError(f"unknown config section {name!r}"
+                              f"{did_you_mean(name, schema) or '; valid sections: ' + ', '.join(schema)}")
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {type(value).__name__} {value!r}")
         sections[name] = dict(value or {})
@@ -131,8 +139,8 @@ def build_config(raw: dict, overrides: list[str] = (), saved: bool = False) -> C
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if section not in schema:
-            raise ConfigError(f"unknown config section {section!r} in override {item!r}; "
-                              f"valid sections: {', '.join(schema)}")
+            raise ConfigError(f"unknown config section {section!r} in override {item!r}"
+                              f"{did_you_mean(section, schema) or '; valid sections: ' + ', '.join(schema)}")
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
@@ -161,7 +169,9 @@ def build_section(section: str, raw: dict, saved: bool = False):
                 continue
             key, value = new, RENAMED_VALUES.get((section, key), {}).get(value, value)
         if key not in keys:
-            raise ConfigError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(keys)}")
+            hint = did_you_mean(key, keys, f"{section}.")
+            raise ConfigError(f"unknown key {section}.{key}" + (f"{hint} (selfaug config --reference lists every key)"
+                                                               if hint else f"; valid keys of [{section}]: {', '.join(keys)}"))
         values[key] = _coerce(value, keys[key][0], f"{section}.{key}")
     obj = cls(**values)
     for key, (_, f) in keys.items():
@@ -234,6 +244,11 @@ def check_paths(cfg: Config) -> None:
                 raise ConfigError(f"{section}.{key}: file {value!r} not found (paths are relative to "
                                   f"{os.getcwd()}, then the shipped ds_configs/ and recipes/); point it at an "
                                   "existing file, e.g. ds_configs/zero2.json")
+    for key in ("train", "eval"):  # a local data file (a name that is not a file is a Hugging Face dataset's)
+        value = getattr(cfg.data, key)
+        if value and value.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(value):
+            raise ConfigError(f"data.{key}: file {value!r} not found (relative to {os.getcwd()}): point it at an "
+                              "existing .jsonl or .parquet file, or name a Hugging Face dataset")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -115,20 +115,47 @@ def resolve_source(name_or_path: str) -> tuple[str, dict]:
             return _smollm2_dir(), {}
         if name_or_path == TINY_LLAMA:
             return _smollm2_dir(), {}  # its tokenizer
-        raise ValueError(f"unknown built-in model {name_or_path!r}; built-ins: {', '.join(BUILTINS)}")
+        import difflib
+        close = difflib.get_close_matches(name_or_path[8:], [b[8:] for b in BUILTINS], n=1)  # after "builtin:"
+        raise ModelError(f"model.name_or_path={name_or_path}: unknown built-in model"
+                         + (f"; did you mean builtin:{close[0]}?" if close else f"; built-ins: {', '.join(BUILTINS)}"))
+    if _looks_local(name_or_path) and not os.path.isdir(name_or_path):
+        raise ModelError(f"model.name_or_path={name_or_path}: no such directory (relative to {os.getcwd()}); point it "
+                         "at a directory holding config.json and the weights, or name a Hub model as org/name")
     return name_or_path, {}
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None):
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (org/name): absolute, ./ ../ ~, two '/' or more, or under a local folder."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "/" in name and os.path.isdir(name.split("/")[0])
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, chat_template: str | None = None):
+    """The tokenizer (pad = eos where it has none); `chat_template` (model.chat_template: a Jinja string, or a
+    file holding one) replaces its own, e.g. for a base model that has none."""
     from transformers import AutoTokenizer
     src, kw = resolve_source(name_or_path)
     tok = AutoTokenizer.from_pretrained(src, revision=None if name_or_path.startswith("builtin:") else revision, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        tok.chat_template = read_chat_template(chat_template)
     if not tok.chat_template:
-        raise ValueError(f"tokenizer of {name_or_path} has no chat template; use an instruction-tuned model "
-                         "or add a chat_template to its tokenizer_config.json")
+        raise ModelError(f"the tokenizer of {name_or_path} has no chat template (a base model): set "
+                         "model.chat_template to a Jinja template or a file holding one, or use an instruction-tuned "
+                         "model")
     return tok
+
+
+def read_chat_template(value: str) -> str:
+    """model.chat_template: a file's text where `value` names a file, else `value` itself when it is Jinja."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ModelError(f"model.chat_template={value!r} is neither a file nor a Jinja template ({{% ... %}}): point it "
+                     "at an existing file, or give the template itself")
 
 
 def tiny_llama_config():
@@ -307,14 +334,14 @@ def load_tokenizer_for(mc):
     if mc.init == "random" and mc.name_or_path != TINY_LLAMA:
         has_own = any(os.path.exists(os.path.join(shipped.resolve(mc.name_or_path), f))
                       for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        tok = load_tokenizer(shipped.resolve(mc.name_or_path) if has_own else SMOLLM2)
+        tok = load_tokenizer(shipped.resolve(mc.name_or_path) if has_own else SMOLLM2, chat_template=mc.chat_template)
         vocab = random_init_config(mc.name_or_path).vocab_size
         if len(tok) > vocab:
             raise ModelError(f"model.name_or_path={mc.name_or_path}: its config.json has vocab_size={vocab}, smaller "
                              f"than the tokenizer's {len(tok)} tokens ({'its own' if has_own else 'the SmolLM2 tokenizer'}); "
                              "set vocab_size >= the tokenizer's size or add a matching tokenizer to the directory")
         return tok
-    return load_tokenizer(mc.name_or_path, mc.revision)
+    return load_tokenizer(mc.name_or_path, mc.revision, mc.chat_template)
 
 
 def attention_width(config) -> float:
