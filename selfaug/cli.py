@@ -1,5 +1,5 @@
-"""The command line (docs/design.md, "Command line"): selfaug {precompute|train|eval|study|bench|estimate|config|
-inspect|merge|recipes}.
+"""The command line (docs/design.md, "Command line"): selfaug {launch|precompute|train|eval|study|bench|estimate|
+config|inspect|merge|recipes}.
 
 A user's mistake (a config, data, store, model or DeepSpeed-config error, a full disk) ends the
 command with one line `selfaug: error: ...` and exit status 2; SELFAUG_DEBUG=1 shows the traceback.
@@ -77,7 +77,7 @@ def _recipes(args) -> int:
     for name, about in shipped.recipes():
         print(f"{name:<44} {about}")
     print(f"\nDeepSpeed configs: {', '.join(sorted(os.listdir(shipped.root('ds_configs'))))} (ds_configs/NAME)\n"
-          "Use one as it is (--config recipes/NAME.yaml works from any directory) or copy it to edit: "
+          "Use one as it is (selfaug launch all recipes/NAME.yaml works from any directory) or copy it to edit: "
           "selfaug recipes copy NAME [DEST]")
     return 0
 
@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "DeepSpeed ZeRO: precompute, train, eval")
     parser.add_argument("--version", action="version", version=f"selfaug {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("launch", help="a stage on every GPU (NUM_GPUS, HOSTFILE) or NUM_PROCS CPU processes, "
+                                      "stopped by a signal with a checkpoint (exit 75)")
+    p.add_argument("stage", choices=["precompute", "train", "eval", "all"], help="all: precompute, train, eval")
+    p.add_argument("recipe", help="recipe YAML (a path from this directory, or a shipped one: recipes/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
     for name, text in (("precompute", "stage 1: the teacher store"), ("train", "stage 2: DeepSpeed training"),
                        ("eval", "stage 3: base vs fine-tuned"),
                        ("study", "every arm under several seeds, evaluated, with confidence intervals"),
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "launch":  # its ranks record their own status; it returns theirs
+        return _launch(args)
     from .train.preemption import record_exit
     try:
         code = _handled(args)
@@ -226,6 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         code = 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe ended
     record_exit(code)
     return code
+
+
+def _launch(args) -> int:
+    """selfaug launch: the stage's status; a user's mistake is one line (without importing torch here: the
+    launcher's environment decides the ranks' threads and accelerator)."""
+    from .errors import SelfAugError
+    from .launcher import launch
+    try:
+        return launch(args.stage, args.recipe, args.overrides)
+    except SelfAugError as e:
+        if os.environ.get("SELFAUG_DEBUG") == "1":
+            raise
+        print(f"selfaug: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _handled(args) -> int:

@@ -1,14 +1,18 @@
-"""No code from data: the multi-node command line that DeepSpeed's pdsh runner builds, as launch.sh runs it
-(`python -m selfaug.launcher`), parsed by a shell as a node's shell parses it: values holding `$(...)` and
-backticks arrive as they were given and run nothing."""
+"""`selfaug launch` (launch.sh runs it): from the user's directory, with every path resolved there; and no code from
+data: the multi-node command line that DeepSpeed's pdsh runner builds (`python -m selfaug.runner`), parsed by a
+shell as a node's shell parses it: values holding `$(...)` and backticks arrive as they were given and run
+nothing."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 from shlex import split
 
-from conftest import ROOT
+from conftest import ROOT, clean_env, read_metrics, tiny_config, write_recipe
 from deepspeed.launcher import runner
-from selfaug.launcher import QuotedPDSHRunner
+from selfaug.launcher import STAGES, runner_command
+from selfaug.runner import QuotedPDSHRunner
 
 
 def _remote_words(tmp_path, runner_cls, values: list[str]) -> list[str]:
@@ -38,5 +42,31 @@ def test_every_argument_reaching_a_nodes_shell_is_quoted(tmp_path, monkeypatch):
     words = _remote_words(tmp_path, QuotedPDSHRunner, values)
     assert words[-len(values) - 3:] == ["selfaug", "train", "--config", *values]
     assert not [p for p in os.listdir(tmp_path) if p.startswith("ran")] and not os.listdir(here)
-    # launch.sh starts the runner this way (its other launches take the same module)
-    assert '"$PY" -m selfaug.launcher "${args[@]}"' in open(os.path.join(ROOT, "launch.sh")).read()
+    # `selfaug launch` (and launch.sh through it) starts the runner this way
+    assert runner_command("train", "r.yaml", [])[0][:3] == [sys.executable, "-m", "selfaug.runner"]
+
+
+def test_selfaug_launch_runs_from_the_users_directory_with_paths_resolved_there(tmp_path):
+    """`selfaug launch train RECIPE` from a directory outside the clone, with the installed command: the recipe, its
+    DeepSpeed config and its output directory are relative paths, resolved against the caller's directory (launch.sh
+    used to `cd` into the clone, where `recipe.yaml` is not)."""
+    shutil.copyfile(os.path.join(ROOT, "ds_configs", "zero2.json"), tmp_path / "my_zero.json")
+    cfg = tiny_config(".", train={"teacher_mode": "none", "alpha": 0, "max_steps": 2, "deepspeed": "my_zero.json"})
+    write_recipe(str(tmp_path / "recipe.yaml"), cfg)
+    exe = os.path.join(os.path.dirname(sys.executable), "selfaug")
+    out = subprocess.run([exe, "launch", "train", "recipe.yaml", "train.output_dir=my-run"], cwd=tmp_path,
+                         env=clean_env(NUM_PROCS="1"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "-m selfaug.runner" in out.stderr  # through DeepSpeed's runner, as on a cluster
+    assert [r["step"] for r in read_metrics(tmp_path / "my-run")] == [1, 2]
+    assert os.path.isfile(tmp_path / "my-run" / "final" / "adapter_model.safetensors")
+    assert not os.path.exists(tmp_path / "my-run" / ".launched") and not os.path.exists(os.path.join(ROOT, "my-run"))
+    # every shipped recipe's command is one a pip-installed user has (no ./launch.sh first)
+    listed = subprocess.run([exe, "recipes"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True).stdout
+    for line in [line for line in listed.splitlines() if line.startswith("recipes/") and "accelerate" not in line]:
+        name, about = line.split(None, 1)
+        assert re.match(rf"(\S+=\S+ )*selfaug launch ({'|'.join(STAGES)}) {re.escape(name)}\b", about), line
+    # a mistake is one line before anything starts
+    out = subprocess.run([exe, "launch", "train", "missing.yaml"], cwd=tmp_path, env=clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "missing.yaml" in out.stderr, out.stderr
