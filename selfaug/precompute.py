@@ -177,8 +177,19 @@ def teacher_ds_config(cfg: Config, device) -> dict | None:
 def run(cfg: Config) -> dict | None:
     check_paths(cfg)
     rank, world = dist.init(cfg.train.ddp_timeout)
-    # a precompute already writing this store: one line now, not after loading the model
-    dist.decide(store.StoreLock(cfg.teacher.output_dir).check_free)
+    url = cfg.teacher.output_dir if store.is_url(cfg.teacher.output_dir) else None
+    # a precompute already writing this store: one line now, not after loading the model (on object storage the
+    # lease object is taken here, and held to the end)
+    lease = store.Lease(url) if url else None
+    dist.decide(lease.acquire if lease else store.StoreLock(cfg.teacher.output_dir).check_free)
+    try:
+        return _run(cfg, rank, world, url, lease)
+    finally:
+        if lease is not None and rank == 0:
+            lease.release()
+
+
+def _run(cfg: Config, rank: int, world: int, url: str | None, lease) -> dict | None:
     device = dist.device()
     teacher_cfg = cfg.teacher
     ds_conf = teacher_ds_config(cfg, device)
@@ -203,8 +214,10 @@ def run(cfg: Config) -> dict | None:
     settings = store.store_settings(cfg, loaded.tok, teacher.vocab, loaded.dtype, loaded.examples.fingerprint)
     how = {"teacher": "zero3-partitioned" if ds_conf is not None else "whole", "world_size": world,
            "deepspeed": teacher_cfg.deepspeed}
-    with store.StoreWriter(teacher_cfg.output_dir, settings, how, overwrite=teacher_cfg.overwrite,
-                           config=cfg.to_dict()) as writer:
+    # on object storage: this node's mirror, brought up to date from the bucket (a resume keeps what is there)
+    out = store.pull(url) if url else teacher_cfg.output_dir
+    with store.StoreWriter(out, settings, how, overwrite=teacher_cfg.overwrite, config=cfg.to_dict(),
+                           publish=url, lease=lease if rank == 0 else None) as writer:
         return _compute(writer, teacher, loaded.examples, cfg, rank, world)
 
 

@@ -26,6 +26,7 @@ import math
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 from .. import dist, store
@@ -99,6 +100,17 @@ def refuse_fp16(args, model) -> None:
                          "float32 model) or float32")
 
 
+def refuse_fsdp1(args) -> None:
+    """FSDP version 1, one line: only FSDP2 is tested (the head unsharded where the loss reads it, the result equal
+    to one process's: tests/hf/test_hf_fsdp.py); FSDP1's flat parameters are deprecated by transformers."""
+    version = (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version")
+    if version is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # `accelerate launch`'s config
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+    if version == 1:
+        raise TrainError("SelfAugTrainer supports FSDP2 only, and FSDP version 1 is set: pass "
+                         "fsdp_config={\"version\": 2} (or fsdp_version: 2 in the accelerate config)")
+
+
 class _StepGuard:
     """A TrainerCallback: after each optimizer step, the step's sums must be finite (a skipped or NaN step
     is an error, never a silent substitution)."""
@@ -135,7 +147,7 @@ class SelfAugMixin:
             raise TypeError("SelfAugMixin needs args (TrainingArguments): the batch size, steps and optimizer")
         # the options checked as a recipe's train section is (choices, ranges)
         tc = build_section("train", {**options, "max_steps": max(args.max_steps, 1)})
-        if not os.path.isdir(teacher_store):
+        if not store.is_url(teacher_store) and not os.path.isdir(teacher_store):
             raise store.StoreError(f"teacher_store {teacher_store!r} does not exist: run `selfaug precompute` first")
         if data_collator is not None and not isinstance(data_collator, SelfAugCollator):
             raise DataError("data_collator must be a selfaug.hf.SelfAugCollator (it carries the teacher rows to the "
@@ -147,10 +159,11 @@ class SelfAugMixin:
                              f"--nproc_per_node {args.n_gpu} script.py, accelerate launch, or deepspeed), or make one "
                              "GPU visible (CUDA_VISIBLE_DEVICES=0)")
         refuse_fp16(args, model)
+        refuse_fsdp1(args)
         # the head contract: a probe forward where the model is whole (ZeRO-3 partitioned: the config's scale)
         scale = head_scale(model) if hasattr(decoder_and_head(model)[1].weight, "ds_id") else check_head(model)
         world = args.world_size  # sets up the process group (accelerate) before the store is opened by every rank
-        teacher = store.TeacherStore(teacher_store, verify=tc.verify_store)
+        teacher = store.TeacherStore(store.local_store(teacher_store), verify=tc.verify_store)  # a URL: the mirror
         tokenizer = kwargs.get("processing_class")
         check_store_for(teacher, model, tokenizer)
         dataset = store_dataset(teacher) if train_dataset is None else match_dataset(train_dataset, teacher)
@@ -265,7 +278,12 @@ class SelfAugMixin:
 
         def loss_at_head(module, args):
             # the head's parameters are in place here: a frozen ZeRO-3 head gathered by its own pre-hook, inside the
-            # forward DeepSpeed traces, once (gathering it again after the forward was a second all-gather)
+            # forward DeepSpeed traces, once (gathering it again after the forward was a second all-gather); under
+            # FSDP2, unsharded by the pre-hook fully_shard prepends (docs/trainer.md, "Sharded: DeepSpeed and FSDP2")
+            if isinstance(head.weight, DTensor):
+                raise TrainError(f"the head's weight is a sharded DTensor ({head.weight.placements}) where the loss reads "
+                                 "it: SelfAug needs the whole head there (FSDP2's fully_shard unshards it; tensor "
+                                 "parallelism of the head is not supported)")
             seen["loss"], *seen["sums"] = micro_batch_loss(seen.pop("hidden"), (head.weight, head.bias), batch,
                                                            teacher, s["tc"], co.c_nll, co.c_kl)
 

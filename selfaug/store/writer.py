@@ -20,6 +20,7 @@ from .checks import check_shard, verify_shard, verify_shared
 from ..durable import write_atomic
 from .files import StoreLock, TornManifest, read_manifest, read_shard, write_json_atomic, write_shard
 from .format import FORMAT, MANIFEST, VERSION, ShardRows, StoreError, shard_name, sidecar_name
+from .remote import pull, push
 from .settings import settings_diff
 from .signals import signal_of
 
@@ -36,8 +37,10 @@ class StoreWriter:
     config: the resolved recipe (a dict), saved as config.yaml and in the manifest."""
 
     def __init__(self, out_dir: str, settings: dict, computed_with: dict, *, overwrite: bool = False,
-                 config: dict | None = None):
+                 config: dict | None = None, publish: str | None = None, lease=None):
         self.dir, self.settings, self.computed_with = out_dir, settings, computed_with
+        # a store on object storage: out_dir is this node's mirror of it, `lease` its stage 1 lease (rank 0)
+        self.publish, self.lease = publish, lease
         self.overwrite, self.config = overwrite, config or {}
         self.rank, self.world = dist.rank_world()
         self.signal = signal_of(settings)
@@ -145,6 +148,11 @@ class StoreWriter:
                      positions=rows.position_count(), entries=self.signal.entries(rows.signal), tokens=tokens,
                      long=long_stats, **self.signal.sidecar(rows.signal))
         write_json_atomic(os.path.join(self.dir, "shards", sidecar_name(j)), entry)
+        if self.publish:  # uploaded, the sidecar after its shard: a sidecar in the bucket names a shard that is there
+            push(self.publish, self.dir, entry["file"])
+            push(self.publish, self.dir, os.path.join("shards", sidecar_name(j)))
+            if self.lease is not None:
+                self.lease.renew()
         self.computed += (1, entry["rows"], tokens)
         return entry
 
@@ -159,8 +167,13 @@ class StoreWriter:
             if self.complete:
                 manifest = read_manifest(self.dir)
             else:
+                if self.publish:  # every rank's sidecars, from the bucket (ranks on other nodes uploaded theirs)
+                    pull(self.publish, shards=False)
                 manifest = build_manifest(self.dir, self.settings, self.n_chunks, self.computed_with, self.config)
                 write_json_atomic(os.path.join(self.dir, MANIFEST), manifest)
+                if self.publish:  # the manifest last: it names only shards that are in the bucket
+                    push(self.publish, self.dir, "config.yaml")
+                    push(self.publish, self.dir, MANIFEST)
             summary = {**manifest["totals"],
                        "long_examples": {k: manifest["long_examples"][k] for k in ("policy", "skipped", "truncated")},
                        "elapsed_s": elapsed, "shards": self.n_chunks, "shards_computed": int(computed[0]),

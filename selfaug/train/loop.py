@@ -30,7 +30,7 @@ from .. import dist, locks, store
 from ..config import Config, check_paths
 from ..errors import SelfAugError
 from ..models import attention_width, check_head, load_all, partition_line, resolve_dtype, vocab_size
-from . import checkpoint, metrics, preemption, retention
+from . import checkpoint, metrics, preemption, retention, validation
 from .final import save_final, save_hf_checkpoint, zero_stage
 from .batches import Layout, StepSampler, layout_for, step_counts, to_device
 from .prefetch import Prefetcher
@@ -102,6 +102,7 @@ class Run:
     steps: int = 0  # the run's optimizer steps (train.max_steps, or train.num_epochs over the examples)
     stop_after: int | None = None  # setup(stop_after=N): checkpoint and return after step N
     lock: Any = None  # locks.DirLock of train.output_dir (rank 0): one job per directory
+    held_out: Any = None  # validation.HeldOut: data.eval's examples for train.eval_steps
 
 
 def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
@@ -147,6 +148,8 @@ def setup(cfg: Config, objective_cls=None, stop_after: int | None = None) -> Run
     """The run, ready for its first step. `stop_after`: save a checkpoint and return after that step (a Python
     keyword, not a recipe key: what tests of resume and benchmarks ask for)."""
     check_paths(cfg)
+    if cfg.train.eval_steps:
+        validation.eval_source(cfg)  # held-out data to compute it on, before anything loads
     if cfg.model.dtype == "float16":
         raise TrainError("model.dtype=float16: the head's gradients are computed in the forward, before any loss "
                          "scale, so float16 would flush the small KL gradients to zero; use model.dtype=bfloat16 or "
@@ -343,6 +346,8 @@ def _train(run: Run) -> str:
     metrics_path = os.path.join(out, "metrics.jsonl")
     dist.decide(lambda: metrics.truncate(metrics_path, start))  # rank 0; its failure on every rank
     run.wandb = metrics.wandb_run(cfg, rank)
+    if tc.eval_steps:
+        run.held_out = validation.HeldOut(cfg, run.tok, rank, run.world)
     data = Prefetcher(run, start, tc.prefetch)  # the micro-batches, made ahead on a thread
     try:
         return _loop(run, start, data, metrics_path)
@@ -370,9 +375,18 @@ def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:
                    **run.sampler.plan_stats(plan)}
             if tc.drift_budget is not None:
                 row["drift_budget"] = tc.drift_budget
+            norm = run.engine.get_global_grad_norm()  # before clipping; None where DeepSpeed computes none (ZeRO-0 fp32)
+            if norm is not None and not math.isfinite(float(norm)):  # every rank: the same all-reduced norm
+                raise TrainError(f"optimizer step {step + 1}: the gradient norm is {float(norm)}, and DeepSpeed skipped "
+                                 "the update; lower train.learning_rate, check the data, or use bf16 or fp32")
+            if norm is not None:
+                row["grad_norm"] = float(norm)
             run.alpha.observe(kl_mean)  # every rank: the same all-reduced KL, the same next alpha
+            evaluated = run.held_out is not None and ((step + 1) % tc.eval_steps == 0 or step + 1 == run.steps)
+            if evaluated:  # every rank its share of data.eval, one all-reduce; the row is logged
+                row.update(validation.eval_nll(run, run.held_out))
             if rank == 0:
-                if (step + 1) % tc.logging_steps == 0 or step + 1 == run.steps:
+                if (step + 1) % tc.logging_steps == 0 or step + 1 == run.steps or evaluated:
                     metrics.log(run, metrics_path, row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{nll_mean:.3f}",

@@ -1,0 +1,195 @@
+"""A teacher store on object storage, against a real S3 API (moto's server, started here on 127.0.0.1, reached
+through s3fs with AWS_ENDPOINT_URL as MinIO or Ceph would be): precompute to s3://, stopped and resumed, two
+ranks train from it and end where the same run from a local store ends; a shard changed in the bucket is refused
+in one line; a download cut mid-shard is tried again; a URL whose package is missing is one line, never a
+local folder named `s3:`."""
+import http.client
+import http.server
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
+from selfaug import precompute, store, train
+from selfaug.dist import free_port
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+BUCKET = "selfaug-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A local S3 server and the environment that points boto3/s3fs at it (restored after the module)."""
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "SELFAUG_STORE_CACHE": str(tmp_path_factory.mktemp("node-cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield {"port": port, "env": env}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
+
+
+def _fresh_cache(tmp_path, monkeypatch):
+    """Another node: an empty node-local cache."""
+    monkeypatch.setenv("SELFAUG_STORE_CACHE", str(tmp_path / "other-node"))
+
+
+def _fs():
+    import fsspec
+    return fsspec.filesystem("s3", skip_instance_cache=True)
+
+
+def _shas(manifest):
+    return [(s["file"], s["sha256"]) for s in manifest["shards"]]
+
+
+def test_precompute_to_s3_stopped_and_resumed_then_two_ranks_train_from_it(s3, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/store"
+    data = {"builtin_train_size": 20}
+    local_cfg = tiny_config(str(tmp_path / "local"), data=data, teacher={"value_dtype": "float32", "shard_size": 4})
+    precompute.run(local_cfg)
+    local_manifest = store.read_manifest(local_cfg.teacher.output_dir)
+    cfg = tiny_config(str(tmp_path), data=data, teacher={"value_dtype": "float32", "shard_size": 4, "output_dir": url})
+    recipe = write_recipe(str(tmp_path / "s3.yaml"), cfg)
+    # stopped: SIGKILL once the bucket holds its first shard's sidecar
+    proc = subprocess.Popen([sys.executable, "-m", "selfaug", "precompute", "--config", recipe], cwd=ROOT,
+                            env=clean_env(**{**s3["env"], "SELFAUG_STORE_CACHE": str(tmp_path / "killed-node")}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _fs().glob(f"{BUCKET}/store/shards/*.json") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    uploaded = len(_fs().glob(f"{BUCKET}/store/shards/*.json"))
+    assert 1 <= uploaded < 5 and not _fs().exists(f"{BUCKET}/store/{store.MANIFEST}")  # named by no manifest yet
+    # resumed on another node: what the bucket holds is kept (the dead run's lease taken over)
+    _fresh_cache(tmp_path, monkeypatch)
+    summary = precompute.run(cfg)
+    assert summary["shards_reused"] == uploaded and summary["shards_computed"] == 5 - uploaded
+    manifest = json.loads(_fs().cat_file(f"{BUCKET}/store/{store.MANIFEST}"))
+    assert manifest["status"] == "complete" and _shas(manifest) == _shas(local_manifest)
+    assert not _fs().exists(f"{BUCKET}/store/.lock")
+    assert not os.path.exists(os.path.join(ROOT, "s3:")) and not os.path.exists("s3:")
+    # 2 ranks from the bucket (a third node's cache) against 1 rank x accumulation 2 from the local store
+    train_keys = {"adapter": "lora", "optim": "sgd", "learning_rate": 0.5, "min_lr_ratio": 1.0, "max_steps": 2,
+                  "micro_batch_size": 2}
+    ref = tiny_config(str(tmp_path / "local"), data=data,
+                      teacher={"value_dtype": "float32", "shard_size": 4},
+                      train={**train_keys, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "ref")})
+    reference = train.train(ref)
+    two = tiny_config(str(tmp_path), data=data, teacher={"value_dtype": "float32", "shard_size": 4, "output_dir": url},
+                      train={**train_keys, "output_dir": str(tmp_path / "two")})
+    launch("train", write_recipe(str(tmp_path / "two.yaml"), two), nprocs=2,
+           env={**s3["env"], "SELFAUG_STORE_CACHE": str(tmp_path / "third-node")})
+    a = load_file(os.path.join(reference, "final", "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def test_a_shard_changed_in_the_bucket_is_refused_in_one_line(s3, tmp_path, monkeypatch):
+    cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 6},
+                      teacher={"shard_size": 3, "output_dir": f"s3://{BUCKET}/changed"})
+    precompute.run(cfg)
+    name = f"{BUCKET}/changed/shards/shard-00001.arrow"
+    body = bytearray(_fs().cat_file(name))
+    body[-9] ^= 0xFF  # the same size, other bytes
+    _fs().pipe_file(name, bytes(body))
+    _fresh_cache(tmp_path, monkeypatch)
+    with pytest.raises(store.StoreError, match=r"shard-00001.arrow: its bytes do not match the manifest .* after 4 "
+                                               r"downloads"):
+        store.pull(cfg.teacher.output_dir)
+
+
+class _CuttingProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+def _proxy(target_port: int, cuts: list):
+    """An HTTP proxy to the S3 server that cuts the first GET of a shard after half its body."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection("127.0.0.1", target_port)
+            conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
+            resp = conn.getresponse()
+            data = resp.read()
+            cut = self.command == "GET" and ".arrow" in self.path and not cuts and len(data) > 100
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection"):
+                    self.send_header(k, v)
+            self.end_headers()
+            if cut:  # half the body, then the connection is gone
+                cuts.append(self.path)
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+    server = _CuttingProxy(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_download_cut_mid_shard_is_tried_again(s3, tmp_path, monkeypatch):
+    cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 6},
+                      teacher={"shard_size": 3, "output_dir": f"s3://{BUCKET}/cut"})
+    precompute.run(cfg)
+    cuts = []
+    proxy = _proxy(s3["port"], cuts)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        _fresh_cache(tmp_path, monkeypatch)
+        import fsspec
+        fsspec.filesystem("s3").clear_instance_cache()
+        local = store.pull(cfg.teacher.output_dir)
+    finally:
+        proxy.shutdown()
+    assert len(cuts) == 1
+    manifest = store.read_manifest(local)
+    assert not store.verify_store(local, values=True)[1] and manifest["status"] == "complete"
+
+
+@pytest.mark.parametrize("url,says", [("gs://b/store", "needs the package gcsfs: pip install 'selfaug[object-store]'"),
+                                      ("ftp://b/store", "ftp:// is neither")])
+def test_a_url_without_its_package_is_one_line_not_a_local_folder(tmp_path, url, says, monkeypatch, capsys):
+    from selfaug.cli import main
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(str(tmp_path / "r.yaml"), tiny_config(str(tmp_path), teacher={"output_dir": url}))
+    import importlib.util
+    if url.startswith("gs") and importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    assert main(["precompute", "--config", recipe]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not os.path.exists(os.path.join(tmp_path, url.split("://")[0] + ":"))
