@@ -135,7 +135,7 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command in ("config", "estimate"):  # the files it names (the stages check them as they start)
         from .config import check_paths
-        check_paths(cfg)
+        check_paths(cfg, data=getattr(args, "seq_len", None) is None)  # estimate --seq-len reads no data
     if args.command in ("precompute", "train", "eval", "study", "bench"):
         _check_transformers()
     if args.command == "config" and args.get:  # one value, for scripts (launch.sh reads train.output_dir)
@@ -159,7 +159,8 @@ def _run(args) -> int:
         run(cfg)
     elif args.command == "estimate":
         from .estimate import run
-        run(cfg, args.gpus or int(os.environ.get("NUM_GPUS", 0)) or _visible_gpus())
+        run(cfg, args.gpus or int(os.environ.get("NUM_GPUS", 0)) or _visible_gpus(), args.seq_len, args.examples,
+            args.gpus_per_node)
     elif args.command == "study":
         from .eval.study import run
         run(cfg, args.config, args.overrides)
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "estimate":
             p.add_argument("--gpus", type=int, default=0, help="GPUs (data-parallel ranks) to plan for (default: "
                                                                "$NUM_GPUS, else the visible GPUs, else 1)")
+            p.add_argument("--gpus-per-node", type=int, help="GPUs on one node (default: --gpus, at most 8): the "
+                                                             "host memory per node and stage 3's device_map")
+            p.add_argument("--seq-len", type=int, help="without data: every example this many tokens (with "
+                                                       "--examples; the data is not read)")
+            p.add_argument("--examples", type=int, help="without data: this many examples (with --seq-len)")
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
                                                       "data,scale,packing,budget,positions,open,reader,hf,checkpoint,"

@@ -235,8 +235,9 @@ def _check(cfg: Config) -> None:
                               f"checkout), or drop {t} from train.report_to")
 
 
-def check_paths(cfg: Config) -> None:
-    """The files the recipe names (DeepSpeed configs) exist: checked before any model loads."""
+def check_paths(cfg: Config, data: bool = True) -> None:
+    """The files the recipe names (DeepSpeed configs, and with `data` local data files) exist: checked before any
+    model loads."""
     for section, (_, keys) in section_fields().items():
         for key, (_, f) in keys.items():
             value = getattr(getattr(cfg, section), key)
@@ -244,7 +245,7 @@ def check_paths(cfg: Config) -> None:
                 raise ConfigError(f"{section}.{key}: file {value!r} not found (paths are relative to "
                                   f"{os.getcwd()}, then the shipped ds_configs/ and recipes/); point it at an "
                                   "existing file, e.g. ds_configs/zero2.json")
-    for key in ("train", "eval"):  # a local data file (a name that is not a file is a Hugging Face dataset's)
+    for key in ("train", "eval") if data else ():  # a local data file (another name is a Hugging Face dataset's)
         value = getattr(cfg.data, key)
         if value and value.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(value):
             raise ConfigError(f"data.{key}: file {value!r} not found (relative to {os.getcwd()}): point it at an "

@@ -1,22 +1,26 @@
-"""`selfaug estimate --config RECIPE [--gpus N]` (docs/design.md, "Command line"): before anything runs, what a
-recipe will cost: the teacher store's size on disk, steps per epoch and tokens per step from the tokenized data,
-and the memory per GPU of stage 1 and stage 2 for the recipe's model shape and ZeRO stage.
+"""`selfaug estimate --config RECIPE [--gpus N] [--seq-len N --examples M]` (docs/design.md, "Command line"): before
+anything runs, what a recipe will cost: the teacher store's size on disk, steps per epoch and tokens per step, and
+the memory per GPU of stage 1, stage 2 (with a ZeRO-Offload config, the host memory per node too) and stage 3 for
+the recipe's model shape and ZeRO stage.
 
-The data is read and tokenized (cached, as the stages would); the model is built on the meta device (its shape,
-no weights). Store bytes are the Arrow shards' (`signals.shard_bytes`: a written shard's metadata and offsets
-included; a sampled store counts N unique ids per position, an upper bound). Memory follows the memory plan
-of docs/distributed.md, term by term, in the dtype the recipe trains in on a GPU.
+The data is read and tokenized (cached, as the stages would), or, with `--seq-len N --examples M`, not read at all:
+M examples of N tokens, every position a candidate of the position rule (an upper bound of the store). The model is
+built on the meta device (its shape, no weights). Store bytes are the Arrow shards' (`signals.shard_bytes`: a
+written shard's metadata and offsets included; a sampled store counts N unique ids per position, an upper bound).
+Memory follows the memory plan of docs/distributed.md, term by term, in the dtype the recipe trains in on a GPU.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import store
-from .config import Config
+from .config import Config, ConfigError
 from .models import config_of, load_tokenizer_for, resolve_dtype
 
 ACTIVATION_FACTOR = 1.2  # measured saved-for-backward / the per-layer formula (docs/results.md, micro-batches by tokens)
 GiB = 2 ** 30
+GPU_BYTES = 80 * 10 ** 9  # the GPU a plan assumes where none is visible: an 80 GB A100 / H100
+FITS = 0.9  # a model fits one GPU when its weights take at most this share of it (the rest: CUDA, generation's KV)
 
 
 def _shape(mc, tc) -> dict:
@@ -67,6 +71,38 @@ def _zero_plan(path: str, b: int) -> tuple[int, int, float, float]:
             max(float(zero.get("stage3_max_live_parameters", 1e9)), float(zero.get("stage3_max_reuse_distance", 1e9))))
 
 
+def offload_plan(path: str) -> dict:
+    """What a DeepSpeed JSON's ZeRO-Offload moves to the host: {"optimizer": bool, "params": bool}
+    (zero_optimization.offload_optimizer / offload_param with device cpu or nvme; params only under ZeRO-3)."""
+    import json
+    from . import shipped
+    with open(shipped.resolve(path)) as f:
+        zero = json.load(f).get("zero_optimization", {})
+    moved = lambda key: str(zero.get(key, {}).get("device", "none")) in ("cpu", "nvme")
+    return {"optimizer": moved("offload_optimizer"), "params": moved("offload_param") and zero.get("stage") == 3}
+
+
+def stage3(s: dict, b: int, gpus_per_node: int, gpu_bytes: float) -> dict:
+    """Stage 3 (`selfaug eval`) per GPU: one model at a time, whole on one GPU without `eval.device_map`, spread
+    by layer over the node's GPUs with it (`device_map: auto`); it fits one GPU when its weights take at most
+    FITS of the GPU's memory (the rest: the CUDA context, generation's KV cache, the drift KL's logits)."""
+    whole = b * s["params"]
+    return {"whole": whole, "device_map": whole / max(gpus_per_node, 1), "gpu_bytes": gpu_bytes,
+            "fits_one_gpu": whole <= FITS * gpu_bytes}
+
+
+def stage3_problem(cfg: Config, b: int, gpu_bytes: float) -> str | None:
+    """One line where the recipe evaluates a model that does not fit one GPU without `eval.device_map`, else None."""
+    if cfg.eval.device_map is not None:
+        return None
+    e = stage3(_shape(cfg.model, cfg.train), b, 1, gpu_bytes)
+    if e["fits_one_gpu"]:
+        return None
+    return (f"model.name_or_path={cfg.model.name_or_path}: {e['whole'] / 1e9:.1f} GB of weights do not fit one GPU "
+            f"of {gpu_bytes / 1e9:.0f} GB (at most {FITS:.0%} of it), and eval.device_map is not set: set "
+            "eval.device_map: auto (the model spread over the node's GPUs)")
+
+
 def zero3_gathered(s: dict, max_live: float) -> float:
     """Parameters ZeRO-3 holds gathered at once: its prefetch runs ahead of the forward and the backward until
     stage3_max_live_parameters are gathered, or as many as stage3_max_reuse_distance keeps where that is larger
@@ -79,15 +115,21 @@ def zero3_gathered(s: dict, max_live: float) -> float:
 
 
 def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | None = None,
-           persistence: float = 1e5, max_live: float = 1e9) -> dict:
+           persistence: float = 1e5, max_live: float = 1e9, offload: dict | None = None) -> dict:
     """Stage 2 per GPU in bytes, term by term (b: bytes per weight, 2 in bf16; accum: per accumulated gradient,
-    the shipped ZeRO configs' fp32; persistence: ZeRO-3 keeps parameters of fewer elements whole)."""
+    the shipped ZeRO configs' fp32; persistence: ZeRO-3 keeps parameters of fewer elements whole; offload:
+    `offload_plan`'s, what ZeRO-Offload keeps on the host instead: `host_per_rank`, the host bytes per rank)."""
+    offload = offload or {}
     shard = gpus if zero == 3 else 1
     whole = sum(n for n in s.get("small", ()) if n < persistence) if zero == 3 else 0  # LoRA's matrices, the norms
+    partition = b * s["params"] / shard - b * whole / shard  # what ZeRO-Offload's offload_param moves to the host
     weights = b * s["params"] / shard + b * whole * (1 - 1 / shard)
     g = accum or b
     master = 4 if b == 2 else 0  # fp32 master weights beside bf16 ones
     states = s["trainable"] * (g / (gpus if zero >= 2 else 1) + (master + 8) / (gpus if zero >= 1 else 1))
+    host = (states if offload.get("optimizer") else 0) + (partition if offload.get("params") else 0)
+    states = 0 if offload.get("optimizer") else states  # the gradients' partitions, master weights and Adam
+    weights = weights - partition if offload.get("params") else weights  # gathered from the host as ZeRO-3 needs
     per_token_layer = b * (7 * s["hidden"] + 2 * s["kv"] + 4 * s["intermediate"])  # docs/distributed.md
     activations = ACTIVATION_FACTOR * tokens * s["layers"] * per_token_layer
     checkpointed = tokens * s["layers"] * b * s["hidden"] + ACTIVATION_FACTOR * tokens * per_token_layer
@@ -96,18 +138,41 @@ def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | 
     working = b * zero3_gathered(s, max_live) if zero == 3 else 0
     kept = weights + states + working + loss
     return {"weights": weights, "trainable_state": states, "zero3_working_set": working, "loss_buffers": loss,
+            "host_per_rank": host,
             "activations": checkpointed if tc.gradient_checkpointing else activations,
             "activations_without_checkpointing": activations, "activations_with_checkpointing": checkpointed,
             "total": kept + (checkpointed if tc.gradient_checkpointing else activations)}
 
 
-def run(cfg: Config, gpus: int) -> dict:
-    from .data import load_examples
-    tok = load_tokenizer_for(cfg.model)
-    examples = load_examples(cfg.data.train, tok, cfg.data)
-    records, tokens, prompt = examples.kept_lengths()
-    if len(records) == 0:
-        raise store.StoreError(f"no example is kept: {examples.left_out()}")
+def _lengths(cfg: Config, seq_len: int | None, examples: int | None) -> tuple:
+    """(record number, tokens, prompt tokens) of each kept example and the records read: from the tokenized data,
+    or, without data, `examples` examples of `seq_len` tokens whose every position is a candidate of the rule."""
+    if seq_len is None and examples is None:
+        from .data import load_examples
+        data = load_examples(cfg.data.train, load_tokenizer_for(cfg.model), cfg.data)
+        records, tokens, prompt = data.kept_lengths()
+        if len(records) == 0:
+            raise store.StoreError(f"no example is kept: {data.left_out()}")
+        return records, tokens, prompt, len(data)
+    if not seq_len or not examples or seq_len < 1 or examples < 1:
+        raise ConfigError("selfaug estimate without data needs both --seq-len N and --examples M (numbers above 0)")
+    prompt = 0 if cfg.teacher.positions == "response" else seq_len  # the rule's candidates: the whole sequence
+    return np.arange(examples), np.full(examples, seq_len), np.full(examples, prompt), examples
+
+
+def _gpu_bytes() -> float:
+    """The first visible GPU's memory, else GPU_BYTES."""
+    import torch
+    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else float(GPU_BYTES)
+
+
+def run(cfg: Config, gpus: int, seq_len: int | None = None, examples: int | None = None,
+        gpus_per_node: int | None = None, gpu_bytes: float | None = None) -> dict:
+    """The plan of `cfg` on `gpus` data-parallel ranks (`gpus_per_node` on a node, default min(gpus, 8)) of
+    `gpu_bytes` each (default: the visible GPU's, else 80 GB), printed and returned; without data when `seq_len`
+    and `examples` are given."""
+    records, tokens, prompt, n_records = _lengths(cfg, seq_len, examples)
+    gpus_per_node = gpus_per_node or min(gpus, 8)
     rule = store.PositionRule.of(cfg.teacher)
     lo, hi = rule.candidates(tokens, prompt)
     positions = rule.count(hi - lo)
@@ -122,18 +187,24 @@ def run(cfg: Config, gpus: int) -> dict:
     micro_tokens = tc.micro_batch_tokens or tc.micro_batch_size * int(tokens.max())
     b = 2 if resolve_dtype(cfg.model.dtype, "cuda").itemsize == 2 else 4
     zero, accum, persistence, max_live = _zero_plan(tc.deepspeed, b)
-    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum, persistence, max_live)
+    offload = offload_plan(tc.deepspeed)
+    mem = memory(s, tc, zero, gpus, micro_tokens, b, accum, persistence, max_live, offload)
     partitioned = cfg.teacher.deepspeed is not None
     teacher_weights = b * s["params"] / (gpus if partitioned else 1) + (b * (s["head"] + s["layer"]) if partitioned else 0)
-    stage1 = teacher_weights + cfg.teacher.forward_tokens * s["hidden"] * b * 8 + \
+    forward = max(cfg.teacher.forward_tokens, int(tokens.max()))  # a forward holds one example at least
+    # no gradients: one layer's residual and normed input (2H) and the MLP's gate, up and their product (3I) a token
+    stage1 = teacher_weights + forward * b * (2 * s["hidden"] + 3 * s["intermediate"]) + \
         cfg.teacher.vocab_chunk_rows * s["vocab"] * 4
-    out = {"gpus": gpus, "zero_stage": zero, "dtype_bytes": b, "examples": int(len(records)),
-           "records": len(examples), "tokens": int(tokens.sum()), "positions": int(positions.sum()),
-           "store_bytes": float(store_bytes), "store_is_upper_bound": signal.draws,
+    out = {"gpus": gpus, "gpus_per_node": gpus_per_node, "zero_stage": zero, "dtype_bytes": b,
+           "examples": int(len(records)), "records": n_records, "data_read": seq_len is None, "seq_len": int(tokens.max()),
+           "tokens": int(tokens.sum()), "positions": int(positions.sum()),
+           "store_bytes": float(store_bytes), "store_is_upper_bound": signal.draws or seq_len is not None,
            "steps_per_epoch": int(len(records) // global_batch), "global_batch": global_batch,
            "steps": tc.total_steps(len(records), gpus),
            "tokens_per_step": float(tokens.mean() * global_batch), "micro_batch_tokens_max": micro_tokens,
-           "model": s, "stage2_bytes_per_gpu": mem, "stage1_bytes_per_gpu": stage1}
+           "model": s, "stage2_bytes_per_gpu": mem, "stage1_bytes_per_gpu": stage1, "offload": offload,
+           "host_bytes_per_node": mem["host_per_rank"] * gpus_per_node,
+           "stage3_bytes_per_gpu": stage3(s, b, gpus_per_node, gpu_bytes or _gpu_bytes())}
     print(format_estimate(out, cfg))
     return out
 
@@ -142,7 +213,9 @@ def format_estimate(e: dict, cfg: Config) -> str:
     s, m = e["model"], e["stage2_bytes_per_gpu"]
     mb = e["store_bytes"] / 2 ** 20
     lines = [f"data: {e['examples']} examples kept of {e['records']} records, {e['tokens']:,} tokens, "
-             f"{e['positions']:,} KL positions",
+             f"{e['positions']:,} KL positions" if e["data_read"] else
+             f"data: not read; {e['examples']} examples of {e['seq_len']:,} "
+             f"tokens (--examples, --seq-len), {e['tokens']:,} tokens, at most {e['positions']:,} KL positions",
              f"teacher store: {mb:,.1f} MiB on disk ({'at most; ' if e['store_is_upper_bound'] else ''}"
              f"{e['store_bytes'] / max(e['positions'], 1):.1f} bytes per position, uncompressed)",
              f"steps: {e['steps_per_epoch']} per epoch at a global batch of {e['global_batch']} "
@@ -158,6 +231,17 @@ def format_estimate(e: dict, cfg: Config) -> str:
         lines.append(f"  {key.replace('_', ' '):<36}{m[key] / GiB:>9.2f} GiB")
     lines.append(f"  {'total (' + ('with' if cfg.train.gradient_checkpointing else 'without') + ' checkpointing)':<36}"
                  f"{m['total'] / GiB:>9.2f} GiB  (+ the CUDA context and allocator slack, about 2 GiB)")
+    if any(e["offload"].values()):
+        moved = " and ".join(k for k, v in (("the optimizer state", e["offload"]["optimizer"]),
+                                            ("the parameters", e["offload"]["params"])) if v)
+        lines.append(f"  {'host memory per node, ' + str(e['gpus_per_node']) + ' ranks':<36}"
+                     f"{e['host_bytes_per_node'] / GiB:>9.2f} GiB  (ZeRO-Offload: {moved} on the host, pinned)")
     lines.append(f"memory per GPU, stage 1 ({'partitioned' if cfg.teacher.deepspeed else 'whole'} teacher): "
                  f"{e['stage1_bytes_per_gpu'] / GiB:.2f} GiB")
+    t = e["stage3_bytes_per_gpu"]
+    where = "eval.device_map: " + (cfg.eval.device_map or "null")
+    lines.append(f"memory per GPU, stage 3 (one model at a time; {where}): {t['whole'] / GiB:.2f} GiB whole on one GPU, "
+                 f"{t['device_map'] / GiB:.2f} GiB with eval.device_map: auto over {e['gpus_per_node']} GPUs")
+    if not t["fits_one_gpu"] and cfg.eval.device_map is None:
+        lines.append(f"  the model does not fit one GPU of {t['gpu_bytes'] / 1e9:.0f} GB: set eval.device_map: auto")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from selfaug import estimate, precompute, store
 
 
@@ -114,3 +114,58 @@ def test_zero3_gathers_at_most_the_estimated_working_set(real_layer, head_ratio,
         coordinator.fetch_sub_module = fetch
     shape = {"params": sum(p.ds_numel for p in params), "head": vocab * hidden, "layer_largest": hidden * inter}
     assert 0.85 <= peak[0] / estimate.zero3_gathered(shape, max_live) <= 1, (peak[0] / layer, max_live / layer)
+
+
+def test_the_70b_recipe_spreads_its_evaluation_and_estimate_plans_stage_3_without_data(capsys):
+    """Stage 3 of the 70B recipe: 141 GB of bf16 weights do not fit one 80 GB GPU, so the recipe sets
+    eval.device_map: auto, and `selfaug estimate` (here without data: --seq-len, --examples) prints both figures."""
+    from selfaug.config import load_config
+    cfg = load_config(os.path.join(ROOT, "recipes/scale/llama3-70b/recipe.yaml"))
+    assert cfg.eval.device_map == "auto"
+    e = estimate.run(cfg, gpus=8, seq_len=4096, examples=64, gpu_bytes=80e9)
+    t, s = e["stage3_bytes_per_gpu"], e["model"]
+    assert s["params"] == 70_553_706_496 and t["whole"] == 2 * s["params"] and t["device_map"] == t["whole"] / 8
+    assert not t["fits_one_gpu"] and "16.43 GiB with eval.device_map: auto over 8 GPUs" in capsys.readouterr().out
+    assert e["tokens"] == 64 * 4096 and e["positions"] == 64 * 4096 and e["store_is_upper_bound"]
+    # stage 1's activations count the MLP's gate, up and product (3 I a token; I = 28672 = 3.5 H at 70B), not 8 H
+    teacher = 2 * s["params"] / 8 + 2 * (s["head"] + s["layer"])
+    activations = e["stage1_bytes_per_gpu"] - teacher - 1024 * s["vocab"] * 4
+    assert activations == 16384 * 2 * (2 * 8192 + 3 * 28672) and activations > 16384 * 2 * 8 * 8192
+
+
+def test_a_model_larger_than_one_gpu_without_device_map_is_one_line(tmp_path):
+    """The rule: a model fits one GPU when its weights take at most 90 % of the GPU's memory (the visible GPU's at
+    eval's start; 80 GB in a plan where no GPU is visible)."""
+    cfg = tiny_config(str(tmp_path))
+    weights = 4 * estimate._shape(cfg.model, cfg.train)["params"]  # fp32
+    assert estimate.stage3_problem(cfg, 4, weights / 0.89) is None
+    line = estimate.stage3_problem(cfg, 4, weights / 0.95)
+    assert "do not fit one GPU" in line and line.endswith("set eval.device_map: auto (the model spread over the node's GPUs)")
+    assert estimate.stage3_problem(tiny_config(str(tmp_path), eval={"device_map": "auto"}), 4, weights / 0.95) is None
+
+
+def test_zero3_offload_moves_the_state_and_partitions_to_the_host(tmp_path):
+    """ds_configs/zero3_offload.json: the optimizer state and the parameters' partitions leave the GPU for the host;
+    what leaves each GPU is what each rank holds on the host, times the ranks of a node."""
+    on, off = (estimate.run(tiny_config(str(tmp_path), train={"adapter": "none", "deepspeed": os.path.join(ROOT, f"ds_configs/{n}.json")}),
+                            gpus=4, seq_len=64, examples=16, gpus_per_node=4, gpu_bytes=80e9) for n in ("zero3", "zero3_offload"))
+    assert estimate.offload_plan("ds_configs/zero3_offload.json") == {"optimizer": True, "params": True}
+    assert estimate.offload_plan("ds_configs/zero3.json") == {"optimizer": False, "params": False}
+    a, b = on["stage2_bytes_per_gpu"], off["stage2_bytes_per_gpu"]
+    assert b["trainable_state"] == 0 and a["trainable_state"] == pytest.approx(on["model"]["trainable"] * 16 / 4)
+    assert b["weights"] < a["weights"] and a["host_per_rank"] == 0 and on["host_bytes_per_node"] == 0
+    moved = a["trainable_state"] + a["weights"] - b["weights"]
+    assert b["host_per_rank"] == pytest.approx(moved) and off["host_bytes_per_node"] == pytest.approx(4 * moved)
+
+
+def test_estimate_runs_from_the_model_and_sizes_before_the_data_exists(capsys, tmp_path, monkeypatch):
+    from selfaug.cli import main
+    monkeypatch.chdir(tmp_path)
+    recipe = os.path.join(ROOT, "recipes", "tiny.yaml")
+    assert main(["estimate", "--config", recipe, "data.train=not_written_yet.jsonl", "--seq-len", "128",
+                 "--examples", "40", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("data: not read; 40 examples of 128 tokens (--examples, --seq-len), 5,120 tokens, at most "
+                          "5,120 KL positions") and "steps: 5 per epoch" in out, out
+    assert main(["estimate", "--config", recipe, "--seq-len", "128"]) == 2
+    assert "needs both --seq-len N and --examples M" in capsys.readouterr().err

@@ -274,6 +274,11 @@ def _evaluate(cfg: Config) -> dict:
     device = dist.device()
     ec = cfg.eval
     dtype = resolve_dtype(cfg.model.dtype, device)
+    if device.type == "cuda":  # a model larger than one GPU without eval.device_map: one line, not an OOM on cuda:0
+        from ..estimate import stage3_problem
+        problem = stage3_problem(cfg, dtype.itemsize, torch.cuda.get_device_properties(device).total_memory)
+        if problem:
+            raise ConfigError(problem)
     tok = load_tokenizer_for(cfg.model)
     tok.padding_side = "left"
     rag = _rag_set(cfg, tok)
