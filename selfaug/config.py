@@ -32,13 +32,19 @@ class ConfigError(SelfAugError, ValueError):
     pass
 
 
-# keys renamed to the names the HF Trainer, TRL and axolotl use: a recipe with the old name gets one line naming the
+# keys renamed (most to a name the HF Trainer or axolotl uses): a recipe with the old name gets one line naming the
 # new one; a config saved beside an earlier store or run (`load_config(..., saved=True)`) is read under the new names
 RENAMED = {
     "train": {"lr": "learning_rate", "grad_accum": "gradient_accumulation_steps", "save_every": "save_steps",
               "log_every": "logging_steps", "method": "adapter", "optimizer": "optim", "batch_tokens": "micro_batch_tokens"},
     "teacher": {"batch_tokens": "forward_tokens"},
 }
+# who else uses a new name, as the rename's line says (transformers' TrainingArguments, which TRL's configs extend;
+# axolotl's YAML); micro_batch_tokens and forward_tokens are selfaug's own
+USED_BY = {"learning_rate": "the Hugging Face Trainer's and axolotl's name",
+           "gradient_accumulation_steps": "the Hugging Face Trainer's and axolotl's name",
+           "save_steps": "the Hugging Face Trainer's name", "logging_steps": "the Hugging Face Trainer's name",
+           "optim": "the Hugging Face Trainer's name", "adapter": "axolotl's name"}
 RENAMED_VALUES = {("train", "method"): {"full": "none"}, ("train", "optimizer"): {"adamw": "adamw_torch"}}
 GONE = {("train", "stop_after")}  # test hooks an earlier version kept in the schema: dropped from saved configs
 
@@ -163,8 +169,8 @@ def build_section(section: str, raw: dict, saved: bool = False):
             continue
         if new is not None:
             if not saved:
-                raise ConfigError(f"{section}.{key} is now {section}.{new} (the name the Hugging Face Trainer, TRL and "
-                                  f"axolotl use): rename it in the recipe")
+                who = f" ({USED_BY[new]})" if new in USED_BY else ""
+                raise ConfigError(f"{section}.{key} is now {section}.{new}{who}: rename it in the recipe")
             if new in raw:  # both names in a saved config: the new one holds
                 continue
             key, value = new, RENAMED_VALUES.get((section, key), {}).get(value, value)
@@ -185,6 +191,9 @@ def build_section(section: str, raw: dict, saved: bool = False):
 def _check(cfg: Config) -> None:
     """Checks that span fields."""
     # (warmup_steps > max_steps is allowed: a short smoke run of a recipe never reaches the peak lr)
+    if cfg.train.warmup_steps and cfg.train.warmup_ratio:  # one warmup (transformers 5 holds both in warmup_steps)
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} and train.warmup_ratio={cfg.train.warmup_ratio} "
+                          "both set the warmup: keep one (the other 0)")
     d = cfg.data
     from .data.formats import check_fields
     problem = check_fields(d.format, d.fields)

@@ -137,8 +137,15 @@ class TrainConfig:
     learning_rate: float = opt(2e-4, "peak learning rate", gt=0)
     optim: Literal["adamw_torch", "sgd"] = opt("adamw_torch", "the optimizer, named as the HF Trainer names it "
                                                               "(a DeepSpeed config's own optimizer section wins)")
-    min_lr_ratio: float = opt(0.1, "final learning rate of the cosine decay, as a fraction of learning_rate", ge=0, le=1)
-    warmup_steps: int = opt(0, "linear warmup steps", ge=0)
+    lr_scheduler_type: Literal["cosine_with_min_lr", "linear", "cosine", "constant_with_warmup"] = opt(
+        "cosine_with_min_lr", "the learning rate after the warmup, as transformers' schedule of this name computes it: "
+                              "cosine_with_min_lr decays to min_lr_ratio x learning_rate (selfaug's default; the HF "
+                              "Trainer's is linear), linear and cosine decay to 0, constant_with_warmup stays")
+    min_lr_ratio: float = opt(0.1, "lr_scheduler_type=cosine_with_min_lr: the final learning rate as a fraction of "
+                                   "learning_rate (transformers' min_lr_rate)", ge=0, le=1)
+    warmup_steps: int = opt(0, "steps of linear warmup from 0 to learning_rate", ge=0)
+    warmup_ratio: float = opt(0.0, "warmup as a fraction of the run's optimizer steps, ceil(ratio x steps); set this or "
+                                   "warmup_steps, not both", ge=0, lt=1)
     weight_decay: float = opt(0.0, "AdamW / SGD weight decay", ge=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0)
     seed: int = opt(42, "seed of the sampler, the adapters' init and the run")
@@ -191,10 +198,14 @@ class TrainConfig:
     report_to: list[str] = opt([], "loggers beside metrics.jsonl (always written), rank 0: tensorboard and csv "
                                    "(DeepSpeed's monitors), wandb (selfaug's own W&B run)")
     logging_steps: int = opt(1, "write metrics every N optimizer steps", ge=1)
+    eval_steps: int = opt(0, "every N optimizer steps and at the last, the NLL per response token on data.eval's "
+                             "examples (eval_nll and eval_tokens in that step's metrics row; every rank its share, no "
+                             "KL: a store holds data.train's examples only); 0: never", ge=0)
     wandb_project: str = opt("selfaug", "report_to wandb: the W&B project")
     run_name: Optional[str] = opt(None, "report_to wandb: the run's name (null: the output directory's name)")
     wandb_mode: Literal["auto", "online", "offline"] = opt(
-        "auto", "report_to wandb: auto = online when WANDB_API_KEY is set (or WANDB_MODE says so), else offline "
+        "auto", "report_to wandb: auto = online when WANDB_API_KEY is set, `wandb login` stored a key (~/.netrc) or "
+                "WANDB_MODE says so, else offline "
                 "(the run is kept under output_dir/logs; `wandb sync` uploads it)")
 
     def total_steps(self, examples: int, world: int) -> int:

@@ -10,15 +10,36 @@ from conftest import ROOT, tiny_config
 from selfaug.config import ConfigError, build_config, load_config
 
 
-@pytest.mark.parametrize("old,new", [("lr", "learning_rate"), ("grad_accum", "gradient_accumulation_steps"),
-                                     ("save_every", "save_steps"), ("log_every", "logging_steps"),
-                                     ("method", "adapter"), ("optimizer", "optim"),
-                                     ("batch_tokens", "micro_batch_tokens")])
-def test_an_old_name_is_one_line_naming_the_new_one(tmp_path, old, new):
-    with pytest.raises(ConfigError, match=rf"train.{old} is now train.{new} \(the name the Hugging Face Trainer"):
+@pytest.mark.parametrize("old,new,who", [("lr", "learning_rate", " (the Hugging Face Trainer's and axolotl's name)"),
+                                         ("grad_accum", "gradient_accumulation_steps", " (the Hugging Face Trainer's and"),
+                                         ("save_every", "save_steps", " (the Hugging Face Trainer's name)"),
+                                         ("log_every", "logging_steps", " (the Hugging Face Trainer's name)"),
+                                         ("method", "adapter", " (axolotl's name)"),
+                                         ("optimizer", "optim", " (the Hugging Face Trainer's name)"),
+                                         ("batch_tokens", "micro_batch_tokens", ": rename")])  # selfaug's own name
+def test_an_old_name_is_one_line_naming_the_new_one(tmp_path, old, new, who):
+    with pytest.raises(ConfigError, match=rf"train.{old} is now train.{new}{__import__('re').escape(who)}"):
         load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), [f"train.{old}=1"])
-    with pytest.raises(ConfigError, match=r"teacher.batch_tokens is now teacher.forward_tokens"):
+    with pytest.raises(ConfigError, match=r"teacher.batch_tokens is now teacher.forward_tokens: rename it"):
         load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["teacher.batch_tokens=4096"])
+
+
+def test_the_names_claimed_for_the_trainer_and_trl_are_theirs():
+    """What the rename lines and the README call the Trainer's names are fields of transformers' TrainingArguments
+    and of TRL's SFTConfig (installed here; axolotl is not, so its names are claimed only where certain)."""
+    import dataclasses
+    import re
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+    from selfaug.config import USED_BY
+    trainer = {f.name for f in dataclasses.fields(TrainingArguments)}
+    trl = {f.name for f in dataclasses.fields(SFTConfig)}
+    claimed = {new for new, who in USED_BY.items() if "Trainer" in who}
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    said = re.search(r"the Hugging Face Trainer's names \(([^)]*)\)", readme.replace("\n", " "))
+    claimed |= set(re.findall(r"`(\w+)`", said.group(1)))
+    assert claimed and claimed <= trainer & trl, claimed - (trainer & trl)
+    assert "max_length" in trl and not {"micro_batch_tokens", "num_epochs", "micro_batch_size", "adapter"} & trainer
 
 
 def test_a_config_saved_by_an_earlier_version_still_loads(tmp_path):

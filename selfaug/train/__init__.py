@@ -8,9 +8,11 @@ loss = NLL(response) + alpha(step) * KL(prompt).
   batches.py     which examples form each step and micro-batch (by count or by tokens); the layouts; collation
   prefetch.py    each micro-batch read, collated and pinned on a background thread ahead of its step
   metrics.py     metrics.jsonl and the loggers of train.report_to
+  validation.py  the NLL on data.eval every train.eval_steps
   checkpoint.py  checkpoints (each rank its own partition), resume at any world size (universal form)
+  retention.py   the oldest checkpoints removed beyond train.save_total_limit, never latest's target
   preemption.py  a stop on a signal: a checkpoint at the step boundary, exit 75, the launcher never left paused
-  final.py       the trained model in Hugging Face form (final/)
+  final.py       the trained model in Hugging Face form (final/, and checkpoints/step-N/hf/ with train.save_hf)
 """
 from .checkpoint import CheckpointError
 from .preemption import EXIT_PREEMPTED, Preempted

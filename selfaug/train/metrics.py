@@ -25,13 +25,26 @@ def wandb_run(cfg: Config, rank: int):
 
 
 def wandb_mode(tc) -> str:
-    """train.wandb_mode: auto is online with an API key (WANDB_API_KEY) or WANDB_MODE=online, else offline (nothing
-    leaves the machine unasked; `wandb sync` uploads the run later)."""
+    """train.wandb_mode: auto is online with an API key (WANDB_API_KEY, or the one `wandb login` stored) or
+    WANDB_MODE=online, else offline (nothing leaves the machine unasked; `wandb sync` uploads the run later)."""
     if tc.wandb_mode != "auto":
         return tc.wandb_mode
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return os.environ["WANDB_MODE"]
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") or stored_wandb_key() else "offline"
+
+
+def stored_wandb_key() -> bool:
+    """Whether `wandb login` stored an API key for the W&B server (WANDB_BASE_URL, default api.wandb.ai): its netrc
+    entry, found as wandb finds it ($NETRC, else ~/.netrc), read without the network."""
+    import netrc
+    from urllib.parse import urlsplit
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    try:
+        entry = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):  # no file, or one netrc cannot read: no stored key
+        return False
+    return bool(entry and entry[2])
 
 
 def log(run, path: str, row: dict) -> None:

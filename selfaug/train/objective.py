@@ -30,12 +30,26 @@ def alpha_at(step: int, tc, total: int) -> float:
     return tc.alpha_start + (tc.alpha - tc.alpha_start) * frac
 
 
+def warmup_steps(tc, total: int) -> int:
+    """The warmup's optimizer steps: train.warmup_steps, or ceil(warmup_ratio x total) as transformers computes it."""
+    return tc.warmup_steps if tc.warmup_steps else math.ceil(total * tc.warmup_ratio)
+
+
 def lr_factor(step: int, tc, total: int) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio."""
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    frac = (step - tc.warmup_steps) / max(total - tc.warmup_steps, 1)
-    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    """The learning rate of optimizer step `step` (from 0) over learning_rate, as transformers' `get_scheduler`
+    computes train.lr_scheduler_type over `total` steps: a linear warmup from 0, then constant, a linear decay to 0,
+    or a cosine decay to 0 (cosine) or to min_lr_ratio (cosine_with_min_lr)."""
+    warm, kind = warmup_steps(tc, total), tc.lr_scheduler_type
+    if step < warm:
+        return float(step) / float(max(1, warm))
+    if kind == "constant_with_warmup":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warm)))
+    progress = float(step - warm) / float(max(1, total - warm))
+    factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = tc.min_lr_ratio if kind == "cosine_with_min_lr" else 0.0
+    return max(0.0, factor * (1 - floor) + floor)
 
 
 def _targets(modules: list[str]):

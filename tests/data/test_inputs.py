@@ -205,7 +205,7 @@ def test_alpha_and_lr_schedules():
     assert [alpha_at(s, tc, tc.max_steps) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
     tc.alpha_schedule = "cosine"
     assert alpha_at(0, tc, 11) == 0.0 and abs(alpha_at(5, tc, 11) - 0.5) < 1e-9 and abs(alpha_at(10, tc, 11) - 1.0) < 1e-9
-    assert [lr_factor(s, tc, tc.max_steps) for s in (0, 1)] == [0.5, 1.0] and lr_factor(2, tc, tc.max_steps) == 1.0
+    assert [lr_factor(s, tc, tc.max_steps) for s in (0, 1)] == [0.0, 0.5] and lr_factor(2, tc, tc.max_steps) == 1.0
     assert abs(lr_factor(11, tc, tc.max_steps) - tc.min_lr_ratio) < 1e-9
 
 

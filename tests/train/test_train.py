@@ -51,7 +51,7 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     from peft import get_peft_model, get_peft_model_state_dict
     cfg = _cfg(tmp_path, tiny_store, train={"alpha": 0.0, "max_steps": 3, "micro_batch_size": 3, "warmup_steps": 1,
                                             "max_grad_norm": 0.5})
-    got, _ = _train(cfg)
+    got, logged = _train(cfg)
     # the plain reference: peft + torch AdamW + HF logits and mean cross-entropy, no DeepSpeed
     tc = cfg.train
     model = load_model("builtin:tiny-llama").requires_grad_(False)
@@ -63,6 +63,7 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
     store = ts.TeacherStore(tiny_store.teacher.output_dir)
     tok = load_tokenizer("builtin:tiny-llama")
     sampler = StepSampler(len(store), tc.micro_batch_size, 1, 1, tc.seed)
+    norms = []
     for step in range(tc.max_steps):
         rows = [store.example(int(i)) for i in sampler.global_batch(step)]
         b = to_device(collate(rows, tok.pad_token_id), "cpu")
@@ -71,9 +72,10 @@ def test_alpha_0_equals_plain_lora_fine_tuning(tmp_path, tiny_store):
                                 torch.tensor([len(r["input_ids"]) for r in rows]))
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)))  # the norm before clipping
         opt.step(), sched.step(), opt.zero_grad()
     ref = {k: v for k, v in get_peft_model_state_dict(model).items()}
+    assert [row["grad_norm"] for row in logged] == pytest.approx(norms, rel=1e-4)  # DeepSpeed's, logged per step
     # Adam's update of lora_A from near-zero gradients amplifies float noise: 1e-4 of values ~0.1
     _close(got, ref, atol=1e-4, rtol=1e-3)
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # it did train
