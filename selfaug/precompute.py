@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import dist
 from . import store
 from .config import Config, check_paths
-from .data import pad
+from .data import DataError, pad
 from .models import check_head, decoder_and_head, head_scale, load_all, partition_line, vocab_size
 
 
@@ -253,3 +253,83 @@ def _compute(writer: store.StoreWriter, teacher: Teacher, data, cfg: Config, ran
             el = max(time.time() - t0, 1e-9)
             bar.set_postfix(ex_s=f"{bar.n / el:.1f}", tok_s=f"{writer.computed[2] / el:.0f}", shard=entry["file"])
     return writer.close(time.time() - t0)
+
+
+def precompute_store(model, tokenizer, dataset, output_dir: str, **options) -> dict | None:
+    """Stage 1 from Python (`selfaug.precompute_store`): the store `selfaug precompute` writes, from a model and a
+    tokenizer in memory and a `datasets.Dataset` (or a list of dicts) in TRL's formats: `messages`, or
+    `prompt`/`completion` (strings, or lists of messages); records of selfaug's RAG formats pass as they are.
+
+    `model` is the teacher as it is (not reloaded: its device and dtype are used, its mode kept); `tokenizer` must
+    have a chat template. `options` are keys of the recipe's `teacher` and `data` sections (k, signal, positions,
+    shard_size, forward_tokens, overwrite, ...; max_seq_len, long_policy, system_prompt, ...), checked as a recipe's.
+    The records are written once as JSONL under $SELFAUG_CACHE/records/ (named by their sha256), the source the
+    store names. Returns the summary (rank 0), as `run` does."""
+    import hashlib
+    import json
+    import os
+    from .config import build_config, section_fields
+    from .data import cache_dir, load_examples
+    from .durable import write_atomic
+    lines = "".join(json.dumps(trl_record(dict(row), i), ensure_ascii=False) + "\n" for i, row in enumerate(dataset))
+    path = os.path.join(cache_dir(), "records", hashlib.sha256(lines.encode()).hexdigest()[:32] + ".jsonl")
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, lines)
+    dtype = next(model.parameters()).dtype
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    data_keys = section_fields()["data"][1]
+    sections = {"model": {"name_or_path": name, "dtype": str(dtype).replace("torch.", "")},
+                "data": {"train": path}, "teacher": {"output_dir": output_dir}}
+    for key, value in options.items():
+        sections["data" if key in data_keys else "teacher"][key] = value
+    cfg = build_config(sections)
+    rank, world = dist.init(cfg.train.ddp_timeout)
+    dist.decide(store.StoreLock(cfg.teacher.output_dir).check_free)
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
+    examples = load_examples(path, tokenizer, cfg.data)
+    check_head(model)
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        teacher = Teacher(model, cfg, tokenizer.pad_token_id, device, partitioned=False)
+        teacher.signal.check_vocab(teacher.vocab)
+        settings = store.store_settings(cfg, tokenizer, teacher.vocab, dtype, examples.fingerprint,
+                                        _fingerprint_in_memory(model, name))
+        how = {"teacher": "in-memory", "world_size": world, "deepspeed": None}
+        with store.StoreWriter(cfg.teacher.output_dir, settings, how, overwrite=cfg.teacher.overwrite,
+                               config=cfg.to_dict()) as writer:
+            return _compute(writer, teacher, examples, cfg, rank, world)
+    finally:
+        model.train(training)
+
+
+def _fingerprint_in_memory(model, name: str) -> dict:
+    """A model loaded from a local directory is named by that directory's files, as `selfaug precompute` names it;
+    any other (a Hub model, one built in memory) by the sha256 of its parameters as they are."""
+    import hashlib
+    import os
+    from .config import ModelConfig
+    from .models import model_fingerprint
+    if os.path.isdir(name):
+        return model_fingerprint(ModelConfig(name_or_path=name))
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"name_or_path": name, "revision": None, "content_hash": "weights:" + h.hexdigest()}
+
+
+def trl_record(row: dict, index: int) -> dict:
+    """A record of TRL's prompt-completion format as a `messages` record (a string prompt is the user's turn, a
+    string completion the assistant's); any other record as it is, without Arrow's None for absent columns."""
+    row = {k: v for k, v in row.items() if v is not None}
+    if "prompt" not in row or "completion" not in row:
+        return row
+    turn = lambda value, role: [{"role": role, "content": value}] if isinstance(value, str) else value
+    prompt, completion = turn(row.pop("prompt"), "user"), turn(row.pop("completion"), "assistant")
+    if not isinstance(prompt, list) or not isinstance(completion, list):
+        raise DataError(f"record {index}: prompt and completion must be strings or lists of messages")
+    return {**row, "messages": [{k: v for k, v in m.items() if v is not None} for m in prompt + completion]}

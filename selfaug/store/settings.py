@@ -7,15 +7,17 @@ from .format import PositionRule, StoreError, id_dtype_for
 from .signals import signal_for
 
 
-def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict) -> dict:
-    """Everything a store depends on; a store is reused or resumed only if this matches exactly."""
+def store_settings(cfg, tok, vocab_size: int, dtype, data_fp: dict, model_fp: dict | None = None) -> dict:
+    """Everything a store depends on; a store is reused or resumed only if this matches exactly. `model_fp`: the
+    model's fingerprint where it is not the recipe's `model` (a model in memory), else `model_fingerprint`'s."""
     from ..data import record_settings, tokenizer_fingerprint
     from ..models import model_fingerprint
     teacher_cfg = cfg.teacher
     signal = signal_for(teacher_cfg, vocab_size)
     records = record_settings(cfg.data)
     return {
-        "model": {**model_fingerprint(cfg.model), "dtype": str(dtype).replace("torch.", ""), "vocab_size": vocab_size},
+        "model": {**(model_fp or model_fingerprint(cfg.model)), "dtype": str(dtype).replace("torch.", ""),
+                  "vocab_size": vocab_size},
         "tokenizer": tokenizer_fingerprint(tok),
         "data": data_fp,
         **signal.settings(),
