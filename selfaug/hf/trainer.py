@@ -15,7 +15,8 @@ The loss is computed inside the model's own forward: a hook keeps the decoder's 
 and a hook on the top module, run before DeepSpeed's own, applies the chunked head there and returns
 the loss as the output's `loss`. So under ZeRO-3 the head, registered as an external parameter of the
 top module, is gathered for the loss and again in backward (as `selfaug train` does with its
-objective), and the model's own head runs on one position only (`logits_to_keep=1`).
+objective), and the model's own head runs on one position only (`logits_to_keep=1`). Under FSDP2 the loss
+reads the head after fully_shard's own pre-hook (prepended) unsharded it; FSDP1 is refused.
 """
 from __future__ import annotations
 
