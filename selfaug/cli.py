@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "bench":
             p.add_argument("--only", default="", help="comma-separated: step,precompute,storage,fidelity,long,"
                                                       "data,scale,packing,budget,positions,open,reader,hf,checkpoint,"
-                                                      "gpu")
+                                                      "prefetch,loss (those by default), drift,gpu")
             p.add_argument("--out", default="runs/bench.json")
             p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p = sub.add_parser("inspect", help="summarize and verify a teacher store or a run directory")

@@ -50,16 +50,20 @@ def recipes() -> list[tuple[str, str]]:
 
 def copy(name: str, dest: str | None = None) -> str:
     """Copy a shipped recipe (or DeepSpeed config) to `dest` (default: its own name under the current
-    directory) to edit; a recipe's directory (a random-init shape's config.json) comes with it."""
+    directory; into it when it is a directory) to edit; returns the path written. A shape's `recipe.yaml` copied
+    to a `recipe.yaml` brings its directory (the random-init shape's config.json); copied to another name
+    (`my8b.yaml`), it is that file alone, and its `model.name_or_path` still names the shipped shape."""
     rel = name if name.split(os.sep)[0] in KINDS else os.path.join("recipes", name)
     src = resolve(rel)
     if not os.path.exists(src):
         raise FileNotFoundError(f"no shipped recipe or config {name!r}; `selfaug recipes` lists them")
     dest = dest or rel
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(rel))
     if os.path.exists(dest):
         raise FileExistsError(f"{dest} exists; name another destination")
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    if os.path.basename(src) == "recipe.yaml":  # a shape directory: the recipe and its config.json
+    if os.path.basename(src) == os.path.basename(dest) == "recipe.yaml":  # a shape directory: with its config.json
         shutil.copytree(os.path.dirname(src), os.path.dirname(dest) or ".", dirs_exist_ok=True)
     else:
         shutil.copyfile(src, dest)

@@ -100,3 +100,62 @@ def test_launch_sh_help_lists_every_command_and_uses_the_users_python(tmp_path):
     got = subprocess.run([exe, "config", "--config", str(tmp_path / "mine.yaml"), "--get", "model.name_or_path"],
                          check=True, capture_output=True, text=True, env=clean_env()).stdout.strip()
     assert got == "builtin:tiny-llama"
+
+
+def test_no_recipe_asks_for_more_ifeval_prompts_than_ship():
+    """A recipe's eval.max_ifeval_prompts above the shipped prompts would be cut silently (the paper-scale recipes
+    asked for 541, all of IFEval, where 271 ship); a recipe with its own eval.ifeval_path is checked against it."""
+    import yaml
+    from selfaug.schema import EvalConfig
+    shipped = os.path.join(ROOT, "selfaug", "eval", "ifeval_dev.jsonl")
+    for path in glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True):
+        ev = (yaml.safe_load(open(path)) or {}).get("eval") or {}
+        if "model" not in (yaml.safe_load(open(path)) or {}):
+            continue  # not a selfaug recipe (accelerate's config)
+        prompts = ev.get("ifeval_path") or shipped
+        wanted = ev.get("max_ifeval_prompts", EvalConfig().max_ifeval_prompts)
+        available = sum(1 for line in open(os.path.join(ROOT, prompts) if not os.path.isabs(prompts) else prompts)
+                        if line.strip())
+        assert wanted <= available, f"{os.path.relpath(path, ROOT)}: max_ifeval_prompts {wanted}, {available} ship"
+    readme = open(os.path.join(ROOT, "selfaug", "eval", "IFEVAL_README.md")).read()
+    named = set(re.findall(r"`([\w.-]+\.jsonl)`", readme))
+    assert named and all(os.path.exists(os.path.join(ROOT, "selfaug", "eval", n)) for n in named), named
+
+
+def test_the_first_days_statements_are_true(tmp_path, monkeypatch, capsys):
+    """What install.md, the README, launch.sh and the CLI say: `launch.sh help` is its comment block (not lines of
+    the script); the suite's time is CONTRIBUTING.md's figure wherever it is given; selfaug is installed from a
+    clone or its wheel (it is on no index); the CPU build of torch is named with its index; `selfaug bench --only`
+    lists every section; `selfaug recipes copy` writes the name it is given."""
+    usage = subprocess.run([os.path.join(ROOT, "launch.sh"), "help"], capture_output=True, text=True,
+                           check=True).stdout
+    comments = [line[2:] if line.startswith("# ") else line[1:] for line in
+                open(os.path.join(ROOT, "launch.sh")).read().splitlines()[1:] if line.startswith("#")]
+    assert usage.splitlines() and all(line in comments for line in usage.splitlines()), usage
+    contributing = open(os.path.join(ROOT, "CONTRIBUTING.md")).read()
+    pytest_min, ci_min = re.search(r"took ([\d.]+) minutes of pytest \(\d+ s\) and the whole CI run\s+([\d.]+) "
+                                   r"minutes", contributing).groups()
+    for page in ("README.md", "docs/install.md"):
+        text = open(os.path.join(ROOT, page)).read()
+        figures = re.findall(r"([\d.~]+) min(?:utes)? of pytest,? (?:on a 2-core CPU, )?([\d.~]+)", text)
+        assert figures and set(figures) == {(pytest_min, ci_min)}, (page, figures)
+    for page in PAGES + [os.path.join(ROOT, "launch.sh")]:
+        for line in open(page).read().splitlines():
+            if re.search(r"pip install [^|;]*[\"']?selfaug\[", line):
+                assert "--find-links" in line, f"{os.path.relpath(page, ROOT)}: {line.strip()} (selfaug is on no index)"
+    install = open(os.path.join(ROOT, "docs", "install.md")).read()
+    assert "https://download.pytorch.org/whl/cpu" in install and "a CPU build on a machine without GPUs" not in install
+    from selfaug.bench.command import SECTIONS
+    from selfaug.cli import main
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    helped = re.sub(r"\s+", "", capsys.readouterr().out)
+    listed = re.search(r"comma-separated:(.*?)--out", helped).group(1)
+    assert set(re.findall(r"[a-z]+", listed)) >= set(SECTIONS), listed
+    assert set(re.search(r"--only ([a-z,]+)", install).group(1).split(",")) == set(SECTIONS)
+    from selfaug import shipped
+    monkeypatch.chdir(tmp_path)
+    assert shipped.copy("scale/llama3-8b/recipe.yaml", "my8b.yaml") == "my8b.yaml"
+    assert sorted(os.listdir(tmp_path)) == ["my8b.yaml"]
+    from selfaug.config import load_config
+    assert load_config("my8b.yaml").model.name_or_path == "recipes/scale/llama3-8b"  # the shipped shape

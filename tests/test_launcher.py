@@ -54,8 +54,11 @@ def test_selfaug_launch_runs_from_the_users_directory_with_paths_resolved_there(
     cfg = tiny_config(".", train={"teacher_mode": "none", "alpha": 0, "max_steps": 2, "deepspeed": "my_zero.json"})
     write_recipe(str(tmp_path / "recipe.yaml"), cfg)
     exe = os.path.join(os.path.dirname(sys.executable), "selfaug")
+    # no `deepspeed` command on PATH (install.md promised a fallback to one): the runner comes from this Python
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != os.path.dirname(sys.executable))
+    assert shutil.which("deepspeed", path=path) is None
     out = subprocess.run([exe, "launch", "train", "recipe.yaml", "train.output_dir=my-run"], cwd=tmp_path,
-                         env=clean_env(NUM_PROCS="1"), capture_output=True, text=True, timeout=300)
+                         env=clean_env(NUM_PROCS="1", PATH=path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "-m selfaug.runner" in out.stderr  # through DeepSpeed's runner, as on a cluster
     assert [r["step"] for r in read_metrics(tmp_path / "my-run")] == [1, 2]
