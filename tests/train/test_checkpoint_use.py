@@ -64,3 +64,18 @@ def test_rotation_keeps_exactly_n_and_always_latest(tmp_path):
     assert retention.rotate(root, 1, "step-2") == ["step-10", "step-11"]
     assert os.listdir(root) == ["step-2"]
     assert retention.rotate(root, None, "step-2") == [] and os.listdir(root) == ["step-2"]
+
+
+def test_a_full_fine_tuning_checkpoint_holds_the_model_for_transformers_and_eval(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(str(tmp_path), train={**PLAIN, "max_steps": 2, "adapter": "none", "save_hf": True,
+                                            "save_total_limit": 1})
+    out = train.train(cfg)
+    hf = os.path.join(out, "checkpoints", "step-2", "hf")
+    assert retention.checkpoints(os.path.join(out, "checkpoints")) == ["step-2"]
+    got, final = load_file(os.path.join(hf, "model.safetensors")), load_file(os.path.join(out, "final", "model.safetensors"))
+    assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in got)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(hf), torch.nn.Module)
+    model, _ = load_run_model(cfg, os.path.dirname(hf), torch.float32, torch.device("cpu"))
+    assert not hasattr(model, "peft_config")
