@@ -8,8 +8,6 @@ The KL is not computed here: a teacher store holds data.train's examples only, n
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -33,7 +31,8 @@ def eval_source(cfg) -> str:
 
 
 class HeldOut:
-    """data.eval's kept examples, this rank's share (every world-th), in micro-batches of train.micro_batch_size."""
+    """data.eval's kept examples, this rank's share (every world-th), in padded micro-batches (any attention, no
+    packing) of train.micro_batch_size examples, or of at most train.micro_batch_tokens padded tokens when set."""
 
     def __init__(self, cfg, tok, rank: int, world: int):
         source = eval_source(cfg)
@@ -41,16 +40,29 @@ class HeldOut:
         if not kept:
             raise DataError(f"data.eval {source}: no example is left to compute train.eval_steps' NLL on; raise "
                             "data.max_seq_len, or check the records' answers")
-        self.mine, self.pad_id = kept[rank::world], tok.pad_token_id
-        self.micro = cfg.train.micro_batch_size
-        self.forwards = math.ceil(math.ceil(len(kept) / world) / self.micro)  # the same on every rank
-        self.examples = len(kept)
+        plans = [self._plan(kept[r::world], cfg.train) for r in range(world)]  # every rank's, known to every rank
+        self.mine, self.forwards = plans[rank], max(len(p) for p in plans)  # the same forward count on every rank
+        self.pad_id, self.examples = tok.pad_token_id, len(kept)
+
+    @staticmethod
+    def _plan(share: list, tc) -> list[list]:
+        """`share` cut in order into micro-batches: micro_batch_size examples, or as many as fit micro_batch_tokens
+        padded (an example longer than the budget alone)."""
+        plan = []
+        for e in share:
+            if plan:
+                n, width = len(plan[-1]) + 1, max(len(x.input_ids) for x in plan[-1] + [e])
+                if (n * width <= tc.micro_batch_tokens) if tc.micro_batch_tokens else (n <= tc.micro_batch_size):
+                    plan[-1].append(e)
+                    continue
+            plan.append([e])
+        return plan
 
     def micro_batches(self):
-        """[(rows, weight)]: this rank's share, then its first example with weight 0 until every rank's count."""
+        """[(rows, weight)]: this rank's share, then an example with weight 0 until every rank's forward count."""
         for m in range(self.forwards):
-            rows = self.mine[m * self.micro:(m + 1) * self.micro]
-            yield ([self._row(e) for e in rows], 1.0) if rows else ([self._row(self.mine[0])], 0.0)
+            rows = self.mine[m] if m < len(self.mine) else None
+            yield ([self._row(e) for e in rows], 1.0) if rows else ([self._row(self.mine[0][0])], 0.0)
 
     @staticmethod
     def _row(e) -> dict:
@@ -66,7 +78,7 @@ def eval_nll(run, held: HeldOut) -> dict:
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # nll sum, response tokens
     try:
         for rows, weight in held.micro_batches():
-            batch = to_device(collate(rows, held.pad_id, run.layout), run.device)
+            batch = to_device(collate(rows, held.pad_id), run.device)  # padded rows
             _, nll, _ = engine(batch, 1.0, 0.0, False)
             sums += weight * torch.stack([nll.double(), (batch["labels"] != -100).sum().double()])
     finally:

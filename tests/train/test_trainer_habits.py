@@ -58,14 +58,16 @@ def test_wandb_auto_is_online_with_the_key_wandb_login_stored(tmp_path, monkeypa
     assert wandb_mode(tc) == "offline"
 
 
-def test_eval_steps_log_the_held_out_nll_of_the_model_at_that_step(tmp_path):
+@pytest.mark.parametrize("cut", [{}, {"packing": True, "micro_batch_tokens": 512}])  # by count; by padded tokens
+def test_eval_steps_log_the_held_out_nll_of_the_model_at_that_step(tmp_path, cut):
     from peft import PeftModel
     from conftest import read_metrics
     from selfaug import train
     from selfaug.data import BUILTIN_RAG_EVAL, load_examples
     from selfaug.models import load_model, load_tokenizer
     cfg = tiny_config(str(tmp_path), data={"builtin_eval_size": 7},  # 7 examples in micro-batches of 2: one short
-                      train={"teacher_mode": "none", "alpha": 0, "max_steps": 3, "eval_steps": 2, "logging_steps": 5})
+                      train={"teacher_mode": "none", "alpha": 0, "max_steps": 3, "eval_steps": 2, "logging_steps": 5,
+                             **cut})
     out = train.train(cfg)
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "eval_nll" in r] == [2, 3]  # every 2 steps and at the last, logged with it
