@@ -62,9 +62,10 @@ def hf_run(recipe: str, out: str, trainer: str = "hf", deepspeed: bool = True, a
     if fsdp:
         as_fsdp_on_cpu(t)
     t.train(resume_from_checkpoint=resume)
-    if fsdp:  # accelerate's full state dict keeps FSDP's shards (DTensors) on CPU ranks: gathered here
-        from torch.distributed.tensor import DTensor
-        state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in t.model.state_dict().items()}
+    if fsdp:  # accelerate's full state dict keeps FSDP's shards (DTensors) on CPU ranks: gathered here, named as
+        from torch.distributed.tensor import DTensor  # torch.distributed.checkpoint names them (no wrapper's name)
+        state = {k.replace("._checkpoint_wrapped_module", ""): v.full_tensor() if isinstance(v, DTensor) else v
+                 for k, v in t.model.state_dict().items()}
         t._save(os.path.join(out, "final"), state_dict=state)
     else:
         t.save_model(os.path.join(out, "final"))
