@@ -50,12 +50,19 @@ def write_atomic(path: str, data: str | bytes) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-def fsync_tree(path: str) -> None:
-    """fsync every file and directory under `path` (the files libraries wrote without it)."""
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
+def fsync_tree(path: str, mine=None) -> None:
+    """fsync every file and directory under `path` (the files libraries wrote without it), or with `mine(name)` the
+    files this process wrote: an fsync flushes this machine's cache, so on a network file system each writer must
+    flush its own. A file renamed away meanwhile (another writer's temporary) is skipped."""
+    found = sorted(os.path.join(folder, name) for folder, _, files in os.walk(path) for name in files)
+    for name in found:
+        if mine is None or mine(os.path.basename(name)):
+            try:
+                with open(name, "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                continue
+    for folder, _, _ in os.walk(path):
         fsync_dir(folder)
 
 

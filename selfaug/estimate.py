@@ -134,7 +134,8 @@ def memory(s: dict, tc, zero: int, gpus: int, tokens: int, b: int, accum: int | 
     activations = ACTIVATION_FACTOR * tokens * s["layers"] * per_token_layer
     checkpointed = tokens * s["layers"] * b * s["hidden"] + ACTIVATION_FACTOR * tokens * per_token_layer
     rows = min(tc.loss_chunk_rows, tokens)
-    loss = rows * s["vocab"] * (b + 4 + b) + tokens * s["hidden"] * b + (s["head"] * b if s["head_trains"] else 0)
+    # a trained head's gradient: summed over the chunks in fp32 (4 bytes), rounded once into its dtype (b bytes)
+    loss = rows * s["vocab"] * (b + 4 + b) + tokens * s["hidden"] * b + (s["head"] * (4 + b) if s["head_trains"] else 0)
     working = b * zero3_gathered(s, max_live) if zero == 3 else 0
     kept = weights + states + working + loss
     return {"weights": weights, "trainable_state": states, "zero3_working_set": working, "loss_buffers": loss,

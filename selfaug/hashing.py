@@ -39,16 +39,18 @@ def content_hash(path: str) -> str:
 def file_hashes(directory: str, names: list[str]) -> dict[str, str]:
     """{name: content_hash} of files in `directory`, each read only when its size, mtime, ctime or inode
     differs from the cache's (`HASHES` in the directory, or under $SELFAUG_CACHE/hashes when the directory is not
-    writable). One process hashes at a time (an flock on the directory): ranks starting together read once."""
+    writable). One process hashes at a time (an flock beside the cache): ranks starting together read once."""
     cache = os.path.join(directory, HASHES)
     if not os.access(directory, os.W_OK):
         root = os.environ.get("SELFAUG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfaug"))
         key = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:32]
         cache = os.path.join(root, "hashes", f"{key}.json")
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
+    from .locks import flock
+    # a regular file opened for writing, beside the cache: NFS refuses an exclusive flock on a read-only descriptor
+    fd = os.open(cache + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        flock(fd, fcntl.LOCK_EX, cache)
         try:
             with open(cache) as f:
                 known = json.load(f)

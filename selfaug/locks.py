@@ -8,14 +8,37 @@ docs/troubleshooting.md).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
 import time
 
 from .errors import SelfAugError
 
 LOCK = ".lock"
+# what flock returns on a file system without it (Lustre mounted without -o flock, some NFS setups)
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EBADF, errno.EINVAL}
+_WARNED: set[str] = set()
+
+
+def flock(fd: int, flags: int, where: str = "") -> bool:
+    """fcntl.flock, or False where the file system has no flock: one warning (per place), and the lock is then
+    not enforced (a run goes on as it would without the guard; it never ends in a traceback). A held lock with
+    LOCK_NB still raises BlockingIOError."""
+    try:
+        fcntl.flock(fd, flags)
+        return True
+    except OSError as e:
+        if e.errno not in NO_FLOCK:
+            raise
+        key = os.path.dirname(where) or where
+        if key not in _WARNED:
+            _WARNED.add(key)
+            print(f"selfaug: warning: the file system of {where or 'a lock file'} has no flock ({os.strerror(e.errno)}): "
+                  "its lock is not enforced, so keep to one job per directory yourself", file=sys.stderr, flush=True)
+        return False
 _HELD: dict[str, list] = {}  # this process's locks, by real path: [fd, holders] (a job that runs another in-process)
 
 
@@ -48,7 +71,7 @@ class DirLock:
         os.makedirs(self.dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path)
         except BlockingIOError:
             raise self.error(self.busy(_holder(fd))) from None
         old = os.read(fd, 4096).decode(errors="replace").strip()
@@ -95,7 +118,7 @@ def holder(directory: str) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, path)
     except BlockingIOError:
         return _holder(fd)
     os.close(fd)  # closing drops the probe's flock

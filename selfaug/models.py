@@ -24,6 +24,7 @@ from . import shipped
 from .errors import ModelError, SelfAugError  # noqa: F401 (ModelError: re-exported, every stage names it here)
 from .head import check_head, decoder_and_head, head_scale, vocab_size  # noqa: F401 (re-exported likewise)
 from .data import cache_dir  # one cache root for converted models and tokenized data
+from .locks import flock
 from .hashing import file_hashes, hub_blobs, sha256_file
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -80,7 +81,7 @@ def _smollm2_dir() -> str:
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     with open(target + ".lock", "a") as lock:  # one process converts; the others (ranks, test workers) wait for it
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        flock(lock.fileno(), fcntl.LOCK_EX, target)
         if not os.path.exists(os.path.join(target, "selfaug_source.json")):
             _convert_smollm2(gguf, target)
     return target

@@ -28,7 +28,7 @@ from . import dist
 from . import store
 from .config import Config, check_paths
 from .data import DataError, pad
-from .models import check_head, decoder_and_head, head_scale, load_all, partition_line, vocab_size
+from .models import ModelError, check_head, decoder_and_head, head_scale, load_all, partition_line, vocab_size
 
 
 @torch.no_grad()
@@ -68,13 +68,24 @@ def teacher_signal(model, input_ids, attention_mask, rows_b, rows_t, signal_fn, 
             parts.append(signal_fn(logp, rows))
         seen["signal"] = {name: torch.cat([p[name] for p in parts]).cpu() for name in parts[0]}
 
+    if not _keeps_logits(model):  # its forward would make (B, T, V) logits: the body alone, the head gathered here
+        import contextlib
+        keep_hidden(body, (), body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+        partitioned = [p for p in (head.weight, head.bias) if p is not None and hasattr(p, "ds_id")]
+        if partitioned:
+            import deepspeed
+        with deepspeed.zero.GatheredParameters(partitioned) if partitioned else contextlib.nullcontext():
+            signal_at_head(head, ())
+        return seen["signal"]
     hooks = [body.register_forward_hook(keep_hidden), head.register_forward_pre_hook(signal_at_head)]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-              **({"logits_to_keep": 1} if _keeps_logits(model) else {}))
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
+    if "signal" not in seen:
+        raise ModelError(f"{type(model).__name__}: its forward never called its lm_head module, where stage 1 takes "
+                         "the teacher's signal; this model is not supported")
     return seen["signal"]
 
 

@@ -219,3 +219,24 @@ def test_a_partitioned_teacher_runs_inside_the_forward_deepspeed_traces():
         own = torch.log_softmax(engine.module(input_ids=ids).logits.float(), -1)[rows_b, rows_t]
     for g in got:
         assert torch.allclose(g, own, atol=1e-5)
+
+
+def test_a_model_whose_forward_cannot_keep_one_position_gets_the_same_signal_from_its_body():
+    """A forward without `logits_to_keep` (as some remote-code models have) would make (B, T, V) logits: stage 1
+    runs the body alone and applies the head to the kept rows, with the same values."""
+    from transformers import LlamaForCausalLM
+
+    from selfaug.models import tiny_llama_config
+    from selfaug.precompute import teacher_signal
+
+    class WholeLogits(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    model = WholeLogits(tiny_llama_config()).eval()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    rows_b, rows_t = torch.tensor([0, 1]), torch.tensor([4, 11])
+    got = teacher_signal(model, ids, torch.ones_like(ids), rows_b, rows_t, lambda logp, rows: {"logp": logp}, 8)
+    with torch.no_grad():
+        own = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[rows_b, rows_t]
+    assert torch.allclose(got["logp"], own, atol=1e-5)

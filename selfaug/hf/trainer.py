@@ -86,6 +86,15 @@ def check_transformers(version: str | None = None) -> None:
                          f"'transformers{','.join(TRANSFORMERS)}'")
 
 
+def probe_head(model) -> bool:
+    """Whether `check_head` can run on the model as the Trainer gets it: whole (no ZeRO-3 partition), no meta
+    tensor, and on the CPU only when small (an unsharded 70B waiting for FSDP would run a CPU forward per rank)."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") or p.is_meta for p in params):
+        return False
+    return params[0].device.type != "cpu" or sum(p.numel() for p in params) < 2e9
+
+
 def refuse_fp16(args, model) -> None:
     """fp16 in any form, one line: the chunked head computes its gradients in the forward, before a loss scale
     applies, so fp16 would flush the KL's small gradients (~1e-6 and below) to zero. bf16 and fp32 are fine."""
@@ -161,8 +170,9 @@ class SelfAugMixin:
                              "GPU visible (CUDA_VISIBLE_DEVICES=0)")
         refuse_fp16(args, model)
         refuse_fsdp1(args)
-        # the head contract: a probe forward where the model is whole (ZeRO-3 partitioned: the config's scale)
-        scale = head_scale(model) if hasattr(decoder_and_head(model)[1].weight, "ds_id") else check_head(model)
+        # the head contract: a probe forward where the model is whole and on one device; the config's scale where it is
+        # ZeRO-3 partitioned, on meta (cpu_ram_efficient_loading's ranks above 0) or large on the CPU (before FSDP)
+        scale = check_head(model) if probe_head(model) else head_scale(model)
         world = args.world_size  # sets up the process group (accelerate) before the store is opened by every rank
         teacher = store.TeacherStore(store.local_store(teacher_store), verify=tc.verify_store)  # a URL: the mirror
         tokenizer = kwargs.get("processing_class")
@@ -289,6 +299,9 @@ class SelfAugMixin:
                                                            teacher, s["tc"], co.c_nll, co.c_kl)
 
         def loss_at_the_end(module, args, output):
+            if "loss" not in seen:
+                raise TrainError(f"{type(top).__name__}: its forward never called its lm_head module, where SelfAug's "
+                                 "loss is computed; this model is not supported")
             output["loss"] = seen.pop("loss")
             return output
 

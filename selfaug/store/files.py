@@ -6,6 +6,7 @@ writing a store.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from ..durable import fsync_dir, tmp_name, write_atomic
 from ..hashing import sha256_file
+from ..locks import flock
 from .format import FORMAT, MANIFEST, VERSION, StoreError
 
 
@@ -106,14 +108,18 @@ def decompressed_copy(path: str, key: str) -> str:
     if os.path.exists(target):
         return target
     with open(target + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        flock(lock.fileno(), fcntl.LOCK_EX, target)
         if not os.path.exists(target):
+            for stale in glob.glob(glob.escape(target) + ".*.tmp"):  # a copy stopped midway
+                os.remove(stale)
             tmp = tmp_name(target)
             with pa.memory_map(path) as source:
                 reader = pa.ipc.open_stream(source)
                 with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
                     for batch in reader:  # one record batch in memory at a time
                         writer.write_batch(batch)
+            with open(tmp, "rb") as f:  # whole on disk before its name says so
+                os.fsync(f.fileno())
             os.replace(tmp, target)
     return target
 
@@ -132,7 +138,7 @@ class StoreLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path)
         except BlockingIOError:
             self._busy(fd)
         old = os.read(fd, 4096).decode(errors="replace").strip()
@@ -155,7 +161,7 @@ class StoreLock:
         except FileNotFoundError:
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, self.path)
         except BlockingIOError:
             self._busy(fd)
         os.close(fd)  # closing drops the probe's flock

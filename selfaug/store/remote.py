@@ -22,8 +22,9 @@ import re
 import socket
 import time
 
-from ..durable import tmp_name
+from ..durable import tmp_name, write_atomic
 from ..hashing import sha256_file
+from ..locks import flock
 from .format import MANIFEST, StoreError
 
 SCHEMES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -88,9 +89,22 @@ def download(fs, url: str, local: str, name: str, sha256: str | None = None, siz
                      "bucket; run `selfaug precompute` with the same recipe to rewrite the shards that fail")
 
 
-def _local_ok(local: str, name: str, sha256: str, size: int) -> bool:
+def _local_ok(local: str, name: str, sha256: str, size: int, checked: dict) -> bool:
+    """The mirror's file has these bytes: hashed once, then known by its (size, mtime, inode) in `checked`."""
     path = os.path.join(local, name)
-    return os.path.isfile(path) and os.path.getsize(path) == size and sha256_file(path) == sha256
+    if not os.path.isfile(path):
+        return False
+    if checked.get(name) == _stamp(local, name, sha256):
+        return True
+    if os.path.getsize(path) == size and sha256_file(path) == sha256:
+        checked[name] = _stamp(local, name, sha256)
+        return True
+    return False
+
+
+def _stamp(local: str, name: str, sha256: str) -> list:
+    st = os.stat(os.path.join(local, name))
+    return [sha256, st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def pull(url: str, shards: bool = True) -> str:
@@ -101,12 +115,18 @@ def pull(url: str, shards: bool = True) -> str:
     local = mirror(url)
     os.makedirs(local, exist_ok=True)
     with open(local + ".pull.lock", "a") as lock:  # beside the mirror: the mirror holds the store's files alone
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        flock(lock.fileno(), fcntl.LOCK_EX, local)
         names = [os.path.relpath(p, url.split("://", 1)[1].rstrip("/"))
                  for p in fs.find(url) if not p.endswith("/.lock")]
         for name in names:  # the small files: manifest, config, sidecars
             if name.endswith((".json", ".yaml")):
                 download(fs, url, local, name)
+        record = local + ".checked.json"  # the mirror's files already hashed: a node's other ranks hash nothing
+        try:
+            with open(record) as f:
+                checked = json.load(f)
+        except (OSError, ValueError):
+            checked = {}
         manifest_path = os.path.join(local, MANIFEST)
         manifest = {}
         if os.path.exists(manifest_path):
@@ -114,16 +134,19 @@ def pull(url: str, shards: bool = True) -> str:
                 manifest = json.load(f)
         if shards and manifest.get("status") == "complete":
             for entry in manifest["shards"]:
-                if not _local_ok(local, entry["file"], entry["sha256"], entry["bytes"]):
-                    download(fs, url, local, entry["file"], entry["sha256"], entry["bytes"])
+                if not _local_ok(local, entry["file"], entry["sha256"], entry["bytes"], checked):
+                    download(fs, url, local, entry["file"], entry["sha256"], entry["bytes"])  # checked as it came
+                    checked[entry["file"]] = _stamp(local, entry["file"], entry["sha256"])
         elif shards:  # an incomplete store: the shards its sidecars name (what a resumed precompute keeps)
             for name in names:
                 side = os.path.join(local, name)
                 if name.startswith("shards/") and name.endswith(".json"):
                     with open(side) as f:
                         entry = json.load(f)
-                    if not _local_ok(local, entry["file"], entry["sha256"], entry["bytes"]):
+                    if not _local_ok(local, entry["file"], entry["sha256"], entry["bytes"], checked):
                         download(fs, url, local, entry["file"], entry["sha256"], entry["bytes"])
+                        checked[entry["file"]] = _stamp(local, entry["file"], entry["sha256"])
+        write_atomic(record, json.dumps(checked))
     return local
 
 

@@ -41,6 +41,8 @@ class StoreWriter:
         self.dir, self.settings, self.computed_with = out_dir, settings, computed_with
         # a store on object storage: out_dir is this node's mirror of it, `lease` its stage 1 lease (rank 0)
         self.publish, self.lease = publish, lease
+        if publish:  # every node's mirror, not only rank 0's (which _prepare makes): a rank writes its shards there
+            os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
         self.overwrite, self.config = overwrite, config or {}
         self.rank, self.world = dist.rank_world()
         self.signal = signal_of(settings)

@@ -4,9 +4,8 @@ A checkpoint `<output_dir>/checkpoints/step-N/` holds DeepSpeed's own files, eac
 `selfaug.json` (the step, the batch geometry, what the run must match). Under ZeRO 1-3 every rank writes
 its own partition of the fp32 weights and of the optimizer state, and nothing else of them: no rank
 gathers, holds or writes another's; frozen parameters (a LoRA base, a frozen head) are not written, the
-run re-creates them. `checkpoints/latest` names a checkpoint only once every file of every rank is
-written (an atomic rename on rank 0 after a barrier), so a run killed while saving resumes from the one
-before.
+run re-creates them. `checkpoints/latest` names a checkpoint only once every rank has written and flushed its
+files (an atomic rename on rank 0 after a vote), so a run killed while saving resumes from the one before.
 
 Resume (`train.resume`): at the checkpoint's world size (or under ZeRO-0) DeepSpeed loads its own files.
 At another world size with the same global batch (micro x accum x world) the checkpoint is converted
@@ -14,9 +13,7 @@ once, by all ranks together, into DeepSpeed's universal checkpoint (`step-N/univ
 parameter's full fp32 value and optimizer state in files of its own) and loaded with
 `checkpoint.load_universal`, each rank reading one parameter at a time and keeping its new partition;
 the sampler, which depends only on the global batch, gives every step the same examples. Another global
-batch is refused in one line naming the gradient_accumulation_steps that keeps it.
-
-Preemption (a stop on a signal, exit 75) is `preemption.py`.
+batch is refused in one line naming the gradient_accumulation_steps that keeps it. Preemption is `preemption.py`.
 """
 from __future__ import annotations
 
@@ -107,10 +104,12 @@ def save(run, step: int, identity: dict, extra=None) -> tuple[str, float]:
         engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
         in_deepspeed = False
+        torch.save(rng_state(), rng := os.path.join(path, f"rng_rank{run.rank}.pt"))
+        # on disk before `latest` names it: each rank flushes what it wrote (its own cache), rank 0 the shared files
+        fsync_tree(path, lambda n: f"pp_rank_{run.rank}_" in n or n == os.path.basename(rng) or (
+            run.rank == 0 and "pp_rank_" not in n and not n.startswith("rng_rank")))
         if extra is not None:  # e.g. the Hugging Face form (train.save_hf): inside the checkpoint before `latest`
-            extra(path)
-        torch.save(rng_state(), os.path.join(path, f"rng_rank{run.rank}.pt"))
-        fsync_tree(path)  # on disk before `latest` names it (each rank flushes what it wrote)
+            extra(path)  # rank 0 writes and flushes hf/ (no other rank walks it meanwhile)
         if run.rank == 0:  # the meta last, whole or absent: a checkpoint without it is never resumed
             t = cfg.train
             meta = {"step": step, "world_size": run.world, "micro_batch_size": t.micro_batch_size,

@@ -16,7 +16,7 @@ import torch
 
 from .. import dist
 from ..config import Config
-from ..durable import replace_dir, staging_dir
+from ..durable import fsync_tree, replace_dir, staging_dir
 from ..errors import SelfAugError
 from .checkpoint import CheckpointError, _why_not_written
 from ..models import load_tokenizer_for, resolve_dtype
@@ -76,6 +76,7 @@ def save_hf_checkpoint(run, path: str) -> None:
         from safetensors import SafetensorError
         try:
             write_hf(run, state, os.path.join(path, "hf"))
+            fsync_tree(os.path.join(path, "hf"))  # its writer flushes it: no other rank walks it meanwhile
         except SafetensorError as e:  # a failed write, as checkpoint.save counts them
             raise OSError(f"safetensors: {e}") from None
 

@@ -94,12 +94,26 @@ def _merge_tensors(tensors: dict, updates: dict, dtype: torch.dtype, kept: Updat
     return out
 
 
-def _base_files(source: str, revision: str | None) -> str | None:
-    """The local directory holding the base's safetensors files (a hub id: its snapshot), or None."""
-    if os.path.isdir(source):
-        return source if any(f.endswith(".safetensors") for f in os.listdir(source)) else None
-    from huggingface_hub import snapshot_download
-    return snapshot_download(source, revision=revision, allow_patterns=["*.safetensors", "*.json"])
+def _weight_files(folder: str) -> list[str]:
+    """The files transformers loads the weights from: those the index names, or model.safetensors (never another
+    copy beside them, such as Mistral's consolidated.safetensors)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    return ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
+
+
+def _base_files(source: str, revision: str | None) -> tuple[str, list[str]]:
+    """(the local directory holding the base's weights, its weight files); a hub id: its snapshot."""
+    if not os.path.isdir(source):
+        from huggingface_hub import snapshot_download
+        source = snapshot_download(source, revision=revision, allow_patterns=["model*.safetensors", "*.json"])
+    files = _weight_files(source)
+    if not files:
+        raise MergeError(f"{source} holds no safetensors weights (model.safetensors or its index): `selfaug merge` "
+                         "streams those; save the base with save_pretrained first, or evaluate the adapter unmerged")
+    return source, files
 
 
 def merge(adapter_dir: str, model_cfg, out: str, dtype: torch.dtype, tokenizer=None) -> dict:
@@ -112,22 +126,22 @@ def merge(adapter_dir: str, model_cfg, out: str, dtype: torch.dtype, tokenizer=N
     kept, done = UpdateKept(), set()
     tmp = staging_dir(out)
     synthetic = model_cfg.init == "random" or model_cfg.name_or_path.startswith("builtin:tiny")
-    files = None if synthetic else _base_files(resolve_source(model_cfg.name_or_path)[0], model_cfg.revision)
-    if files is None:  # random-init or tiny: built in memory, merged the same way
+    folder, files = (None, []) if synthetic else _base_files(resolve_source(model_cfg.name_or_path)[0], model_cfg.revision)
+    if synthetic:  # random-init or tiny: built in memory, merged the same way
         model = load_model(model_cfg, torch.float32)
         merged = _merge_tensors(model.state_dict(), updates, dtype, kept, done)
         model.to(dtype).load_state_dict(merged)
         model.save_pretrained(tmp)
     else:
-        for name in sorted(f for f in os.listdir(files) if f.endswith(".safetensors")):
-            with safe_open(os.path.join(files, name), framework="pt") as f:  # one file of the base at a time
+        for name in files:
+            with safe_open(os.path.join(folder, name), framework="pt") as f:  # one file of the base at a time
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
                 meta = f.metadata() or {"format": "pt"}
             save_file(_merge_tensors(tensors, updates, dtype, kept, done), os.path.join(tmp, name), metadata=meta)
             del tensors
-        for name in os.listdir(files):
+        for name in os.listdir(folder):
             if name.endswith(".json") and not name.startswith("adapter_"):
-                shutil.copy(os.path.join(files, name), os.path.join(tmp, name))
+                shutil.copy(os.path.join(folder, name), os.path.join(tmp, name))
         config = config_of(model_cfg)
         config.dtype = dtype
         config.save_pretrained(tmp)
