@@ -27,7 +27,7 @@ def sha256_file(path: str, limit: int | None = None) -> str:
 
 def content_hash(path: str) -> str:
     """xxh3-128 of every byte of a file ("xxh3_128:HEX"): about 10 GB/s on one core, so the disk sets the pace
-    (sha256 is 1 GB/s). xxhash comes with datasets, a dependency of selfaug."""
+    (sha256 is 1 GB/s)."""
     import xxhash
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
