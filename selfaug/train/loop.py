@@ -175,7 +175,7 @@ def setup(cfg: Config, objective_cls=None, stop_after: int | None = None) -> Run
 
 def _setup(cfg: Config, objective_cls, stop) -> Run:
     import deepspeed
-    rank, world = dist.init(cfg.train.ddp_timeout)
+    rank, world = dist.rank_world()  # the process group setup() made
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=dist.timeout(cfg))
     device = dist.device()
     tc = cfg.train
