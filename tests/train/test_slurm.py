@@ -43,6 +43,12 @@ esac
 def _fake_slurm(tmp_path, hosts):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    from selfaug.data import cache_dir
+    from selfaug.models import SMOLLM2, resolve_source
+    converted = resolve_source(SMOLLM2)[0]  # each node's own cache, with the embedded model already converted
+    for node in range(len(hosts)):  # there (as `launch.sh setup` leaves it on a real node): no 100 s conversion
+        (tmp_path / "cache" / f"node{node}").mkdir(parents=True)
+        os.symlink(converted, tmp_path / "cache" / f"node{node}" / os.path.relpath(converted, cache_dir()))
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
