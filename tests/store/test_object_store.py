@@ -193,3 +193,11 @@ def test_a_url_without_its_package_is_one_line_not_a_local_folder(tmp_path, url,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not os.path.exists(os.path.join(tmp_path, url.split("://")[0] + ":"))
+
+
+def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsys):
+    from selfaug import estimate
+    cfg = tiny_config(str(tmp_path), teacher={"output_dir": f"s3://{BUCKET}/planned"})
+    estimate.run(cfg, 8, seq_len=256, examples=100)
+    out = capsys.readouterr().out
+    assert "on object storage: each node downloads all of it once" in out and "8 ranks sharing the copy" in out
