@@ -192,33 +192,46 @@ def test_stage_1_builds_no_kv_cache(tmp_path, monkeypatch):
     assert built == [1]
 
 
+TRACE_CHECK = """
+import deepspeed, torch
+from selfaug import dist
+from selfaug.models import TINY_LLAMA, load_model
+from selfaug.precompute import teacher_signal
+dist.ensure_env()
+deepspeed.init_distributed(dist_backend="gloo")
+conf = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+engine = deepspeed.initialize(model=load_model(TINY_LLAMA, torch.float32, ds_config=conf), config=conf)[0]
+coordinator = engine.optimizer.get_param_coordinator()
+ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+rows_b, rows_t = torch.tensor([0, 1, 1]), torch.tensor([3, 5, 15])
+got = []
+for _ in range(3):
+    got.append(teacher_signal(engine.module, ids, torch.ones_like(ids), rows_b, rows_t,
+                              lambda logp, rows: {"logp": logp}, chunk_rows=2)["logp"])
+    assert not coordinator.is_invalid_trace()
+assert coordinator.is_complete_trace()
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters())), torch.no_grad():
+    own = torch.log_softmax(engine.module(input_ids=ids).logits.float(), -1)[rows_b, rows_t]
+assert all(torch.allclose(g, own, atol=1e-5) for g in got)
+print("trace complete")
+"""
+
+
 def test_a_partitioned_teacher_runs_inside_the_forward_deepspeed_traces():
     """Stage 1 under ZeRO-3 calls the model's own forward (its head on one position) and takes the signal in a
     pre-hook of the head: DeepSpeed's coordinator completes its trace after the first batch, so later batches
-    prefetch. The body called on its own, as before, left the trace invalid: every gather synchronous."""
-    import deepspeed
+    prefetch. The body called on its own, as before, left the trace invalid: every gather synchronous. (In a
+    process of its own: a ZeRO-3 inference engine leaves DeepSpeed's hooks on the model classes.)"""
+    import subprocess
+    import sys
 
-    from selfaug import dist
-    from selfaug.models import TINY_LLAMA, load_model
-    from selfaug.precompute import teacher_signal
-    dist.ensure_env()
-    deepspeed.init_distributed(dist_backend="gloo")
-    conf = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    engine = deepspeed.initialize(model=load_model(TINY_LLAMA, torch.float32, ds_config=conf), config=conf)[0]
-    coordinator = engine.optimizer.get_param_coordinator()
-    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    rows_b, rows_t = torch.tensor([0, 1, 1]), torch.tensor([3, 5, 15])
-    got = []
-    for _ in range(3):
-        got.append(teacher_signal(engine.module, ids, torch.ones_like(ids), rows_b, rows_t,
-                                  lambda logp, rows: {"logp": logp}, chunk_rows=2)["logp"])
-        assert not coordinator.is_invalid_trace()
-    assert coordinator.is_complete_trace()
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())), torch.no_grad():
-        own = torch.log_softmax(engine.module(input_ids=ids).logits.float(), -1)[rows_b, rows_t]
-    for g in got:
-        assert torch.allclose(g, own, atol=1e-5)
+    from conftest import ROOT, clean_env
+    from selfaug.dist import free_port
+    done = subprocess.run([sys.executable, "-c", TRACE_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                        MASTER_PORT=str(free_port())))
+    assert done.returncode == 0 and "trace complete" in done.stdout, done.stderr[-3000:]
 
 
 def test_a_model_whose_forward_cannot_keep_one_position_gets_the_same_signal_from_its_body():
