@@ -46,11 +46,25 @@ class CountHeadGathers(TrainerCallback):
 
 
 def test_a_frozen_zero3_head_is_gathered_once_per_micro_batch(tmp_path, tiny_store):
+    """In a process of its own: a ZeRO-3 Trainer leaves transformers' and accelerate's DeepSpeed state set for the
+    process, and models built later in it would be created partitioned."""
+    import subprocess
+
+    from conftest import clean_env
     cfg = tiny_config(str(tmp_path), teacher={"output_dir": tiny_store.teacher.output_dir},
                       train={"adapter": "lora", "optim": "sgd", "min_lr_ratio": 1.0, "max_steps": 3,
                              "micro_batch_size": 1, "gradient_accumulation_steps": 2,
                              "deepspeed": os.path.join(ROOT, "ds_configs", "zero3.json")})
-    counter = CountHeadGathers()
-    hf_run(write_recipe(str(tmp_path / "r.yaml"), cfg), str(tmp_path / "hf"), callbacks=[counter])
-    assert counter.micro_batches == 6
-    assert counter.gathers == counter.micro_batches, (counter.gathers, counter.micro_batches)
+    recipe = write_recipe(str(tmp_path / "r.yaml"), cfg)
+    script = (f"import sys; sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {os.path.join(ROOT, 'tests', 'hf')!r}]\n"
+              "from test_hf_gathers import CountHeadGathers, hf_run\n"
+              f"counter = CountHeadGathers(); hf_run({recipe!r}, {str(tmp_path / 'hf')!r}, callbacks=[counter])\n"
+              "print('counted', counter.gathers, counter.micro_batches)")
+    from selfaug.dist import free_port
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                        MASTER_PORT=str(free_port())))
+    counted = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("counted")]
+    assert done.returncode == 0 and counted, done.stderr[-3000:]
+    gathers, micro_batches = map(int, counted[0])
+    assert micro_batches == 6 and gathers == micro_batches, (gathers, micro_batches)
