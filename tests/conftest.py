@@ -116,6 +116,16 @@ def launch(stage, recipe, overrides=(), nprocs=1, check=True, timeout=600, env=N
     return proc
 
 
+def one_line(capsys, argv, match):
+    """`selfaug ARGV` exits 2 with exactly one line `selfaug: error: ...` holding `match`; that line."""
+    from selfaug.cli import main
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("selfaug: error: ")]
+    assert code == 2 and len(lines) == 1 and match in lines[0] and "Traceback" not in err, (code, err[-3000:])
+    return lines[0]
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import ROOT, clean_env, tiny_config, write_recipe
+from conftest import ROOT, clean_env, one_line as _one_line, tiny_config, write_recipe
 from selfaug import precompute, train
 from selfaug import store as ts
 from selfaug.cli import main
@@ -28,15 +28,6 @@ def _jsonl(tmp_path, lines, name="d.jsonl"):
     path = tmp_path / name
     path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
     return str(path)
-
-
-def _one_line(capsys, argv, match):
-    """The command exits 2 with exactly one line `selfaug: error: ...` holding `match`."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("selfaug: error: ")]
-    assert code == 2 and len(lines) == 1 and match in lines[0] and "Traceback" not in err, (code, err[-3000:])
-    return lines[0]
 
 
 # 1. two precomputes into the same directory

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, clean_env, read_metrics, tiny_config, write_recipe
+from conftest import ROOT, clean_env, one_line as _one_line, read_metrics, tiny_config, write_recipe
 from selfaug import train
 from selfaug.cli import main
 from selfaug.train.checkpoint import CheckpointError
@@ -39,14 +39,6 @@ def _a_run_in(out):
                        (".exit/rank-0-of-1", "75\n"), ("STOP", "")):
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
-
-
-def _one_line(capsys, argv, match):
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("selfaug: error: ")]
-    assert code == 2 and len(lines) == 1 and match in lines[0] and "Traceback" not in err, (code, err[-3000:])
-    return lines[0]
 
 
 def test_a_second_train_on_a_held_directory_is_refused_and_changes_nothing(tmp_path, capsys):

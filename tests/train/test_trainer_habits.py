@@ -60,11 +60,8 @@ def test_wandb_auto_is_online_with_the_key_wandb_login_stored(tmp_path, monkeypa
 
 @pytest.mark.parametrize("cut", [{}, {"packing": True, "micro_batch_tokens": 512}])  # by count; by padded tokens
 def test_eval_steps_log_the_held_out_nll_of_the_model_at_that_step(tmp_path, cut):
-    from peft import PeftModel
     from conftest import read_metrics
     from selfaug import train
-    from selfaug.data import BUILTIN_RAG_EVAL, load_examples
-    from selfaug.models import load_model, load_tokenizer
     cfg = tiny_config(str(tmp_path), data={"builtin_eval_size": 7},  # 7 examples in micro-batches of 2: one short
                       train={"teacher_mode": "none", "alpha": 0, "max_steps": 3, "eval_steps": 2, "logging_steps": 5,
                              **cut})
@@ -73,15 +70,7 @@ def test_eval_steps_log_the_held_out_nll_of_the_model_at_that_step(tmp_path, cut
     assert [r["step"] for r in rows if "eval_nll" in r] == [2, 3]  # every 2 steps and at the last, logged with it
     assert all(r["grad_norm"] > 0 for r in rows)  # ZeRO-2: DeepSpeed's norm, on every logged row
     # the plain reference: the final adapter on its base, HF logits, mean cross-entropy over the response tokens
-    model = PeftModel.from_pretrained(load_model("builtin:tiny-llama"), os.path.join(out, "final")).eval()
-    kept, _ = load_examples(BUILTIN_RAG_EVAL, load_tokenizer("builtin:tiny-llama"), cfg.data).examples()
-    total = count = 0.0
-    with torch.no_grad():
-        for e in kept:
-            ids = torch.tensor([e.input_ids])
-            logits = model(input_ids=ids).logits[0, e.prompt_len - 1:-1]
-            total += torch.nn.functional.cross_entropy(logits, ids[0, e.prompt_len:], reduction="sum").item()
-            count += len(e.input_ids) - e.prompt_len
+    kept, total, count = _held_out_nll(out, cfg)
     assert len(kept) == 7 and rows[-1]["eval_tokens"] == count
     assert rows[-1]["eval_nll"] == pytest.approx(total / count, rel=1e-5)
     assert rows[0]["eval_nll"] != rows[-1]["eval_nll"]  # the model moved between the two
@@ -103,11 +92,8 @@ def test_eval_steps_and_save_hf_on_two_ranks_under_zero3(tmp_path):
     """2 ranks, ZeRO-3: the held-out examples split 3 / 2 (a padded forward on rank 1, or ZeRO-3's gathers hang), the
     sums all-reduced to the 1-process NLL of the final adapter; each kept checkpoint's hf/ is that step's adapter,
     gathered tensor by tensor; DeepSpeed's grad_norm on every row."""
-    from peft import PeftModel
     from safetensors.torch import load_file
     from conftest import ROOT, launch, read_metrics, write_recipe
-    from selfaug.data import BUILTIN_RAG_EVAL, load_examples
-    from selfaug.models import load_model, load_tokenizer
     cfg = tiny_config(str(tmp_path), data={"builtin_eval_size": 5},
                       train={"teacher_mode": "none", "alpha": 0, "max_steps": 2, "eval_steps": 1, "save_steps": 1,
                              "save_hf": True, "save_total_limit": 1, "micro_batch_size": 2,
@@ -121,6 +107,18 @@ def test_eval_steps_and_save_hf_on_two_ranks_under_zero3(tmp_path):
     hf, final = (load_file(os.path.join(d, "adapter_model.safetensors"))
                  for d in (os.path.join(out, "checkpoints", "step-2", "hf"), os.path.join(out, "final")))
     assert hf.keys() == final.keys() and all(torch.equal(hf[k], final[k]) for k in hf)
+    kept, total, count = _held_out_nll(out, cfg)
+    assert len(kept) == 5 and rows[-1]["eval_tokens"] == count
+    assert rows[-1]["eval_nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def _held_out_nll(out, cfg):
+    """The plain reference: the final adapter on its base, HF logits, summed cross-entropy over the held-out
+    examples' response tokens. (examples, NLL sum, token count)"""
+    from peft import PeftModel
+
+    from selfaug.data import BUILTIN_RAG_EVAL, load_examples
+    from selfaug.models import load_model, load_tokenizer
     model = PeftModel.from_pretrained(load_model("builtin:tiny-llama"), os.path.join(out, "final")).eval()
     kept, _ = load_examples(BUILTIN_RAG_EVAL, load_tokenizer("builtin:tiny-llama"), cfg.data).examples()
     total = count = 0.0
@@ -130,5 +128,4 @@ def test_eval_steps_and_save_hf_on_two_ranks_under_zero3(tmp_path):
             logits = model(input_ids=ids).logits[0, e.prompt_len - 1:-1]
             total += torch.nn.functional.cross_entropy(logits, ids[0, e.prompt_len:], reduction="sum").item()
             count += len(e.input_ids) - e.prompt_len
-    assert len(kept) == 5 and rows[-1]["eval_tokens"] == count
-    assert rows[-1]["eval_nll"] == pytest.approx(total / count, rel=1e-5)
+    return kept, total, count
