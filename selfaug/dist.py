@@ -34,16 +34,17 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _remove_shm_buffers(addr: str, port: str, local_rank: str) -> None:
-    """DeepSpeed's CPU all-reduce maps /dev/shm/deepspeed_allreduce_buffer_*_ADDR_PORT_RANK (about 66 MB)
-    and never unlinks it: each CPU run would leave its buffers in RAM. Unlinked at exit
-    (every rank opened its peers' buffers at start-up; mapped memory lives on until unmapped)."""
-    import glob
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local_rank}"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+def skip_cpu_shm_op() -> None:
+    """Without a GPU (DeepSpeed's CPU accelerator), DeepSpeed's comm backend loads its shared-memory all-reduce
+    op, `deepspeed_shm_comm`, in every process: compiled on first use, then a ninja check under torch's build
+    lock at every start. The op serves `inference_all_reduce` (tensor-parallel inference) only, which no stage
+    calls, so it is marked unavailable and DeepSpeed keeps the process group's gloo all-reduce, as it does off
+    Linux: nothing is compiled or mapped in /dev/shm, and a process killed while starting cannot leave torch's
+    build lock behind for every later start to wait on. Called before DeepSpeed's comm backend is made."""
+    if os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "") != "cpu":
+        return
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 STALE_BUILD_LOCK_S = 10 * 60  # a build writes its files as it goes: none for 10 minutes is no build
@@ -81,10 +82,7 @@ def init(timeout_s: float = TrainConfig.ddp_timeout) -> tuple[int, int]:
     ensure_env()
     check_build_locks()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not torch.cuda.is_available():
-        import atexit
-        atexit.register(_remove_shm_buffers, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-                        os.environ.get("LOCAL_RANK", "0"))
+    skip_cpu_shm_op()
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(device())

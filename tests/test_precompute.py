@@ -99,7 +99,7 @@ def test_two_ranks_and_restart_after_kill_give_the_same_store(tmp_path, tiny_sto
     deadline = time.time() + 300
     while not os.path.exists(first) and procs[0][0].poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    kill_ranks(procs, port)
+    kill_ranks(procs)
     assert os.path.exists(first)
     assert json.load(open(os.path.join(killed_dir, "manifest.json")))["status"] == "incomplete"
     assert len(_shard_hashes(killed_dir)) < 3

@@ -9,8 +9,11 @@
     trainer = SelfAugTrainer(model=model, args=TrainingArguments(...), teacher_store="stores/my_store", alpha=0.5)
     trainer.train(); trainer.save_model("out/final")
 """
+from .. import dist
 from .dataset import SelfAugCollator, StepOrder, match_dataset, store_dataset
 from .trainer import SelfAugMixin, SelfAugTrainer, check_store_for
+
+dist.skip_cpu_shm_op()  # before TrainingArguments makes DeepSpeed's comm backend (accelerate's PartialState)
 
 __all__ = ["SelfAugCollator", "SelfAugMixin", "SelfAugTrainer", "StepOrder", "check_store_for", "match_dataset",
            "store_dataset"]

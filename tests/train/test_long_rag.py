@@ -307,7 +307,8 @@ def test_two_ranks_write_the_same_sampled_quarter_store_as_one(tmp_path):
     two = tiny_config(str(tmp_path / "two"), teacher={"position_fraction": 0.25, "signal": "sampled",
                                                       "samples": SAMPLES, "shard_size": 3})
     out = launch("precompute", write_recipe(str(tmp_path / "two.yaml"), two), nprocs=2)
-    # the ranks unlinked their shared-memory buffers (named by the rendezvous port; other tests' run beside)
+    # DeepSpeed's CPU shared-memory all-reduce op was neither loaded nor mapped (dist.skip_cpu_shm_op)
+    assert "deepspeed_shm_comm" not in out.stdout + out.stderr
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{out.master_port}_*") == []
     assert _hashes(one.teacher.output_dir) == _hashes(two.teacher.output_dir) and len(_hashes(one.teacher.output_dir)) == 4
 

@@ -182,6 +182,24 @@ def test_a_build_lock_left_by_a_killed_process_is_one_line_instead_of_a_hang(tmp
     dist.check_build_locks()
 
 
+def test_deepspeeds_cpu_shm_op_is_not_loaded_so_its_build_lock_cannot_hang_a_start(tmp_path):
+    """A lock left in `deepspeed_shm_comm/` by a process killed at start-up (fresh: too young to be named as
+    stale) would make torch wait forever in DeepSpeed's comm backend; the op is not loaded on the CPU
+    accelerator, so a start is untouched by it. Both entry points: selfaug's process group and `selfaug.hf`
+    (before TrainingArguments makes DeepSpeed's backend through accelerate)."""
+    op = tmp_path / "deepspeed_shm_comm"
+    op.mkdir()
+    (op / "lock").touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for entry in ("from selfaug import dist; dist.init()",
+                  "import selfaug.hf; from selfaug import dist; dist.ensure_env()"):
+        code = (f"{entry}\nimport deepspeed\ndeepspeed.init_distributed(dist_backend='gloo')\n"
+                "from deepspeed.comm import comm\nassert comm.cdb.shm_comm_op is None\nprint('started')")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "started" in out.stdout, out.stderr[-3000:]
+    assert sorted(p.name for p in op.iterdir()) == ["lock"]  # nothing was built there
+
+
 def test_train_ddp_timeout_reaches_the_process_group_in_both_stages(tmp_path, monkeypatch):
     """torch's NCCL default (10 minutes) is shorter than waits that are normal here: train.ddp_timeout goes to
     torch.distributed's process group (`dist.init`) and to `deepspeed.init_distributed`, in stage 1 and 2."""

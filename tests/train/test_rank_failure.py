@@ -42,7 +42,7 @@ def test_rank_0_failing_alone_to_write_final_ends_both_ranks_within_30_s(tmp_pat
         codes = [p.poll() for p, _, _ in procs]
         errs = [(e.seek(0), e.read())[1] for _, _, e in procs]
     finally:
-        kill_ranks(procs, port)
+        kill_ranks(procs)
     assert codes == [2, 2], (codes, errs[0][-2000:], errs[1][-2000:])
     for err in errs:
         lines = [x for x in err.splitlines() if x.startswith("selfaug: error: ")]

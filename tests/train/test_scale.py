@@ -79,7 +79,7 @@ def test_zero3_partitioned_teacher_store_equals_one_process_and_resumes(tmp_path
     deadline = time.time() + 300
     while not os.path.exists(first) and all(p.poll() is None for p, _, _ in procs) and time.time() < deadline:
         time.sleep(0.05)
-    kill_ranks(procs, port)
+    kill_ranks(procs)
     assert os.path.exists(first) and ts.read_manifest(killed)["status"] == "incomplete"
     out = launch("precompute", recipe, [f"teacher.output_dir={killed}"], nprocs=2)
     assert "reused" in out.stdout
