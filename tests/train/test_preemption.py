@@ -190,7 +190,7 @@ def test_deepspeeds_cpu_shm_op_is_not_loaded_so_its_build_lock_cannot_hang_a_sta
     op = tmp_path / "deepspeed_shm_comm"
     op.mkdir()
     (op / "lock").touch()
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = clean_env(TORCH_EXTENSIONS_DIR=str(tmp_path))
     for entry in ("from selfaug import dist; dist.init()",
                   "import selfaug.hf; from selfaug import dist; dist.ensure_env()"):
         code = (f"{entry}\nimport deepspeed\ndeepspeed.init_distributed(dist_backend='gloo')\n"
