@@ -141,6 +141,9 @@ def verdict(out: dict, allow_emulated: bool) -> list[str]:
     return failures
 
 
+SMOKE_ATTENTION = {"examples": 4}  # --smoke on a CPU: the same layouts on 4 examples (two multi-rows of 2)
+
+
 def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn=None, packing_fn=None,
         allow_emulated: bool = False) -> dict:
     """The whole GPU check (see the module docstring); `step_fn`, `packing_fn`: the bench's step and packing
@@ -172,9 +175,9 @@ def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn=None, packing_
     try:
         measured.update(bench_precompute_and_storage(cfg, True, False, n_examples=16 if smoke else 64))
         precompute.run(cfg)
-        for name, fn in (("attention", lambda: check_attention(cfg_path, over)),
+        for name, fn in (("attention", lambda: check_attention(cfg_path, over, **SMOKE_ATTENTION if smoke else {})),
                          ("accumulation", lambda: check_accumulation(cfg_path, over, tmp)),
-                         ("bf16", lambda: check_bf16(cfg_path, over, tmp)),
+                         ("bf16", lambda: check_bf16(cfg_path, over, tmp, steps=2 if smoke else 3)),
                          ("timeout", lambda: check_timeout(cfg.train.ddp_timeout)),
                          ("memory", lambda: check_memory(cfg)),
                          ("step", step_fn and (lambda: step_fn(cfg_path, over, 2 if smoke else 5))),

@@ -150,13 +150,13 @@ def check_accumulation(cfg_path: str, overrides: list[str], tmp: str) -> dict:
                        "adapter_moved": bound(ref.norm().item(), 0.0, ">")}}
 
 
-def check_bf16(cfg_path: str, overrides: list[str], tmp: str) -> dict:
-    """3 steps of selfaug train in bf16 and in fp32 from the same store: finite, the losses close."""
+def check_bf16(cfg_path: str, overrides: list[str], tmp: str, steps: int = 3) -> dict:
+    """`steps` steps of selfaug train in bf16 and in fp32 from the same store: finite, the losses close."""
     from ..config import load_config
     from ..train import train
     rows = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = load_config(cfg_path, list(overrides) + [f"model.dtype={dtype}", "train.max_steps=3",
+        cfg = load_config(cfg_path, list(overrides) + [f"model.dtype={dtype}", f"train.max_steps={steps}",
                                                        f"train.output_dir={tmp}/bf16-{dtype}", "train.resume=never"])
         with open(os.path.join(train(cfg), "metrics.jsonl")) as f:
             rows[dtype] = [json.loads(line) for line in f]

@@ -11,7 +11,7 @@ from test_precompute import _check_against_reference
 from selfaug import store as ts
 from selfaug.models import load_model
 
-SMALL = ["data.builtin_train_size=6", "data.builtin_eval_size=3", "teacher.shard_size=4", "train.max_steps=2",
+SMALL = ["data.builtin_train_size=6", "data.builtin_eval_size=3", "teacher.shard_size=4", "train.max_steps=1",
          "train.micro_batch_size=2", "eval.max_ifeval_prompts=2", "eval.max_rag_examples=3",
          "eval.max_drift_prompts=2", "eval.max_new_tokens=12", "eval.rag_max_new_tokens=8"]
 

@@ -89,7 +89,6 @@ CASES = {  # name: launcher, delivery, ranks, slow save (plus a second signal du
     "launch.sh-alone-2-ranks": ("launch.sh", "launcher", 2, False),
     "launch.sh-group-2-ranks-slow-save": ("launch.sh", "group", 2, True),
     "launch.sh-ranks-alone-2-ranks": ("launch.sh", "ranks", 2, False),
-    "launch.sh-group-1-rank": ("launch.sh", "group", 1, False),
     "deepspeed-group-2-ranks": ("deepspeed", "group", 2, False),
     "torchrun-group-2-ranks": ("torchrun", "group", 2, False),
     "python-1-process": ("python", "process", 1, False),
