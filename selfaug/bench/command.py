@@ -21,7 +21,8 @@ writes JSON. Not timed tests: CI runs a tiny smoke of each.
   reader     rows -> collated micro-batch with its teacher: ms and stored positions per second (cluster.py)
   hf         SelfAugTrainer (selfaug.hf) against a plain Trainer SFT step on the same batches and against
              selfaug train's step: step time and peak memory (trainers.py)
-  prefetch   the share of a step waiting for data, train.prefetch 0 against 2, on the store and on a slow disk
+  prefetch   the share of a step waiting for data, train.prefetch 0 against 2, on the store and on a slow disk,
+             and from the store on object storage (S3: moto's local server, or $SELFAUG_BENCH_STORE_URL)
   loss       the head's loss at the Llama-3-8B head: saved-for-backward bytes, head frozen and trained
   gpu        one GPU (`launch.sh gpu-check`, gpu.py): flash-attention packed = padded, bf16 against fp32, the
              collective timeout, the memory plan's lines, stage 1, the step and packing, at the 7B shape with 4
@@ -215,7 +216,23 @@ def bench_prefetch(cfg_path: str, overrides: list[str], steps: int, smoke: bool)
             print(f"  prefetch[{prefetch}, {delay:g} ms/example]: {r['wait_share']:.3f} of the step waiting for data, "
                   f"{r['step_time_s']:.3f} s/step", flush=True)
     same = all(a["nll"] == b["nll"] for a, b in zip(rows[0::2], rows[1::2]))
-    return {"rows": rows, "same_losses": same}
+    from ..config import load_config
+    from .data_wait import object_store_copy
+    with object_store_copy(load_config(cfg_path, list(overrides)).teacher.output_dir) as (url, env):
+        if url is None:
+            print(f"  object store: not measured: {env}", flush=True)
+            return {"rows": rows, "same_losses": same, "object_store": {"skipped": env}}
+        r = _worker([cfg_path, "2", "0", str(steps), *overrides, f"teacher.output_dir={url}"],
+                    module="selfaug.bench.data_wait", **env)
+    local = rows[1]  # the same store on local disk, prefetch 2
+    r.update(url=url.split("://")[0] + "://...", step_time_vs_local_disk=r["step_time_s"] / local["step_time_s"],
+             same_losses_as_local_disk=r["nll"] == local["nll"],
+             pull_share=r["pull_s"] / (r["pull_s"] + r["steps"] * r["step_time_s"]))
+    print(f"  object store[{r['url']}, prefetch 2]: mirror pulled in {r['pull_s']:.2f} s "
+          f"({r['pulled_bytes'] / 1e6:.1f} MB, {r['pulled_bytes'] / 1e6 / r['pull_s']:.0f} MB/s) before step 1, then "
+          f"{r['wait_share']:.3f} of the step waiting for data, {r['step_time_s']:.3f} s/step "
+          f"({r['step_time_vs_local_disk']:.2f}x local disk)", flush=True)
+    return {"rows": rows, "same_losses": same, "object_store": r}
 
 
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),

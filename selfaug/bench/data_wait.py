@@ -4,10 +4,15 @@ micro-batches made on the training thread (`train.prefetch=0`) and made ahead on
 on the store as it is and on a store read as from a slow disk (each example's read delayed: a network
 filesystem). Each run in its own process; the same losses either way (tests/train/test_train.py).
 
+A store on object storage (`bench_prefetch`'s object-store row): the recipe's store uploaded to an S3 API, the
+run's `teacher.output_dir` its URL and an empty node cache, so the figures hold the mirror's download (pull_s,
+before the first step) as well as the steps.
+
 One run: python -m selfaug.bench.data_wait RECIPE PREFETCH DELAY_MS STEPS [overrides]
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +22,7 @@ import time
 
 
 def measure(cfg_path: str, prefetch: int, delay_ms: float, steps: int, overrides: list[str]) -> dict:
+    from .. import store
     from ..config import load_config
     from ..store import TeacherStore
     from ..train import train
@@ -30,7 +36,13 @@ def measure(cfg_path: str, prefetch: int, delay_ms: float, steps: int, overrides
                                                    f"train.output_dir={out_dir}", "train.resume=never",
                                                    "train.save_steps=0", "train.monitor_kl_every=0"])
     TeacherStore.example = slow if delay_ms else real
+    pulled = {}
     try:
+        if store.is_url(cfg.teacher.output_dir):  # the node's mirror, downloaded and checked before step 1
+            t = time.perf_counter()
+            mirror = store.pull(cfg.teacher.output_dir)
+            pulled = {"pull_s": time.perf_counter() - t, "pulled_bytes": sum(
+                os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(mirror) for f in files)}
         train(cfg)
     finally:
         TeacherStore.example = real
@@ -38,7 +50,50 @@ def measure(cfg_path: str, prefetch: int, delay_ms: float, steps: int, overrides
     shutil.rmtree(out_dir, ignore_errors=True)
     wait, step = sum(r["data_wait_s"] for r in rows), sum(r["step_time_s"] for r in rows)
     return {"prefetch": prefetch, "delay_ms_per_example": delay_ms, "steps": len(rows), "wait_share": wait / step,
-            "step_time_s": step / len(rows), "data_wait_s": wait / len(rows), "nll": [r["nll"] for r in rows]}
+            "step_time_s": step / len(rows), "data_wait_s": wait / len(rows), "nll": [r["nll"] for r in rows],
+            **pulled}
+
+
+@contextlib.contextmanager
+def object_store_copy(store_dir: str):
+    """The store at `store_dir` uploaded to an S3 API: the prefix $SELFAUG_BENCH_STORE_URL (with the usual AWS_*
+    environment) or, without it, moto's S3 server started here on 127.0.0.1 (the dev extra), which measures the
+    mirror's own work (requests, checks, writes) but no network. Yields (url, the run's environment), or
+    (None, why not) where neither is at hand."""
+    from .. import store
+    from ..dist import free_port
+    url, server = os.environ.get("SELFAUG_BENCH_STORE_URL"), None
+    env = {"SELFAUG_STORE_CACHE": tempfile.mkdtemp(prefix="selfaug-bench-node-")}  # an empty node cache
+    if not url:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            yield None, "moto is not installed (pip install 'selfaug[dev]') and SELFAUG_BENCH_STORE_URL is not set"
+            return
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        url = "s3://selfaug-bench/store"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs = store.remote.filesystem(url)
+        if server:
+            fs.mkdir(url.split("/")[2])
+        for d, _, files in os.walk(store_dir):
+            for f in files:
+                if f != ".lock":
+                    name = os.path.relpath(os.path.join(d, f), store_dir)
+                    fs.put_file(os.path.join(d, f), url.rstrip("/") + "/" + name)
+        yield url, env
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(env["SELFAUG_STORE_CACHE"], ignore_errors=True)
+        if server:
+            server.stop()
 
 
 def main(argv: list[str]) -> dict:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT, clean_env, tiny_config, write_recipe
-from selfaug import train
+from selfaug import store, train
 from selfaug.config import build_config
 
 
@@ -57,6 +57,9 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
     if group == "overlap":  # the same losses with and without the thread; the slow disk's wait is counted
         p = r["prefetch"]
         assert p["same_losses"] and len(p["rows"]) == 4 and all(0 <= row["wait_share"] < 1 for row in p["rows"])
+        o = p["object_store"]  # the same store from S3 (moto's server, the dev extra): the same losses, its download counted
+        assert o["same_losses_as_local_disk"] and o["pull_s"] > 0 and 0 <= o["wait_share"] < 1
+        assert o["pulled_bytes"] >= sum(s["bytes"] for s in store.read_manifest(tiny_store.teacher.output_dir)["shards"])
     if group == "drift":  # eval's bucket KL at k = 1024 against the exact one (k = |V|): never above it
         d = r["drift"]
         assert d["k"] == 1024 and d["vocab"] == 49152 and d["texts"] == 3 and len(d["rows"]) == 1
