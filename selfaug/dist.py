@@ -22,10 +22,12 @@ def free_port() -> int:
 
 
 def ensure_env() -> None:
-    """Give a plain `python` run the env of a 1-process launch (DeepSpeed would look for MPI otherwise)."""
+    """Give a plain `python` run the env of a 1-process launch (DeepSpeed would look for MPI otherwise), and on
+    the CPU keep DeepSpeed's shared-memory op unloaded (`skip_cpu_shm_op`)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    skip_cpu_shm_op()
 
 
 def device() -> torch.device:
@@ -40,7 +42,8 @@ def skip_cpu_shm_op() -> None:
     lock at every start. The op serves `inference_all_reduce` (tensor-parallel inference) only, which no stage
     calls, so it is marked unavailable and DeepSpeed keeps the process group's gloo all-reduce, as it does off
     Linux: nothing is compiled or mapped in /dev/shm, and a process killed while starting cannot leave torch's
-    build lock behind for every later start to wait on. Called before DeepSpeed's comm backend is made."""
+    build lock behind for every later start to wait on. Called before DeepSpeed's comm backend is made: by
+    `ensure_env` (so by `init`) and at `import selfaug.hf`."""
     if os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "") != "cpu":
         return
     import deepspeed.ops
@@ -82,7 +85,6 @@ def init(timeout_s: float = TrainConfig.ddp_timeout) -> tuple[int, int]:
     ensure_env()
     check_build_locks()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    skip_cpu_shm_op()
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
