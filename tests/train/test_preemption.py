@@ -184,17 +184,22 @@ def test_a_build_lock_left_by_a_killed_process_is_one_line_instead_of_a_hang(tmp
 def test_deepspeeds_cpu_shm_op_is_not_loaded_so_its_build_lock_cannot_hang_a_start(tmp_path):
     """A lock left in `deepspeed_shm_comm/` by a process killed at start-up (fresh: too young to be named as
     stale) would make torch wait forever in DeepSpeed's comm backend; the op is not loaded on the CPU
-    accelerator, so a start is untouched by it. Both entry points: selfaug's process group and `selfaug.hf`
-    (before TrainingArguments makes DeepSpeed's backend through accelerate)."""
+    accelerator, so a start is untouched by it. Every entry point: selfaug's process group, a 1-process script's
+    environment (the benchmarks' workers) and `import selfaug.hf` (before TrainingArguments makes DeepSpeed's
+    backend through accelerate), there under a launcher's rank variables."""
+    from selfaug.dist import free_port
     op = tmp_path / "deepspeed_shm_comm"
     op.mkdir()
     (op / "lock").touch()
     env = clean_env(TORCH_EXTENSIONS_DIR=str(tmp_path))
-    for entry in ("from selfaug import dist; dist.init()",
-                  "import selfaug.hf; from selfaug import dist; dist.ensure_env()"):
+    launched = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for entry, extra in (("from selfaug import dist; dist.init()", {}),
+                         ("from selfaug import dist; dist.ensure_env()", {}),
+                         ("import selfaug.hf", {**launched, "MASTER_PORT": str(free_port())})):
         code = (f"{entry}\nimport deepspeed\ndeepspeed.init_distributed(dist_backend='gloo')\n"
                 "from deepspeed.comm import comm\nassert comm.cdb.shm_comm_op is None\nprint('started')")
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
         assert out.returncode == 0 and "started" in out.stdout, out.stderr[-3000:]
     assert sorted(p.name for p in op.iterdir()) == ["lock"]  # nothing was built there
 
