@@ -218,12 +218,17 @@ def bench_prefetch(cfg_path: str, overrides: list[str], steps: int, smoke: bool)
     same = all(a["nll"] == b["nll"] for a, b in zip(rows[0::2], rows[1::2]))
     from ..config import load_config
     from .data_wait import object_store_copy
-    with object_store_copy(load_config(cfg_path, list(overrides)).teacher.output_dir) as (url, env):
-        if url is None:
-            print(f"  object store: not measured: {env}", flush=True)
-            return {"rows": rows, "same_losses": same, "object_store": {"skipped": env}}
-        r = _worker([cfg_path, "2", "0", str(steps), *overrides, f"teacher.output_dir={url}"],
-                    module="selfaug.bench.data_wait", **env)
+    try:
+        with object_store_copy(load_config(cfg_path, list(overrides)).teacher.output_dir) as (url, env):
+            if url is None:
+                print(f"  object store: not measured: {env}", flush=True)
+                return {"rows": rows, "same_losses": same, "object_store": {"skipped": env}}
+            r = _worker([cfg_path, "2", "0", str(steps), *overrides, f"teacher.output_dir={url}"],
+                        module="selfaug.bench.data_wait", **env)
+    except Exception as e:  # noqa: BLE001 - the local rows stand; the object store's failure is recorded
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        print(f"  object store: failed: {why}", flush=True)
+        return {"rows": rows, "same_losses": same, "object_store": {"error": why}}
     local = rows[1]  # the same store on local disk, prefetch 2
     r.update(url=url.split("://")[0] + "://...", step_time_vs_local_disk=r["step_time_s"] / local["step_time_s"],
              same_losses_as_local_disk=r["nll"] == local["nll"],

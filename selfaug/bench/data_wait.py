@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 
 def measure(cfg_path: str, prefetch: int, delay_ms: float, steps: int, overrides: list[str]) -> dict:
@@ -56,42 +57,61 @@ def measure(cfg_path: str, prefetch: int, delay_ms: float, steps: int, overrides
 
 @contextlib.contextmanager
 def object_store_copy(store_dir: str):
-    """The store at `store_dir` uploaded to an S3 API: the prefix $SELFAUG_BENCH_STORE_URL (with the usual AWS_*
-    environment) or, without it, moto's S3 server started here on 127.0.0.1 (the dev extra), which measures the
-    mirror's own work (requests, checks, writes) but no network. Yields (url, the run's environment), or
-    (None, why not) where neither is at hand."""
+    """The store at `store_dir` on an S3 API: itself where it is a URL already; else uploaded under a new prefix of
+    $SELFAUG_BENCH_STORE_URL (with the usual AWS_* environment; the prefix is removed afterwards, nothing else in
+    the bucket is touched) or, without it, to moto's S3 server started here on 127.0.0.1 (the dev extra), which
+    measures the mirror's own work (requests, checks, writes) but no network. The node cache is a new folder
+    under $SELFAUG_STORE_CACHE's parent (default $SELFAUG_CACHE), removed afterwards. Yields (url, the run's
+    environment), or (None, why not) where neither is at hand."""
     from .. import store
+    from ..data import cache_dir
     from ..dist import free_port
-    url, server = os.environ.get("SELFAUG_BENCH_STORE_URL"), None
-    env = {"SELFAUG_STORE_CACHE": tempfile.mkdtemp(prefix="selfaug-bench-node-")}  # an empty node cache
-    if not url:
-        try:
-            from moto.server import ThreadedMotoServer
-        except ImportError:
-            yield None, "moto is not installed (pip install 'selfaug[dev]') and SELFAUG_BENCH_STORE_URL is not set"
-            return
-        port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-        url = "s3://selfaug-bench/store"
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    base = os.environ.get("SELFAUG_BENCH_STORE_URL")
+    server, url, uploaded, env = None, None, False, {}
     try:
-        fs = store.remote.filesystem(url)
-        if server:
-            fs.mkdir(url.split("/")[2])
-        for d, _, files in os.walk(store_dir):
-            for f in files:
-                if f != ".lock":
-                    name = os.path.relpath(os.path.join(d, f), store_dir)
-                    fs.put_file(os.path.join(d, f), url.rstrip("/") + "/" + name)
-        yield url, env
+        if not store.is_url(store_dir) and not base:
+            try:
+                from moto.server import ThreadedMotoServer
+            except ImportError:
+                yield None, "moto is not installed (pip install 'selfaug[dev]') and SELFAUG_BENCH_STORE_URL is not set"
+                return
+            port = free_port()
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()
+            env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                       NO_PROXY=",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1"])))
+            base = "s3://selfaug-bench"
+        cache_root = os.path.dirname(os.environ.get("SELFAUG_STORE_CACHE", "").rstrip("/")) or cache_dir()
+        os.makedirs(cache_root, exist_ok=True)
+        env["SELFAUG_STORE_CACHE"] = tempfile.mkdtemp(prefix="bench-node-", dir=cache_root)  # an empty node cache
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            if store.is_url(store_dir):
+                url = store_dir
+            else:
+                url = f"{base.rstrip('/')}/selfaug-bench-{uuid.uuid4().hex[:12]}"
+                fs = store.remote.filesystem(url)
+                if server:
+                    fs.mkdir(base.split("://", 1)[1].split("/")[0])
+                uploaded = True
+                for d, _, files in os.walk(store_dir):
+                    for f in files:
+                        if f != ".lock":
+                            name = os.path.relpath(os.path.join(d, f), store_dir)
+                            fs.put_file(os.path.join(d, f), f"{url}/{name}")
+            yield url, env
+        finally:
+            if uploaded:
+                try:
+                    store.remote.filesystem(url).rm(url, recursive=True)
+                except OSError as e:
+                    print(f"  object store: could not remove the benchmark's copy {url}: {e}", flush=True)
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            shutil.rmtree(env["SELFAUG_STORE_CACHE"], ignore_errors=True)
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        shutil.rmtree(env["SELFAUG_STORE_CACHE"], ignore_errors=True)
         if server:
             server.stop()
 

@@ -141,7 +141,9 @@ def verdict(out: dict, allow_emulated: bool) -> list[str]:
     return failures
 
 
-SMOKE_ATTENTION = {"examples": 4}  # --smoke on a CPU: the same layouts on 4 examples (two multi-rows of 2)
+# --smoke on a CPU: attention's layouts on 4 examples (two multi-rows of 2), accumulation in fp32 (bf16 matmuls are
+# slow on a CPU; tests/train/test_accumulation.py runs bf16 on every stage), bf16 against fp32 on 2 steps
+SMOKE_ATTENTION = {"examples": 4}
 
 
 def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn=None, packing_fn=None,
@@ -176,7 +178,8 @@ def run(cfg_path: str, overrides: list[str], smoke: bool, step_fn=None, packing_
         measured.update(bench_precompute_and_storage(cfg, True, False, n_examples=16 if smoke else 64))
         precompute.run(cfg)
         for name, fn in (("attention", lambda: check_attention(cfg_path, over, **SMOKE_ATTENTION if smoke else {})),
-                         ("accumulation", lambda: check_accumulation(cfg_path, over, tmp)),
+                         ("accumulation", lambda: check_accumulation(cfg_path, over, tmp,
+                                                                     "float32" if smoke else "bfloat16")),
                          ("bf16", lambda: check_bf16(cfg_path, over, tmp, steps=2 if smoke else 3)),
                          ("timeout", lambda: check_timeout(cfg.train.ddp_timeout)),
                          ("memory", lambda: check_memory(cfg)),

@@ -126,9 +126,9 @@ SGD = ["train.optim=sgd", "train.learning_rate=1.0", "train.min_lr_ratio=1.0", "
        "train.max_grad_norm=1e9", "train.max_steps=2", "train.adapter=lora", "train.resume=never"]
 
 
-def check_accumulation(cfg_path: str, overrides: list[str], tmp: str) -> dict:
-    """ZeRO-3 bf16: 2 SGD steps with accumulation 2 (micro-batch 2) against accumulation 1 (micro-batch 4),
-    the adapter's lora_B (lora_A moves only through B, which starts at 0) compared."""
+def check_accumulation(cfg_path: str, overrides: list[str], tmp: str, dtype: str = "bfloat16") -> dict:
+    """ZeRO-3 in `dtype` (bf16 on the GPU): 2 SGD steps with accumulation 2 (micro-batch 2) against accumulation 1
+    (micro-batch 4), the adapter's lora_B (lora_A moves only through B, which starts at 0) compared."""
     from safetensors.torch import load_file
     from .. import shipped
     from ..config import load_config
@@ -136,7 +136,7 @@ def check_accumulation(cfg_path: str, overrides: list[str], tmp: str) -> dict:
     adapters = {}
     for name, micro, accum in (("accum1", 4, 1), ("accum2", 2, 2)):
         cfg = load_config(cfg_path, list(overrides) + SGD + [
-            "model.dtype=bfloat16", f"train.deepspeed={shipped.resolve('ds_configs/zero3.json')}",
+            f"model.dtype={dtype}", f"train.deepspeed={shipped.resolve('ds_configs/zero3.json')}",
             f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={accum}",
             f"train.output_dir={tmp}/accumulation-{name}"])
         run = train(cfg)
@@ -145,7 +145,7 @@ def check_accumulation(cfg_path: str, overrides: list[str], tmp: str) -> dict:
     ref = torch.cat([adapters["accum1"][k].float().flatten() for k in keys])
     new = torch.cat([adapters["accum2"][k].float().flatten() for k in keys])
     err = ((new - ref).norm() / ref.norm()).item()
-    return {"zero_stage": 3, "dtype": "bfloat16", "steps": 2, "update_norm_ratio": (new.norm() / ref.norm()).item(),
+    return {"zero_stage": 3, "dtype": dtype, "steps": 2, "update_norm_ratio": (new.norm() / ref.norm()).item(),
             "bounds": {"adapter_rel_diff": bound(err, ACCUMULATION_BOUND),
                        "adapter_moved": bound(ref.norm().item(), 0.0, ">")}}
 

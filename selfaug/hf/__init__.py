@@ -13,7 +13,9 @@ from .. import dist
 from .dataset import SelfAugCollator, StepOrder, match_dataset, store_dataset
 from .trainer import SelfAugMixin, SelfAugTrainer, check_store_for
 
-dist.skip_cpu_shm_op()  # before TrainingArguments makes DeepSpeed's comm backend (accelerate's PartialState)
+# Without a GPU: DeepSpeed's shared-memory op stays unloaded (dist.skip_cpu_shm_op) when this module is imported
+# before TrainingArguments, whose accelerate state makes DeepSpeed's comm backend.
+dist.skip_cpu_shm_op()
 
 __all__ = ["SelfAugCollator", "SelfAugMixin", "SelfAugTrainer", "StepOrder", "check_store_for", "match_dataset",
            "store_dataset"]

@@ -58,6 +58,9 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
         p = r["prefetch"]
         assert p["same_losses"] and len(p["rows"]) == 4 and all(0 <= row["wait_share"] < 1 for row in p["rows"])
         o = p["object_store"]  # the same store from S3 (moto's server, the dev extra): the same losses, its download counted
+        assert "error" not in o, o["error"]
+        if "skipped" in o:
+            pytest.skip(o["skipped"])
         assert o["same_losses_as_local_disk"] and o["pull_s"] > 0 and 0 <= o["wait_share"] < 1
         assert o["pulled_bytes"] >= sum(s["bytes"] for s in store.read_manifest(tiny_store.teacher.output_dir)["shards"])
     if group == "drift":  # eval's bucket KL at k = 1024 against the exact one (k = |V|): never above it
@@ -77,7 +80,7 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
         assert a["model"] == "builtin:smollm2-135m-instruct" and "emulated" in a["note"]
         assert a["varlen"]["hidden_rel_diff"] < bound < 100 * bound < a["multi_row"]["hidden_rel_diff"]
         assert a["varlen"]["head_grad_rel_diff"] < bound < 100 * bound < a["multi_row"]["head_grad_rel_diff"]
-        assert g["accumulation"]["zero_stage"] == 3 and g["accumulation"]["dtype"] == "bfloat16"
+        assert g["accumulation"]["zero_stage"] == 3 and g["accumulation"]["dtype"] == "float32"  # bf16 on a GPU
         t = g["timeout"]  # read back from the group selfaug.dist made, not torch's default
         assert t["carried_s"] == t["asked_s"] == cfg.train.ddp_timeout != t["torch_default_s"] and t["world"] == 2
         assert g["measurements"]["precompute"]["ratio"] > 0 and "skipped" in g["memory"]

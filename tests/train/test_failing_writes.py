@@ -22,9 +22,7 @@ CHILD = """
 import os, resource, signal, sys
 sys.path.insert(0, {root!r})
 limit = int(os.environ.get("FSIZE", "0"))
-if limit:  # DeepSpeed's CPU comm op is built (or loaded from the cache) first: the compiler is not what fails
-    from deepspeed.accelerator import get_accelerator
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+if limit:  # nothing is compiled on the way (dist.skip_cpu_shm_op): the limit meets the run's own writes
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
 if os.environ.get("KILL_IN_SAVE"):  # SIGKILL once DeepSpeed's files of the checkpoint are written
     from selfaug.train import checkpoint

@@ -195,7 +195,10 @@ def test_deepspeeds_cpu_shm_op_is_not_loaded_so_its_build_lock_cannot_hang_a_sta
     launched = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for entry, extra in (("from selfaug import dist; dist.init()", {}),
                          ("from selfaug import dist; dist.ensure_env()", {}),
-                         ("import selfaug.hf", {**launched, "MASTER_PORT": str(free_port())})):
+                         ("import selfaug.hf\nfrom transformers import TrainingArguments\n"
+                          f"TrainingArguments({str(tmp_path / 'hf')!r}, use_cpu=True, report_to=[], deepspeed="
+                          "{'train_micro_batch_size_per_gpu': 'auto', 'zero_optimization': {'stage': 2}}).device",
+                          {**launched, "MASTER_PORT": str(free_port())})):
         code = (f"{entry}\nimport deepspeed\ndeepspeed.init_distributed(dist_backend='gloo')\n"
                 "from deepspeed.comm import comm\nassert comm.cdb.shm_comm_op is None\nprint('started')")
         out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
