@@ -194,13 +194,13 @@ def run(cfg: Config) -> dict | None:
     lease = store.Lease(url) if url else None
     dist.decide(lease.acquire if lease else store.StoreLock(cfg.teacher.output_dir).check_free)
     try:
-        return _run(cfg, rank, world, url, lease)
+        return _run(cfg, rank, world, url)
     finally:
         if lease is not None and rank == 0:
             lease.release()
 
 
-def _run(cfg: Config, rank: int, world: int, url: str | None, lease) -> dict | None:
+def _run(cfg: Config, rank: int, world: int, url: str | None) -> dict | None:
     device = dist.device()
     teacher_cfg = cfg.teacher
     ds_conf = teacher_ds_config(cfg, device)
@@ -228,7 +228,7 @@ def _run(cfg: Config, rank: int, world: int, url: str | None, lease) -> dict | N
     # on object storage: this node's mirror, brought up to date from the bucket (a resume keeps what is there)
     out = store.pull(url) if url else teacher_cfg.output_dir
     with store.StoreWriter(out, settings, how, overwrite=teacher_cfg.overwrite, config=cfg.to_dict(),
-                           publish=url, lease=lease if rank == 0 else None) as writer:
+                           publish=url) as writer:
         return _compute(writer, teacher, loaded.examples, cfg, rank, world)
 
 

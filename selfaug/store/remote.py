@@ -9,8 +9,9 @@ manifest and the shards once per node (under a file lock: the node's other ranks
 mirror), each checked against its sha256 as it arrives: a download cut short is retried, a shard whose bytes do
 not match the manifest is refused in one line. Credentials and endpoints come from the usual environment
 (AWS_* including AWS_ENDPOINT_URL for MinIO or Ceph, the GCS and Azure defaults) and are never written anywhere.
-A stage 1 run holds a lease object (`.lock`) in the store, refused to a second run while it is younger than
-`LEASE_S`; object stores have no flock, so two runs started within the same second can both take it.
+A stage 1 run holds a lease object (`.lock`) in the store, renewed by a thread every `RENEW_S` while it runs
+(however long a shard takes), refused to a second run while it is younger than `LEASE_S`; object stores have no
+flock, so two runs started within the same second can both take it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import json
 import os
 import re
 import socket
+import threading
 import time
+import uuid
 
 from ..durable import tmp_name, write_atomic
 from ..hashing import sha256_file
@@ -31,6 +34,7 @@ SCHEMES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "ad
            "abfss": "adlfs"}  # URL scheme -> the fsspec package that serves it
 EXTRA = "pip install 'selfaug[object-store]'"
 LEASE_S = 600  # a stage 1 lease older than this is a stopped run's: taken over
+RENEW_S = 60  # its holder renews it this often, from a thread: nine renewals can fail before it lapses
 ATTEMPTS = 4  # downloads of one file before its bytes are called wrong
 
 
@@ -156,12 +160,14 @@ def push(url: str, local: str, name: str) -> None:
 
 
 class Lease:
-    """The one stage 1 writing the store at `url`: a `.lock` object naming the holder (host, pid, since); a
-    second run is refused while it is younger than LEASE_S, an older one is taken over with a message."""
+    """The one stage 1 writing the store at `url`: a `.lock` object naming the holder (host, pid, since, renewed),
+    renewed every RENEW_S by a daemon thread while held; a second run is refused while it is younger than
+    LEASE_S, an older one is taken over with a message. Released only while it is still this holding (its token)."""
 
     def __init__(self, url: str):
         self.fs, self.path = filesystem(url), _remote(url, ".lock")
         self.held = False
+        self._stop = threading.Event()
 
     def acquire(self) -> None:
         if self.fs.exists(self.path):
@@ -179,19 +185,33 @@ class Lease:
             print(f"{self.path}: taking over the lease of a stopped precompute (host {holder.get('host')}, pid "
                   f"{holder.get('pid')})", flush=True)
         self.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.token = uuid.uuid4().hex  # this holding of it: a lease taken over by another run has another
         self.renew()
         self.held = True
+        self._stop.clear()
+        threading.Thread(target=self._keep, name="selfaug-lease", daemon=True).start()
 
     def renew(self) -> None:
-        self.fs.pipe_file(self.path, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                 "since": self.since, "renewed": time.time()}).encode())
+        self.fs.pipe_file(self.path, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
+                                                 "renewed": time.time(), "token": self.token}).encode())
+
+    def _keep(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            try:
+                self.renew()
+            except Exception as e:  # noqa: BLE001 - the next renewal tries again; LEASE_S leaves room for nine
+                print(f"{self.path}: could not renew the lease ({type(e).__name__}); trying again in {RENEW_S} s",
+                      flush=True)
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            try:
-                self.fs.rm_file(self.path)
-            except (OSError, FileNotFoundError):
+            self._stop.set()
+            try:  # never another run's: one that took over a lease this process failed to renew keeps it
+                holder = json.loads(self.fs.cat_file(self.path))
+                if holder.get("token") == self.token:
+                    self.fs.rm_file(self.path)
+            except (OSError, ValueError):
                 pass
 
 

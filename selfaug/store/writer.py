@@ -37,10 +37,9 @@ class StoreWriter:
     config: the resolved recipe (a dict), saved as config.yaml and in the manifest."""
 
     def __init__(self, out_dir: str, settings: dict, computed_with: dict, *, overwrite: bool = False,
-                 config: dict | None = None, publish: str | None = None, lease=None):
+                 config: dict | None = None, publish: str | None = None):
         self.dir, self.settings, self.computed_with = out_dir, settings, computed_with
-        # a store on object storage: out_dir is this node's mirror of it, `lease` its stage 1 lease (rank 0)
-        self.publish, self.lease = publish, lease
+        self.publish = publish  # a store on object storage: out_dir is this node's mirror of it
         if publish:  # every node's mirror, not only rank 0's (which _prepare makes): a rank writes its shards there
             os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
         self.overwrite, self.config = overwrite, config or {}
@@ -153,8 +152,6 @@ class StoreWriter:
         if self.publish:  # uploaded, the sidecar after its shard: a sidecar in the bucket names a shard that is there
             push(self.publish, self.dir, entry["file"])
             push(self.publish, self.dir, os.path.join("shards", sidecar_name(j)))
-            if self.lease is not None:
-                self.lease.renew()
         self.computed += (1, entry["rows"], tokens)
         return entry
 

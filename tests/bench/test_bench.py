@@ -57,7 +57,7 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
     if group == "overlap":  # the same losses with and without the thread; the slow disk's wait is counted
         p = r["prefetch"]
         assert p["same_losses"] and len(p["rows"]) == 4 and all(0 <= row["wait_share"] < 1 for row in p["rows"])
-        o = p["object_store"]  # the same store from S3 (moto's server, the dev extra): the same losses, its download counted
+        o = p["object_store"]  # the store from S3 (moto, the dev extra): the same losses, its download counted
         assert "error" not in o, o["error"]
         if "skipped" in o:
             pytest.skip(o["skipped"])

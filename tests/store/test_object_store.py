@@ -201,3 +201,26 @@ def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsy
     estimate.run(cfg, 8, seq_len=256, examples=100)
     out = capsys.readouterr().out
     assert "on object storage: each node downloads all of it once" in out and "8 ranks sharing the copy" in out
+
+
+def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, monkeypatch):
+    """A stage 1 shard of a 70B teacher can take longer than LEASE_S: the holder's thread renews the lease, so a
+    second run is still refused after LEASE_S; released, it is free; a lease taken over is not removed by its
+    former holder."""
+    from selfaug.store import remote
+    monkeypatch.setattr(remote, "LEASE_S", 1.5)
+    monkeypatch.setattr(remote, "RENEW_S", 0.2)
+    url = f"s3://{BUCKET}/leased"
+    first = remote.Lease(url)
+    first.acquire()
+    time.sleep(2.5)  # longer than LEASE_S, without a shard written
+    with pytest.raises(store.StoreError, match="a precompute is writing this store"):
+        remote.Lease(url).acquire()
+    first.release()
+    second = remote.Lease(url)
+    second.acquire()
+    first.held = True  # a holder that lost its lease (its renewals failed) and releases late
+    first.release()
+    assert _fs().exists(url + "/.lock")  # still the second run's
+    second.release()
+    assert not _fs().exists(url + "/.lock")
