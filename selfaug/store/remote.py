@@ -189,7 +189,8 @@ class Lease:
         self.renew()
         self.held = True
         self._stop.clear()
-        threading.Thread(target=self._keep, name="selfaug-lease", daemon=True).start()
+        self._thread = threading.Thread(target=self._keep, name="selfaug-lease", daemon=True)
+        self._thread.start()
 
     def renew(self) -> None:
         self.fs.pipe_file(self.path, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
@@ -207,6 +208,7 @@ class Lease:
         if self.held:
             self.held = False
             self._stop.set()
+            self._thread.join(timeout=60)  # a renewal under way would write the lease back after its removal
             try:  # never another run's: one that took over a lease this process failed to renew keeps it
                 holder = json.loads(self.fs.cat_file(self.path))
                 if holder.get("token") == self.token:

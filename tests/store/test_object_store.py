@@ -217,6 +217,7 @@ def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, m
     with pytest.raises(store.StoreError, match="a precompute is writing this store"):
         remote.Lease(url).acquire()
     first.release()
+    assert not first._thread.is_alive()  # no renewal left to write the lease back
     second = remote.Lease(url)
     second.acquire()
     first.held = True  # a holder that lost its lease (its renewals failed) and releases late
