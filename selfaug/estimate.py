@@ -221,7 +221,7 @@ def format_estimate(e: dict, cfg: Config) -> str:
              f"{e['store_bytes'] / max(e['positions'], 1):.1f} bytes per position, uncompressed)"
              + (f"; on object storage: each node downloads all of it once, so $SELFAUG_STORE_CACHE needs "
                 f"{mb:,.1f} MiB of node-local disk (per rank: {mb / e['gpus_per_node']:,.1f} MiB, its node's "
-                f"{e['gpus_per_node']} ranks sharing the copy)" if cfg.teacher.output_dir.startswith(("s3://", "gs://", "az://")) else ""),
+                f"{e['gpus_per_node']} ranks sharing the copy)" if store.is_url(cfg.teacher.output_dir) else ""),
              f"steps: {e['steps_per_epoch']} per epoch at a global batch of {e['global_batch']} "
              f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} x {e['gpus']} GPUs); "
              f"{e['tokens_per_step']:,.0f} tokens per step on average; the run is {e['steps']} steps, "

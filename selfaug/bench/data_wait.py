@@ -61,7 +61,7 @@ def object_store_copy(store_dir: str):
     $SELFAUG_BENCH_STORE_URL (with the usual AWS_* environment; the prefix is removed afterwards, nothing else in
     the bucket is touched) or, without it, to moto's S3 server started here on 127.0.0.1 (the dev extra), which
     measures the mirror's own work (requests, checks, writes) but no network. The node cache is a new folder
-    under $SELFAUG_STORE_CACHE's parent (default $SELFAUG_CACHE), removed afterwards. Yields (url, the run's
+    under $SELFAUG_CACHE, removed afterwards. Yields (url, the run's
     environment), or (None, why not) where neither is at hand."""
     from .. import store
     from ..data import cache_dir
@@ -82,9 +82,8 @@ def object_store_copy(store_dir: str):
                        AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                        NO_PROXY=",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1"])))
             base = "s3://selfaug-bench"
-        cache_root = os.path.dirname(os.environ.get("SELFAUG_STORE_CACHE", "").rstrip("/")) or cache_dir()
-        os.makedirs(cache_root, exist_ok=True)
-        env["SELFAUG_STORE_CACHE"] = tempfile.mkdtemp(prefix="bench-node-", dir=cache_root)  # an empty node cache
+        os.makedirs(cache_dir(), exist_ok=True)
+        env["SELFAUG_STORE_CACHE"] = tempfile.mkdtemp(prefix="bench-node-", dir=cache_dir())  # an empty node cache
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
