@@ -218,6 +218,7 @@ def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, m
         remote.Lease(url).acquire()
     first.release()
     assert not first._thread.is_alive()  # no renewal left to write the lease back
+    monkeypatch.setattr(remote, "RENEW_S", 60)  # the second's renewals would write a removed lease back at once
     second = remote.Lease(url)
     second.acquire()
     first.held = True  # a holder that lost its lease (its renewals failed) and releases late
