@@ -165,16 +165,17 @@ def test_a_download_cut_mid_shard_is_tried_again(s3, tmp_path, monkeypatch):
     cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 6},
                       teacher={"shard_size": 3, "output_dir": f"s3://{BUCKET}/cut"})
     precompute.run(cfg)
+    import fsspec
     cuts = []
     proxy = _proxy(s3["port"], cuts)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
         _fresh_cache(tmp_path, monkeypatch)
-        import fsspec
         fsspec.filesystem("s3").clear_instance_cache()
         local = store.pull(cfg.teacher.output_dir)
     finally:
         proxy.shutdown()
+        fsspec.filesystem("s3").clear_instance_cache()  # the cached client points at the proxy: later tests' too
     assert len(cuts) == 1
     manifest = store.read_manifest(local)
     assert not store.verify_store(local, values=True)[1] and manifest["status"] == "complete"
