@@ -157,6 +157,11 @@ class TrainConfig:
         None, "cut each rank's share of a step's examples into micro-batches of at most this many processed tokens "
               "(padded rows, or packed rows with packing), balanced over the ranks; the same step, the same gradient "
               "(null: micro_batch_size examples per micro-batch)", ge=2)
+    order: Literal["global", "shards"] = opt(
+        "global", "the examples' order: global: a seeded permutation of all of them per epoch (every rank reads every "
+                  "shard); shards: the shards in a seeded order, each shard's examples in a seeded order, dealt to the "
+                  "ranks in contiguous parts, so that each rank reads about 1/world of the shards (from object "
+                  "storage it then downloads only those: docs/distributed.md)")
     loss_chunk_rows: int = opt(1024, "positions per lm_head/loss chunk: bounds the (rows x vocabulary) buffer", ge=1)
     prefetch: int = opt(2, "micro-batches read from the store, collated and pinned ahead of the step on a background "
                            "thread (0: made on the training thread when the step needs them)", ge=0)

@@ -44,29 +44,35 @@ class TeacherStore:
                              + ". Re-run `selfaug precompute` (it rewrites the shards that fail).")
         self.signal = signal_of(self.manifest["settings"])
         self._shards = []  # per shard: dict of numpy arrays (views of the memory map)
-        index = []  # (shard, row) per example, in store order
         for s, entry in enumerate(self.manifest["shards"]):
             if s not in opened:
                 table = shard(self.manifest, entry)
                 opened[s] = (table, flatten(table, self.signal) if table.num_rows else None)
-            table, flat = opened.pop(s)
-            self._shards.append(flat)  # an empty shard holds no examples
-            index += [(s, r) for r in range(table.num_rows)]
-        if not index:
-            lg = self.manifest.get("long_examples", {})
-            raise StoreError(f"teacher store {store_dir} holds no examples: {lg.get('skipped', '?')} of "
-                             f"{self.manifest['totals']['records']} records were skipped by data.long_policy="
-                             f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')})"
-                             + (f" and {lg['unanswered']} had no answer" if lg.get("unanswered") else "")
-                             + "; raise data.max_seq_len or use long_policy=truncate, then precompute again")
-        self._index = np.asarray(index, dtype=np.int64)
+            self._shards.append(opened.pop(s)[1])  # an empty shard holds no examples
+        self._index = index_of(self.manifest, store_dir)
 
     def __len__(self) -> int:
         return len(self._index)
 
+    def shard_rows(self) -> list[int]:
+        """Examples per shard, in store order (train.order=shards plans with them)."""
+        return [int(e["rows"]) for e in self.manifest["shards"]]
+
+    def follow(self, sampler, rank: int, start: int, stop: int) -> None:
+        """Reading by `sampler`'s plan from step `start` (a store whose shards are all here needs nothing)."""
+
+    def begin_step(self, step: int) -> None:
+        """The reader is at optimizer step `step` (a store whose shards are all here keeps them)."""
+
+    def close(self) -> None:
+        pass
+
+    def _shard(self, s: int) -> dict:
+        return self._shards[s]
+
     def example(self, i: int) -> dict:
         s, r = self._index[i]
-        sh = self._shards[s]
+        sh = self._shard(s)
         a, b = sh["tok_off"][r], sh["tok_off"][r + 1]
         c, d = sh["pos_off"][r], sh["pos_off"][r + 1]
         return {"example_id": int(sh["example_id"][r]), "input_ids": sh["input_ids"][a:b],
@@ -77,3 +83,16 @@ class TeacherStore:
         """Lengths per example, without touching the teacher columns."""
         parts = [(np.diff(sh["tok_off"]), sh["prompt_len"], np.diff(sh["pos_off"])) for sh in self._shards if sh]
         return Lengths(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3)))
+
+
+def index_of(manifest: dict, store_dir: str) -> np.ndarray:
+    """(shard, row) of each example, in store order; a store that holds none is one line."""
+    rows = [int(e["rows"]) for e in manifest["shards"]]
+    if not sum(rows):
+        lg = manifest.get("long_examples", {})
+        raise StoreError(f"teacher store {store_dir} holds no examples: {lg.get('skipped', '?')} of "
+                         f"{manifest['totals']['records']} records were skipped by data.long_policy="
+                         f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')})"
+                         + (f" and {lg['unanswered']} had no answer" if lg.get("unanswered") else "")
+                         + "; raise data.max_seq_len or use long_policy=truncate, then precompute again")
+    return np.asarray([(s, r) for s, n in enumerate(rows) for r in range(n)], dtype=np.int64).reshape(-1, 2)

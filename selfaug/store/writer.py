@@ -90,7 +90,7 @@ class StoreWriter:
         remove_stale_tmp(self.dir)
         path = os.path.join(self.dir, MANIFEST)
         shards = os.path.join(self.dir, "shards")
-        if os.path.exists(path) or os.path.isdir(shards):
+        if os.path.exists(path) or (os.path.isdir(shards) and os.listdir(shards)):  # an empty shards/: a new store
             try:
                 diff = settings_diff(self.settings, read_manifest(self.dir)["settings"])
             except TornManifest as e:  # the shards say what they were made from: those that verify are kept
@@ -147,7 +147,10 @@ class StoreWriter:
         entry.update(chunk=j, chunks=self.n_chunks, settings=self.settings, computed_with=self.computed_with,
                      first_example_id=first_record, records=records, settings_digest=self.digest,
                      positions=rows.position_count(), entries=self.signal.entries(rows.signal), tokens=tokens,
-                     long=long_stats, **self.signal.sidecar(rows.signal))
+                     long=long_stats, **self.signal.sidecar(rows.signal),
+                     # per example, what stage 2 plans with before it reads the shard (store.ShardCache)
+                     lengths={"tokens": [len(x) for x in rows.input_ids], "prompt": [int(p) for p in rows.prompt_len],
+                              "kl": [len(p) for p in rows.positions]})
         write_json_atomic(os.path.join(self.dir, "shards", sidecar_name(j)), entry)
         if self.publish:  # uploaded, the sidecar after its shard: a sidecar in the bucket names a shard that is there
             push(self.publish, self.dir, entry["file"])

@@ -191,30 +191,80 @@ class StepSampler:
     rank with the fewest tokens so far; each rank's share is cut first-fit, longest first, into
     micro-batches of at most `batch_tokens` processed tokens (`processed_tokens`); every rank runs as
     many micro-batches as the rank with the most, an empty one (None) where it has fewer, so that
-    ZeRO's collectives stay matched. Either way every rank computes the whole plan, with no communication."""
+    ZeRO's collectives stay matched. Either way every rank computes the whole plan, with no communication.
+
+    `shard_rows` (train.order=shards): each epoch visits the store's shards in a seeded order, each shard's
+    examples in a seeded order, and deals that sequence to the ranks in `world` contiguous parts of n // world
+    examples (the n mod world left after the last part are named by `left_out` and differ by epoch); rank r's
+    step s is the next micro x accum examples of its part. A rank then reads a run of about n_shards / world
+    shards per epoch, one after the other (`shard_runs`), which is what lets it download only those
+    (`store.ShardCache`). By tokens, each rank cuts its own examples of the step."""
 
     def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, tokens: np.ndarray | None = None,
-                 batch_tokens: int | None = None, layout: Layout = PADDED):
+                 batch_tokens: int | None = None, layout: Layout = PADDED, shard_rows: list[int] | None = None):
         if n < micro * accum * world:
             raise ValueError(f"{n} examples cannot fill one global batch of {micro * accum * world} "
                              "(micro_batch_size x gradient_accumulation_steps x world size)")
         self.n, self.micro, self.accum, self.world, self.seed = n, micro, accum, world, seed
         self.tokens, self.batch_tokens, self.layout = tokens, batch_tokens, layout
+        self.shard_rows = shard_rows
+        if shard_rows is not None:
+            if sum(shard_rows) != n:
+                raise ValueError(f"the shards hold {sum(shard_rows)} examples, not {n}")
+            self.part = n // world  # each rank's examples per epoch
+            self.left_out = n - self.part * world
+            self.shard_of = np.repeat(np.arange(len(shard_rows)), shard_rows)
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's order of the n examples (by shards: shard after shard, in seeded orders)."""
         cached = getattr(self, "_cache", None)  # one (epoch, permutation) pair, replaced whole: the prefetch
         if cached is None or cached[0] != epoch:  # thread and the loop may ask for different epochs at once
-            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.shard_rows is None:
+                order = rng.permutation(self.n)
+            else:
+                first = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]])
+                order = np.concatenate([first[s] + rng.permutation(self.shard_rows[s])
+                                        for s in rng.permutation(len(self.shard_rows))])
+            cached = (epoch, order)
             self._cache = cached
         return cached[1]
 
+    def _stream(self, rank: int, start: int, count: int) -> list[int]:
+        """train.order=shards: examples start .. start+count of rank's stream (its part of each epoch in turn)."""
+        out = []
+        while len(out) < count:
+            epoch, offset = divmod(start + len(out), self.part)
+            base = rank * self.part
+            out.extend(self._permutation(epoch)[base + offset: base + min(self.part, offset + count - len(out))].tolist())
+        return out
+
     def global_batch(self, step: int) -> np.ndarray:
+        """The step's examples: by default the next G of the epochs' permutations; by shards, each rank's next
+        micro x accum of its stream, rank after rank."""
         g = self.micro * self.accum * self.world
+        if self.shard_rows is not None:
+            per = self.micro * self.accum
+            return np.asarray([i for r in range(self.world) for i in self._stream(r, step * per, per)])
         start, out = step * g, []
         while len(out) < g:
             epoch, offset = divmod(start + len(out), self.n)
             out.extend(self._permutation(epoch)[offset: offset + g - len(out)].tolist())
         return np.asarray(out)
+
+    def shard_runs(self, rank: int, step: int, stop: int):
+        """train.order=shards: the shards rank reads in steps `step` .. `stop`-1, in order, as (shard, first, end): the
+        run of its stream positions [first, end) that read that shard (a shard comes back in a later epoch)."""
+        pos, last = step * self.micro * self.accum, stop * self.micro * self.accum
+        epoch, offset = divmod(pos, self.part)
+        while pos < last:
+            part = self._permutation(epoch)[rank * self.part + offset: (rank + 1) * self.part][:last - pos]
+            shards = self.shard_of[part]
+            cuts = np.flatnonzero(np.diff(shards)) + 1
+            for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(part)]])):
+                yield int(shards[a]), pos + int(a), pos + int(b)
+            pos += len(part)
+            epoch, offset = epoch + 1, 0
 
     def plan(self, step: int) -> list[list[np.ndarray | None]]:
         """plan[rank][m]: the example indices of micro-batch m of each rank (None: an empty one). The last step's
@@ -228,13 +278,19 @@ class StepSampler:
 
     def _plan_of(self, step: int) -> list[list[np.ndarray | None]]:
         batch = self.global_batch(step)
+        per = self.micro * self.accum
+        if self.batch_tokens is None and self.shard_rows is not None:  # each rank its own stream's examples
+            return [[batch[r * per + m * self.micro: r * per + (m + 1) * self.micro] for m in range(self.accum)]
+                    for r in range(self.world)]
         if self.batch_tokens is None:
             return [[batch[(m * self.world + r) * self.micro:(m * self.world + r + 1) * self.micro]
                      for m in range(self.accum)] for r in range(self.world)]
         lens = self.tokens[batch].tolist()
         shares, load = [[] for _ in range(self.world)], [0] * self.world
-        for i in sorted(range(len(lens)), key=lambda i: -lens[i]):  # longest first, onto the least-loaded rank
-            r = load.index(min(load))
+        if self.shard_rows is not None:  # each rank cuts its own stream's examples, longest first
+            shares = [sorted(range(r * per, (r + 1) * per), key=lambda i: -lens[i]) for r in range(self.world)]
+        for i in sorted(range(len(lens)), key=lambda i: -lens[i]) if self.shard_rows is None else ():
+            r = load.index(min(load))  # longest first, onto the least-loaded rank
             shares[r].append(i)
             load[r] += lens[i]
         plan = []

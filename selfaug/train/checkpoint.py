@@ -56,7 +56,9 @@ def run_identity(cfg, store_settings: dict | None) -> dict:
             "freeze_lm_head": t.freeze_lm_head, "teacher_mode": t.teacher_mode, "optimizer": {"adamw_torch": "adamw"}.get(t.optim, t.optim),
             "store": config_digest(store_settings) if store_settings else None,
             "data": cfg.data.train, "seed": t.seed,
-            "drift_budget": [t.drift_budget, t.drift_horizon, t.alpha_min, t.alpha_max] if t.drift_budget else None}
+            "drift_budget": [t.drift_budget, t.drift_horizon, t.alpha_min, t.alpha_max] if t.drift_budget else None,
+            # by shards, the ranks' parts depend on the world size: a resume at another one would skip and repeat
+            **({"order": [t.order, dist.rank_world()[1]]} if t.order != "global" else {})}
 
 
 # ---- RNG ------------------------------------------------------------------------------------------

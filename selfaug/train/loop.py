@@ -14,6 +14,7 @@ the loss, released after, and (when it trains) its gradient reduced like every o
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from .. import dist, locks, store
 from ..config import Config, check_paths
+from ..durable import write_atomic
 from ..errors import SelfAugError
 from ..models import attention_width, check_head, load_all, partition_line, resolve_dtype, vocab_size
 from . import checkpoint, metrics, preemption, retention, validation
@@ -109,12 +111,16 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
     """The one place that decides where the examples and the teacher come from."""
     tc = cfg.train
     if tc.teacher_mode == "offline":
-        where = store.local_store(cfg.teacher.output_dir)  # on object storage: this node's checked mirror
+        url = cfg.teacher.output_dir if store.is_url(cfg.teacher.output_dir) else None
+        # on object storage: this node's checked mirror, or by shards only the manifest and sidecars (each rank
+        # then downloads its own shards as the plan reaches them)
+        where = store.pull(url, shards=tc.order != "shards") if url else cfg.teacher.output_dir
         if not tc.kl_ever_on() and not os.path.exists(os.path.join(where, store.MANIFEST)):
             raise store.StoreError(f"{cfg.teacher.output_dir} is not a teacher store (no {store.MANIFEST}): with "
                                    "train.alpha=0 and teacher_mode=offline the run trains on the store's examples; "
                                    "for plain fine-tuning on the data set train.teacher_mode=none")
-        teacher_store = store.TeacherStore(where, verify=tc.verify_store)
+        teacher_store = (store.open_share(url, where, tc.verify_store) if url and tc.order == "shards" else
+                         store.TeacherStore(where, verify=tc.verify_store))
         expected = store.store_settings(cfg, loaded.tok, vocab_size(model), loaded.dtype, loaded.examples.fingerprint)
         store.check_store(cfg.teacher.output_dir, teacher_store.manifest, expected)
         # alpha = 0 with a store: the teacher rows still come along when the KL is monitored (train.monitor_kl_every)
@@ -234,8 +240,16 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
         objective.setup_zero3_head()
         check_head(objective.model)  # the head contract, the forward gathering as the steps' will
     examples = source.examples
+    if tc.order == "shards" and not isinstance(examples, store.TeacherStore):
+        raise TrainError("train.order=shards deals a teacher store's shards to the ranks; this run reads the data, "
+                         "not a store (teacher_mode offline reads one): use train.order=global")
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed,
-                          lengths.tokens, tc.micro_batch_tokens, layout)
+                          lengths.tokens, tc.micro_batch_tokens, layout,
+                          examples.shard_rows() if tc.order == "shards" else None)
+    if tc.order == "shards" and sampler.left_out and rank == 0:
+        print(f"train.order=shards: {sampler.left_out} of {len(examples)} examples per epoch fall after the last "
+              f"rank's part ({sampler.part} examples each for {world} ranks); which ones changes with each epoch",
+              flush=True)
     settings = examples.manifest["settings"] if isinstance(examples, store.TeacherStore) else None
     return Run(cfg, engine, loaded.tok, source, sampler, lengths, rank, world, device, layout,
                checkpoint.run_identity(cfg, settings), stop, _alpha(cfg, rank, steps), steps=steps)
@@ -353,6 +367,23 @@ def _train(run: Run) -> str:
         return _loop(run, start, data, metrics_path)
     finally:
         data.close()
+        _shard_report(run)
+        run.source.examples.close()
+
+
+def _shard_report(run: Run) -> None:
+    """train.order=shards from object storage: what each rank downloaded and held, in the run's directory
+    (`shards.rank-R.json`) and one line per rank."""
+    cache = getattr(run.source.examples, "cache", None)
+    if cache is None:
+        return
+    got = {**cache.stats, "shards": len(run.source.examples.manifest["shards"]),
+           "store_bytes": run.source.examples.manifest["totals"]["bytes"]}
+    write_atomic(os.path.join(run.cfg.train.output_dir, f"shards.rank-{run.rank}.json"), json.dumps(got))
+    print(f"rank {run.rank}: downloaded {len(got['downloaded'])} of {got['shards']} shards "
+          f"({got['bytes_downloaded'] / 1e6:.1f} of {got['store_bytes'] / 1e6:.1f} MB), at most {got['most_held']} "
+          f"held at once ({got['most_bytes_held'] / 1e6:.1f} MB), {got['wait_for_download_s']:.2f} s waiting for them",
+          flush=True)
 
 
 def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:

@@ -50,6 +50,7 @@ class Prefetcher:
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.done = threading.Event()
         self.thread = None
+        run.source.examples.follow(run.sampler, run.rank, start, run.steps)  # a rank's share on object storage: its downloads
         if depth > 0:
             self.thread = threading.Thread(target=self._work, args=(start,), name="selfaug-prefetch", daemon=True)
             self.thread.start()
@@ -57,6 +58,7 @@ class Prefetcher:
     def _work(self, start: int) -> None:
         try:
             for step in range(start, self.run.steps):
+                self.run.source.examples.begin_step(step)  # shards the plan has passed are dropped
                 for m, (indices, weight) in enumerate(micro_batches(self.run, step)):
                     item = (step, m, host_batch(self.run, indices), weight)
                     while not self.done.is_set():
@@ -73,6 +75,8 @@ class Prefetcher:
     def get(self, step: int):
         """The step's micro-batches, one at a time: (host batch, weight); the wait is added to `waited`."""
         plan = micro_batches(self.run, step)
+        if self.thread is None:
+            self.run.source.examples.begin_step(step)
         for m, (indices, weight) in enumerate(plan):
             t0 = time.perf_counter()
             if self.thread is None:

@@ -32,6 +32,12 @@ class ExampleSet(Protocol):
 
     def lengths(self) -> store.Lengths: ...
 
+    def follow(self, sampler, rank: int, start: int, stop: int) -> None: ...  # the plan it will be read by (store.RankShards)
+
+    def begin_step(self, step: int) -> None: ...  # the reader is at this optimizer step
+
+    def close(self) -> None: ...
+
 
 class DataExamples:
     """Stage 2's view of tokenized data (no store): the kept examples with the positions the rule keeps
@@ -58,6 +64,15 @@ class DataExamples:
         prompt = np.array([e.prompt_len for e in self.kept], dtype=np.int64)
         lo, hi = self.rule.candidates(tokens, prompt)
         return store.Lengths(tokens, prompt, self.rule.count(hi - lo))
+
+    def follow(self, sampler, rank: int, start: int, stop: int) -> None:
+        pass
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class TeacherSource(Protocol):

@@ -227,3 +227,50 @@ def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, m
     assert _fs().exists(url + "/.lock")  # still the second run's
     second.release()
     assert not _fs().exists(url + "/.lock")
+
+
+def test_by_shards_a_rank_downloads_only_its_share_a_few_ahead_and_removes_what_it_has_read(s3, tmp_path, monkeypatch):
+    """train.order=shards from the bucket, two ranks walked by their plans in this process: each downloads exactly the
+    shards its steps read (each once), holds at most the step's shards plus the ones ahead, has the next shard before
+    its step asks, removes each when its run is over, and reads the same examples as the local store."""
+    url = f"s3://{BUCKET}/share"
+    cfg = tiny_config(str(tmp_path), data={"builtin_train_size": 24}, teacher={"shard_size": 3, "output_dir": url})
+    precompute.run(cfg)
+    _fresh_cache(tmp_path, monkeypatch)
+    local = store.TeacherStore(store.pull(url))  # the whole store, to compare with
+    from selfaug.train.batches import StepSampler
+    steps, ahead = 5, 2
+    monkeypatch.setenv("SELFAUG_SHARDS_AHEAD", str(ahead))
+    _fresh_cache(tmp_path, monkeypatch)
+    for rank in (0, 1):
+        share = store.open_share(url, store.pull(url, shards=False))
+        assert isinstance(share, store.RankShards) and all(map(np_equal, share.lengths(), local.lengths()))
+        sampler = StepSampler(len(share), 1, 2, 2, seed=7, shard_rows=share.shard_rows())
+        share.follow(sampler, rank, 0, steps)
+        folder = os.path.join(share.cache.folder, "shards")
+        read, bound = [], 2 + ahead  # a step crosses at most from one shard to the next here (2 examples a step)
+        for step in range(steps):
+            share.begin_step(step)
+            if step == 2:  # the downloads run ahead of the reader: the next shard is there before the step reads it
+                nxt = next(s for s in (sampler.shard_of[i] for t in range(step, steps)
+                                       for mb in sampler.plan(t)[rank] for i in mb) if s not in read[-1:])
+                deadline = time.time() + 30
+                while int(nxt) not in share.cache.ready and time.time() < deadline:
+                    time.sleep(0.05)
+                assert int(nxt) in share.cache.ready
+            for mb in sampler.plan(step)[rank]:
+                for i in mb:
+                    got, want = share.example(int(i)), local.example(int(i))
+                    assert got.keys() == want.keys() and all(np_equal(got[k], want[k]) for k in want)
+                    s = int(sampler.shard_of[i])
+                    read += [s] if read[-1:] != [s] else []
+            assert len(os.listdir(folder)) <= bound
+        share.close()
+        assert share.cache.stats["downloaded"] == read  # its share, each shard once, in the order it reads them
+        assert len(set(read)) < len(share.shard_rows()) and share.cache.stats["most_held"] <= bound
+        assert not os.path.exists(share.cache.folder)  # nothing left on the node's disk
+
+
+def np_equal(a, b):
+    import numpy as np
+    return np.array_equal(np.asarray(a), np.asarray(b))

@@ -151,3 +151,48 @@ def test_an_example_longer_than_batch_tokens_is_refused_before_the_model_loads(t
                                                rf"example \({longest} tokens\)"):
         train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.train.output_dir, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("budget", [None, 700], ids=["by-count", "by-tokens"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_by_shards_each_rank_reads_its_own_contiguous_run_of_shards(world, budget):
+    """train.order=shards, against the order written plainly: per epoch, the shards in a seeded order, each
+    one's examples in a seeded order, dealt to the ranks in contiguous parts; each rank's steps take only its
+    own part's examples, each once per epoch, and `shard_runs` names exactly the shards it reads, in order."""
+    rows = [5, 7, 0, 6, 9, 4, 8, 3]  # an empty shard too
+    n, micro, accum = sum(rows), 2, 2
+    tokens = np.random.default_rng(0).integers(20, 300, size=n)
+    s = StepSampler(n, micro, accum, world, seed=3, tokens=tokens, batch_tokens=budget, shard_rows=rows)
+    part, per = n // world, micro * accum
+    assert s.left_out == n - part * world
+    first = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    shard_of = np.repeat(np.arange(len(rows)), rows)
+    steps = 3 * part // per  # three epochs
+    for r in range(world):
+        stream = []
+        for epoch in range(4):
+            rng = np.random.default_rng([3, epoch])
+            seq = np.concatenate([first[k] + rng.permutation(rows[k]) for k in rng.permutation(len(rows))])
+            stream += seq[r * part:(r + 1) * part].tolist()
+        got = []
+        for t in range(steps):
+            mine = [i for mb in s.plan(t)[r] if mb is not None for i in mb]
+            assert sorted(mine) == sorted(stream[t * per:(t + 1) * per])  # its own stream, in step order
+            got += stream[t * per:(t + 1) * per]
+        for epoch in range(steps * per // part):
+            one = got[epoch * part:(epoch + 1) * part]
+            assert len(set(one)) == part  # each example of its part once per epoch
+            shards = shard_of[one]
+            assert (np.diff(shards) != 0).sum() + 1 == len(set(shards.tolist()))  # each shard read in one run
+            assert len(set(shards.tolist())) <= -(-len([x for x in rows if x]) // world) + 2
+        runs = s.shard_runs(r, 1, steps)
+        want = [(int(shard_of[i]), per + j) for j, i in enumerate(got[per:])]
+        seen = list(runs)
+        for shard, a, b in seen:
+            assert all(w[0] == shard for w in want[a - per:min(b, len(got)) - per])
+        assert [x[1] for x in seen[1:]] == [x[2] for x in seen[:-1]]  # contiguous, from step 1's first position
+        assert seen[0][1] == per and seen[-1][2] == len(got)  # to the last step's last position
+    if world > 1:  # the ranks' parts of an epoch do not overlap
+        epoch0 = [set(i for t in range(part // per) for mb in s.plan(t)[r] if mb is not None for i in mb)
+                  for r in range(world)]
+        assert not set.intersection(*epoch0)
