@@ -90,7 +90,8 @@ class StoreWriter:
         remove_stale_tmp(self.dir)
         path = os.path.join(self.dir, MANIFEST)
         shards = os.path.join(self.dir, "shards")
-        if os.path.exists(path) or (os.path.isdir(shards) and os.listdir(shards)):  # an empty shards/: a new store
+        empty = {"shards"} if os.path.isdir(shards) and not os.listdir(shards) else set()  # a new store's mirror
+        if os.path.exists(path) or (os.path.isdir(shards) and not empty):
             try:
                 diff = settings_diff(self.settings, read_manifest(self.dir)["settings"])
             except TornManifest as e:  # the shards say what they were made from: those that verify are kept
@@ -105,7 +106,7 @@ class StoreWriter:
                 shutil.rmtree(shards, ignore_errors=True)
                 if os.path.exists(path):
                     os.remove(path)
-        elif os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"} and not self.overwrite:
+        elif os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"} - empty and not self.overwrite:
             raise StoreError(f"{self.dir} exists and is not a teacher store; choose an empty teacher.output_dir "
                              "or pass teacher.overwrite=true")
         os.makedirs(shards, exist_ok=True)

@@ -1,6 +1,7 @@
 """A teacher store on object storage, against a real S3 API (moto's server, started here on 127.0.0.1, reached
 through s3fs with AWS_ENDPOINT_URL as MinIO or Ceph would be): precompute to s3://, stopped and resumed, two
-ranks train from it and end where the same run from a local store ends; a shard changed in the bucket is refused
+ranks train from it, each downloading only its share (train.order=shards), and end where the same run from a
+local store ends; a shard changed in the bucket is refused
 in one line; a download cut mid-shard is tried again; a URL whose package is missing is one line, never a
 local folder named `s3:`."""
 import http.client
@@ -80,7 +81,7 @@ def test_precompute_to_s3_stopped_and_resumed_then_two_ranks_train_from_it(s3, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     uploaded = len(_fs().glob(f"{BUCKET}/store/shards/*.json"))
-    assert 1 <= uploaded < 5 and not _fs().exists(f"{BUCKET}/store/{store.MANIFEST}")  # named by no manifest yet
+    assert 1 <= uploaded < 5 and not _fs().exists(f"{BUCKET}/store/{store.MANIFEST}"), proc.stderr.read()[-3000:]
     # resumed on another node: what the bucket holds is kept (the dead run's lease taken over)
     _fresh_cache(tmp_path, monkeypatch)
     summary = precompute.run(cfg)
@@ -89,21 +90,26 @@ def test_precompute_to_s3_stopped_and_resumed_then_two_ranks_train_from_it(s3, t
     assert manifest["status"] == "complete" and _shas(manifest) == _shas(local_manifest)
     assert not _fs().exists(f"{BUCKET}/store/.lock")
     assert not os.path.exists(os.path.join(ROOT, "s3:")) and not os.path.exists("s3:")
-    # 2 ranks from the bucket (a third node's cache) against 1 rank x accumulation 2 from the local store
+    # 2 ranks from the bucket (a third node's cache), each downloading only its share (train.order=shards), against
+    # the same 2-rank run from the local store
     train_keys = {"adapter": "lora", "optim": "sgd", "learning_rate": 0.5, "min_lr_ratio": 1.0, "max_steps": 2,
-                  "micro_batch_size": 2}
-    ref = tiny_config(str(tmp_path / "local"), data=data,
-                      teacher={"value_dtype": "float32", "shard_size": 4},
-                      train={**train_keys, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "ref")})
-    reference = train.train(ref)
+                  "micro_batch_size": 2, "order": "shards"}
+    ref = tiny_config(str(tmp_path / "local"), data=data, teacher={"value_dtype": "float32", "shard_size": 4},
+                      train={**train_keys, "output_dir": str(tmp_path / "ref")})
+    launch("train", write_recipe(str(tmp_path / "ref.yaml"), ref), nprocs=2)
     two = tiny_config(str(tmp_path), data=data, teacher={"value_dtype": "float32", "shard_size": 4, "output_dir": url},
                       train={**train_keys, "output_dir": str(tmp_path / "two")})
     launch("train", write_recipe(str(tmp_path / "two.yaml"), two), nprocs=2,
            env={**s3["env"], "SELFAUG_STORE_CACHE": str(tmp_path / "third-node")})
-    a = load_file(os.path.join(reference, "final", "adapter_model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    got = [json.load(open(tmp_path / "two" / f"shards.rank-{r}.json")) for r in (0, 1)]
+    # 2 steps of 2 examples: a rank reads 1 or 2 of the 5 shards, and downloads those alone
+    assert all(1 <= len(g["downloaded"]) <= 2 and g["bytes_downloaded"] < g["store_bytes"] / 2 for g in got), got
+    assert not set(got[0]["downloaded"]) & set(got[1]["downloaded"]), got  # the two parts share no shard here
+    assert not os.listdir(tmp_path / "third-node" / (os.listdir(tmp_path / "third-node")[0].split(".")[0] + ".ranks"))
 
 
 def test_a_shard_changed_in_the_bucket_is_refused_in_one_line(s3, tmp_path, monkeypatch):
