@@ -11,6 +11,8 @@ Memory follows the memory plan of docs/distributed.md, term by term, in the dtyp
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import store
@@ -210,6 +212,25 @@ def run(cfg: Config, gpus: int, seq_len: int | None = None, examples: int | None
     return out
 
 
+def _download_line(e: dict, cfg: Config) -> str:
+    """What a store on object storage costs each node and rank in downloads and node-local disk."""
+    mb = e["store_bytes"] / 2 ** 20
+    if cfg.train.order != "shards":
+        return (f"; on object storage: each node downloads all of it once, so $SELFAUG_STORE_CACHE needs {mb:,.1f} MiB "
+                f"of node-local disk (per rank: {mb / e['gpus_per_node']:,.1f} MiB, its node's {e['gpus_per_node']} ranks "
+                "sharing the copy; train.order=shards downloads only each rank's share)")
+    from .store.cache import RankShards
+    shards = max(-(-e["examples"] // cfg.teacher.shard_size), 1)
+    shard_mb, epochs = mb / shards, e["steps"] / max(e["steps_per_epoch"], 1)
+    ahead = int(os.environ.get("SELFAUG_SHARDS_AHEAD", RankShards.AHEAD))
+    share = mb / e["gpus"] + 2 * shard_mb  # its part, and at most a shard at each end shared with the rank beside it
+    return (f"; on object storage by shards ({shards} shards of about {shard_mb:,.1f} MiB): each rank downloads its "
+            f"share, at most {share:,.1f} MiB per epoch ({share * epochs:,.1f} MiB over the run's "
+            f"{epochs:.2f} epochs), and holds at most {2 + ahead} shards at once: $SELFAUG_STORE_CACHE needs "
+            f"{(2 + ahead) * shard_mb:,.1f} MiB of node-local disk per rank, "
+            f"{(2 + ahead) * shard_mb * e['gpus_per_node']:,.1f} MiB per node of {e['gpus_per_node']} ranks")
+
+
 def format_estimate(e: dict, cfg: Config) -> str:
     s, m = e["model"], e["stage2_bytes_per_gpu"]
     mb = e["store_bytes"] / 2 ** 20
@@ -219,9 +240,7 @@ def format_estimate(e: dict, cfg: Config) -> str:
              f"tokens (--examples, --seq-len), {e['tokens']:,} tokens, at most {e['positions']:,} KL positions",
              f"teacher store: {mb:,.1f} MiB on disk ({'at most; ' if e['store_is_upper_bound'] else ''}"
              f"{e['store_bytes'] / max(e['positions'], 1):.1f} bytes per position, uncompressed)"
-             + (f"; on object storage: each node downloads all of it once, so $SELFAUG_STORE_CACHE needs "
-                f"{mb:,.1f} MiB of node-local disk (per rank: {mb / e['gpus_per_node']:,.1f} MiB, its node's "
-                f"{e['gpus_per_node']} ranks sharing the copy)" if store.is_url(cfg.teacher.output_dir) else ""),
+             + (_download_line(e, cfg) if store.is_url(cfg.teacher.output_dir) else ""),
              f"steps: {e['steps_per_epoch']} per epoch at a global batch of {e['global_batch']} "
              f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} x {e['gpus']} GPUs); "
              f"{e['tokens_per_step']:,.0f} tokens per step on average; the run is {e['steps']} steps, "

@@ -208,6 +208,14 @@ def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsy
     estimate.run(cfg, 8, seq_len=256, examples=100)
     out = capsys.readouterr().out
     assert "on object storage: each node downloads all of it once" in out and "8 ranks sharing the copy" in out
+    cfg = tiny_config(str(tmp_path), teacher={"output_dir": f"s3://{BUCKET}/planned", "shard_size": 10},
+                      train={"order": "shards"})
+    e = estimate.run(cfg, 8, seq_len=256, examples=100)
+    out = capsys.readouterr().out
+    mib, shard = e["store_bytes"] / 2 ** 20, e["store_bytes"] / 2 ** 20 / 10
+    assert f"by shards (10 shards of about {shard:,.1f} MiB): each rank downloads its share, at most " \
+           f"{mib / 8 + 2 * shard:,.1f} MiB per epoch" in out, out
+    assert f"holds at most 4 shards at once: $SELFAUG_STORE_CACHE needs {4 * shard:,.1f} MiB" in out, out
 
 
 def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, monkeypatch):
