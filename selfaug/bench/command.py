@@ -225,6 +225,10 @@ def bench_prefetch(cfg_path: str, overrides: list[str], steps: int, smoke: bool)
                 return {"rows": rows, "same_losses": same, "object_store": {"skipped": env}}
             r = _worker([cfg_path, "2", "0", str(steps), *overrides, f"teacher.output_dir={url}"],
                         module="selfaug.bench.data_wait", **env)
+            # by shards: the manifest and sidecars before step 1, the shards downloaded during the steps
+            fresh = {**env, "SELFAUG_STORE_CACHE": os.path.join(env["SELFAUG_STORE_CACHE"], "by-shards")}  # a new node
+            by_shards = [_worker([cfg_path, "2", "0", str(steps), *overrides, "train.order=shards", *where],
+                                 module="selfaug.bench.data_wait", **fresh) for where in ([], [f"teacher.output_dir={url}"])]
     except Exception as e:  # noqa: BLE001 - the local rows stand; the object store's failure is recorded
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
         print(f"  object store: failed: {why}", flush=True)
@@ -237,7 +241,16 @@ def bench_prefetch(cfg_path: str, overrides: list[str], steps: int, smoke: bool)
           f"({r['pulled_bytes'] / 1e6:.1f} MB, {r['pulled_bytes'] / 1e6 / r['pull_s']:.0f} MB/s) before step 1, then "
           f"{r['wait_share']:.3f} of the step waiting for data, {r['step_time_s']:.3f} s/step "
           f"({r['step_time_vs_local_disk']:.2f}x local disk)", flush=True)
-    return {"rows": rows, "same_losses": same, "object_store": r}
+    disk, s3 = by_shards
+    got = s3["shards"]
+    s3.update(url=r["url"], step_time_vs_local_disk=s3["step_time_s"] / disk["step_time_s"],
+              same_losses_as_local_disk=s3["nll"] == disk["nll"], local_disk=disk)
+    print(f"  object store by shards[prefetch 2]: manifest and sidecars in {s3['pull_s']:.2f} s, then "
+          f"{len(got['downloaded'])} of {got['shards']} shards ({got['bytes_downloaded'] / 1e6:.1f} MB) downloaded during "
+          f"the steps, at most {got['most_held']} held, {got['wait_for_download_s']:.2f} s waiting for them; "
+          f"{s3['wait_share']:.3f} of the step waiting for data, {s3['step_time_s']:.3f} s/step "
+          f"({s3['step_time_vs_local_disk']:.2f}x the same order from local disk)", flush=True)
+    return {"rows": rows, "same_losses": same, "object_store": r, "object_store_by_shards": s3}
 
 
 def run(cfg: Config, only: list[str], out_path: str, cfg_path: str | None = None, overrides=(),

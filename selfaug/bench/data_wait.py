@@ -6,7 +6,8 @@ filesystem). Each run in its own process; the same losses either way (tests/trai
 
 A store on object storage (`bench_prefetch`'s object-store row): the recipe's store uploaded to an S3 API, the
 run's `teacher.output_dir` its URL and an empty node cache, so the figures hold the mirror's download (pull_s,
-before the first step) as well as the steps.
+before the first step) as well as the steps. By shards (`train.order=shards`, against the same order from local
+disk): only the manifest and sidecars before step 1, each shard downloaded during the steps, ahead of them.
 
 One run: python -m selfaug.bench.data_wait RECIPE PREFETCH DELAY_MS STEPS [overrides]
 """
@@ -41,13 +42,16 @@ def measure(cfg_path: str, prefetch: int, delay_ms: float, steps: int, overrides
     try:
         if store.is_url(cfg.teacher.output_dir):  # the node's mirror, downloaded and checked before step 1
             t = time.perf_counter()
-            mirror = store.pull(cfg.teacher.output_dir)
+            mirror = store.pull(cfg.teacher.output_dir, shards=cfg.train.order != "shards")  # by shards: no shard
             pulled = {"pull_s": time.perf_counter() - t, "pulled_bytes": sum(
                 os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(mirror) for f in files)}
         train(cfg)
     finally:
         TeacherStore.example = real
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))][1:]
+    shares = os.path.join(out_dir, "shards.rank-0.json")  # train.order=shards from object storage: its downloads
+    if os.path.exists(shares):
+        pulled["shards"] = json.load(open(shares))
     shutil.rmtree(out_dir, ignore_errors=True)
     wait, step = sum(r["data_wait_s"] for r in rows), sum(r["step_time_s"] for r in rows)
     return {"prefetch": prefetch, "delay_ms_per_example": delay_ms, "steps": len(rows), "wait_share": wait / step,

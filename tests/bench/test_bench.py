@@ -63,6 +63,9 @@ def test_every_benchmark_runs_and_reports(tmp_path, tiny_store, group):
             pytest.skip(o["skipped"])
         assert o["same_losses_as_local_disk"] and o["pull_s"] > 0 and 0 <= o["wait_share"] < 1
         assert o["pulled_bytes"] >= sum(s["bytes"] for s in store.read_manifest(tiny_store.teacher.output_dir)["shards"])
+        b = p["object_store_by_shards"]  # by shards: the same losses as that order from local disk, shards downloaded
+        assert b["same_losses_as_local_disk"] and 0 <= b["wait_share"] < 1 and b["shards"]["downloaded"]
+        assert b["pulled_bytes"] < o["pulled_bytes"]  # before step 1: the manifest and sidecars, no shard
     if group == "drift":  # eval's bucket KL at k = 1024 against the exact one (k = |V|): never above it
         d = r["drift"]
         assert d["k"] == 1024 and d["vocab"] == 49152 and d["texts"] == 3 and len(d["rows"]) == 1
