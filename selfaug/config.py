@@ -210,6 +210,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.teacher_mode=none is plain fine-tuning without a teacher, but train.alpha={t.alpha}"
                           f" (alpha_start={t.alpha_start}): set train.alpha=0, or teacher_mode=offline (a store) or "
                           "online")
+    if t.order == "shards" and t.teacher_mode != "offline":
+        raise ConfigError(f"train.order=shards deals a teacher store's shards to the ranks, but train.teacher_mode="
+                          f"{t.teacher_mode} reads the data, not a store: use train.order=global, or teacher_mode=offline")
     if t.drift_budget is not None:
         if t.alpha_min > t.alpha_max:
             raise ConfigError(f"train.alpha_min={t.alpha_min} is above train.alpha_max={t.alpha_max}: the drift "

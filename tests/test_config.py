@@ -134,3 +134,12 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
                       "train:\n  alpha: 0.5\n  alpha: 0.9\n")
     with pytest.raises(ConfigError, match=r"key 'alpha' is given twice, on lines 5 and 6"):
         load_config(str(recipe))
+
+
+def test_order_by_shards_needs_a_store_and_is_one_line_before_any_model_loads():
+    recipe = os.path.join(ROOT, "recipes", "tiny.yaml")
+    assert load_config(recipe, ["train.order=shards"]).train.order == "shards"
+    for mode in ("online", "none"):
+        with pytest.raises(ConfigError, match=f"train.order=shards deals a teacher store's shards to the ranks, but "
+                                              f"train.teacher_mode={mode} reads the data"):
+            load_config(recipe, ["train.order=shards", f"train.teacher_mode={mode}", "train.alpha=0"])

@@ -58,7 +58,7 @@ def run_identity(cfg, store_settings: dict | None) -> dict:
             "data": cfg.data.train, "seed": t.seed,
             "drift_budget": [t.drift_budget, t.drift_horizon, t.alpha_min, t.alpha_max] if t.drift_budget else None,
             # by shards, the ranks' parts depend on the world size: a resume at another one would skip and repeat
-            **({"order": [t.order, dist.rank_world()[1]]} if t.order != "global" else {})}
+            "order": [t.order, dist.rank_world()[1]] if t.order != "global" else None}
 
 
 # ---- RNG ------------------------------------------------------------------------------------------

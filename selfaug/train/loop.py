@@ -240,9 +240,6 @@ def _setup(cfg: Config, objective_cls, stop) -> Run:
         objective.setup_zero3_head()
         check_head(objective.model)  # the head contract, the forward gathering as the steps' will
     examples = source.examples
-    if tc.order == "shards" and not isinstance(examples, store.TeacherStore):
-        raise TrainError("train.order=shards deals a teacher store's shards to the ranks; this run reads the data, "
-                         "not a store (teacher_mode offline reads one): use train.order=global")
     sampler = StepSampler(len(examples), tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed,
                           lengths.tokens, tc.micro_batch_tokens, layout,
                           examples.shard_rows() if tc.order == "shards" else None)

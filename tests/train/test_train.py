@@ -354,3 +354,16 @@ def test_the_stop_file_stops_every_rank_at_a_step_with_a_checkpoint(tmp_path, ti
     assert open(os.path.join(cfg.train.output_dir, ".exit", "rank-0-of-1")).read() == "75\n"
     again = _adapter(train.train(cfg))
     _close(again, whole, atol=1e-6)
+
+
+def test_by_shards_a_run_resumes_as_uninterrupted_and_a_resume_in_the_global_order_is_refused(tmp_path, tiny_store):
+    keys = {"order": "shards", "max_steps": 3, "micro_batch_size": 2, "optim": "sgd", "learning_rate": 0.5}
+    whole = train.train(_cfg(tmp_path, tiny_store, train={**keys, "output_dir": str(tmp_path / "whole")}))
+    run = str(tmp_path / "resumed")
+    train.train(_cfg(tmp_path, tiny_store, train={**keys, "output_dir": run}), stop_after=1)
+    with pytest.raises(train.CheckpointError, match=r"another recipe: order \(checkpoint: \['shards', 1\], recipe: None"):
+        train.train(_cfg(tmp_path, tiny_store, train={**keys, "order": "global", "output_dir": run}))
+    train.train(_cfg(tmp_path, tiny_store, train={**keys, "output_dir": run}))
+    a = load_file(os.path.join(whole, "final", "adapter_model.safetensors"))
+    b = load_file(os.path.join(run, "final", "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
