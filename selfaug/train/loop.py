@@ -114,6 +114,9 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
         url = cfg.teacher.output_dir if store.is_url(cfg.teacher.output_dir) else None
         # on object storage: this node's checked mirror, or by shards only the manifest and sidecars (each rank
         # then downloads its own shards as the plan reaches them)
+        if url and tc.order != "shards" and dist.rank_world()[0] == 0:
+            print(f"{url}: train.order=global reads every shard on every rank, so each node downloads the whole store "
+                  "before step 1; train.order=shards downloads only each rank's share, during the steps", flush=True)
         where = store.pull(url, shards=tc.order != "shards") if url else cfg.teacher.output_dir
         if not tc.kl_ever_on() and not os.path.exists(os.path.join(where, store.MANIFEST)):
             raise store.StoreError(f"{cfg.teacher.output_dir} is not a teacher store (no {store.MANIFEST}): with "
