@@ -224,11 +224,12 @@ def _download_line(e: dict, cfg: Config) -> str:
     shard_mb, epochs = mb / shards, e["steps"] / max(e["steps_per_epoch"], 1)
     ahead = int(os.environ.get("SELFAUG_SHARDS_AHEAD", RankShards.AHEAD))
     share = mb / e["gpus"] + 2 * shard_mb  # its part, and at most a shard at each end shared with the rank beside it
+    held = -(-cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps // cfg.teacher.shard_size) + 1 + ahead
     return (f"; on object storage by shards ({shards} shards of about {shard_mb:,.1f} MiB): each rank downloads its "
             f"share, at most {share:,.1f} MiB per epoch ({share * epochs:,.1f} MiB over the run's "
-            f"{epochs:.2f} epochs), and holds at most {2 + ahead} shards at once: $SELFAUG_STORE_CACHE needs "
-            f"{(2 + ahead) * shard_mb:,.1f} MiB of node-local disk per rank, "
-            f"{(2 + ahead) * shard_mb * e['gpus_per_node']:,.1f} MiB per node of {e['gpus_per_node']} ranks")
+            f"{epochs:.2f} epochs), and holds at most {held} shards at once (a step's, and {ahead} ahead): "
+            f"$SELFAUG_STORE_CACHE needs {held * shard_mb:,.1f} MiB of node-local disk per rank, "
+            f"{held * shard_mb * e['gpus_per_node']:,.1f} MiB per node of {e['gpus_per_node']} ranks")
 
 
 def format_estimate(e: dict, cfg: Config) -> str:

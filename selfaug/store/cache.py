@@ -8,18 +8,24 @@ the shards: the sidecars carry each example's lengths, so the plan needs no shar
 the plan reaches it. `ShardCache` holds the files: a thread downloads the plan's shards in order, each checked
 against its sha256 as it arrives (`remote.download`: a cut download is retried), never more than `ahead` shards
 past the step being read; the reader waits only for a shard that is not there yet (`data_wait_s`). What a rank
-holds at once: the shards of the step being read (one, or two where the step crosses from one to the next) plus
-`ahead`. What it downloads: its share, plus the boundary shards it shares with the ranks beside it.
+holds at once: the shards of the step being read (ceil(micro x accum / rows per shard) + 1 at most: usually one,
+or two where the step crosses from one to the next) plus `ahead`. What it downloads: its share, plus the boundary
+shards it shares with the ranks beside it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
 import shutil
 import socket
 import threading
 import time
+import uuid
 from collections import deque
+
+import numpy as np
 
 from . import remote
 from .checks import INCOMPLETE, check_shard
@@ -38,7 +44,7 @@ def open_share(url: str, local: str, verify: str = "sha256") -> TeacherStore:
     if manifest.get("status") != "complete":
         raise StoreError(f"teacher store {url}: {INCOMPLETE}")
     lengths = _sidecar_lengths(local, manifest)
-    if lengths is None:
+    if not all(dist.all_gather_object(lengths is not None)):  # one decision for all ranks: the same collectives next
         if dist.rank_world()[0] == 0:
             print(f"{url}: its sidecars carry no per-example lengths (a store made by an older selfaug), so each node "
                   f"downloads the whole store ({manifest['totals']['bytes'] / 1e9:.2f} GB); precompute it again to "
@@ -52,13 +58,13 @@ def _sidecar_lengths(local: str, manifest: dict) -> Lengths | None:
     for entry in manifest["shards"]:
         try:
             with open(os.path.join(local, entry["file"][: -len(".arrow")] + ".json")) as f:
-                got = json.load(f).get("lengths")
+                side = json.load(f)
         except (OSError, ValueError):
-            got = None
-        if got is None or len(got["tokens"]) != entry["rows"]:
+            return None
+        got = side.get("lengths")  # of the shard the manifest names (its sha256), and of each of its rows
+        if got is None or side.get("sha256") != entry["sha256"] or len(got["tokens"]) != entry["rows"]:
             return None
         parts.append(got)
-    import numpy as np
     return Lengths(*(np.asarray([v for p in parts for v in p[k]], dtype=np.int64) for k in ("tokens", "prompt", "kl")))
 
 
@@ -89,6 +95,10 @@ class RankShards(TeacherStore):
         for s in self.cache.begin_step(step):
             self._shards[s] = None
 
+    def _index_range(self, s: int) -> tuple[int, int]:
+        first = int(np.searchsorted(self._index[:, 0], s))
+        return first, first + int(self.manifest["shards"][s]["rows"])
+
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
@@ -101,6 +111,13 @@ class RankShards(TeacherStore):
             table = read_shard(self.cache.path(s))  # a compressed shard: decompressed in this rank, one at a time
             flat = flatten(table, self.signal) if table.num_rows else None
             problems = check_shard(table, self.manifest["settings"], entry["file"], flat)
+            if flat is not None and not problems:  # the plan was made from the sidecar's lengths: they must be these
+                a, b = self._index_range(s)
+                if not (np.array_equal(np.diff(flat["tok_off"]), self._lengths.tokens[a:b])
+                        and np.array_equal(flat["prompt_len"], self._lengths.prompt[a:b])
+                        and np.array_equal(np.diff(flat["pos_off"]), self._lengths.kl[a:b])):
+                    problems = [f"{entry['file']}: its examples' lengths differ from its sidecar's, which planned the "
+                                "steps; run `selfaug precompute` with the same recipe to rewrite it"]
             if problems:
                 raise StoreError(f"teacher store {self.url}: " + "; ".join(problems))
             self._shards[s] = flat
@@ -110,20 +127,30 @@ class RankShards(TeacherStore):
 class ShardCache:
     """The files of one rank's shards, in the plan's order (`runs`: (shard, first, end) stream positions, from
     `StepSampler.shard_runs`): downloaded by a thread up to `ahead` shards past the step being read, removed once
-    their run is over. `stats`: what it downloaded and the most it held."""
+    their run is over. `stats`: what it downloaded and the most it held. A download that fails is tried again for
+    about two minutes (`ATTEMPTS`, doubling waits): one slow answer from the bucket hours into a run must not end it."""
+
+    ATTEMPTS, BACKOFF_S = 8, 1.0  # waits of 1, 2, 4 .. 64 s between the attempts (with jitter)
 
     def __init__(self, url: str, manifest: dict, runs, per_step: int, start: int, root: str, ahead: int):
         self.fs, self.url, self.entries = remote.filesystem(url), url, manifest["shards"]
         self.runs, self.per_step, self.step, self.ahead = runs, per_step, start, ahead
         _remove_stale(root)
-        self.folder = os.path.join(root, f"{socket.gethostname()}-{os.getpid()}")  # this process's: never shared
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # this process's own folder (a uuid: containers may share a host name and pids), alive while its flock is held
+        self.folder = os.path.join(root, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.makedirs(self.folder)
+        new = os.path.join(self.folder, ".alive.new")  # locked before it has the name another process looks for
+        self._alive = open(new, "w")
+        try:
+            fcntl.flock(self._alive.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new, os.path.join(self.folder, ".alive"))
+        except OSError:  # a filesystem without flock: no .alive, so no other process removes it; close() does
+            pass
         self.cond = threading.Condition()
         self.window: deque = deque()  # (shard, first, end) fetched or being fetched, in stream order, not yet over
         self.held: dict[int, int] = {}  # shard -> its runs in the window (its file goes when none is left)
         self.ready: set[int] = set()
-        self.error, self.stopped = None, False
+        self.error, self.stopped, self.finished = None, False, False
         self.stats = {"downloaded": [], "bytes_downloaded": 0, "most_held": 0, "most_bytes_held": 0, "ahead": ahead,
                       "wait_for_download_s": 0.0}
         self.thread = threading.Thread(target=self._work, name="selfaug-shards", daemon=True)
@@ -147,7 +174,9 @@ class ShardCache:
                     self.held[shard] = self.held.get(shard, 0) + 1
                 if not here:
                     e = self.entries[shard]
-                    remote.download(self.fs, self.url, self.folder, e["file"], e["sha256"], e["bytes"])
+                    remote.download(self.fs, self.url, self.folder, e["file"], e["sha256"], e["bytes"],
+                                    attempts=self.ATTEMPTS, wait=lambda a: self.BACKOFF_S * 2 ** (a - 1) *
+                                    (1 + 0.25 * random.random()))
                 with self.cond:
                     if not here:
                         self.stats["downloaded"].append(shard)
@@ -160,6 +189,9 @@ class ShardCache:
         except BaseException as e:  # raised to the reader, at the shard it waits for
             with self.cond:
                 self.error = e
+        finally:  # the plan's end, an error or close(): a reader waiting for a shard that will not come is told
+            with self.cond:
+                self.finished = True
                 self.cond.notify_all()
 
     def path(self, shard: int) -> str:
@@ -169,17 +201,23 @@ class ShardCache:
             while shard not in self.ready:
                 if self.error is not None:
                     raise self.error
+                if self.stopped:
+                    raise StoreError(f"{self.url}: shard {shard} was asked for after the rank's downloads were closed")
                 end = (self.step + 1) * self.per_step
-                if shard not in self.held and any(f >= end for _, f, _ in self.window):
+                if shard not in self.held and (self.finished or any(f >= end for _, f, _ in self.window)):
                     raise StoreError(f"{self.url}: shard {shard} is not in this rank's plan at step {self.step}")
                 self.cond.wait(1.0)
         self.stats["wait_for_download_s"] += time.perf_counter() - t0
         return os.path.join(self.folder, self.entries[shard]["file"])
 
     def begin_step(self, step: int) -> list[int]:
-        """The reader is at `step`: the shards whose runs ended before it are removed; returns them."""
+        """The reader is at `step`: the shards whose runs ended before it are removed; returns them. The plan only
+        goes forward (a shard removed is not downloaded again for an earlier step)."""
         gone = []
         with self.cond:
+            if step < self.step:
+                raise StoreError(f"{self.url}: step {step} was asked for after step {self.step}; the rank's shards are "
+                                 "downloaded for its steps in order")
             self.step = step
             while self.window and self.window[0][2] <= step * self.per_step and self.window[0][0] in self.ready:
                 shard = self.window.popleft()[0]
@@ -193,17 +231,30 @@ class ShardCache:
         return gone
 
     def close(self) -> None:
+        """Stops the downloads (a reader waiting is told), and removes the folder once the thread is out: a
+        download under way finishes first (at most one shard's time)."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        self.thread.join(timeout=60)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.thread.join(timeout=300)
+        if not self.thread.is_alive():  # else a download hangs: the folder goes with a later run (its flock ends here)
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._alive.close()
 
 
 def _remove_stale(root: str) -> None:
-    """The folders of this host's processes that are gone (a killed run leaves its shards behind)."""
-    host = socket.gethostname()
+    """The folders of processes that are gone (a killed run leaves its shards behind): those whose `.alive` flock
+    nobody holds (the kernel drops it with its process, whatever host name or pid namespace it had)."""
     for name in os.listdir(root) if os.path.isdir(root) else ():
-        who, _, pid = name.rpartition("-")
-        if who == host and pid.isdigit() and not remote._alive(pid):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        folder = os.path.join(root, name)
+        try:
+            fd = os.open(os.path.join(folder, ".alive"), os.O_RDONLY)  # never created here
+        except OSError:  # no .alive (being created, or a filesystem without flock): left alone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: its process is gone
+        except OSError:
+            continue  # held: a live rank's
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -95,4 +95,5 @@ def index_of(manifest: dict, store_dir: str) -> np.ndarray:
                          f"{lg.get('policy')} (max_seq_len={lg.get('max_seq_len')})"
                          + (f" and {lg['unanswered']} had no answer" if lg.get("unanswered") else "")
                          + "; raise data.max_seq_len or use long_policy=truncate, then precompute again")
-    return np.asarray([(s, r) for s, n in enumerate(rows) for r in range(n)], dtype=np.int64).reshape(-1, 2)
+    shard = np.repeat(np.arange(len(rows), dtype=np.int64), rows)
+    return np.stack([shard, np.arange(len(shard), dtype=np.int64) - np.repeat(np.cumsum([0] + rows[:-1]), rows)], 1)

@@ -216,9 +216,11 @@ class StepSampler:
             self.shard_of = np.repeat(np.arange(len(shard_rows)), shard_rows)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        """The epoch's order of the n examples (by shards: shard after shard, in seeded orders)."""
-        cached = getattr(self, "_cache", None)  # one (epoch, permutation) pair, replaced whole: the prefetch
-        if cached is None or cached[0] != epoch:  # thread and the loop may ask for different epochs at once
+        """The epoch's order of the n examples (by shards: shard after shard, in seeded orders). The last few epochs
+        are kept (a dict replaced whole): the loop, the prefetch thread and the shard downloads each ask, and a
+        step that crosses an epoch asks for two, once per rank."""
+        cache = getattr(self, "_cache", {})
+        if epoch not in cache:
             rng = np.random.default_rng([self.seed, epoch])
             if self.shard_rows is None:
                 order = rng.permutation(self.n)
@@ -226,9 +228,9 @@ class StepSampler:
                 first = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]])
                 order = np.concatenate([first[s] + rng.permutation(self.shard_rows[s])
                                         for s in rng.permutation(len(self.shard_rows))])
-            cached = (epoch, order)
-            self._cache = cached
-        return cached[1]
+            cache = {**{e: p for e, p in cache.items() if abs(e - epoch) <= 2}, epoch: order}
+            self._cache = cache
+        return cache[epoch]
 
     def _stream(self, rank: int, start: int, count: int) -> list[int]:
         """train.order=shards: examples start .. start+count of rank's stream (its part of each epoch in turn)."""

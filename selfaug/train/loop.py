@@ -366,9 +366,9 @@ def _train(run: Run) -> str:
     try:
         return _loop(run, start, data, metrics_path)
     finally:
+        run.source.examples.close()  # first: a prefetch thread waiting for a shard is told, and can end
         data.close()
         _shard_report(run)
-        run.source.examples.close()
 
 
 def _shard_report(run: Run) -> None:

@@ -70,7 +70,12 @@ class Prefetcher:
                     if self.done.is_set():
                         return
         except BaseException as e:  # raised on the training thread, at the micro-batch that needed it
-            self.queue.put((None, None, e, None))
+            while not self.done.is_set():  # unless nobody takes it any more (close)
+                try:
+                    self.queue.put((None, None, e, None), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     def get(self, step: int):
         """The step's micro-batches, one at a time: (host batch, weight); the wait is added to `waited`."""

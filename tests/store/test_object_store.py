@@ -215,7 +215,8 @@ def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsy
     mib, shard = e["store_bytes"] / 2 ** 20, e["store_bytes"] / 2 ** 20 / 10
     assert f"by shards (10 shards of about {shard:,.1f} MiB): each rank downloads its share, at most " \
            f"{mib / 8 + 2 * shard:,.1f} MiB per epoch" in out, out
-    assert f"holds at most 4 shards at once: $SELFAUG_STORE_CACHE needs {4 * shard:,.1f} MiB" in out, out
+    assert f"holds at most 4 shards at once (a step's, and 2 ahead): $SELFAUG_STORE_CACHE needs {4 * shard:,.1f} MiB" \
+        in out, out
 
 
 def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, monkeypatch):
@@ -283,6 +284,49 @@ def test_by_shards_a_rank_downloads_only_its_share_a_few_ahead_and_removes_what_
         assert share.cache.stats["downloaded"] == read  # its share, each shard once, in the order it reads them
         assert len(set(read)) < len(share.shard_rows()) and share.cache.stats["most_held"] <= bound
         assert not os.path.exists(share.cache.folder)  # nothing left on the node's disk
+    # a reader is never left waiting: closed while it waits, a shard outside the plan, a step back
+    manifest = share.manifest
+    root = str(tmp_path / "ranks")
+
+    def later():  # a plan whose first shard is read at step 5: with nothing ahead, nothing is fetched yet
+        yield 3, 10, 12
+    cache = store.ShardCache(url, manifest, later(), 2, 0, root, ahead=0)
+    threading.Timer(0.5, cache.close).start()
+    with pytest.raises(store.StoreError, match="asked for after the rank's downloads were closed"):
+        within(10, lambda: cache.path(3))
+    cache = store.ShardCache(url, manifest, iter([(1, 0, 2)]), 2, 0, root, ahead=2)
+    assert cache.path(1).endswith("shard-00001.arrow")
+    with pytest.raises(store.StoreError, match="shard 4 is not in this rank's plan at step 0"):
+        within(10, lambda: cache.path(4))
+    cache.begin_step(1)
+    with pytest.raises(store.StoreError, match="step 0 was asked for after step 1"):
+        cache.begin_step(0)
+    # the folder of a process that is gone (nobody holds its .alive) is removed by the next start; a live one is kept
+    dead = os.path.join(root, "gone")
+    os.makedirs(dead)
+    open(os.path.join(dead, ".alive"), "w").close()
+    other = store.ShardCache(url, manifest, iter([]), 2, 0, root, ahead=0)
+    assert not os.path.exists(dead) and os.path.exists(cache.folder) and os.path.exists(other.folder)
+    cache.close(), other.close()
+    assert not os.listdir(root)
+
+
+def within(seconds, fn):
+    """fn() on a thread: its result or its exception, or a failure (not a hang) when it takes longer."""
+    got = {}
+
+    def run():
+        try:
+            got["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised below, on the test's thread
+            got["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still waiting after {seconds} s"
+    if "error" in got:
+        raise got["error"]
+    return got["value"]
 
 
 def np_equal(a, b):
