@@ -43,13 +43,13 @@ def open_share(url: str, local: str, verify: str = "sha256") -> TeacherStore:
     manifest = dist.decide(lambda: read_manifest(local))
     if manifest.get("status") != "complete":
         raise StoreError(f"teacher store {url}: {INCOMPLETE}")
-    lengths = _sidecar_lengths(local, manifest)
+    lengths = dist.together(lambda: _sidecar_lengths(local, manifest))  # a failure on one node ends every rank
     if not all(dist.all_gather_object(lengths is not None)):  # one decision for all ranks: the same collectives next
         if dist.rank_world()[0] == 0:
             print(f"{url}: its sidecars carry no per-example lengths (a store made by an older selfaug), so each node "
                   f"downloads the whole store ({manifest['totals']['bytes'] / 1e9:.2f} GB); precompute it again to "
                   "download only each rank's share", flush=True)
-        return TeacherStore(remote.pull(url), verify=verify)
+        return TeacherStore(dist.together(lambda: remote.pull(url)), verify=verify)
     return RankShards(url, local, manifest, lengths, verify)
 
 
@@ -59,10 +59,11 @@ def _sidecar_lengths(local: str, manifest: dict) -> Lengths | None:
         try:
             with open(os.path.join(local, entry["file"][: -len(".arrow")] + ".json")) as f:
                 side = json.load(f)
-        except (OSError, ValueError):
-            return None
-        got = side.get("lengths")  # of the shard the manifest names (its sha256), and of each of its rows
-        if got is None or side.get("sha256") != entry["sha256"] or len(got["tokens"]) != entry["rows"]:
+            got = side.get("lengths")  # of the shard the manifest names (its sha256), and of each of its rows
+            if got is None or side.get("sha256") != entry["sha256"] or \
+                    any(len(got[k]) != entry["rows"] for k in ("tokens", "prompt", "kl")):
+                return None
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):  # unreadable or not a sidecar's shape
             return None
         parts.append(got)
     return Lengths(*(np.asarray([v for p in parts for v in p[k]], dtype=np.int64) for k in ("tokens", "prompt", "kl")))
@@ -151,6 +152,7 @@ class ShardCache:
         self.held: dict[int, int] = {}  # shard -> its runs in the window (its file goes when none is left)
         self.ready: set[int] = set()
         self.error, self.stopped, self.finished = None, False, False
+        self._stop = threading.Event()  # set by close(): a download waiting to try again gives up
         self.stats = {"downloaded": [], "bytes_downloaded": 0, "most_held": 0, "most_bytes_held": 0, "ahead": ahead,
                       "wait_for_download_s": 0.0}
         self.thread = threading.Thread(target=self._work, name="selfaug-shards", daemon=True)
@@ -176,7 +178,7 @@ class ShardCache:
                     e = self.entries[shard]
                     remote.download(self.fs, self.url, self.folder, e["file"], e["sha256"], e["bytes"],
                                     attempts=self.ATTEMPTS, wait=lambda a: self.BACKOFF_S * 2 ** (a - 1) *
-                                    (1 + 0.25 * random.random()))
+                                    (1 + 0.25 * random.random()), stop=self._stop)
                 with self.cond:
                     if not here:
                         self.stats["downloaded"].append(shard)
@@ -236,23 +238,28 @@ class ShardCache:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        self.thread.join(timeout=300)
+        self._stop.set()
+        self.thread.join(timeout=30)  # at most the attempt under way
         if not self.thread.is_alive():  # else a download hangs: the folder goes with a later run (its flock ends here)
             shutil.rmtree(self.folder, ignore_errors=True)
         self._alive.close()
 
 
 def _remove_stale(root: str) -> None:
-    """The folders of processes that are gone (a killed run leaves its shards behind): those whose `.alive` flock
-    nobody holds (the kernel drops it with its process, whatever host name or pid namespace it had)."""
+    """The folders of this host's processes that are gone (a killed run leaves its shards behind): those whose
+    `.alive` flock nobody holds (the kernel drops it with its process, whatever pid namespace it had). Another
+    host's folders are its own to clean: on a shared filesystem an flock may be seen on its node alone."""
+    host = socket.gethostname() + "-"
     for name in os.listdir(root) if os.path.isdir(root) else ():
+        if not name.startswith(host):
+            continue
         folder = os.path.join(root, name)
         try:
             fd = os.open(os.path.join(folder, ".alive"), os.O_RDONLY)  # never created here
         except OSError:  # no .alive (being created, or a filesystem without flock): left alone
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: its process is gone
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # got it: its process is gone (shared: NFS on a read-only fd)
         except OSError:
             continue  # held: a live rank's
         finally:

@@ -69,10 +69,10 @@ def _remote(url: str, name: str) -> str:
 
 
 def download(fs, url: str, local: str, name: str, sha256: str | None = None, size: int | None = None,
-             attempts: int = ATTEMPTS, wait=lambda attempt: 0.2 * attempt) -> str:
+             attempts: int = ATTEMPTS, wait=lambda attempt: 0.2 * attempt, stop: threading.Event | None = None) -> str:
     """`name` of the store at `url` into the mirror `local`, written whole (temporary name, rename); with `sha256`
-    the bytes are checked, and a download that comes back short or wrong is tried again (`attempts` in all, `wait(n)`
-    seconds after the n-th)."""
+    the bytes are checked, and a download that fails, comes back short or wrong is tried again (`attempts` in all,
+    `wait(n)` seconds after the n-th; `stop` set ends the waiting with a StoreError)."""
     target = os.path.join(local, name)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     for attempt in range(1, attempts + 1):
@@ -82,7 +82,7 @@ def download(fs, url: str, local: str, name: str, sha256: str | None = None, siz
             if sha256 is None or (os.path.getsize(tmp) == size and sha256_file(tmp) == sha256):
                 os.replace(tmp, target)
                 return target
-        except (OSError, IOError) as e:  # a connection cut mid-read: botocore's and aiohttp's errors are OSErrors
+        except Exception as e:  # noqa: BLE001 - a connection cut or refused: botocore's, aiohttp's, the clients' own
             if attempt == attempts:
                 raise StoreError(f"{_remote(url, name)} could not be read ({type(e).__name__}: {e}) after "
                                  f"{attempts} attempts; check the endpoint and credentials (AWS_*)") from None
@@ -90,7 +90,10 @@ def download(fs, url: str, local: str, name: str, sha256: str | None = None, siz
             if os.path.exists(tmp):
                 os.remove(tmp)
         if attempt < attempts:
-            time.sleep(wait(attempt))
+            if stop is None:
+                time.sleep(wait(attempt))
+            elif stop.wait(wait(attempt)):
+                raise StoreError(f"{_remote(url, name)}: the download was stopped")
     raise StoreError(f"{_remote(url, name)}: its bytes do not match the manifest (sha256 {sha256[:12]}..., "
                      f"{size} bytes) after {attempts} downloads: the object was changed or corrupted in the "
                      "bucket; run `selfaug precompute` with the same recipe to rewrite the shards that fail")
@@ -187,7 +190,7 @@ def _sidecars(fs, url: str, local: str, names: list[str]) -> None:
         fs.get([_remote(url, n) for n in wanted], tmps)
         for n, tmp in zip(wanted, tmps):
             os.replace(tmp, os.path.join(local, n))
-    except (OSError, IOError):  # a batch cut short: one by one, each with its retries
+    except Exception:  # noqa: BLE001 - a batch cut short, however the client says it: one by one, each with retries
         for n in wanted:
             download(fs, url, local, n)
     finally:

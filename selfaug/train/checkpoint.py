@@ -48,7 +48,7 @@ class CheckpointError(SelfAugError, RuntimeError):
 
 def run_identity(cfg, store_settings: dict | None) -> dict:
     """What a checkpoint's run and this run must share to continue it: the model, the method and its
-    shape, the teacher and the data. (The world size, micro batch and gradient_accumulation_steps may change.)"""
+    shape, the teacher and the data. (World size, micro batch and accumulation may change; by shards not the world.)"""
     t, weights = cfg.train, model_fingerprint(cfg.model)  # a LoRA base or frozen head changed in place is refused
     return {"model": cfg.model.name_or_path, "model_hash": weights["content_hash"], "model_files": weights.get("files"),
             "model_init": cfg.model.init, "method": "lora" if t.adapter == "lora" else "full",
@@ -57,7 +57,6 @@ def run_identity(cfg, store_settings: dict | None) -> dict:
             "store": config_digest(store_settings) if store_settings else None,
             "data": cfg.data.train, "seed": t.seed,
             "drift_budget": [t.drift_budget, t.drift_horizon, t.alpha_min, t.alpha_max] if t.drift_budget else None,
-            # by shards, the ranks' parts depend on the world size: a resume at another one would skip and repeat
             "order": [t.order, dist.rank_world()[1]] if t.order != "global" else None}
 
 

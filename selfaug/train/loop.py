@@ -117,7 +117,8 @@ def _teacher_source(cfg: Config, loaded, model, device) -> TeacherSource:
         if url and tc.order != "shards" and dist.rank_world()[0] == 0:
             print(f"{url}: train.order=global reads every shard on every rank, so each node downloads the whole store "
                   "before step 1; train.order=shards downloads only each rank's share, during the steps", flush=True)
-        where = store.pull(url, shards=tc.order != "shards") if url else cfg.teacher.output_dir
+        # every rank pulls (a node's first, the others find it done); one node's failure ends every rank at once
+        where = dist.together(lambda: store.pull(url, shards=tc.order != "shards")) if url else cfg.teacher.output_dir
         if not tc.kl_ever_on() and not os.path.exists(os.path.join(where, store.MANIFEST)):
             raise store.StoreError(f"{cfg.teacher.output_dir} is not a teacher store (no {store.MANIFEST}): with "
                                    "train.alpha=0 and teacher_mode=offline the run trains on the store's examples; "

@@ -301,14 +301,33 @@ def test_by_shards_a_rank_downloads_only_its_share_a_few_ahead_and_removes_what_
     cache.begin_step(1)
     with pytest.raises(store.StoreError, match="step 0 was asked for after step 1"):
         cache.begin_step(0)
-    # the folder of a process that is gone (nobody holds its .alive) is removed by the next start; a live one is kept
-    dead = os.path.join(root, "gone")
-    os.makedirs(dead)
-    open(os.path.join(dead, ".alive"), "w").close()
+    # the folder of this host's process that is gone (nobody holds its .alive) is removed by the next start; a live
+    # one is kept, and another host's is its own to clean
+    import socket
+    dead, elsewhere = (os.path.join(root, f"{host}-1-0") for host in (socket.gethostname(), "another-host"))
+    for folder in (dead, elsewhere):
+        os.makedirs(folder)
+        open(os.path.join(folder, ".alive"), "w").close()
     other = store.ShardCache(url, manifest, iter([]), 2, 0, root, ahead=0)
-    assert not os.path.exists(dead) and os.path.exists(cache.folder) and os.path.exists(other.folder)
+    assert not os.path.exists(dead) and os.path.exists(elsewhere)
+    assert os.path.exists(cache.folder) and os.path.exists(other.folder)
     cache.close(), other.close()
-    assert not os.listdir(root)
+    assert os.listdir(root) == ["another-host-1-0"]
+    # an error of the client's own kind (aiohttp's, botocore's: not OSErrors) is tried again like any other
+    from aiohttp import ClientPayloadError
+
+    class OnceBroken:
+        def __init__(self, fs):
+            self.fs, self.calls = fs, 0
+
+        def get_file(self, *a, **kw):
+            self.calls += 1
+            if self.calls == 1:
+                raise ClientPayloadError("Response payload is not completed")
+            return self.fs.get_file(*a, **kw)
+    flaky, entry = OnceBroken(store.remote.filesystem(url)), manifest["shards"][2]
+    got = store.remote.download(flaky, url, str(tmp_path / "retried"), entry["file"], entry["sha256"], entry["bytes"])
+    assert flaky.calls == 2 and os.path.getsize(got) == entry["bytes"]
 
 
 def within(seconds, fn):
