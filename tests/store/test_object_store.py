@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
-from selfaug import precompute, store, train
+from selfaug import precompute, store
 from selfaug.dist import free_port
 
 pytest.importorskip("s3fs")
