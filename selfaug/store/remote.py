@@ -32,7 +32,7 @@ from .format import MANIFEST, StoreError
 
 SCHEMES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
            "abfss": "adlfs"}  # URL scheme -> the fsspec package that serves it
-EXTRA = "pip install 'selfaug[object-store]'"
+EXTRA = "the object-store extra: pip install '.[object-store]' from a clone"
 LEASE_S = 600  # a stage 1 lease older than this is a stopped run's: taken over
 RENEW_S = 60  # its holder renews it this often, from a thread: nine renewals can fail before it lapses
 ATTEMPTS = 4  # downloads of one file before its bytes are called wrong
@@ -52,7 +52,8 @@ def filesystem(url: str):
         import fsspec
         __import__(SCHEMES[scheme])
     except ImportError:
-        raise StoreError(f"{url}: {scheme}:// needs the package {SCHEMES[scheme]}: {EXTRA}") from None
+        raise StoreError(f"{url}: {scheme}:// needs the package {SCHEMES[scheme]}: pip install {SCHEMES[scheme]} (or "
+                         f"{EXTRA})") from None
     return fsspec.filesystem(scheme)
 
 
