@@ -233,8 +233,8 @@ class ShardCache:
         return gone
 
     def close(self) -> None:
-        """Stops the downloads (a reader waiting is told), and removes the folder once the thread is out: a
-        download under way finishes first (at most one shard's time)."""
+        """Stops the downloads (a reader waiting is told, a download waiting to try again gives up), and removes the
+        folder once the thread is out: it waits 30 s at most for an attempt under way."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
@@ -249,9 +249,9 @@ def _remove_stale(root: str) -> None:
     """The folders of this host's processes that are gone (a killed run leaves its shards behind): those whose
     `.alive` flock nobody holds (the kernel drops it with its process, whatever pid namespace it had). Another
     host's folders are its own to clean: on a shared filesystem an flock may be seen on its node alone."""
-    host = socket.gethostname() + "-"
+    host = socket.gethostname()
     for name in os.listdir(root) if os.path.isdir(root) else ():
-        if not name.startswith(host):
+        if name.rsplit("-", 2)[0] != host:  # <host>-<pid>-<uuid>: this host's exactly (not host "a-b" for "a")
             continue
         folder = os.path.join(root, name)
         try:
