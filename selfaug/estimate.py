@@ -11,8 +11,6 @@ Memory follows the memory plan of docs/distributed.md, term by term, in the dtyp
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from . import store
@@ -222,7 +220,7 @@ def _download_line(e: dict, cfg: Config) -> str:
     from .store.cache import RankShards
     shards = max(-(-e["examples"] // cfg.teacher.shard_size), 1)
     shard_mb, epochs = mb / shards, e["steps"] / max(e["steps_per_epoch"], 1)
-    ahead = int(os.environ.get("SELFAUG_SHARDS_AHEAD", RankShards.AHEAD))
+    ahead = RankShards.ahead()
     share = mb / e["gpus"] + 2 * shard_mb  # its part, and at most a shard at each end shared with the rank beside it
     held = -(-cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps // cfg.teacher.shard_size) + 1 + ahead
     return (f"; on object storage by shards ({shards} shards of about {shard_mb:,.1f} MiB): each rank downloads its "

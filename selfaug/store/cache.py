@@ -27,6 +27,7 @@ from collections import deque
 
 import numpy as np
 
+from ..durable import write_atomic
 from . import remote
 from .checks import INCOMPLETE, check_shard
 from .files import read_manifest, read_shard
@@ -74,7 +75,12 @@ class RankShards(TeacherStore):
     a shard is opened (and value-checked, its bytes checked as they arrived) when the plan reaches it, and
     dropped with its file when the plan has passed it (`begin_step`)."""
 
-    AHEAD = 2  # shards downloaded past the step being read (SELFAUG_SHARDS_AHEAD)
+    AHEAD = 2  # shards downloaded past the step being read, by default
+
+    @classmethod
+    def ahead(cls) -> int:
+        """Shards downloaded past the step being read: $SELFAUG_SHARDS_AHEAD, or AHEAD."""
+        return int(os.environ.get("SELFAUG_SHARDS_AHEAD", cls.AHEAD))
 
     def __init__(self, url: str, local: str, manifest: dict, lengths: Lengths, verify: str):
         self.dir, self.url, self.manifest, self._lengths, self.verify = url, url, manifest, lengths, verify
@@ -88,9 +94,8 @@ class RankShards(TeacherStore):
 
     def follow(self, sampler, rank: int, start: int, stop: int) -> None:
         if self.cache is None:
-            ahead = int(os.environ.get("SELFAUG_SHARDS_AHEAD", self.AHEAD))
             self.cache = ShardCache(self.url, self.manifest, sampler.shard_runs(rank, start, stop),
-                                    sampler.micro * sampler.accum, start, self.local + ".ranks", ahead)
+                                    sampler.micro * sampler.accum, start, self.local + ".ranks", self.ahead())
 
     def begin_step(self, step: int) -> None:
         for s in self.cache.begin_step(step):
@@ -103,6 +108,17 @@ class RankShards(TeacherStore):
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+
+    def report(self, run_dir: str, rank: int) -> None:
+        """What this rank downloaded and held: `RUN/shards.rank-R.json` and one line."""
+        if self.cache is None:
+            return
+        got = {**self.cache.stats, "shards": len(self.manifest["shards"]), "store_bytes": self.manifest["totals"]["bytes"]}
+        write_atomic(os.path.join(run_dir, f"shards.rank-{rank}.json"), json.dumps(got))
+        print(f"rank {rank}: downloaded {len(got['downloaded'])} of {got['shards']} shards "
+              f"({got['bytes_downloaded'] / 1e6:.1f} of {got['store_bytes'] / 1e6:.1f} MB), at most {got['most_held']} "
+              f"held at once ({got['most_bytes_held'] / 1e6:.1f} MB), {got['wait_for_download_s']:.2f} s waiting for "
+              "them", flush=True)
 
     def _shard(self, s: int) -> dict:
         if self._shards[s] is None:

@@ -288,13 +288,14 @@ class StepSampler:
             return [[batch[(m * self.world + r) * self.micro:(m * self.world + r + 1) * self.micro]
                      for m in range(self.accum)] for r in range(self.world)]
         lens = self.tokens[batch].tolist()
-        shares, load = [[] for _ in range(self.world)], [0] * self.world
         if self.shard_rows is not None:  # each rank cuts its own stream's examples, longest first
             shares = [sorted(range(r * per, (r + 1) * per), key=lambda i: -lens[i]) for r in range(self.world)]
-        for i in sorted(range(len(lens)), key=lambda i: -lens[i]) if self.shard_rows is None else ():
-            r = load.index(min(load))  # longest first, onto the least-loaded rank
-            shares[r].append(i)
-            load[r] += lens[i]
+        else:
+            shares, load = [[] for _ in range(self.world)], [0] * self.world
+            for i in sorted(range(len(lens)), key=lambda i: -lens[i]):  # longest first, onto the least-loaded rank
+                r = load.index(min(load))
+                shares[r].append(i)
+                load[r] += lens[i]
         plan = []
         for share in shares:  # already longest first
             cut, cut_lens, cut_sums = [], [], []

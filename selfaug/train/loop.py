@@ -14,7 +14,6 @@ the loss, released after, and (when it trains) its gradient reduced like every o
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -29,7 +28,6 @@ from tqdm import tqdm
 
 from .. import dist, locks, store
 from ..config import Config, check_paths
-from ..durable import write_atomic
 from ..errors import SelfAugError
 from ..models import attention_width, check_head, load_all, partition_line, resolve_dtype, vocab_size
 from . import checkpoint, metrics, preemption, retention, validation
@@ -369,22 +367,8 @@ def _train(run: Run) -> str:
     finally:
         run.source.examples.close()  # first: a prefetch thread waiting for a shard is told, and can end
         data.close()
-        _shard_report(run)
-
-
-def _shard_report(run: Run) -> None:
-    """train.order=shards from object storage: what each rank downloaded and held, in the run's directory
-    (`shards.rank-R.json`) and one line per rank."""
-    cache = getattr(run.source.examples, "cache", None)
-    if cache is None:
-        return
-    got = {**cache.stats, "shards": len(run.source.examples.manifest["shards"]),
-           "store_bytes": run.source.examples.manifest["totals"]["bytes"]}
-    write_atomic(os.path.join(run.cfg.train.output_dir, f"shards.rank-{run.rank}.json"), json.dumps(got))
-    print(f"rank {run.rank}: downloaded {len(got['downloaded'])} of {got['shards']} shards "
-          f"({got['bytes_downloaded'] / 1e6:.1f} of {got['store_bytes'] / 1e6:.1f} MB), at most {got['most_held']} "
-          f"held at once ({got['most_bytes_held'] / 1e6:.1f} MB), {got['wait_for_download_s']:.2f} s waiting for them",
-          flush=True)
+        if isinstance(run.source.examples, store.RankShards):  # what this rank downloaded and held
+            run.source.examples.report(out, rank)
 
 
 def _loop(run: Run, start: int, data: Prefetcher, metrics_path: str) -> str:

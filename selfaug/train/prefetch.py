@@ -60,22 +60,20 @@ class Prefetcher:
             for step in range(start, self.run.steps):
                 self.run.source.examples.begin_step(step)  # shards the plan has passed are dropped
                 for m, (indices, weight) in enumerate(micro_batches(self.run, step)):
-                    item = (step, m, host_batch(self.run, indices), weight)
-                    while not self.done.is_set():
-                        try:
-                            self.queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self.done.is_set():
+                    if not self._put((step, m, host_batch(self.run, indices), weight)):
                         return
         except BaseException as e:  # raised on the training thread, at the micro-batch that needed it
-            while not self.done.is_set():  # unless nobody takes it any more (close)
-                try:
-                    self.queue.put((None, None, e, None), timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+            self._put((None, None, e, None))
+
+    def _put(self, item) -> bool:
+        """`item` onto the queue, unless nobody takes it any more (close): whether it went."""
+        while not self.done.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def get(self, step: int):
         """The step's micro-batches, one at a time: (host batch, weight); the wait is added to `waited`."""
