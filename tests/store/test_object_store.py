@@ -263,9 +263,13 @@ def test_by_shards_a_rank_downloads_only_its_share_a_few_ahead_and_removes_what_
         sampler = StepSampler(len(share), 1, 2, 2, seed=7, shard_rows=share.shard_rows())
         share.follow(sampler, rank, 0, steps)
         folder = os.path.join(share.cache.folder, "shards")
+        on_disk = lambda: {n for n in (os.listdir(folder) if os.path.isdir(folder) else ()) if n.endswith(".arrow")}
         read, bound = [], 2 + ahead  # a step crosses at most from one shard to the next here (2 examples a step)
         for step in range(steps):
             share.begin_step(step)
+            still = {f"shard-{int(sampler.shard_of[i]):05d}.arrow" for t in range(step, steps)
+                     for mb in sampler.plan(t)[rank] for i in mb}
+            assert on_disk() <= still  # what the rank has finished with is gone from the disk
             if step == 2:  # the downloads run ahead of the reader: the next shard is there before the step reads it
                 nxt = next(s for s in (sampler.shard_of[i] for t in range(step, steps)
                                        for mb in sampler.plan(t)[rank] for i in mb) if s not in read[-1:])
@@ -279,11 +283,36 @@ def test_by_shards_a_rank_downloads_only_its_share_a_few_ahead_and_removes_what_
                     assert got.keys() == want.keys() and all(np_equal(got[k], want[k]) for k in want)
                     s = int(sampler.shard_of[i])
                     read += [s] if read[-1:] != [s] else []
-            assert len(os.listdir(folder)) <= bound
+            assert len(on_disk()) <= bound
         share.close()
         assert share.cache.stats["downloaded"] == read  # its share, each shard once, in the order it reads them
         assert len(set(read)) < len(share.shard_rows()) and share.cache.stats["most_held"] <= bound
         assert not os.path.exists(share.cache.folder)  # nothing left on the node's disk
+    # the sidecars are fetched once per mirror: a second pull keeps them; one that names another shard is fetched again
+    mirror = store.pull(url, shards=False)
+    side = os.path.join(mirror, "shards", "shard-00000.json")
+    kept = {n: os.stat(os.path.join(mirror, "shards", n)).st_mtime_ns for n in os.listdir(os.path.join(mirror, "shards"))}
+    body = json.load(open(side))
+    json.dump({**body, "sha256": "another"}, open(side, "w"))
+    assert store.pull(url, shards=False) == mirror and json.load(open(side))["sha256"] == body["sha256"]
+    assert {n: os.stat(os.path.join(mirror, "shards", n)).st_mtime_ns for n in kept if n != "shard-00000.json"} == \
+        {n: t for n, t in kept.items() if n != "shard-00000.json"}
+    # lengths that differ from the shard's own (the plan and the loss's normalization come from them) are refused
+    wrong = store.Lengths(share.lengths().tokens + 1, share.lengths().prompt, share.lengths().kl)
+    bad = store.RankShards(url, mirror, share.manifest, wrong, "sha256")
+    bad.follow(StepSampler(len(bad), 1, 2, 2, seed=7, shard_rows=bad.shard_rows()), 0, 0, 1)
+    bad.begin_step(0)
+    with pytest.raises(store.StoreError, match="its examples' lengths differ from its sidecar's"):
+        bad.example(int(StepSampler(len(bad), 1, 2, 2, seed=7, shard_rows=bad.shard_rows()).plan(0)[0][0][0]))
+    bad.close()
+    # a sidecar without lengths, or naming another shard than the manifest does: no per-rank plan (the whole store)
+    from selfaug.store.cache import _sidecar_lengths
+    assert _sidecar_lengths(mirror, share.manifest) is not None
+    json.dump({k: v for k, v in body.items() if k != "lengths"}, open(side, "w"))
+    assert _sidecar_lengths(mirror, share.manifest) is None
+    json.dump({**body, "sha256": "another"}, open(side, "w"))
+    assert _sidecar_lengths(mirror, share.manifest) is None
+    json.dump(body, open(side, "w"))
     # a reader is never left waiting: closed while it waits, a shard outside the plan, a step back
     manifest = share.manifest
     root = str(tmp_path / "ranks")
