@@ -79,8 +79,12 @@ class RankShards(TeacherStore):
 
     @classmethod
     def ahead(cls) -> int:
-        """Shards downloaded past the step being read: $SELFAUG_SHARDS_AHEAD, or AHEAD."""
-        return int(os.environ.get("SELFAUG_SHARDS_AHEAD", cls.AHEAD))
+        """Shards downloaded past the step being read: $SELFAUG_SHARDS_AHEAD, or AHEAD; a bad value is one line."""
+        value = os.environ.get("SELFAUG_SHARDS_AHEAD", str(cls.AHEAD))
+        if not value.strip().isdigit():
+            raise StoreError(f"SELFAUG_SHARDS_AHEAD={value!r}: the shards a rank downloads ahead of its step, a whole "
+                             f"number >= 0 (unset: {cls.AHEAD})")
+        return int(value)
 
     def __init__(self, url: str, local: str, manifest: dict, lengths: Lengths, verify: str):
         self.dir, self.url, self.manifest, self._lengths, self.verify = url, url, manifest, lengths, verify
@@ -133,8 +137,10 @@ class RankShards(TeacherStore):
                 if not (np.array_equal(np.diff(flat["tok_off"]), self._lengths.tokens[a:b])
                         and np.array_equal(flat["prompt_len"], self._lengths.prompt[a:b])
                         and np.array_equal(np.diff(flat["pos_off"]), self._lengths.kl[a:b])):
+                    side = entry["file"][: -len(".arrow")] + ".json"
                     problems = [f"{entry['file']}: its examples' lengths differ from its sidecar's, which planned the "
-                                "steps; run `selfaug precompute` with the same recipe to rewrite it"]
+                                f"steps: the sidecar is damaged; remove {side} from the bucket and run the same "
+                                "`selfaug precompute` (it computes that shard alone), or train with train.order=global"]
             if problems:
                 raise StoreError(f"teacher store {self.url}: " + "; ".join(problems))
             self._shards[s] = flat

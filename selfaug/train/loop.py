@@ -156,6 +156,8 @@ def setup(cfg: Config, objective_cls=None, stop_after: int | None = None) -> Run
     """The run, ready for its first step. `stop_after`: save a checkpoint and return after that step (a Python
     keyword, not a recipe key: what tests of resume and benchmarks ask for)."""
     check_paths(cfg)
+    if cfg.train.order == "shards" and store.is_url(cfg.teacher.output_dir):
+        store.RankShards.ahead()  # $SELFAUG_SHARDS_AHEAD, checked before anything loads
     if cfg.train.eval_steps:
         validation.eval_source(cfg)  # held-out data to compute it on, before anything loads
     if cfg.model.dtype == "float16":

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, clean_env, launch, tiny_config, write_recipe
-from selfaug import precompute, store
+from selfaug import precompute, store, train
 from selfaug.dist import free_port
 
 pytest.importorskip("s3fs")
@@ -202,7 +202,7 @@ def test_a_url_without_its_package_is_one_line_not_a_local_folder(tmp_path, url,
     assert not os.path.exists(os.path.join(tmp_path, url.split("://")[0] + ":"))
 
 
-def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsys):
+def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsys, monkeypatch):
     from selfaug import estimate
     cfg = tiny_config(str(tmp_path), teacher={"output_dir": f"s3://{BUCKET}/planned"})
     estimate.run(cfg, 8, seq_len=256, examples=100)
@@ -217,6 +217,9 @@ def test_estimate_states_the_download_and_the_cache_a_node_needs(tmp_path, capsy
            f"{mib / 8 + 2 * shard:,.1f} MiB per epoch" in out, out
     assert f"holds at most 4 shards at once (a step's, and 2 ahead): $SELFAUG_STORE_CACHE needs {4 * shard:,.1f} MiB" \
         in out, out
+    monkeypatch.setenv("SELFAUG_SHARDS_AHEAD", "two")  # one line, before anything loads
+    with pytest.raises(store.StoreError, match="SELFAUG_SHARDS_AHEAD='two': the shards a rank downloads ahead"):
+        train.setup(cfg)
 
 
 def test_a_held_lease_is_renewed_while_a_shard_takes_longer_than_the_lease(s3, monkeypatch):
