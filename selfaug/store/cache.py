@@ -137,10 +137,10 @@ class RankShards(TeacherStore):
                 if not (np.array_equal(np.diff(flat["tok_off"]), self._lengths.tokens[a:b])
                         and np.array_equal(flat["prompt_len"], self._lengths.prompt[a:b])
                         and np.array_equal(np.diff(flat["pos_off"]), self._lengths.kl[a:b])):
-                    side = entry["file"][: -len(".arrow")] + ".json"
                     problems = [f"{entry['file']}: its examples' lengths differ from its sidecar's, which planned the "
-                                f"steps: the sidecar is damaged; remove {side} from the bucket and run the same "
-                                "`selfaug precompute` (it computes that shard alone), or train with train.order=global"]
+                                "steps: the sidecar is damaged (the shard's own bytes match the manifest); train with "
+                                "train.order=global, which reads the shards alone, or precompute the store into a new "
+                                "teacher.output_dir"]
             if problems:
                 raise StoreError(f"teacher store {self.url}: " + "; ".join(problems))
             self._shards[s] = flat
